@@ -1,0 +1,43 @@
+"""Dispatch backends: move tokens to experts and back according to a RoutingDecision.
+
+Every backend consumes the same decision and the same capacity rule (dispatch/capacity.py), so routers never know
+which backend runs them. Adding a backend = one file registering a factory in `DISPATCH_BACKENDS`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from moe_models.dispatch.capacity import DropPolicy
+from moe_models.registry import Registry
+from moe_models.routing import RoutingDecision
+
+
+@dataclass(frozen=True)
+class DispatchSpec:
+    d_model: int
+    expert_hidden: int
+    num_experts: int
+    ep_size: int
+    capacity_factor: float | None  # None = dropless
+    drop_policy: DropPolicy
+
+
+@dataclass
+class DispatchOutput:
+    y_TD: torch.Tensor
+    kept_TK: torch.Tensor  # which routes were served (inactive or dropped routes are False)
+
+
+class DispatchBackend(Protocol):
+    def __call__(self, x_TD: torch.Tensor, decision: RoutingDecision) -> DispatchOutput: ...
+
+
+class DispatchFactory(Protocol):
+    def __call__(self, spec: DispatchSpec) -> nn.Module: ...
+
+
+DISPATCH_BACKENDS: Registry[DispatchFactory] = Registry("dispatch backend")

@@ -1,0 +1,23 @@
+"""Model registry: name -> (options schema, constructor). One line per model family."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from pydantic import BaseModel
+from torch import nn
+
+from moe_models.models.gpt import GPT, GPTOptions, LMOutput
+from moe_models.registry import Registry
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    Options: type[BaseModel]
+    build: Callable[..., nn.Module]  # (options, routing, vocab_size, max_seq_len, seed) -> model
+
+
+MODELS: Registry[ModelFamily] = Registry("model")
+MODELS.register("gpt")(ModelFamily(GPTOptions, GPT))
+
+__all__ = ["MODELS", "ModelFamily", "GPT", "GPTOptions", "LMOutput"]

@@ -1,0 +1,43 @@
+"""The MoE feed-forward block.
+
+Flow:
+  1. the router turns hidden states (and token ids) into a RoutingDecision;
+  2. balancing losses (registry) are computed from the decision and scaled by their study-file coefficients;
+  3. the dispatch backend sends tokens to experts and combines their outputs with the decision's weights;
+  4. additive routing sums are returned for analytics (nothing is logged here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moe_models.analytics import routing_sums
+from moe_models.balancing import BALANCING_LOSSES
+from moe_models.routers import Router
+
+
+@dataclass
+class MoEAux:
+    loss: torch.Tensor  # sum of scaled balancing + router losses, added to the LM loss
+    unscaled: dict[str, torch.Tensor] = field(default_factory=dict)  # per-method loss before its coefficient
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # analytics.routing_sums
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, router: Router, dispatch: nn.Module, balancing: dict[str, float]):
+        super().__init__()
+        self.router = router
+        self.dispatch = dispatch
+        self.balancing = {name: (BALANCING_LOSSES.get(name), coef) for name, coef in balancing.items()}
+
+    def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        decision = self.router(x_TD, token_ids_BS.reshape(-1))
+        unscaled = {name: fn(decision) for name, (fn, _) in self.balancing.items()}
+        loss = sum((coef * unscaled[name] for name, (_, coef) in self.balancing.items()), x_TD.new_zeros(()).float())
+        loss = loss + sum(decision.router_losses.values(), x_TD.new_zeros(()).float())
+        out = self.dispatch(x_TD, decision)
+        aux = MoEAux(loss, {k: v.detach() for k, v in unscaled.items()}, routing_sums(decision, out.kept_TK))
+        return out.y_TD.view_as(x_BSD), aux

@@ -1,0 +1,53 @@
+"""Router interface: hidden states (+ token ids) in, one RoutingDecision out.
+
+A router is an nn.Module with a pydantic `Options` model (validated from the study file, unknown keys rejected) and a
+`forward(x_TD, token_ids_T) -> RoutingDecision`. Adding a router = one file that subclasses `Router` and registers
+itself in `ROUTERS`, plus one import line in `routers/__init__.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from moe_models.registry import Registry
+from moe_models.routing import RoutingDecision
+
+
+class RouterOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def max_experts_per_token(self) -> int:
+        """Upper bound on experts per token; the study validator checks it against the model's expert count."""
+        return 1
+
+
+@dataclass(frozen=True)
+class RouterContext:
+    """What a router may know about the layer it sits in."""
+
+    d_model: int
+    num_experts: int
+    vocab_size: int
+    layer_index: int
+    seed: int
+
+
+class Router(nn.Module):
+    Options: ClassVar[type[RouterOptions]] = RouterOptions
+    # Parameter-free routers (hash) cannot be trained by a balancing loss; analytics still use their probs.
+    learned: ClassVar[bool] = True
+
+    def __init__(self, ctx: RouterContext, options: RouterOptions):
+        super().__init__()
+        self.ctx = ctx
+        self.options = options
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:  # pragma: no cover
+        raise NotImplementedError
+
+
+ROUTERS: Registry[type[Router]] = Registry("router")

@@ -1,0 +1,53 @@
+"""Learned linear top-k router (Shazeer et al. 2017; Switch k=1, GShard/Mixtral k=2)."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import PositiveInt, NonNegativeFloat
+from torch import nn
+
+from moe_models.routers.base import ROUTERS, Router, RouterContext, RouterOptions
+from moe_models.routing import RoutingDecision
+
+
+class TopKOptions(RouterOptions):
+    k: PositiveInt = 1
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    # Renormalizing the k selected weights to sum to 1 (Mixtral) removes the router's gradient through the
+    # weights when k=1, so it is off by default (Switch uses the raw probability).
+    renormalize: bool = False
+    jitter: NonNegativeFloat = 0.0  # multiplicative input noise U(1-eps, 1+eps) at training (Switch)
+
+    def max_experts_per_token(self) -> int:
+        return self.k
+
+
+@ROUTERS.register("topk")
+class TopKRouter(Router):
+    Options = TopKOptions
+    options: TopKOptions
+
+    def __init__(self, ctx: RouterContext, options: TopKOptions):
+        super().__init__(ctx, options)
+        self.proj = nn.Linear(ctx.d_model, ctx.num_experts, bias=False)
+        nn.init.normal_(self.proj.weight, std=0.02)
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
+        opts = self.options
+        if self.training and opts.jitter > 0:
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - opts.jitter, 1 + opts.jitter)
+        # Router math in fp32: bf16 logits flip top-k choices between ranks (Megatron/OLMo-core do the same).
+        logits_TE = F.linear(x_TD.float(), self.proj.weight.float())
+        if opts.score == "softmax":
+            probs_TE = logits_TE.softmax(dim=-1)
+            scores_TE = probs_TE
+        else:
+            scores_TE = logits_TE.sigmoid()
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        weights_TK, expert_ids_TK = scores_TE.topk(opts.k, dim=-1)
+        if opts.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        active_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+        return RoutingDecision(expert_ids_TK, weights_TK, active_TK, probs_TE, logits_TE)

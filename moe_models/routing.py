@@ -1,0 +1,44 @@
+"""The routing decision: the one object every router produces and every dispatch backend consumes.
+
+Shape legend used across moe_models/:
+  T tokens (batch*seq flattened), D model dim, E experts, K route slots per token (max experts per token),
+  F expert hidden dim, C expert capacity (tokens per expert buffer).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RoutingDecision:
+    """Which experts each token goes to, and with what weight.
+
+    The number of experts per token may vary (top-p, top-any): slot k of token t is a real route iff
+    `active_TK[t, k]`. Inactive slots carry expert id 0 and weight 0 so that tensors stay dense.
+    """
+
+    expert_ids_TK: torch.Tensor  # long, selected expert per slot
+    weights_TK: torch.Tensor  # float32 combine weights, 0 on inactive slots
+    active_TK: torch.Tensor  # bool, which slots are real routes
+    probs_TE: torch.Tensor  # float32 router distribution over experts (rows sum to 1); used by balancing + analytics
+    logits_TE: torch.Tensor | None = None  # pre-softmax router logits (z-loss); None for parameter-free routers
+    router_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # router-specific losses, already scaled
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs_TE.shape[-1]
+
+    @property
+    def experts_per_token_T(self) -> torch.Tensor:
+        return self.active_TK.sum(dim=-1)
+
+    def expert_mask_TE(self) -> torch.Tensor:
+        """Float 0/1 mask of the selected experts per token (no gradient)."""
+        mask = torch.zeros_like(self.probs_TE)
+        mask.scatter_add_(1, self.expert_ids_TK, self.active_TK.to(mask.dtype))
+        return mask.clamp_(max=1.0)
+
+    def tokens_per_expert_E(self) -> torch.Tensor:
+        return self.expert_mask_TE().sum(dim=0)

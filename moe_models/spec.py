@@ -1,0 +1,25 @@
+"""Plain specs the workflows hand to moe_models (moe_models never sees the study file or pydantic schemas of it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moe_models.dispatch.capacity import DropPolicy
+from moe_models.routers import RouterOptions
+
+DENSE = "dense"  # pseudo-router name: the dense baseline replaces every MoE FFN by one FFN
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    router: str  # a ROUTERS name, or DENSE
+    options: RouterOptions | None = None
+    balancing: dict[str, float] = field(default_factory=dict)  # BALANCING_LOSSES name -> coefficient
+    capacity_factor: float | None = None  # None = dropless
+    drop_policy: DropPolicy = "position"
+    # Dense baseline only: FFN hidden = dense_active_experts * expert_hidden (k for equal active FLOPs,
+    # num_experts for equal parameters).
+    dense_active_experts: int = 1
+
+    @property
+    def is_dense(self) -> bool:
+        return self.router == DENSE
