@@ -1,0 +1,69 @@
+"""Built-in offline corpora, derived from what every CPython installation ships.
+
+`domains`: three clearly separable domains, each document labelled —
+  python  the standard library's .py sources,
+  c       CPython's C headers (the `include` directory),
+  english pydoc's topic help texts (pydoc_data.topics), English prose.
+The mix is balanced by a per-domain character budget so no domain dominates the router's load.
+"""
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from pathlib import Path
+from typing import Iterable
+
+from moe_data.corpus import SPLITS, Corpus, Document, split_of
+
+MAX_DOC_CHARS = 16_000  # long files are truncated so one file cannot fill a domain's budget
+
+
+def _stable_order(paths: Iterable[Path], root: Path) -> list[Path]:
+    # Hash order instead of alphabetical order: a budget then samples across the whole library.
+    return sorted(paths, key=lambda p: hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest())
+
+
+def _files(domain: str, root: Path, pattern: str) -> Iterable[Document]:
+    for path in _stable_order((p for p in root.rglob(pattern) if "site-packages" not in p.parts), root):
+        text = path.read_text(encoding="utf-8", errors="replace")[:MAX_DOC_CHARS]
+        if text.strip():
+            yield Document(f"{domain}/{path.relative_to(root)}", text, domain)
+
+
+def _pydoc_topics() -> Iterable[Document]:
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield Document(f"english/{name}", topics[name], "english")
+
+
+def _domain_sources() -> dict[str, Iterable[Document]]:
+    paths = sysconfig.get_paths()
+    include = Path(paths["include"])
+    if not include.is_dir():
+        raise FileNotFoundError(f"the 'c' domain needs CPython's C headers, not found at {include}")
+    return {
+        "python": _files("python", Path(paths["stdlib"]), "*.py"),
+        "c": _files("c", include, "*.h"),
+        "english": _pydoc_topics(),
+    }
+
+
+def load_domains(max_chars_per_domain: int) -> Corpus:
+    """Each split gets its share of the budget (90/5/5), per domain, so validation is balanced too."""
+    budget = {"train": 0.90 * max_chars_per_domain, "validation": 0.05 * max_chars_per_domain,
+              "test": 0.05 * max_chars_per_domain}
+    splits: dict[str, list[Document]] = {s: [] for s in SPLITS}
+    for domain, docs in _domain_sources().items():
+        used = dict.fromkeys(SPLITS, 0)
+        for doc in docs:
+            split = split_of(doc.doc_id)
+            if used[split] < budget[split]:
+                splits[split].append(doc)
+                used[split] += len(doc.text)
+            if all(used[s] >= budget[s] for s in SPLITS):
+                break
+    return Corpus(splits, source=f"builtin:domains(max_chars_per_domain={max_chars_per_domain})")
+
+
+BUILTIN = {"domains": load_domains}

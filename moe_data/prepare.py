@@ -1,0 +1,76 @@
+"""Turn a dataset spec into token tensors on disk, once per (corpus fingerprint, vocab size).
+
+The driver prepares data before any cell starts; cell workers only `load_prepared` the file. Each split is the
+concatenation of its documents' tokens (EOS between documents) with a parallel per-token domain id, so windows can
+be sampled at any offset and still know each token's domain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moe_data.corpus import SPLITS
+from moe_data.sources import load_corpus
+from moe_data.tokenizer import EOS, train_or_load_tokenizer
+
+NO_DOMAIN = -1
+
+
+@dataclass
+class PreparedData:
+    tokens: dict[str, torch.Tensor]  # split -> (N,) int64 token ids
+    domain_ids: dict[str, torch.Tensor]  # split -> (N,) int64 domain index, NO_DOMAIN where unlabelled
+    domains: list[str]
+    vocab_size: int
+    fingerprint: str  # corpus fingerprint (content) — logged with every run
+    tokenizer_path: str
+    source: str
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def prepare(name: str, vocab_size: int, max_chars_per_domain: int, cache_dir: Path, **source_kwargs) -> Path:
+    """Build (or find) the prepared file for a dataset spec; returns its path."""
+    corpus = load_corpus(name, max_chars_per_domain, **source_kwargs)
+    path = cache_dir / f"data-{corpus.fingerprint}-{vocab_size}.pt"
+    if path.exists():
+        return path
+    tok, tok_path = train_or_load_tokenizer(corpus, vocab_size, cache_dir)
+    eos = tok.token_to_id(EOS)
+    domains = corpus.domains
+    tokens, domain_ids = {}, {}
+    for split in SPLITS:
+        docs = corpus.splits[split]
+        if not docs:
+            raise ValueError(f"dataset {name!r} has no documents in its {split!r} split")
+        encoded = tok.encode_batch([d.text for d in docs])
+        ids, dom = [], []
+        for doc, enc in zip(docs, encoded):
+            ids.extend(enc.ids + [eos])
+            dom.extend([domains.index(doc.domain) if doc.domain is not None else NO_DOMAIN] * (len(enc.ids) + 1))
+        tokens[split], domain_ids[split] = torch.tensor(ids), torch.tensor(dom)
+    data = PreparedData(tokens, domain_ids, domains, tok.get_vocab_size(), corpus.fingerprint, str(tok_path),
+                        corpus.source)
+    tmp = path.with_suffix(".tmp")
+    torch.save(data.to_dict(), tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_prepared(path: str | Path) -> PreparedData:
+    return PreparedData(**torch.load(path, weights_only=False))
+
+
+def sample_batch(data: PreparedData, split: str, batch_size: int, seq_len: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random windows of seq_len+1 tokens: (inputs_BS, targets_BS, domain_BS)."""
+    tokens, dom = data.tokens[split], data.domain_ids[split]
+    if tokens.numel() <= seq_len + 1:
+        raise ValueError(f"{split} split has {tokens.numel()} tokens, fewer than seq_len+1={seq_len + 1}")
+    starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=generator)
+    idx = starts.unsqueeze(1) + torch.arange(seq_len + 1)
+    window = tokens[idx]
+    return window[:, :-1], window[:, 1:], dom[idx[:, :-1]]

@@ -1,0 +1,27 @@
+"""Byte-level BPE trained with HF `tokenizers` on the training split, cached by corpus fingerprint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from moe_data.corpus import Corpus
+
+EOS = "<|endoftext|>"
+
+
+def train_or_load_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path) -> tuple[Tokenizer, Path]:
+    path = cache_dir / f"bpe-{corpus.fingerprint}-{vocab_size}.json"
+    if path.exists():
+        return Tokenizer.from_file(str(path)), path
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((d.text for d in corpus.splits["train"]), trainer)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tok.save(str(tmp))
+    tmp.replace(path)  # atomic: concurrent preparers never read half a file
+    return tok, path

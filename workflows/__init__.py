@@ -1,0 +1,1 @@
+"""Framework plumbing: study file -> cells -> Ray Train/DeepSpeed -> MLflow -> comparison tables."""

@@ -1,0 +1,72 @@
+"""The comparison table: one row per cell, read back from MLflow (never from worker memory)."""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow.entities import Run
+
+from workflows.cells import Cell
+from workflows.tracking import REASON
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    metric: str
+    digits: int = 3
+
+
+METRIC_COLUMNS = (
+    Column("eval loss", "eval/loss", 4),
+    Column("perplexity", "eval/perplexity", 2),
+    Column("load CV", "eval/moe/load_cv", 3),
+    Column("experts/token", "eval/moe/experts_per_token", 2),
+    Column("router entropy", "eval/moe/router_entropy_norm", 3),
+    Column("dropped", "eval/moe/drop_fraction", 3),
+    Column("tokens/s", "summary/tokens_per_s", 0),
+)
+ID_HEADERS = ("cell", "router", "model", "dataset", "seed", "status")
+
+
+def table_rows(cells: list[Cell], runs: dict[str, Run]) -> list[dict[str, Any]]:
+    rows = []
+    for cell in cells:
+        run = runs.get(cell.id)
+        row: dict[str, Any] = {"cell": cell.id, "router": cell.router.display(), "model": cell.model.display(),
+                               "dataset": cell.dataset.name, "seed": cell.seed,
+                               "status": run.info.status if run else "PENDING"}
+        metrics = run.data.metrics if run else {}
+        for col in METRIC_COLUMNS:
+            row[col.header] = metrics.get(col.metric)
+        if run and run.data.tags.get(REASON):
+            row["status"] += f" ({run.data.tags[REASON][:80]})"
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    headers = list(ID_HEADERS) + [c.header for c in METRIC_COLUMNS]
+    digits = {c.header: c.digits for c in METRIC_COLUMNS}
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row[h], digits.get(h, 0)) for h in headers) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(ID_HEADERS) + [c.header for c in METRIC_COLUMNS])
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()

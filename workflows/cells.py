@@ -1,0 +1,69 @@
+"""Expand a study into cells (router x model x dataset x seed), each with a stable id.
+
+The id is a hash of the cell's fully resolved config (defaults filled in), so re-running a study finds the same
+cells, and changing anything that affects training — a router option, the lr, the number of workers — makes a new cell.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from itertools import product
+from typing import Any
+
+from workflows.study import DatasetEntry, ModelEntry, ResourcesConfig, RouterEntry, Study, TrainingConfig
+
+
+@dataclass(frozen=True)
+class Cell:
+    router: RouterEntry
+    model: ModelEntry
+    dataset: DatasetEntry
+    seed: int
+    training: TrainingConfig
+    resources: ResourcesConfig
+
+    def resolved(self) -> dict[str, Any]:
+        """JSON-ready config with every default filled in: what the id hashes and what MLflow records."""
+        spec = self.router.routing_spec()
+        return {
+            "router": {"name": self.router.name, "label": self.router.display(),
+                       **(spec.options.model_dump() if spec.options else {}),
+                       "balancing": dict(sorted(self.router.balancing.items())),
+                       "capacity_factor": self.router.capacity_factor, "drop_policy": self.router.drop_policy,
+                       "active_experts": self.router.active_experts},
+            "model": {"name": self.model.name, "label": self.model.display(),
+                      **self.model.resolved_options().model_dump()},
+            "dataset": self.dataset.model_dump(),
+            "seed": self.seed,
+            "training": self.training.model_dump(),
+            "resources": self.resources.model_dump(),
+        }
+
+    @property
+    def id(self) -> str:
+        identity = self.resolved()
+        identity["router"].pop("label")  # display names do not change what is trained
+        identity["model"].pop("label")
+        # Only the worker count changes the result (global batch); CPUs/concurrency/retries do not.
+        identity["resources"] = {"workers_per_cell": self.resources.workers_per_cell}
+        blob = json.dumps(identity, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def title(self) -> str:
+        return f"{self.router.display()} / {self.model.display()} / {self.dataset.name} / seed {self.seed}"
+
+    @classmethod
+    def from_resolved(cls, resolved: dict[str, Any]) -> "Cell":
+        router = dict(resolved["router"])
+        model = dict(resolved["model"])
+        return cls(RouterEntry.model_validate(router), ModelEntry.model_validate(model),
+                   DatasetEntry.model_validate(resolved["dataset"]), int(resolved["seed"]),
+                   TrainingConfig.model_validate(resolved["training"]),
+                   ResourcesConfig.model_validate(resolved["resources"]))
+
+
+def expand(study: Study) -> list[Cell]:
+    return [Cell(r, m, d, s, study.training, study.resources)
+            for d, m, r, s in product(study.datasets, study.models, study.routers, study.seeds)]

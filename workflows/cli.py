@@ -1,0 +1,126 @@
+"""`moelab`: run, validate, inspect and aggregate routing studies.
+
+Exit codes: 0 all cells finished, 1 some cells failed, 2 invalid input.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from workflows.study import StudyError, load_study
+
+DEFAULT_WORKDIR = "./moelab-runs"
+
+
+def _study(path: str):
+    try:
+        return load_study(path)
+    except StudyError as err:
+        print(err, file=sys.stderr)
+        raise SystemExit(2)
+
+
+def cmd_validate(args) -> int:
+    from workflows.cells import expand
+
+    study = _study(args.study)
+    print(f"{args.study}: valid — {len(expand(study))} cells "
+          f"({len(study.routers)} routers x {len(study.models)} models x {len(study.datasets)} datasets x "
+          f"{len(study.seeds)} seeds)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from workflows.runner import Workspace, run_study
+
+    study = _study(args.study)
+    ws = Workspace.resolve(args.workdir, args.tracking_uri)
+    outcome = run_study(study, ws, args.address)
+    t = outcome.timings
+    print(f"\ntable: {outcome.table_path}\n"
+          f"MLflow: mlflow ui --backend-store-uri {ws.tracking_uri}  (experiment {study.name!r})\n"
+          f"time: {t['total_s']:.1f}s total = {t['prepare_data_s']:.1f}s data + {t['ray_init_s']:.1f}s Ray start + "
+          f"{t['cells_s']:.1f}s cells")
+    print(outcome.table_path.read_text())
+    if outcome.failed:
+        print(f"{len(outcome.failed)} cell(s) failed:", file=sys.stderr)
+        for cell_id, reason in outcome.failed.items():
+            print(f"  {cell_id}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _runs(study, args):
+    from workflows.runner import Workspace
+    from workflows.tracking import Tracker
+
+    ws = Workspace.resolve(args.workdir, getattr(args, "tracking_uri", None))
+    tracker = Tracker(ws.tracking_uri)
+    found = tracker.client.get_experiment_by_name(study.name)
+    return tracker, (tracker.cell_runs(found.experiment_id) if found else {}), ws
+
+
+def cmd_status(args) -> int:
+    from workflows.cells import expand
+    from workflows.tracking import REASON
+
+    study = _study(args.study)
+    tracker, runs, _ = _runs(study, args)
+    for cell in expand(study):
+        run = runs.get(cell.id)
+        if run is None:
+            print(f"{cell.id}  {cell.title}  PENDING")
+            continue
+        history = tracker.metric_history(run.info.run_id, "train/loss")
+        step, loss = (history[-1].step, f"{history[-1].value:.4f}") if history else (0, "—")
+        reason = f"  reason: {run.data.tags[REASON]}" if REASON in run.data.tags else ""
+        print(f"{cell.id}  {cell.title}  {run.info.status}  step {step}/{study.training.steps}  loss {loss}{reason}")
+    return 0
+
+
+def cmd_aggregate(args) -> int:
+    from workflows.aggregate import table_rows, to_csv, to_markdown
+    from workflows.cells import expand
+
+    study = _study(args.study)
+    _, runs, _ = _runs(study, args)
+    rows = table_rows(expand(study), runs)
+    text = to_markdown(rows) if args.format == "md" else to_csv(rows)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moelab", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, fn, help: str, workdir: bool = True) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("study", help="study YAML file")
+        if workdir:
+            c.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"state directory (default {DEFAULT_WORKDIR})")
+            c.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<workdir>/mlflow.db)")
+        c.set_defaults(fn=fn)
+        return c
+
+    run = command("run", cmd_run, "run (or resume) a study")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    command("validate", cmd_validate, "validate a study file only", workdir=False)
+    command("status", cmd_status, "one line per cell: state, step, loss")
+    agg = command("aggregate", cmd_aggregate, "print or write the comparison table")
+    agg.add_argument("--format", choices=("md", "csv"), default="md")
+    agg.add_argument("--out", help="write to this file instead of stdout")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

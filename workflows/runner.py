@@ -1,0 +1,181 @@
+"""The driver of `moelab run`: study -> prepared data -> MLflow runs -> Ray Train cells -> comparison table.
+
+Resume is the same command again: finished cells (FINISHED in MLflow) are skipped, the others reopen their MLflow
+run and their Ray Train run (same name and storage path) continues from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from workflows.aggregate import table_rows, to_csv, to_markdown
+from workflows.cells import Cell, expand
+from workflows.provenance import git_commit, package_versions
+from workflows.study import DatasetEntry, Study
+from workflows.tracking import Tracker, flatten
+
+
+@dataclass
+class Workspace:
+    """Where a study keeps its state; everything is an absolute path because Ray workers run elsewhere."""
+
+    root: Path
+    tracking_uri: str
+
+    @classmethod
+    def resolve(cls, workdir: str | Path, tracking_uri: str | None) -> "Workspace":
+        root = Path(workdir).expanduser().resolve()
+        return cls(root, tracking_uri or f"sqlite:///{root / 'mlflow.db'}")
+
+    @property
+    def is_local_tracking(self) -> bool:
+        return self.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.tracking_uri
+
+    @property
+    def artifact_location(self) -> str | None:
+        # A local store's default artifact root is relative to the process cwd; pin it inside the workdir.
+        return (self.root / "mlartifacts").as_uri() if self.is_local_tracking else None
+
+    @property
+    def storage_path(self) -> str:
+        return str(self.root / "ray_results")
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+
+@dataclass
+class StudyOutcome:
+    experiment_id: str
+    parent_run_id: str
+    finished: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # cell id -> reason
+    table_path: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    path: str
+    fingerprint: str
+    vocab_size: int
+    domains: tuple[str, ...]
+
+
+def prepare_datasets(study: Study, cache_dir: Path) -> dict[DatasetEntry, PreparedDataset]:
+    from moe_data.prepare import load_prepared, prepare
+
+    prepared = {}
+    for entry in study.datasets:
+        path = prepare(entry.name, entry.vocab_size, entry.max_chars_per_domain, cache_dir,
+                       text_column=entry.text_column, domain_column=entry.domain_column, hf_config=entry.hf_config)
+        data = load_prepared(path)
+        prepared[entry] = PreparedDataset(str(path), data.fingerprint, data.vocab_size, tuple(data.domains))
+    return prepared
+
+
+def cell_tags(cell: Cell, data: PreparedDataset) -> dict[str, str]:
+    return {"router": cell.router.display(), "model": cell.model.display(), "dataset": cell.dataset.name,
+            "seed": str(cell.seed), "git_commit": git_commit(), "dataset_fingerprint": data.fingerprint,
+            **{f"version.{k}": v for k, v in package_versions().items()}}
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Workers must import moelab's packages; a cluster gets them through `ray job submit --working-dir`.
+    ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False if address is None else None,
+             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+
+
+def run_study(study: Study, ws: Workspace, address: str | None = None,
+              echo: Callable[[str], None] = print) -> StudyOutcome:
+    began = time.perf_counter()
+    ws.root.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(ws.tracking_uri)
+    # Created once from the driver before any cell starts: concurrent first writers would race on SQLite.
+    experiment_id = tracker.experiment(study.name, ws.artifact_location)
+    parent = tracker.study_run(experiment_id, study.name, {"git_commit": git_commit()})
+    tracker.log_text(parent, study.model_dump_json(indent=2), "study.json")
+    outcome = StudyOutcome(experiment_id, parent)
+
+    prepared = prepare_datasets(study, ws.cache_dir)
+    outcome.timings["prepare_data_s"] = time.perf_counter() - began
+    cells = expand(study)
+    existing = tracker.cell_runs(experiment_id)
+    todo: list[tuple[Cell, str]] = []
+    for cell in cells:
+        run = existing.get(cell.id)
+        if run is not None and run.info.status == "FINISHED":
+            outcome.skipped.append(cell.id)
+            continue
+        if run is not None:
+            tracker.reopen(run.info.run_id)
+            todo.append((cell, run.info.run_id))
+        else:
+            run_id = tracker.create_cell_run(experiment_id, parent, cell.id, f"{cell.router.display()}-s{cell.seed}",
+                                             cell_tags(cell, prepared[cell.dataset]), flatten(cell.resolved()))
+            tracker.log_text(run_id, json.dumps(cell.resolved(), indent=2), "config/resolved_config.json")
+            todo.append((cell, run_id))
+    echo(f"study {study.name}: {len(cells)} cells, {len(outcome.skipped)} already finished, {len(todo)} to run")
+
+    t_ray = time.perf_counter()
+    if todo:
+        init_ray(address)
+    outcome.timings["ray_init_s"] = time.perf_counter() - t_ray
+    t_cells = time.perf_counter()
+    _run_cells(todo, study, ws, prepared, tracker, outcome, echo)
+    outcome.timings["cells_s"] = time.perf_counter() - t_cells
+
+    rows = table_rows(cells, tracker.cell_runs(experiment_id))
+    outcome.table_path = write_table(rows, ws.root / study.name, tracker, parent)
+    tracker.finish(parent, "FAILED" if outcome.failed else "FINISHED")
+    outcome.timings["total_s"] = time.perf_counter() - began
+    return outcome
+
+
+def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepared: dict[DatasetEntry, PreparedDataset],
+               tracker: Tracker, outcome: StudyOutcome, echo: Callable[[str], None]) -> None:
+    import ray
+
+    from workflows.launch import fit_cell_remote
+
+    queue = list(todo)
+    running: dict = {}  # ray ObjectRef -> (cell, run_id, start time)
+    while queue or running:
+        while queue and len(running) < study.resources.max_concurrent_cells:
+            cell, run_id = queue.pop(0)
+            payload = {"cell": cell.resolved(), "data_path": prepared[cell.dataset].path,
+                       "tracking_uri": ws.tracking_uri, "run_id": run_id}
+            ref = fit_cell_remote.remote(cell.id, payload, study.resources, ws.storage_path)
+            running[ref] = (cell, run_id, time.perf_counter())
+            echo(f"  started  {cell.id}  {cell.title}")
+        done, _ = ray.wait(list(running), num_returns=1)
+        cell, run_id, started = running.pop(done[0])
+        result = ray.get(done[0])
+        tracker.finish(run_id, result.status, result.reason)
+        seconds = time.perf_counter() - started
+        if result.status == "FINISHED":
+            outcome.finished.append(cell.id)
+            echo(f"  finished {cell.id}  {cell.title}  ({seconds:.1f}s, eval loss {result.metrics.get('eval/loss', float('nan')):.4f})")
+        else:
+            outcome.failed[cell.id] = result.reason or "unknown"
+            echo(f"  FAILED   {cell.id}  {cell.title}: {result.reason}")
+
+
+def write_table(rows: list[dict], stem: Path, tracker: Tracker | None = None, parent_run_id: str | None = None) -> Path:
+    md, csv_path = stem.with_name(stem.name + "_table.md"), stem.with_name(stem.name + "_table.csv")
+    md.write_text(to_markdown(rows))
+    csv_path.write_text(to_csv(rows))
+    if tracker and parent_run_id:
+        tracker.log_artifact(parent_run_id, md, "tables")
+        tracker.log_artifact(parent_run_id, csv_path, "tables")
+    return md

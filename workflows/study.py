@@ -1,0 +1,235 @@
+"""The study file: a typed schema validated before anything launches.
+
+A study is a grid routers x models x datasets x seeds sharing one training and one resources block. Router and model
+entries are a registry name plus that component's own options, written flat (`{name: topk, k: 2}`) and validated
+by the component's pydantic Options: unknown keys are errors, and every message names the field and the allowed values.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                      ValidationError, field_validator, model_validator)
+
+from moe_data.sources import parse_name
+from moe_models.balancing import BALANCING_LOSSES
+from moe_models.models import MODELS
+from moe_models.routers import ROUTERS
+from moe_models.spec import DENSE, RoutingSpec
+
+
+class StudyError(ValueError):
+    """Invalid study input; `problems` are 'field.path: message' lines."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{source}: invalid study\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _split_options(data: Any, own_fields: set[str]) -> Any:
+    """Move every key that is not one of the entry's own fields into `options` (the component's Options)."""
+    if not isinstance(data, dict):
+        return data
+    own = {k: v for k, v in data.items() if k in own_fields}
+    own["options"] = {k: v for k, v in data.items() if k not in own_fields}
+    return own
+
+
+class RouterEntry(_Strict):
+    name: str
+    label: str | None = None  # display name in tables; defaults to name + options
+    balancing: dict[str, NonNegativeFloat] = Field(default_factory=dict)  # loss name -> coefficient
+    capacity_factor: PositiveFloat | None = None  # None = dropless
+    drop_policy: Literal["position", "probs"] = "position"
+    active_experts: PositiveInt = 1  # dense baseline only: FFN hidden = active_experts * expert_hidden
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    _split = model_validator(mode="before")(lambda data: _split_options(data, set(RouterEntry.model_fields) - {"options"}))
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name != DENSE and name not in ROUTERS:
+            raise ValueError(f"unknown router {name!r}; valid: {', '.join(ROUTERS.names() + [DENSE])}")
+        return name
+
+    @field_validator("balancing")
+    @classmethod
+    def _known_losses(cls, balancing: dict[str, float]) -> dict[str, float]:
+        for loss in balancing:
+            BALANCING_LOSSES.get(loss)  # raises with the valid names
+        return balancing
+
+    @model_validator(mode="after")
+    def _options(self) -> "RouterEntry":
+        if self.name == DENSE:
+            if self.options:
+                raise ValueError(f"the dense baseline takes no router options, got: {', '.join(self.options)}")
+        else:
+            ROUTERS.get(self.name).Options(**self.options)
+        return self
+
+    def routing_spec(self) -> RoutingSpec:
+        options = None if self.name == DENSE else ROUTERS.get(self.name).Options(**self.options)
+        return RoutingSpec(self.name, options, dict(self.balancing), self.capacity_factor, self.drop_policy,
+                           self.active_experts)
+
+    def max_experts_per_token(self) -> int:
+        return self.active_experts if self.name == DENSE else self.routing_spec().options.max_experts_per_token()
+
+    def display(self) -> str:
+        if self.label:
+            return self.label
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        if self.name == DENSE and self.active_experts != 1:
+            opts = f"active_experts={self.active_experts}"
+        return f"{self.name}({opts})" if opts else self.name
+
+
+class ModelEntry(_Strict):
+    name: str
+    label: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    _split = model_validator(mode="before")(lambda data: _split_options(data, {"name", "label"}))
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        MODELS.get(name)
+        return name
+
+    @model_validator(mode="after")
+    def _options(self) -> "ModelEntry":
+        MODELS.get(self.name).Options(**self.options)
+        return self
+
+    def resolved_options(self):
+        return MODELS.get(self.name).Options(**self.options)
+
+    def display(self) -> str:
+        return self.label or self.name
+
+
+class DatasetEntry(_Strict):
+    name: str  # builtin:domains | hf:<hub name> | file:<path>
+    vocab_size: int = Field(default=2048, ge=260, le=65536)  # >= 256 byte symbols + specials
+    max_chars_per_domain: PositiveInt = 400_000
+    text_column: str = "text"
+    domain_column: str | None = "domain"
+    hf_config: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _parse(cls, name: str) -> str:
+        parse_name(name)
+        return name
+
+
+class TrainingConfig(_Strict):
+    steps: PositiveInt = 100
+    micro_batch_size: PositiveInt = 8
+    grad_accum_steps: PositiveInt = 1
+    seq_len: PositiveInt = 128
+    lr: PositiveFloat = 3e-3
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: NonNegativeInt = 10
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    weight_decay: NonNegativeFloat = 0.0
+    grad_clip: NonNegativeFloat = 1.0
+    log_interval: PositiveInt = 10
+    eval_interval: PositiveInt = 50
+    eval_batches: PositiveInt = 8
+    checkpoint_interval: PositiveInt = 50
+    zero_stage: Literal[0, 1, 2] = 0  # DeepSpeed MoE layers do not support ZeRO-3
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # Test hook: poison the loss with NaN at this step, to exercise the failed-cell path end to end.
+    inject_nan_at_step: PositiveInt | None = None
+
+
+class ResourcesConfig(_Strict):
+    workers_per_cell: PositiveInt = 1
+    cpus_per_worker: PositiveFloat = 1
+    gpus_per_worker: NonNegativeFloat = 0
+    max_concurrent_cells: PositiveInt = 2
+    max_failures: NonNegativeInt = 1  # Ray Train restarts of a cell from its latest checkpoint
+
+
+class Study(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    seeds: list[NonNegativeInt] = Field(default=[0], min_length=1)
+    routers: list[RouterEntry] = Field(min_length=1)
+    models: list[ModelEntry] = Field(min_length=1)
+    datasets: list[DatasetEntry] = Field(min_length=1)
+    training: TrainingConfig = TrainingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Study":
+        problems = []
+        labels = [r.display() for r in self.routers]
+        for dup in sorted({x for x in labels if labels.count(x) > 1}):
+            problems.append(f"routers: two entries display as {dup!r}; give them distinct `label`s")
+        for i, router in enumerate(self.routers):
+            for j, model in enumerate(self.models):
+                experts = model.resolved_options().num_experts
+                if router.name != DENSE and router.max_experts_per_token() > experts:
+                    problems.append(f"routers[{i}]: routes up to {router.max_experts_per_token()} experts per token; "
+                                    f"allowed: at most models[{j}].num_experts={experts}")
+        for j, model in enumerate(self.models):
+            ep = model.resolved_options().ep_size
+            if self.resources.workers_per_cell % ep:
+                problems.append(f"models[{j}].ep_size: {ep} must divide resources.workers_per_cell="
+                                f"{self.resources.workers_per_cell}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if part == "options" or (isinstance(part, str) and part.startswith("function-")):
+            continue
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out or "study"
+
+
+def _problems(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not allowed here)"
+        if not e["loc"]:  # cross-field checks already name their fields, one per line
+            lines.extend(msg.splitlines())
+        else:
+            lines.append(f"{_loc(e['loc'])}: {msg}")
+    return lines
+
+
+def parse_study(data: Any, source: str = "study") -> Study:
+    if not isinstance(data, dict):
+        raise StudyError(source, ["study: expected a mapping at the top level"])
+    try:
+        return Study.model_validate(data)
+    except ValidationError as err:
+        raise StudyError(source, _problems(err)) from None
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(str(path), [f"study file not found: {path}"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise StudyError(str(path), [f"not valid YAML: {err}"]) from None
+    return parse_study(data, str(path))

@@ -1,0 +1,135 @@
+"""The one place that talks to MLflow.
+
+Layout: one experiment per study; a parent run per study (tag moelab.role=study); one child run per cell
+(tag mlflow.parentRunId, found again by tag moelab.cell_id so a resumed cell reopens its run instead of duplicating it).
+Everything goes through an explicit MlflowClient and run ids — no global active-run state — so the driver, Ray
+workers on other processes and tests can all write to the same runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+ROLE, STUDY, CELL, REASON = "moelab.role", "moelab.study", "moelab.cell_id", "moelab.failure_reason"
+PARENT = "mlflow.parentRunId"
+_BATCH = 900  # log_batch accepts at most 1000 metrics per call
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _retry(fn, *args, attempts: int = 8, **kwargs):
+    """SQLite allows one writer at a time; concurrent cells can briefly see 'database is locked'."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as err:
+            if "locked" not in str(err) or i == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**i)
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str):
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    # --- experiments and runs -------------------------------------------------------------------------------------
+    def experiment(self, name: str, artifact_location: str | None = None) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        return self.client.create_experiment(name, artifact_location=artifact_location)
+
+    def study_run(self, experiment_id: str, study_name: str, tags: dict[str, str]) -> str:
+        runs = self._search(experiment_id, f"tags.`{ROLE}` = 'study' and tags.`{STUDY}` = '{study_name}'")
+        if runs:
+            self.reopen(runs[0].info.run_id)
+            return runs[0].info.run_id
+        run = self.client.create_run(experiment_id, run_name=study_name,
+                                     tags={ROLE: "study", STUDY: study_name, **tags})
+        return run.info.run_id
+
+    def cell_runs(self, experiment_id: str) -> dict[str, Run]:
+        """cell id -> its run (the oldest, should an earlier bug have left two)."""
+        runs: dict[str, Run] = {}
+        for run in self._search(experiment_id, f"tags.`{ROLE}` = 'cell'"):
+            runs.setdefault(run.data.tags[CELL], run)
+        return runs
+
+    def child_runs(self, experiment_id: str, parent_run_id: str) -> list[Run]:
+        return self._search(experiment_id, f"tags.`{PARENT}` = '{parent_run_id}'")
+
+    def create_cell_run(self, experiment_id: str, parent_run_id: str, cell_id: str, run_name: str,
+                        tags: dict[str, str], params: dict[str, Any]) -> str:
+        run = _retry(self.client.create_run, experiment_id, run_name=run_name,
+                     tags={ROLE: "cell", CELL: cell_id, PARENT: parent_run_id, **tags})
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def reopen(self, run_id: str) -> None:
+        _retry(self.client.update_run, run_id, status="RUNNING")
+
+    def finish(self, run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
+        if reason:
+            self.set_tags(run_id, {REASON: reason[:4000]})
+        _retry(self.client.set_terminated, run_id, status=status)
+
+    # --- logging --------------------------------------------------------------------------------------------------
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            _retry(self.client.log_batch, run_id, params=items[i:i + 100])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        _retry(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
+        for i in range(0, len(items), _BATCH):
+            _retry(self.client.log_batch, run_id, metrics=items[i:i + _BATCH])
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        _retry(self.client.log_artifact, run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_text(text)
+            parent = str(Path(artifact_file).parent)
+            self.log_artifact(run_id, path, None if parent == "." else parent)
+
+    def metric_history(self, run_id: str, key: str) -> list[Metric]:
+        return self.client.get_metric_history(run_id, key)
+
+    def _search(self, experiment_id: str, filter_string: str) -> list[Run]:
+        runs: list[Run] = []
+        token = None
+        while True:
+            page = self.client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token,
+                                           order_by=["attributes.start_time ASC"])
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+
+def latest_metrics(runs: Iterable[Run]) -> list[dict[str, Any]]:
+    return [{"run_id": r.info.run_id, "status": r.info.status, **r.data.tags, **r.data.metrics} for r in runs]

@@ -1,0 +1,219 @@
+"""The per-worker training function of one cell: runs inside every Ray Train worker.
+
+Flow: build the model and its DeepSpeed engine -> resume from the latest Ray Train checkpoint if there is one ->
+train with periodic evaluation -> every `checkpoint_interval` all ranks save DeepSpeed shards and report them to
+Ray Train. Rank 0 writes metrics and artifacts to the cell's MLflow run (created by the driver, id in the config).
+Sweeps (tuning/) reuse this same function.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import ray.train
+import torch
+import torch.distributed as dist
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+from moe_data.prepare import PreparedData, load_prepared, sample_batch
+from moe_models.analytics import add_sums, summarize
+from moe_models.models import MODELS, LMOutput
+from workflows.cells import Cell
+from workflows.heatmap import expert_usage_heatmap
+from workflows.study import TrainingConfig
+from workflows.tracking import Tracker
+
+EVAL_SEED = 1234  # every cell and every eval sees the same validation windows
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Worker:
+    rank: int
+    world: int
+    tracker: Tracker | None  # rank 0 only
+    run_id: str
+
+
+def lr_factor(step: int, t: TrainingConfig) -> float:
+    """Linear warmup, then cosine/linear decay to min_lr_ratio (or constant)."""
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
+
+
+def build_engine(cell: Cell, vocab_size: int) -> deepspeed.DeepSpeedEngine:
+    torch.manual_seed(cell.seed)  # identical init on every rank
+    family = MODELS.get(cell.model.name)
+    model = family.build(cell.model.resolved_options(), cell.router.routing_spec(), vocab_size,
+                         cell.training.seq_len, cell.seed)
+    t = cell.training
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(model.parameters()), "name": "parameters"})
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
+    ds_config = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def batch_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """Data order is a pure function of (seed, step, micro-batch, rank): resuming replays exactly."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 101 + rank)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def layer_metrics(prefix: str, moe: dict[int, dict[str, torch.Tensor]]) -> tuple[dict[str, float], dict]:
+    """Per-layer routing metrics plus their mean over MoE layers; returns (metrics, expert fractions per layer)."""
+    metrics: dict[str, float] = {}
+    fractions: dict[int, list[float]] = {}
+    per_layer = {i: summarize({k: all_reduce_sum(v) for k, v in sums.items()}) for i, sums in sorted(moe.items())}
+    for i, summary in per_layer.items():
+        fractions[i] = summary.pop("expert_fraction")
+        metrics.update({f"{prefix}/block{i}/{k}": v for k, v in summary.items()})
+        metrics.update({f"{prefix}/block{i}/expert{e}_fraction": f for e, f in enumerate(fractions[i])})
+    for key in per_layer[next(iter(per_layer))] if per_layer else []:
+        metrics[f"{prefix}/{key}"] = sum(s[key] for s in per_layer.values()) / len(per_layer)
+    return metrics, fractions
+
+
+@torch.no_grad()
+def evaluate(engine, data: PreparedData, t: TrainingConfig, w: Worker) -> tuple[dict[str, float], dict]:
+    engine.eval()
+    gen = torch.Generator().manual_seed(EVAL_SEED + w.rank)
+    loss_sum, sums = torch.zeros(2), {}
+    for _ in range(t.eval_batches):
+        x, y, _ = sample_batch(data, "validation", t.micro_batch_size, t.seq_len, gen)
+        out: LMOutput = engine(x, y)
+        loss_sum += torch.tensor([out.lm_loss.item() * y.numel(), y.numel()])
+        for i, aux in out.moe.items():
+            sums[i] = add_sums(sums.get(i), aux.sums)
+    engine.train()
+    total = all_reduce_sum(loss_sum)
+    loss = float(total[0] / total[1])
+    metrics, fractions = layer_metrics("eval/moe", sums)
+    metrics.update({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))})
+    return metrics, fractions
+
+
+def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> tuple[dict[str, float], dict]:
+    t = cell.training
+    lm, aux, sums = 0.0, 0.0, {}
+    unscaled: dict[str, float] = {}
+    for micro in range(t.grad_accum_steps):
+        x, y, _ = sample_batch(data, "train", t.micro_batch_size, t.seq_len, batch_generator(cell.seed, step, micro, w.rank))
+        out: LMOutput = engine(x, y)
+        loss = out.loss
+        if t.inject_nan_at_step == step:
+            loss = loss * float("nan")
+        bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0]))
+        if bad.item() > 0:
+            raise NonFiniteLoss(f"non-finite loss at step {step} (lm {out.lm_loss.item():.4g}, "
+                                f"aux {out.aux_loss.item():.4g}) on {int(bad.item())} rank(s)")
+        engine.backward(loss)
+        engine.step()
+        lm += out.lm_loss.item() / t.grad_accum_steps
+        aux += out.aux_loss.item() / t.grad_accum_steps
+        for i, layer in out.moe.items():
+            sums[i] = add_sums(sums.get(i), layer.sums)
+            for name, value in layer.unscaled.items():
+                key = f"train/moe/block{i}/{name}_unscaled"
+                unscaled[key] = unscaled.get(key, 0.0) + value.item() / t.grad_accum_steps
+    metrics = {"train/loss": lm + aux, "train/lm_loss": lm, "train/aux_loss": aux,
+               "train/lr": engine.get_lr()[0], **unscaled}
+    return metrics, sums
+
+
+def save_and_report(engine, step: int, metrics: dict[str, float]) -> None:
+    """Every rank saves its DeepSpeed shards (experts live on their EP rank); Ray merges the rank directories."""
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=f"step{step}", client_state={"step": step})
+        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def resume_step(engine) -> int:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as path:
+        loaded, client_state = engine.load_checkpoint(path)
+    if loaded is None:  # DeepSpeed only warns when `latest` is missing; a silent fresh start would lie
+        raise RuntimeError(f"checkpoint at {checkpoint.path} could not be loaded by DeepSpeed")
+    return int(client_state["step"])
+
+
+def log_final_artifacts(w: Worker, cell: Cell, fractions: dict) -> None:
+    if not fractions:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        png = expert_usage_heatmap(fractions, f"{cell.router.display()} — eval expert usage", Path(tmp) / "expert_usage.png")
+        w.tracker.log_artifact(w.run_id, png, "routing")
+    rows = ["block," + ",".join(f"expert{e}" for e in range(len(next(iter(fractions.values())))))]
+    rows += [f"{i}," + ",".join(f"{f:.6f}" for f in fr) for i, fr in sorted(fractions.items())]
+    w.tracker.log_text(w.run_id, "\n".join(rows) + "\n", "routing/expert_usage.csv")
+
+
+def train_cell(config: dict[str, Any]) -> None:
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    cell = Cell.from_resolved(config["cell"])
+    t = cell.training
+    data = load_prepared(config["data_path"])
+    w = Worker(rank, world, Tracker(config["tracking_uri"]) if rank == 0 else None, config["run_id"])
+    engine = build_engine(cell, data.vocab_size)
+    start = resume_step(engine)
+    if w.tracker:
+        w.tracker.set_tags(w.run_id, {"moelab.resumed_from_step": str(start)} if start else {})
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * world
+    fractions: dict = {}
+    train_seconds = 0.0
+    for step in range(start + 1, t.steps + 1):
+        began = time.perf_counter()
+        try:
+            metrics, _ = train_step(engine, data, cell, step, w)
+        except NonFiniteLoss as err:
+            # A NaN is deterministic: retrying from the checkpoint would only fail again. Stop the cell cleanly
+            # and tell the driver why; the driver marks the MLflow run FAILED and the study goes on.
+            ray.train.report({"step": step, "failed_reason": str(err)})
+            return
+        elapsed = time.perf_counter() - began
+        train_seconds += elapsed
+        metrics["train/tokens_per_s"] = tokens_per_step / elapsed
+        last = step == t.steps
+        if step % t.eval_interval == 0 or last:
+            eval_metrics, fractions = evaluate(engine, data, t, w)
+            metrics.update(eval_metrics)
+        if last:  # throughput over the whole (resumed part of the) run, not one noisy step
+            metrics["summary/tokens_per_s"] = tokens_per_step * (step - start) / train_seconds
+        if w.tracker and (step % t.log_interval == 0 or step % t.eval_interval == 0 or last):
+            w.tracker.log_metrics(w.run_id, metrics, step)
+        if step % t.checkpoint_interval == 0 or last:
+            if last and w.tracker:
+                log_final_artifacts(w, cell, fractions)
+            save_and_report(engine, step, {k: v for k, v in metrics.items() if not k.startswith("eval/moe/block")})
