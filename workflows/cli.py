@@ -36,7 +36,7 @@ def cmd_run(args) -> int:
 
     study = _study(args.study)
     ws = Workspace.resolve(args.workdir, args.tracking_uri)
-    outcome = run_study(study, ws, args.address)
+    outcome = run_study(study, ws, args.address, verbose=args.verbose)
     t = outcome.timings
     print(f"\ntable: {outcome.table_path}\n"
           f"MLflow: mlflow ui --backend-store-uri {ws.tracking_uri}  (experiment {study.name!r})\n"
@@ -109,6 +109,7 @@ def parser() -> argparse.ArgumentParser:
 
     run = command("run", cmd_run, "run (or resume) a study")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--verbose", action="store_true", help="stream Ray worker logs to the terminal")
     command("validate", cmd_validate, "validate a study file only", workdir=False)
     command("status", cmd_status, "one line per cell: state, step, loss")
     agg = command("aggregate", cmd_aggregate, "print or write the comparison table")

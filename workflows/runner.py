@@ -86,18 +86,20 @@ def cell_tags(cell: Cell, data: PreparedDataset) -> dict[str, str]:
             **{f"version.{k}": v for k, v in package_versions().items()}}
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, verbose: bool = False) -> None:
     import ray
 
     if ray.is_initialized():
         return
+    # Worker logs stay in Ray's session logs unless asked for: a failed cell's error reaches the driver anyway.
     # Workers must import moelab's packages; a cluster gets them through `ray job submit --working-dir`.
-    ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False if address is None else None,
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose,
+             include_dashboard=False if address is None else None,
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
 
 
 def run_study(study: Study, ws: Workspace, address: str | None = None,
-              echo: Callable[[str], None] = print) -> StudyOutcome:
+              echo: Callable[[str], None] = print, verbose: bool = False) -> StudyOutcome:
     began = time.perf_counter()
     ws.root.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(ws.tracking_uri)
@@ -129,7 +131,7 @@ def run_study(study: Study, ws: Workspace, address: str | None = None,
 
     t_ray = time.perf_counter()
     if todo:
-        init_ray(address)
+        init_ray(address, verbose)
     outcome.timings["ray_init_s"] = time.perf_counter() - t_ray
     t_cells = time.perf_counter()
     _run_cells(todo, study, ws, prepared, tracker, outcome, echo)

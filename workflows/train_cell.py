@@ -211,6 +211,7 @@ def train_cell(config: dict[str, Any]) -> None:
             metrics.update(eval_metrics)
         if last:  # throughput over the whole (resumed part of the) run, not one noisy step
             metrics["summary/tokens_per_s"] = tokens_per_step * (step - start) / train_seconds
+            metrics["summary/train_seconds"] = train_seconds
         if w.tracker and (step % t.log_interval == 0 or step % t.eval_interval == 0 or last):
             w.tracker.log_metrics(w.run_id, metrics, step)
         if step % t.checkpoint_interval == 0 or last:

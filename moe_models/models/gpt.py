@@ -54,6 +54,14 @@ class LMOutput:
         return self.lm_loss + self.aux_loss
 
 
+def _init_weights(module: nn.Module) -> None:
+    # GPT-2 init: N(0, 0.02). PyTorch's N(0, 1) embedding init makes the tied LM head's first logits huge.
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
@@ -99,6 +107,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(opts.d_model)
         self.lm_head = nn.Linear(opts.d_model, vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying (nanoGPT)
+        self.apply(_init_weights)
+
 
     def is_moe_block(self, index: int) -> bool:
         return self.opts.moe_every > 0 and (index + 1) % self.opts.moe_every == 0
