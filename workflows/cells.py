@@ -64,6 +64,13 @@ class Cell:
                    ResourcesConfig.model_validate(resolved["resources"]))
 
 
+def _training_for(study: Study, router: RouterEntry) -> TrainingConfig:
+    fault = study.fault_injection
+    if fault and (not fault.routers or router.display() in fault.routers):
+        return study.training.model_copy(update={"inject_nan_at_step": fault.nan_at_step})
+    return study.training
+
+
 def expand(study: Study) -> list[Cell]:
-    return [Cell(r, m, d, s, study.training, study.resources)
+    return [Cell(r, m, d, s, _training_for(study, r), study.resources)
             for d, m, r, s in product(study.datasets, study.models, study.routers, study.seeds)]

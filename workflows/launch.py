@@ -41,10 +41,7 @@ def fit_cell(cell_id: str, payload: dict[str, Any], resources: ResourcesConfig, 
         result = make_trainer(cell_id, payload, resources, storage_path).fit()
     except Exception as err:  # TrainingFailedError and friends: the cell failed, the study goes on
         return CellResult("FAILED", f"{type(err).__name__}: {err}")
-    metrics = dict(result.metrics or {})
-    if metrics.get("failed_reason"):
-        return CellResult("FAILED", str(metrics["failed_reason"]), metrics)
-    return CellResult("FINISHED", None, metrics)
+    return CellResult("FINISHED", None, dict(result.metrics or {}))
 
 
 # A zero-CPU task only waits on the trainer's controller, so it never takes a core from the training workers.

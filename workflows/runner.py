@@ -148,7 +148,7 @@ def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepar
                tracker: Tracker, outcome: StudyOutcome, echo: Callable[[str], None]) -> None:
     import ray
 
-    from workflows.launch import fit_cell_remote
+    from workflows.launch import CellResult, fit_cell_remote
 
     queue = list(todo)
     running: dict = {}  # ray ObjectRef -> (cell, run_id, start time)
@@ -163,6 +163,8 @@ def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepar
         done, _ = ray.wait(list(running), num_returns=1)
         cell, run_id, started = running.pop(done[0])
         result = ray.get(done[0])
+        if result.status == "FINISHED" and (reason := tracker.failure_reason(run_id)):
+            result = CellResult("FAILED", reason, result.metrics)  # the cell stopped itself (e.g. NaN loss)
         tracker.finish(run_id, result.status, result.reason)
         seconds = time.perf_counter() - started
         if result.status == "FINISHED":

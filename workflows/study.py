@@ -149,7 +149,7 @@ class TrainingConfig(_Strict):
     checkpoint_interval: PositiveInt = 50
     zero_stage: Literal[0, 1, 2] = 0  # DeepSpeed MoE layers do not support ZeRO-3
     precision: Literal["fp32", "bf16"] = "fp32"
-    # Test hook: poison the loss with NaN at this step, to exercise the failed-cell path end to end.
+    # Set per cell from the study's `fault_injection` block (tests only): poison the loss with NaN at this step.
     inject_nan_at_step: PositiveInt | None = None
 
 
@@ -161,6 +161,13 @@ class ResourcesConfig(_Strict):
     max_failures: NonNegativeInt = 1  # Ray Train restarts of a cell from its latest checkpoint
 
 
+class FaultInjection(_Strict):
+    """Test-only: make chosen cells produce a NaN loss, to exercise the failed-cell path through the real stack."""
+
+    nan_at_step: PositiveInt
+    routers: list[str] = Field(default_factory=list)  # router display names; empty = every router
+
+
 class Study(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -170,11 +177,16 @@ class Study(_Strict):
     datasets: list[DatasetEntry] = Field(min_length=1)
     training: TrainingConfig = TrainingConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    fault_injection: FaultInjection | None = None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Study":
         problems = []
         labels = [r.display() for r in self.routers]
+        for name in self.fault_injection.routers if self.fault_injection else []:
+            if name not in labels:
+                problems.append(f"fault_injection.routers: {name!r} is not a router of this study; "
+                                f"valid: {', '.join(labels)}")
         for dup in sorted({x for x in labels if labels.count(x) > 1}):
             problems.append(f"routers: two entries display as {dup!r}; give them distinct `label`s")
         for i, router in enumerate(self.routers):

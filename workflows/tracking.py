@@ -12,7 +12,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
@@ -84,7 +84,12 @@ class Tracker:
         return run.info.run_id
 
     def reopen(self, run_id: str) -> None:
+        if self.failure_reason(run_id):  # a re-run clears the verdict of the last attempt
+            _retry(self.client.delete_tag, run_id, REASON)
         _retry(self.client.update_run, run_id, status="RUNNING")
+
+    def failure_reason(self, run_id: str) -> str | None:
+        return self.client.get_run(run_id).data.tags.get(REASON)
 
     def finish(self, run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
         if reason:
@@ -129,7 +134,3 @@ class Tracker:
             token = page.token
             if not token:
                 return runs
-
-
-def latest_metrics(runs: Iterable[Run]) -> list[dict[str, Any]]:
-    return [{"run_id": r.info.run_id, "status": r.info.status, **r.data.tags, **r.data.metrics} for r in runs]

@@ -27,7 +27,7 @@ from moe_models.models import MODELS, LMOutput
 from workflows.cells import Cell
 from workflows.heatmap import expert_usage_heatmap
 from workflows.study import TrainingConfig
-from workflows.tracking import Tracker
+from workflows.tracking import REASON, Tracker
 
 EVAL_SEED = 1234  # every cell and every eval sees the same validation windows
 
@@ -179,6 +179,7 @@ def log_final_artifacts(w: Worker, cell: Cell, fractions: dict) -> None:
 
 
 def train_cell(config: dict[str, Any]) -> None:
+    entered = time.perf_counter()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -188,6 +189,7 @@ def train_cell(config: dict[str, Any]) -> None:
     w = Worker(rank, world, Tracker(config["tracking_uri"]) if rank == 0 else None, config["run_id"])
     engine = build_engine(cell, data.vocab_size)
     start = resume_step(engine)
+    setup_seconds = time.perf_counter() - entered  # data load + model + DeepSpeed engine + checkpoint restore
     if w.tracker:
         w.tracker.set_tags(w.run_id, {"moelab.resumed_from_step": str(start)} if start else {})
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * world
@@ -198,9 +200,10 @@ def train_cell(config: dict[str, Any]) -> None:
         try:
             metrics, _ = train_step(engine, data, cell, step, w)
         except NonFiniteLoss as err:
-            # A NaN is deterministic: retrying from the checkpoint would only fail again. Stop the cell cleanly
-            # and tell the driver why; the driver marks the MLflow run FAILED and the study goes on.
-            ray.train.report({"step": step, "failed_reason": str(err)})
+            # A NaN is deterministic: a Ray Train retry from the checkpoint would only fail again. Stop cleanly and
+            # record why on the cell's run; the driver reads it back, marks the run FAILED, and the study goes on.
+            if w.tracker:
+                w.tracker.set_tags(w.run_id, {REASON: str(err)})
             return
         elapsed = time.perf_counter() - began
         train_seconds += elapsed
@@ -212,6 +215,7 @@ def train_cell(config: dict[str, Any]) -> None:
         if last:  # throughput over the whole (resumed part of the) run, not one noisy step
             metrics["summary/tokens_per_s"] = tokens_per_step * (step - start) / train_seconds
             metrics["summary/train_seconds"] = train_seconds
+            metrics["summary/setup_seconds"] = setup_seconds
         if w.tracker and (step % t.log_interval == 0 or step % t.eval_interval == 0 or last):
             w.tracker.log_metrics(w.run_id, metrics, step)
         if step % t.checkpoint_interval == 0 or last:

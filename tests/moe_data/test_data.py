@@ -1,0 +1,75 @@
+"""Offline data: domain-labelled corpus, deterministic splits, fingerprints, tokenizer, batches."""
+import json
+
+import pytest
+import torch
+
+from moe_data.builtin import load_domains
+from moe_data.corpus import SPLITS
+from moe_data.prepare import load_prepared, prepare, sample_batch
+from moe_data.sources import load_corpus, parse_name
+from moe_data.tokenizer import train_or_load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_domains(60_000)
+
+
+def test_builtin_corpus_has_three_labelled_domains_in_every_split(corpus):
+    assert corpus.domains == ["c", "english", "python"]
+    for split in SPLITS:
+        assert {d.domain for d in corpus.splits[split]} == {"c", "english", "python"}, split
+
+
+def test_splits_are_disjoint_and_deterministic(corpus):
+    ids = [{d.doc_id for d in corpus.splits[s]} for s in SPLITS]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    again = load_domains(60_000)
+    assert again.fingerprint == corpus.fingerprint
+    assert load_domains(50_000).fingerprint != corpus.fingerprint
+
+
+def test_domains_are_balanced_by_character_budget(corpus):
+    chars = {dom: sum(len(d.text) for d in corpus.splits["train"] if d.domain == dom) for dom in corpus.domains}
+    assert all(54_000 <= c <= 54_000 + 16_000 + 60_000 for c in chars.values())  # budget, overshoot < one doc
+
+
+def test_tokenizer_round_trips_and_is_cached(corpus, tmp_path):
+    tok, path = train_or_load_tokenizer(corpus, 512, tmp_path)
+    text = "def f(x):\n    return x  # ünïcode\n"
+    assert tok.decode(tok.encode(text).ids) == text
+    assert tok.get_vocab_size() == 512
+    again, again_path = train_or_load_tokenizer(corpus, 512, tmp_path)
+    assert again_path == path and again.encode(text).ids == tok.encode(text).ids
+
+
+def test_prepared_batches_are_shifted_windows_with_domains(tmp_path):
+    path = prepare("builtin:domains", 512, 40_000, tmp_path)
+    assert prepare("builtin:domains", 512, 40_000, tmp_path) == path  # cached by fingerprint
+    data = load_prepared(path)
+    x, y, dom = sample_batch(data, "train", 4, 32, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == dom.shape == (4, 32)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert set(dom.unique().tolist()) <= {0, 1, 2}
+    x2, _, _ = sample_batch(data, "train", 4, 32, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2)
+
+
+def test_local_jsonl_loads_through_hf_datasets(tmp_path):
+    rows = [{"text": f"document number {i} " * 20, "domain": "a" if i % 2 else "b"} for i in range(200)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    corpus = load_corpus(f"file:{path}", 10**9)
+    assert corpus.domains == ["a", "b"]
+    assert sum(len(v) for v in corpus.splits.values()) == 200
+    assert all(corpus.splits[s] for s in SPLITS)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("domains", "must be one of"), ("builtin:nope", "unknown built-in dataset"),
+    ("file:/no/such.jsonl", "does not exist"), ("file:/tmp/x.csv", "suffix must be one of"),
+])
+def test_bad_dataset_names_are_rejected(name, message):
+    with pytest.raises(ValueError, match=message):
+        parse_name(name)

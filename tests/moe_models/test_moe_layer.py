@@ -1,0 +1,92 @@
+"""The MoE FFN on the DeepSpeed dispatch backend against a plain reference computation."""
+import pytest
+import torch
+
+from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
+from moe_models.experts import ExpertFFN
+from moe_models.moe_ffn import MoEFeedForward
+from moe_models.routers import ROUTERS, RouterContext
+
+D, F, E, V = 16, 32, 4, 40
+
+
+def build(router="topk", capacity_factor=None, balancing=None, num_experts=E, **options):
+    torch.manual_seed(0)
+    cls = ROUTERS.get(router)
+    r = cls(RouterContext(D, num_experts, V, 0, 0), cls.Options(**options))
+    spec = DispatchSpec(D, F, num_experts, 1, capacity_factor, "position")
+    return MoEFeedForward(r, DISPATCH_BACKENDS.get("deepspeed")(spec), balancing or {})
+
+
+def experts_of(layer):
+    return list(layer.dispatch.moe.deepspeed_moe.experts.deepspeed_experts)
+
+
+def reference(layer, x_TD, ids_T):
+    """sum_k w_tk * expert_{e_tk}(x_t), one token at a time: what any dispatch must compute without drops."""
+    decision = layer.router(x_TD, ids_T)
+    experts = experts_of(layer)
+    out = torch.zeros_like(x_TD)
+    for t in range(x_TD.shape[0]):
+        for k in range(decision.expert_ids_TK.shape[1]):
+            if decision.active_TK[t, k]:
+                out[t] += decision.weights_TK[t, k] * experts[decision.expert_ids_TK[t, k]](x_TD[t])
+    return out
+
+
+@pytest.mark.parametrize("router,options", [("topk", {"k": 1}), ("topk", {"k": 2}), ("topk", {"k": 3}), ("hash", {})])
+def test_dropless_dispatch_conserves_every_token(router, options):
+    layer = build(router, **options)
+    x, ids = torch.randn(2, 24, D), torch.randint(V, (2, 24))
+    y, aux = layer(x, ids)
+    torch.testing.assert_close(y.reshape(-1, D), reference(layer, x.reshape(-1, D), ids.reshape(-1)),
+                               rtol=1e-5, atol=1e-6)
+    assert aux.sums["kept_routes"].item() == 48 * options.get("k", 1)  # every route served
+
+
+def test_single_expert_with_weight_one_is_the_dense_ffn():
+    layer = build("topk", num_experts=1, k=1)
+    x, ids = torch.randn(1, 10, D), torch.randint(V, (1, 10))
+    y, _ = layer(x, ids)
+    torch.testing.assert_close(y, experts_of(layer)[0](x))  # softmax over one expert = weight 1
+
+
+def test_capacity_drops_routes_and_dropped_tokens_get_zero_output():
+    layer = build("hash", capacity_factor=0.25)
+    x, ids = torch.randn(1, 32, D), torch.randint(V, (1, 32))
+    y, aux = layer(x, ids)
+    kept = layer.dispatch.gate.kept_TK[:, 0]
+    assert aux.sums["kept_routes"].item() == kept.sum().item() <= E * 2  # capacity = ceil(0.25*32/4) = 2
+    assert (y[0, ~kept] == 0).all() and (y[0, kept].abs().sum(-1) > 0).all()
+
+
+def test_scaled_lbl_equals_alpha_under_balanced_routing():
+    alpha = 0.037
+    layer = build("hash", balancing={"switch_lbl": alpha})
+    table = layer.router.table_V
+    ids = torch.cat([torch.nonzero(table == e)[:1, 0] for e in range(E)]).repeat(5).view(1, -1)
+    _, aux = layer(torch.randn(1, ids.shape[1], D), ids)
+    assert aux.unscaled["switch_lbl"].item() == pytest.approx(1.0)
+    assert aux.loss.item() == pytest.approx(alpha)
+
+
+def test_gradients_reach_router_and_the_experts_that_received_tokens():
+    layer = build("topk", k=2, balancing={"switch_lbl": 0.01, "z_loss": 0.001})
+    x, ids = torch.randn(2, 8, D), torch.randint(V, (2, 8))
+    y, aux = layer(x, ids)
+    (y.square().mean() + aux.loss).backward()
+    assert layer.router.proj.weight.grad.abs().sum() > 0
+    used = set(layer.router(x.reshape(-1, D), ids.reshape(-1)).expert_ids_TK.flatten().tolist())
+    for e, expert in enumerate(experts_of(layer)):
+        grad = expert.up.weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == (e in used)
+
+
+def test_expert_parameters_are_marked_for_deepspeed():
+    from deepspeed.moe.utils import is_moe_param
+
+    layer = build("topk", k=1)
+    expert_params = [p for e in experts_of(layer) for p in e.parameters()]
+    assert expert_params and all(is_moe_param(p) for p in expert_params)
+    assert not any(is_moe_param(p) for p in layer.router.parameters())
+    assert isinstance(experts_of(layer)[0], ExpertFFN)

@@ -1,0 +1,123 @@
+"""A mini study through the real stack: local Ray, Ray Train TorchTrainer, DeepSpeed engines, MLflow on SQLite."""
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from workflows.cli import main
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "name": "mini",
+    "seeds": [0],
+    "routers": [{"name": "topk", "k": 2, "balancing": {"switch_lbl": 0.01, "z_loss": 0.001}}, {"name": "hash"}],
+    "models": [{"name": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 32}],
+    "datasets": [{"name": "builtin:domains", "vocab_size": 300, "max_chars_per_domain": 40000}],
+    "training": {"steps": 6, "micro_batch_size": 4, "grad_accum_steps": 2, "seq_len": 16, "warmup_steps": 2,
+                 "log_interval": 2, "eval_interval": 3, "eval_batches": 2, "checkpoint_interval": 3},
+    "resources": {"workers_per_cell": 1, "cpus_per_worker": 1, "max_concurrent_cells": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory, ray_session):
+    root = tmp_path_factory.mktemp("e2e")
+    study = root / "mini.yaml"
+    study.write_text(yaml.safe_dump(TINY))
+    workdir = root / "work"
+    code = main(["run", str(study), "--workdir", str(workdir)])
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    return code, study, workdir, client
+
+
+def cell_runs(client):
+    exp = client.get_experiment_by_name("mini")
+    return exp, client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'")
+
+
+def test_every_cell_finished_with_provenance_and_metrics(mini):
+    code, _, workdir, client = mini
+    assert code == 0
+    exp, runs = cell_runs(client)
+    parents = client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'study'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(runs) == 2
+    for run in runs:
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        assert run.info.status == "FINISHED"
+        assert tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert tags["router"] in {"topk(k=2)", "hash"} and tags["seed"] == "0"
+        assert tags["git_commit"] and len(tags["dataset_fingerprint"]) == 16
+        assert tags["version.deepspeed"] == "0.19.8" and tags["version.ray"] == "2.60.0"
+        assert params["training.steps"] == "6" and params["model.num_experts"] == "4"
+        assert metrics["eval/moe/experts_per_token"] == pytest.approx(2.0 if tags["router"] == "topk(k=2)" else 1.0)
+        fractions = [metrics[f"eval/moe/block0/expert{e}_fraction"] for e in range(4)]
+        assert sum(fractions) == pytest.approx(1.0)
+        assert metrics["eval/perplexity"] == pytest.approx(__import__("math").exp(metrics["eval/loss"]), rel=1e-5)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert steps == [2, 3, 4, 6]  # log_interval 2 plus the eval steps, each once
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "routing")}
+        assert artifacts == {"routing/expert_usage.png", "routing/expert_usage.csv"}
+        heatmap = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="routing/expert_usage.png",
+                                                           tracking_uri=client._tracking_client.tracking_uri))
+        assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        config = json.loads(Path(mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path="config/resolved_config.json",
+            tracking_uri=client._tracking_client.tracking_uri)).read_text())
+        assert config["seed"] == 0 and config["router"]["label"] == tags["router"]
+    # Artifacts live under the workdir, not the test process's cwd.
+    assert (workdir / "mlartifacts").is_dir()
+
+
+def test_table_on_disk_has_one_row_per_cell(mini):
+    _, _, workdir, _ = mini
+    table = (workdir / "mini_table.md").read_text().splitlines()
+    assert len(table) == 2 + 2
+    assert any("| topk(k=2) |" in row and "| FINISHED |" in row for row in table)
+    csv_rows = (workdir / "mini_table.csv").read_text().splitlines()
+    assert len(csv_rows) == 3 and csv_rows[0].startswith("cell,router,model")
+
+
+def test_rerun_skips_finished_cells_without_new_runs(mini, capsys):
+    _, study, workdir, client = mini
+    _, before = cell_runs(client)
+    assert main(["run", str(study), "--workdir", str(workdir)]) == 0
+    assert "2 already finished, 0 to run" in capsys.readouterr().out
+    _, after = cell_runs(client)
+    assert {r.info.run_id: r.info.end_time for r in after} == {r.info.run_id: r.info.end_time for r in before}
+
+
+def test_status_and_aggregate_read_back_from_mlflow(mini, capsys):
+    _, study, workdir, _ = mini
+    assert main(["status", str(study), "--workdir", str(workdir)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("FINISHED  step 6/6" in line for line in lines)
+    out = workdir / "agg.csv"
+    assert main(["aggregate", str(study), "--workdir", str(workdir), "--format", "csv", "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 3
+
+
+def test_nan_loss_fails_that_cell_with_reason_and_the_study_goes_on(tmp_path, ray_session, capsys):
+    study = dict(TINY, name="poisoned", fault_injection={"nan_at_step": 4, "routers": ["hash"]})
+    path = tmp_path / "poisoned.yaml"
+    path.write_text(yaml.safe_dump(study))
+    assert main(["run", str(path), "--workdir", str(tmp_path / "work")]) == 1
+    assert "1 cell(s) failed" in capsys.readouterr().err
+    client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("poisoned")
+    runs = {r.data.tags["router"]: r for r in client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'")}
+    assert runs["topk(k=2)"].info.status == "FINISHED"
+    assert runs["hash"].info.status == "FAILED"
+    assert "non-finite loss at step 4" in runs["hash"].data.tags["moelab.failure_reason"]
