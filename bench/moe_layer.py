@@ -1,0 +1,111 @@
+"""One MoE FFN layer forward+backward vs a dense FFN of the same active FLOPs (hidden k*F), measured side by side.
+
+Prints JSON (and writes it with --out): per shape and dispatch backend, median times and the ratio MoE/dense.
+Never asserted in tests; targets live in the issues.
+
+  python bench/moe_layer.py                       # CPU shapes
+  python bench/moe_layer.py --device cuda --dtype bf16 --out bench/results/moe_layer_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec  # noqa: E402
+from moe_models.experts import ExpertFFN  # noqa: E402
+from moe_models.moe_ffn import MoEFeedForward  # noqa: E402
+from moe_models.routers import ROUTERS, RouterContext  # noqa: E402
+
+CPU_SHAPES = [(4096, 256, 1024, 8, 2), (4096, 96, 384, 4, 2)]  # (T, d, f, E, k)
+GPU_SHAPES = [(16384, 1024, 4096, 8, 2), (16384, 1024, 1024, 32, 4), (16384, 768, 3072, 4, 2), (8192, 96, 384, 4, 2)]
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def median_ms(fn, device: str, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(times)
+
+
+def fwd_bwd(module, x, ids=None):
+    def step():
+        out = module(x, ids) if ids is not None else module(x)
+        y = out[0] if isinstance(out, tuple) else out
+        y.float().sum().backward()
+    return step
+
+
+def bench_shape(shape, backend: str, router: str, device: str, dtype, warmup: int, repeats: int) -> dict:
+    T, d, f, E, k = shape
+    torch.manual_seed(0)
+    x = torch.randn(1, T, d, device=device, dtype=dtype, requires_grad=True)
+    ids = torch.randint(32000, (1, T), device=device)
+    dense = ExpertFFN(d, k * f).to(device, dtype)
+    opts = ROUTERS.get(router).Options(**({"k": k} if router == "topk" else {}))
+    r = ROUTERS.get(router)(RouterContext(d, E, 32000, 0, 0), opts)
+    moe = MoEFeedForward(r, DISPATCH_BACKENDS.get(backend)(DispatchSpec(d, f, E, 1, None, "position")), {})
+    moe = moe.to(device, dtype)
+    dense_ms = median_ms(fwd_bwd(dense, x), device, warmup, repeats)
+    moe_ms = median_ms(fwd_bwd(moe, x, ids), device, warmup, repeats)
+    active_flops = 3 * (2 * 2 * T * d * k * f)  # two matmuls of 2*T*d*kF flops forward, backward twice that
+    return {"T": T, "d": d, "f": f, "E": E, "k": k, "backend": backend, "router": router,
+            "dense_ms": round(dense_ms, 3), "moe_ms": round(moe_ms, 3), "ratio_vs_dense": round(moe_ms / dense_ms, 3),
+            "dense_tflops": round(active_flops / dense_ms / 1e9, 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None)
+    p.add_argument("--backends", nargs="+", default=DISPATCH_BACKENDS.names())
+    p.add_argument("--router", default="topk")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--shapes", default=None, help="semicolon-separated T,d,f,E,k tuples")
+    p.add_argument("--out")
+    args = p.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes
+              else GPU_SHAPES if args.device == "cuda" else CPU_SHAPES)
+    if args.device == "cpu":
+        torch.set_num_threads(torch.get_num_threads())
+    results = [bench_shape(s, b, args.router, args.device, dtype, args.warmup, args.repeats)
+               for s in shapes for b in args.backends]
+    report = {"benchmark": "moe_layer_fwd_bwd", "device": device_name(args.device), "dtype": str(dtype),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
