@@ -102,21 +102,37 @@ def layer_metrics(prefix: str, moe: dict[int, dict[str, torch.Tensor]]) -> tuple
     return metrics, fractions
 
 
+def aux_loss_metrics(prefix: str, unscaled: dict[int, dict[str, float]], coefficients: dict[str, float]) -> dict:
+    """Each balancing loss per MoE block, unscaled and scaled by its study-file coefficient."""
+    out = {}
+    for i, losses in unscaled.items():
+        for name, value in losses.items():
+            out[f"{prefix}/block{i}/{name}_unscaled"] = value
+            out[f"{prefix}/block{i}/{name}_scaled"] = coefficients[name] * value
+    return out
+
+
 @torch.no_grad()
-def evaluate(engine, data: PreparedData, t: TrainingConfig, w: Worker) -> tuple[dict[str, float], dict]:
+def evaluate(engine, data: PreparedData, cell: Cell, w: Worker) -> tuple[dict[str, float], dict]:
+    t = cell.training
     engine.eval()
     gen = torch.Generator().manual_seed(EVAL_SEED + w.rank)
     loss_sum, sums = torch.zeros(2), {}
+    unscaled: dict[int, dict[str, float]] = {}
     for _ in range(t.eval_batches):
         x, y, _ = sample_batch(data, "validation", t.micro_batch_size, t.seq_len, gen)
         out: LMOutput = engine(x, y)
         loss_sum += torch.tensor([out.lm_loss.item() * y.numel(), y.numel()])
         for i, aux in out.moe.items():
             sums[i] = add_sums(sums.get(i), aux.sums)
+            for name, value in aux.unscaled.items():  # rank 0's mean over batches; the load metrics are global
+                layer = unscaled.setdefault(i, {})
+                layer[name] = layer.get(name, 0.0) + value.item() / t.eval_batches
     engine.train()
     total = all_reduce_sum(loss_sum)
     loss = float(total[0] / total[1])
     metrics, fractions = layer_metrics("eval/moe", sums)
+    metrics.update(aux_loss_metrics("eval/moe", unscaled, cell.router.balancing))
     metrics.update({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))})
     return metrics, fractions
 
@@ -124,7 +140,7 @@ def evaluate(engine, data: PreparedData, t: TrainingConfig, w: Worker) -> tuple[
 def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> tuple[dict[str, float], dict]:
     t = cell.training
     lm, aux, sums = 0.0, 0.0, {}
-    unscaled: dict[str, float] = {}
+    unscaled: dict[int, dict[str, float]] = {}
     for micro in range(t.grad_accum_steps):
         x, y, _ = sample_batch(data, "train", t.micro_batch_size, t.seq_len, batch_generator(cell.seed, step, micro, w.rank))
         out: LMOutput = engine(x, y)
@@ -142,10 +158,10 @@ def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> 
         for i, layer in out.moe.items():
             sums[i] = add_sums(sums.get(i), layer.sums)
             for name, value in layer.unscaled.items():
-                key = f"train/moe/block{i}/{name}_unscaled"
-                unscaled[key] = unscaled.get(key, 0.0) + value.item() / t.grad_accum_steps
-    metrics = {"train/loss": lm + aux, "train/lm_loss": lm, "train/aux_loss": aux,
-               "train/lr": engine.get_lr()[0], **unscaled}
+                losses = unscaled.setdefault(i, {})
+                losses[name] = losses.get(name, 0.0) + value.item() / t.grad_accum_steps
+    metrics = {"train/loss": lm + aux, "train/lm_loss": lm, "train/aux_loss": aux, "train/lr": engine.get_lr()[0],
+               **aux_loss_metrics("train/moe", unscaled, cell.router.balancing)}
     return metrics, sums
 
 
@@ -210,7 +226,7 @@ def train_cell(config: dict[str, Any]) -> None:
         metrics["train/tokens_per_s"] = tokens_per_step / elapsed
         last = step == t.steps
         if step % t.eval_interval == 0 or last:
-            eval_metrics, fractions = evaluate(engine, data, t, w)
+            eval_metrics, fractions = evaluate(engine, data, cell, w)
             metrics.update(eval_metrics)
         if last:  # throughput over the whole (resumed part of the) run, not one noisy step
             metrics["summary/tokens_per_s"] = tokens_per_step * (step - start) / train_seconds

@@ -63,6 +63,11 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
         assert tags["version.deepspeed"] == "0.19.8" and tags["version.ray"] == "2.60.0"
         assert params["training.steps"] == "6" and params["model.num_experts"] == "4"
         assert metrics["eval/moe/experts_per_token"] == pytest.approx(2.0 if tags["router"] == "topk(k=2)" else 1.0)
+        if tags["router"] == "topk(k=2)":  # scaled = coefficient x unscaled, per block, train and eval
+            for split in ("train", "eval"):
+                assert metrics[f"{split}/moe/block1/switch_lbl_scaled"] == pytest.approx(
+                    0.01 * metrics[f"{split}/moe/block1/switch_lbl_unscaled"])
+            assert 0 < metrics["eval/moe/block0/switch_lbl_unscaled"] <= 4  # E * sum f_i P_i lies in (0, E]
         fractions = [metrics[f"eval/moe/block0/expert{e}_fraction"] for e in range(4)]
         assert sum(fractions) == pytest.approx(1.0)
         assert metrics["eval/perplexity"] == pytest.approx(__import__("math").exp(metrics["eval/loss"]), rel=1e-5)
