@@ -51,6 +51,26 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from tuning.runner import tune_study
+    from workflows.runner import Workspace
+
+    study = _study(args.study)
+    if study.sweep is None:
+        print(f"{args.study}: invalid study\n  sweep: missing; `moelab tune` needs a sweep section", file=sys.stderr)
+        return 2
+    ws = Workspace.resolve(args.workdir, args.tracking_uri)
+    outcome = tune_study(study, ws, args.address, verbose=args.verbose)
+    print(f"\n{outcome.trials} trials in {outcome.seconds:.1f}s; MLflow: mlflow ui --backend-store-uri "
+          f"{ws.tracking_uri}\n\n{outcome.best_table}")
+    if outcome.failed:
+        print(f"{len(outcome.failed)} trial(s) failed:", file=sys.stderr)
+        for trial, reason in outcome.failed.items():
+            print(f"  {trial}: {reason[:300]}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _runs(study, args):
     from workflows.runner import Workspace
     from workflows.tracking import Tracker
@@ -66,7 +86,7 @@ def cmd_status(args) -> int:
     from workflows.tracking import REASON
 
     study = _study(args.study)
-    tracker, runs, _ = _runs(study, args)
+    tracker, runs, ws = _runs(study, args)
     for cell in expand(study):
         run = runs.get(cell.id)
         if run is None:
@@ -75,8 +95,30 @@ def cmd_status(args) -> int:
         history = tracker.metric_history(run.info.run_id, "train/loss")
         step, loss = (history[-1].step, f"{history[-1].value:.4f}") if history else (0, "—")
         reason = f"  reason: {run.data.tags[REASON]}" if REASON in run.data.tags else ""
-        print(f"{cell.id}  {cell.title}  {run.info.status}  step {step}/{study.training.steps}  loss {loss}{reason}")
+        checkpoint = "checkpoint" if list((ws.root / "ray_results" / cell.id).glob("checkpoint_*")) else "no checkpoint"
+        print(f"{cell.id}  {cell.title}  {run.info.status}  step {step}/{study.training.steps}  loss {loss}  "
+              f"{checkpoint}{reason}")
+    if study.sweep:
+        _sweep_status(study, tracker, ws)
     return 0
+
+
+def _sweep_status(study, tracker, ws) -> None:
+    from tuning.report import trial_rows
+    from workflows.tracking import ROLE, SWEEP
+
+    found = tracker.client.get_experiment_by_name(study.name)
+    runs = [r for r in tracker.runs_with_tag(found.experiment_id, SWEEP, study.sweep.name)
+            if r.data.tags.get(ROLE) == "trial"] if found else []
+    print(f"sweep {study.sweep.name}: {len(runs)} trial(s)")
+    for row in trial_rows(runs, study.sweep):
+        params = " ".join(f"{k}={row[k]}" for k in study.sweep.space)
+        metric = row[study.sweep.metric]
+        checkpoint = list((ws.root / "ray_results").glob(f"train-trial_id={row['trial']}/checkpoint_*"))
+        print(f"  trial {row['trial']}  {row['router']}  {params}  {row['status']}  step {row['steps']}  "
+              f"{study.sweep.metric} {metric if metric is None else f'{metric:.4f}'}  "
+              f"{'checkpoint' if checkpoint else 'no checkpoint'}"
+              + (f"  reason: {row['reason']}" if row["reason"] else ""))
 
 
 def cmd_aggregate(args) -> int:
@@ -87,11 +129,24 @@ def cmd_aggregate(args) -> int:
     _, runs, _ = _runs(study, args)
     rows = table_rows(expand(study), runs)
     text = to_markdown(rows) if args.format == "md" else to_csv(rows)
+    if study.sweep and args.format == "md":
+        text += "\n" + _sweep_best(study, args)
     if args.out:
         Path(args.out).write_text(text)
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _sweep_best(study, args) -> str:
+    from tuning.report import best_table, trial_rows
+    from workflows.tracking import ROLE, SWEEP
+
+    tracker, _, _ = _runs(study, args)
+    found = tracker.client.get_experiment_by_name(study.name)
+    runs = [r for r in tracker.runs_with_tag(found.experiment_id, SWEEP, study.sweep.name)
+            if r.data.tags.get(ROLE) == "trial"] if found else []
+    return best_table(trial_rows(runs, study.sweep), study.sweep)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -110,6 +165,9 @@ def parser() -> argparse.ArgumentParser:
     run = command("run", cmd_run, "run (or resume) a study")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument("--verbose", action="store_true", help="stream Ray worker logs to the terminal")
+    tune_cmd = command("tune", cmd_tune, "run (or resume) the study's sweep with Ray Tune")
+    tune_cmd.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    tune_cmd.add_argument("--verbose", action="store_true", help="stream Ray worker logs to the terminal")
     command("validate", cmd_validate, "validate a study file only", workdir=False)
     command("status", cmd_status, "one line per cell: state, step, loss")
     agg = command("aggregate", cmd_aggregate, "print or write the comparison table")

@@ -19,7 +19,8 @@ class CellResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def make_trainer(cell_id: str, payload: dict[str, Any], resources: ResourcesConfig, storage_path: str) -> TorchTrainer:
+def make_trainer(name: str, payload: dict[str, Any], resources: ResourcesConfig, storage_path: str,
+                 callbacks: list | None = None) -> TorchTrainer:
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
@@ -28,10 +29,11 @@ def make_trainer(cell_id: str, payload: dict[str, Any], resources: ResourcesConf
         scaling_config=ScalingConfig(num_workers=resources.workers_per_cell, use_gpu=use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(
-            name=cell_id,  # deterministic: the same cell finds its checkpoints again
+            name=name,  # deterministic (cell id / trial id): a re-run finds its checkpoints again
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
 

@@ -93,8 +93,9 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
         return
     # Worker logs stay in Ray's session logs unless asked for: a failed cell's error reaches the driver anyway.
     # Workers must import moelab's packages; a cluster gets them through `ray job submit --working-dir`.
+    # The dashboard stays on: Ray Train's PlacementGroupCleaner needs the State API to free the workers of a
+    # trial that Tune stopped early (without it, ASHA-stopped trials leak their CPUs).
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose,
-             include_dashboard=False if address is None else None,
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
 
 

@@ -14,6 +14,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
                       ValidationError, field_validator, model_validator)
 
 from moe_data.sources import parse_name
+from tuning.sweep_config import SweepConfig
 from moe_models.balancing import BALANCING_LOSSES
 from moe_models.models import MODELS
 from moe_models.routers import ROUTERS
@@ -79,6 +80,21 @@ class RouterEntry(_Strict):
         options = None if self.name == DENSE else ROUTERS.get(self.name).Options(**self.options)
         return RoutingSpec(self.name, options, dict(self.balancing), self.capacity_factor, self.drop_policy,
                            self.active_experts)
+
+    def flat(self) -> dict[str, Any]:
+        """The entry as written in a study file (options inline)."""
+        return {**self.model_dump(exclude={"options"}), **self.options}
+
+    def with_overrides(self, params: dict[str, Any]) -> "RouterEntry":
+        """A copy with sweep values set by path (`k`, `capacity_factor`, `balancing.switch_lbl`), re-validated."""
+        flat = self.flat()
+        for path, value in params.items():
+            head, _, leaf = path.partition(".")
+            if leaf:
+                flat[head] = {**(flat.get(head) or {}), leaf: value}
+            else:
+                flat[head] = value
+        return RouterEntry.model_validate(flat)
 
     def max_experts_per_token(self) -> int:
         return self.active_experts if self.name == DENSE else self.routing_spec().options.max_experts_per_token()
@@ -178,6 +194,7 @@ class Study(_Strict):
     training: TrainingConfig = TrainingConfig()
     resources: ResourcesConfig = ResourcesConfig()
     fault_injection: FaultInjection | None = None
+    sweep: SweepConfig | None = None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Study":
@@ -195,6 +212,8 @@ class Study(_Strict):
                 if router.name != DENSE and router.max_experts_per_token() > experts:
                     problems.append(f"routers[{i}]: routes up to {router.max_experts_per_token()} experts per token; "
                                     f"allowed: at most models[{j}].num_experts={experts}")
+        if self.sweep:
+            problems.extend(self._sweep_problems(labels))
         for j, model in enumerate(self.models):
             ep = model.resolved_options().ep_size
             if self.resources.workers_per_cell % ep:
@@ -203,6 +222,38 @@ class Study(_Strict):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+
+    def _sweep_problems(self, labels: list[str]) -> list[str]:
+        sweep, problems = self.sweep, []
+        for field, chosen, valid in (("routers", sweep.routers, labels),
+                                     ("models", sweep.models, [m.display() for m in self.models]),
+                                     ("datasets", sweep.datasets, [d.name for d in self.datasets])):
+            for name in chosen:
+                if name not in valid:
+                    problems.append(f"sweep.{field}: {name!r} is not in the study; valid: {', '.join(valid)}")
+        min_experts = min(m.resolved_options().num_experts for m in self.models)
+        for router in self.sweep_routers():
+            for path, dim in sweep.space.items():
+                for value in dim.probe_values():
+                    try:
+                        swept = router.with_overrides({path: value})
+                    except ValidationError as err:
+                        msg = "; ".join(p.split(": ", 1)[-1] for p in _problems(err))
+                        problems.append(f"sweep.space.{path}: value {value!r} is invalid for router "
+                                        f"{router.display()!r}: {msg}")
+                        continue
+                    if swept.max_experts_per_token() > min_experts:
+                        problems.append(f"sweep.space.{path}: value {value!r} routes up to "
+                                        f"{swept.max_experts_per_token()} experts per token; allowed: at most "
+                                        f"num_experts={min_experts}")
+        return problems
+
+    def sweep_routers(self) -> list[RouterEntry]:
+        if not self.sweep:
+            return []
+        chosen = self.sweep.routers or [r.display() for r in self.routers if r.name != DENSE]
+        return [r for r in self.routers if r.display() in chosen]
 
 
 def _loc(loc: tuple) -> str:

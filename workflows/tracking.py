@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 ROLE, STUDY, CELL, REASON = "moelab.role", "moelab.study", "moelab.cell_id", "moelab.failure_reason"
+SWEEP, TRIAL = "moelab.sweep", "moelab.trial_id"
 PARENT = "mlflow.parentRunId"
 _BATCH = 900  # log_batch accepts at most 1000 metrics per call
 
@@ -76,12 +77,28 @@ class Tracker:
     def child_runs(self, experiment_id: str, parent_run_id: str) -> list[Run]:
         return self._search(experiment_id, f"tags.`{PARENT}` = '{parent_run_id}'")
 
+    def runs_with_tag(self, experiment_id: str, key: str, value: str) -> list[Run]:
+        return self._search(experiment_id, f"tags.`{key}` = '{value}'")
+
     def create_cell_run(self, experiment_id: str, parent_run_id: str, cell_id: str, run_name: str,
                         tags: dict[str, str], params: dict[str, Any]) -> str:
-        run = _retry(self.client.create_run, experiment_id, run_name=run_name,
-                     tags={ROLE: "cell", CELL: cell_id, PARENT: parent_run_id, **tags})
+        return self.create_child_run(experiment_id, parent_run_id, run_name, {ROLE: "cell", CELL: cell_id, **tags},
+                                     params)
+
+    def create_child_run(self, experiment_id: str, parent_run_id: str, run_name: str, tags: dict[str, str],
+                         params: dict[str, Any]) -> str:
+        run = _retry(self.client.create_run, experiment_id, run_name=run_name, tags={PARENT: parent_run_id, **tags})
         self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def sweep_run(self, experiment_id: str, study_run_id: str, sweep_name: str, tags: dict[str, str]) -> str:
+        """The parent run of a sweep, a child of the study's run; reopened when the sweep resumes."""
+        runs = self._search(experiment_id, f"tags.`{ROLE}` = 'sweep' and tags.`{SWEEP}` = '{sweep_name}'")
+        if runs:
+            self.reopen(runs[0].info.run_id)
+            return runs[0].info.run_id
+        return self.create_child_run(experiment_id, study_run_id, f"sweep-{sweep_name}",
+                                     {ROLE: "sweep", SWEEP: sweep_name, **tags}, {})
 
     def reopen(self, run_id: str) -> None:
         if self.failure_reason(run_id):  # a re-run clears the verdict of the last attempt

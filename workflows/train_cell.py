@@ -165,11 +165,22 @@ def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> 
     return metrics, sums
 
 
-def save_and_report(engine, step: int, metrics: dict[str, float]) -> None:
-    """Every rank saves its DeepSpeed shards (experts live on their EP rank); Ray merges the rank directories."""
+def report_metrics(metrics: dict[str, float], step: int) -> dict[str, float]:
+    """What Ray Train (and Tune, through TuneReportCallback) sees: summary metrics, '/' -> '_' because Tune reads
+    '/' as nesting. Per-block metrics stay in MLflow only."""
+    out = {k.replace("/", "_"): v for k, v in metrics.items() if "/block" not in k}
+    return {**out, "step": step}
+
+
+def save_and_report(engine, step: int, metrics: dict[str, float], checkpoint: bool) -> None:
+    """All ranks report (Ray Train requires it). At checkpoints every rank saves its DeepSpeed shards (experts live
+    on their EP rank) and Ray merges the rank directories into one checkpoint."""
+    if not checkpoint:
+        ray.train.report(report_metrics(metrics, step))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=f"step{step}", client_state={"step": step})
-        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        ray.train.report(report_metrics(metrics, step), checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def resume_step(engine) -> int:
@@ -210,6 +221,7 @@ def train_cell(config: dict[str, Any]) -> None:
         w.tracker.set_tags(w.run_id, {"moelab.resumed_from_step": str(start)} if start else {})
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * world
     fractions: dict = {}
+    latest_eval: dict[str, float] = {}
     train_seconds = 0.0
     for step in range(start + 1, t.steps + 1):
         began = time.perf_counter()
@@ -224,17 +236,19 @@ def train_cell(config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - began
         train_seconds += elapsed
         metrics["train/tokens_per_s"] = tokens_per_step / elapsed
+        metrics["train/step"] = step
         last = step == t.steps
-        if step % t.eval_interval == 0 or last:
-            eval_metrics, fractions = evaluate(engine, data, cell, w)
-            metrics.update(eval_metrics)
+        evaluating, checkpointing = step % t.eval_interval == 0 or last, step % t.checkpoint_interval == 0 or last
+        if evaluating:
+            latest_eval, fractions = evaluate(engine, data, cell, w)
+            metrics.update(latest_eval)
         if last:  # throughput over the whole (resumed part of the) run, not one noisy step
             metrics["summary/tokens_per_s"] = tokens_per_step * (step - start) / train_seconds
             metrics["summary/train_seconds"] = train_seconds
             metrics["summary/setup_seconds"] = setup_seconds
         if w.tracker and (step % t.log_interval == 0 or step % t.eval_interval == 0 or last):
             w.tracker.log_metrics(w.run_id, metrics, step)
-        if step % t.checkpoint_interval == 0 or last:
-            if last and w.tracker:
-                log_final_artifacts(w, cell, fractions)
-            save_and_report(engine, step, {k: v for k, v in metrics.items() if not k.startswith("eval/moe/block")})
+        if last and w.tracker:
+            log_final_artifacts(w, cell, fractions)
+        if evaluating or checkpointing:  # every report carries the latest eval, for Tune's schedulers
+            save_and_report(engine, step, {**latest_eval, **metrics}, checkpointing)

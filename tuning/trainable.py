@@ -1,0 +1,61 @@
+"""One Tune trial = one Ray Train run of the same per-worker function the grid cells use (workflows.train_cell).
+
+With Ray 2.60's Train V2 a trial is a function trainable that launches a TorchTrainer named after the trial id and
+forwards its reports to Tune through TuneReportCallback. The trial's MLflow run is found again by its trial-id tag,
+so a restored sweep reopens runs instead of duplicating them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from workflows.cells import Cell
+from workflows.launch import make_trainer
+from workflows.study import ResourcesConfig
+from workflows.tracking import ROLE, SWEEP, TRIAL, Tracker, flatten
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """Constants of a sweep, passed with tune.with_parameters (kept out of the searched space)."""
+
+    sweep_name: str
+    base_cells: tuple[dict[str, Any], ...]  # resolved configs of the cells being swept
+    data_paths: tuple[str, ...]
+    tags: tuple[dict[str, str], ...]  # per base cell: router/model/dataset/seed/provenance tags
+    tracking_uri: str
+    experiment_id: str
+    sweep_run_id: str
+    storage_path: str
+    resources: ResourcesConfig
+
+
+def trial_cell(ctx: SweepContext, config: dict[str, Any]) -> Cell:
+    base = Cell.from_resolved(ctx.base_cells[config["base"]])
+    router = base.router.with_overrides({**config["params"], "label": base.router.display()})
+    return replace(base, router=router)
+
+
+def trial_run_id(tracker: Tracker, ctx: SweepContext, trial_id: str, cell: Cell, config: dict[str, Any]) -> str:
+    found = tracker.runs_with_tag(ctx.experiment_id, TRIAL, trial_id)
+    if found:
+        tracker.reopen(found[0].info.run_id)
+        return found[0].info.run_id
+    tags = {**ctx.tags[config["base"]], ROLE: "trial", SWEEP: ctx.sweep_name, TRIAL: trial_id}
+    params = {**flatten(cell.resolved()), **{f"sweep.{k}": v for k, v in config["params"].items()}}
+    return tracker.create_child_run(ctx.experiment_id, ctx.sweep_run_id, f"{cell.router.display()}-{trial_id}",
+                                    tags, params)
+
+
+def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
+    trial_id = ray.tune.get_context().get_trial_id()
+    cell = trial_cell(ctx, config)
+    tracker = Tracker(ctx.tracking_uri)
+    payload = {"cell": cell.resolved(), "data_path": ctx.data_paths[config["base"]],
+               "tracking_uri": ctx.tracking_uri, "run_id": trial_run_id(tracker, ctx, trial_id, cell, config)}
+    trainer = make_trainer(f"train-trial_id={trial_id}", payload, ctx.resources, ctx.storage_path,
+                           callbacks=[TuneReportCallback()])
+    trainer.fit()
