@@ -135,7 +135,16 @@ def run_study(study: Study, ws: Workspace, address: str | None = None,
         init_ray(address, verbose)
     outcome.timings["ray_init_s"] = time.perf_counter() - t_ray
     t_cells = time.perf_counter()
-    _run_cells(todo, study, ws, prepared, tracker, outcome, echo)
+    try:
+        _run_cells(todo, study, ws, prepared, tracker, outcome, echo)
+    except KeyboardInterrupt:
+        # Unfinished cells keep their checkpoints and MLflow runs; the same command resumes them.
+        for cell, run_id in todo:
+            if cell.id not in outcome.finished and cell.id not in outcome.failed:
+                tracker.finish(run_id, "KILLED", "interrupted; run the same command again to resume")
+        tracker.finish(parent, "KILLED")
+        echo("interrupted: unfinished cells were marked KILLED; run the same command again to resume")
+        raise
     outcome.timings["cells_s"] = time.perf_counter() - t_cells
 
     rows = table_rows(cells, tracker.cell_runs(experiment_id))

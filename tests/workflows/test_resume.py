@@ -1,0 +1,64 @@
+"""Kill the driver (SIGKILL, whole process group: local Ray dies with it) after a checkpoint; the same command resumes."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from workflows.cells import expand
+from workflows.study import parse_study
+
+pytestmark = pytest.mark.slow
+
+STUDY = {
+    "name": "resume",
+    "routers": [{"name": "hash"}, {"name": "topk", "k": 2, "balancing": {"switch_lbl": 0.01}}],
+    "models": [{"name": "gpt", "d_model": 128, "n_layers": 4, "n_heads": 4, "num_experts": 4, "expert_hidden": 256}],
+    "datasets": [{"name": "builtin:domains", "vocab_size": 300, "max_chars_per_domain": 40000}],
+    "training": {"steps": 100, "micro_batch_size": 16, "seq_len": 128, "warmup_steps": 2, "log_interval": 10,
+                 "eval_interval": 50, "eval_batches": 2, "checkpoint_interval": 20},
+    "resources": {"workers_per_cell": 1, "cpus_per_worker": 1, "max_concurrent_cells": 1},
+}
+
+
+def moelab_run(study: Path, workdir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "workflows.cli", "run", str(study), "--workdir", str(workdir)],
+                            cwd=Path(__file__).resolve().parents[2], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_sigkill_then_rerun_resumes_without_retraining_or_duplicates(tmp_path):
+    path, workdir = tmp_path / "resume.yaml", tmp_path / "work"
+    path.write_text(yaml.safe_dump(STUDY))
+    first, second = [c.id for c in expand(parse_study(STUDY))]
+    proc = moelab_run(path, workdir)
+    deadline = time.time() + 400
+    while not list((workdir / "ray_results" / second).glob("checkpoint_*")):  # second cell's first checkpoint
+        assert proc.poll() is None and time.time() < deadline, "study ended before the kill point"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("resume")
+    before = {r.data.tags["moelab.cell_id"]: r for r in client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'")}
+    assert before[first].info.status == "FINISHED" and before[second].info.status == "RUNNING"
+
+    assert moelab_run(path, workdir).wait(timeout=600) == 0
+    after = {r.data.tags["moelab.cell_id"]: r for r in client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'")}
+    assert set(after) == {first, second} and len(client.search_runs([exp.experiment_id])) == 3  # + study run
+    assert all(r.info.status == "FINISHED" for r in after.values())
+    assert after[first].info.end_time == before[first].info.end_time  # finished cell not retrained
+    assert after[second].info.run_id == before[second].info.run_id  # reopened, not duplicated
+    resumed_from = int(after[second].data.tags["moelab.resumed_from_step"])
+    assert resumed_from >= 20 and resumed_from % 20 == 0
+    history = sorted(client.get_metric_history(after[second].info.run_id, "train/loss"), key=lambda m: m.timestamp)
+    steps = [m.step for m in history]
+    assert steps[-1] == 100
+    # The curve never restarts: after the resume, logging goes on from the checkpoint, not from step 0.
+    assert steps.count(10) == 1
+    assert all(b > a or b > resumed_from for a, b in zip(steps, steps[1:]))
