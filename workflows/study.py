@@ -96,8 +96,10 @@ class RouterEntry(_Strict):
                 flat[head] = value
         return RouterEntry.model_validate(flat)
 
-    def max_experts_per_token(self) -> int:
-        return self.active_experts if self.name == DENSE else self.routing_spec().options.max_experts_per_token()
+    def max_experts_per_token(self, num_experts: int) -> int:
+        if self.name == DENSE:
+            return self.active_experts
+        return self.routing_spec().options.max_experts_per_token(num_experts)
 
     def display(self) -> str:
         if self.label:
@@ -209,8 +211,8 @@ class Study(_Strict):
         for i, router in enumerate(self.routers):
             for j, model in enumerate(self.models):
                 experts = model.resolved_options().num_experts
-                if router.name != DENSE and router.max_experts_per_token() > experts:
-                    problems.append(f"routers[{i}]: routes up to {router.max_experts_per_token()} experts per token; "
+                if router.name != DENSE and router.max_experts_per_token(experts) > experts:
+                    problems.append(f"routers[{i}]: routes up to {router.max_experts_per_token(experts)} experts per token; "
                                     f"allowed: at most models[{j}].num_experts={experts}")
         if self.sweep:
             problems.extend(self._sweep_problems(labels))
@@ -243,9 +245,9 @@ class Study(_Strict):
                         problems.append(f"sweep.space.{path}: value {value!r} is invalid for router "
                                         f"{router.display()!r}: {msg}")
                         continue
-                    if swept.max_experts_per_token() > min_experts:
+                    if swept.max_experts_per_token(min_experts) > min_experts:
                         problems.append(f"sweep.space.{path}: value {value!r} routes up to "
-                                        f"{swept.max_experts_per_token()} experts per token; allowed: at most "
+                                        f"{swept.max_experts_per_token(min_experts)} experts per token; allowed: at most "
                                         f"num_experts={min_experts}")
         return problems
 

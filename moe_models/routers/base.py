@@ -20,8 +20,8 @@ from moe_models.routing import RoutingDecision
 class RouterOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def max_experts_per_token(self) -> int:
-        """Upper bound on experts per token; the study validator checks it against the model's expert count."""
+    def max_experts_per_token(self, num_experts: int) -> int:
+        """Upper bound on experts per token in a layer of `num_experts`; the study validator checks it fits."""
         return 1
 
 

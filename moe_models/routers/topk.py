@@ -1,4 +1,8 @@
-"""Learned linear top-k router (Shazeer et al. 2017; Switch k=1, GShard/Mixtral k=2)."""
+"""Learned top-k router (Shazeer et al. 2017; Switch k=1, GShard/Mixtral k=2) with a linear scorer.
+
+Other scorer architectures subclass it and override `expert_logits` only; selection, jitter, score function and
+renormalization stay here.
+"""
 from __future__ import annotations
 
 from typing import Literal
@@ -20,7 +24,7 @@ class TopKOptions(RouterOptions):
     renormalize: bool = False
     jitter: NonNegativeFloat = 0.0  # multiplicative input noise U(1-eps, 1+eps) at training (Switch)
 
-    def max_experts_per_token(self) -> int:
+    def max_experts_per_token(self, num_experts: int) -> int:
         return self.k
 
 
@@ -34,12 +38,16 @@ class TopKRouter(Router):
         self.proj = nn.Linear(ctx.d_model, ctx.num_experts, bias=False)
         nn.init.normal_(self.proj.weight, std=0.02)
 
+    def expert_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The one hook router architectures override (attention, MLP, hybrid, MLP-Hadamard); x is fp32 here."""
+        return F.linear(x_TD, self.proj.weight.float())
+
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
         opts = self.options
         if self.training and opts.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - opts.jitter, 1 + opts.jitter)
         # Router math in fp32: bf16 logits flip top-k choices between ranks (Megatron/OLMo-core do the same).
-        logits_TE = F.linear(x_TD.float(), self.proj.weight.float())
+        logits_TE = self.expert_logits(x_TD.float())
         if opts.score == "softmax":
             probs_TE = logits_TE.softmax(dim=-1)
             scores_TE = probs_TE

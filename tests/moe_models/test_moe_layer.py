@@ -34,14 +34,24 @@ def reference(layer, x_TD, ids_T):
     return out
 
 
-@pytest.mark.parametrize("router,options", [("topk", {"k": 1}), ("topk", {"k": 2}), ("topk", {"k": 3}), ("hash", {})])
+ROUTER_CASES = [("topk", {"k": 1}), ("topk", {"k": 2}), ("topk", {"k": 3}), ("hash", {}), ("top_p", {"p": 0.6}),
+                ("entropy_adaptive", {"max_k": 3}), ("top_any", {"init_threshold": -0.05}), ("mlp", {"k": 2}),
+                ("attention", {"k": 2}), ("hybrid", {"k": 2}), ("mlp_hadamard", {"k": 2})]
+
+
+def test_every_registered_router_is_covered():
+    assert {name for name, _ in ROUTER_CASES} == set(ROUTERS.names())
+
+
+@pytest.mark.parametrize("router,options", ROUTER_CASES, ids=[f"{n}{o}" for n, o in ROUTER_CASES])
 def test_dropless_dispatch_conserves_every_token(router, options):
-    layer = build(router, **options)
+    layer = build(router, **options).eval()  # eval: no jitter, so the reference sees the same decision
     x, ids = torch.randn(2, 24, D), torch.randint(V, (2, 24))
     y, aux = layer(x, ids)
     torch.testing.assert_close(y.reshape(-1, D), reference(layer, x.reshape(-1, D), ids.reshape(-1)),
                                rtol=1e-5, atol=1e-6)
-    assert aux.sums["kept_routes"].item() == 48 * options.get("k", 1)  # every route served
+    routes = layer.router(x.reshape(-1, D), ids.reshape(-1)).active_TK.sum().item()
+    assert aux.sums["kept_routes"].item() == routes  # every route served, variable experts per token included
 
 
 def test_single_expert_with_weight_one_is_the_dense_ffn():

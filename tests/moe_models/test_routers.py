@@ -30,7 +30,7 @@ def test_decision_contract(name):
     assert (decision.weights_TK[~decision.active_TK] == 0).all()
     torch.testing.assert_close(decision.probs_TE.sum(-1), torch.ones(T))
     per_token = decision.experts_per_token_T
-    assert (per_token >= 1).all() and (per_token <= router.options.max_experts_per_token()).all()
+    assert (per_token >= 1).all() and (per_token <= router.options.max_experts_per_token(E)).all()
     # No expert twice for one token: the mask counts each selected expert once.
     assert torch.equal(decision.expert_mask_TE().sum(-1), per_token.float())
 
@@ -74,3 +74,62 @@ def test_hash_is_a_fixed_function_of_token_id():
 
 def test_hash_table_is_saved_in_state_dict():
     assert "table_V" in make("hash").state_dict()
+
+
+@pytest.mark.parametrize("p", [0.1, 0.4, 0.75, 1.0])
+def test_top_p_selects_the_minimal_prefix_reaching_p(p):
+    decision = make("top_p", p=p)(*inputs())
+    probs = decision.probs_TE
+    for t in range(T):
+        chosen = decision.expert_ids_TK[t][decision.active_TK[t]]
+        mass = probs[t, chosen].sum()
+        assert mass >= p - 1e-6  # reaches p ...
+        assert mass - probs[t, chosen].min() < p  # ... and dropping its least probable expert would not
+        others = torch.ones(E, dtype=torch.bool)
+        others[chosen] = False
+        if others.any():  # the chosen experts are the most probable ones
+            assert probs[t, chosen].min() >= probs[t, others].max()
+    torch.testing.assert_close(decision.weights_TK, probs.gather(1, decision.expert_ids_TK) * decision.active_TK)
+
+
+def test_top_p_cap_and_entropy_loss():
+    decision = make("top_p", p=1.0, max_k=2, entropy_loss=0.5)(*inputs())
+    assert decision.experts_per_token_T.eq(2).all()
+    entropy = -(decision.probs_TE * decision.probs_TE.log()).sum(-1).mean()
+    assert decision.router_losses["top_p_entropy"].item() == pytest.approx(0.5 * entropy.item(), rel=1e-5)
+
+
+def test_entropy_adaptive_k_follows_the_router_perplexity():
+    from moe_models.routers.entropy_adaptive import adaptive_k
+
+    probs = torch.tensor([[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.25] * 4, [0.6, 0.3, 0.1, 0.0]])
+    assert adaptive_k(probs, 1, 4).tolist() == [1, 2, 4, 3]  # exp(H): 1, 2, 4, 2.45 -> ceil
+    assert adaptive_k(probs, 2, 3).tolist() == [2, 2, 3, 3]
+    decision = make("entropy_adaptive", min_k=1, max_k=3)(*inputs())
+    assert torch.equal(decision.experts_per_token_T, adaptive_k(decision.probs_TE, 1, 3))
+    torch.testing.assert_close(decision.weights_TK.sum(-1), torch.ones(T))
+
+
+def test_top_any_never_leaves_a_token_without_an_expert_and_trains_thresholds():
+    router = make("top_any", init_threshold=5.0)  # threshold sigmoid(50) ~ 1: no expert passes
+    router.eval()
+    decision = router(*inputs())
+    assert decision.experts_per_token_T.eq(1).all()  # argmax fallback
+    assert torch.equal(decision.expert_ids_TK[decision.active_TK], decision.probs_TE.argmax(-1))
+    router.train()
+    open_router = make("top_any", init_threshold=-5.0)  # every expert passes
+    d = open_router(*inputs())
+    assert d.experts_per_token_T.eq(E).all()
+    torch.testing.assert_close(d.weights_TK.sum(-1), torch.ones(T))
+    d.weights_TK.pow(2).sum().backward()  # straight-through: gradients reach embeddings and thresholds
+    assert open_router.threshold_E.grad.abs().sum() > 0 and open_router.expert_emb_ED.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["mlp", "attention", "hybrid", "mlp_hadamard"])
+def test_architecture_routers_are_trainable_top_k(name):
+    router = make(name, k=2)
+    x, ids = inputs()
+    decision = router(x, ids)
+    assert decision.experts_per_token_T.eq(2).all()
+    decision.weights_TK.sum().backward()
+    assert all(p.grad is not None for p in router.parameters() if p.requires_grad)

@@ -1,0 +1,33 @@
+"""Hybrid router (router-architectures report, III-B5): lambda * linear logits + (1 - lambda) * attention logits,
+with lambda = sigmoid(a) learned (or fixed when `learn_mix` is false)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import PositiveInt, confloat
+
+from moe_models.routers.attention import ExpertKeyScorer
+from moe_models.routers.base import ROUTERS, RouterContext
+from moe_models.routers.topk import TopKOptions, TopKRouter
+
+
+class HybridOptions(TopKOptions):
+    d_key: PositiveInt = 32
+    mix: confloat(gt=0, lt=1) = 0.5  # initial lambda
+    learn_mix: bool = True
+
+
+@ROUTERS.register("hybrid")
+class HybridRouter(TopKRouter):
+    Options = HybridOptions
+
+    def __init__(self, ctx: RouterContext, options: HybridOptions):
+        super().__init__(ctx, options)
+        self.attn = ExpertKeyScorer(ctx.d_model, ctx.num_experts, options.d_key)
+        logit = torch.tensor(math.log(options.mix / (1 - options.mix)))
+        self.mix_logit = torch.nn.Parameter(logit, requires_grad=options.learn_mix)
+
+    def expert_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        lam = torch.sigmoid(self.mix_logit.float())
+        return lam * super().expert_logits(x_TD) + (1 - lam) * self.attn(x_TD)

@@ -1,0 +1,27 @@
+"""MLP router (router-architectures report, III-B4): Linear(D, H) -> GELU -> Linear(H, E) scores, then top-k."""
+from __future__ import annotations
+
+import torch
+from pydantic import PositiveInt
+from torch import nn
+
+from moe_models.routers.base import ROUTERS, RouterContext
+from moe_models.routers.topk import TopKOptions, TopKRouter
+
+
+class MLPOptions(TopKOptions):
+    hidden: PositiveInt = 64
+
+
+@ROUTERS.register("mlp")
+class MLPRouter(TopKRouter):
+    Options = MLPOptions
+
+    def __init__(self, ctx: RouterContext, options: MLPOptions):
+        super().__init__(ctx, options)
+        del self.proj  # the MLP replaces the linear scorer
+        self.mlp = nn.Sequential(nn.Linear(ctx.d_model, options.hidden), nn.GELU(),
+                                 nn.Linear(options.hidden, ctx.num_experts))
+
+    def expert_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.mlp.float()(x_TD)

@@ -1,0 +1,54 @@
+"""Top-p routing (Huang et al. 2024, arXiv 2403.07652): per token, the smallest set of most probable experts whose
+probability mass reaches p — the expert that crosses p included. Combine weights are the raw probabilities (not
+renormalized, as in the paper). Optional cap `max_k`, and the paper's dynamic loss: the router entropy
+-sum_e P_e log P_e, minimized with coefficient `entropy_loss` (pushes the router to be confident, i.e. fewer experts).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import NonNegativeFloat, PositiveInt, confloat
+from torch import nn
+
+from moe_models.routers.base import ROUTERS, Router, RouterContext, RouterOptions
+from moe_models.routing import RoutingDecision
+
+
+class TopPOptions(RouterOptions):
+    p: confloat(gt=0, le=1) = 0.4
+    max_k: PositiveInt | None = None
+    entropy_loss: NonNegativeFloat = 0.0
+
+    def max_experts_per_token(self, num_experts: int) -> int:
+        return min(self.max_k or num_experts, num_experts)
+
+
+def top_p_mask(probs_TE: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted expert ids, keep mask) for the minimal prefix whose mass reaches p."""
+    sorted_TE, ids_TE = probs_TE.sort(dim=-1, descending=True)
+    mass_before_TE = sorted_TE.cumsum(dim=-1) - sorted_TE  # mass of the experts ranked above
+    return ids_TE, mass_before_TE < p  # the first expert always passes (mass before = 0 < p)
+
+
+@ROUTERS.register("top_p")
+class TopPRouter(Router):
+    Options = TopPOptions
+    options: TopPOptions
+
+    def __init__(self, ctx: RouterContext, options: TopPOptions):
+        super().__init__(ctx, options)
+        self.proj = nn.Linear(ctx.d_model, ctx.num_experts, bias=False)
+        nn.init.normal_(self.proj.weight, std=0.02)
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
+        logits_TE = F.linear(x_TD.float(), self.proj.weight.float())
+        probs_TE = logits_TE.softmax(dim=-1)
+        ids_TE, keep_TE = top_p_mask(probs_TE.detach(), self.options.p)
+        K = self.options.max_experts_per_token(self.ctx.num_experts)
+        ids_TK, active_TK = ids_TE[:, :K], keep_TE[:, :K]
+        weights_TK = probs_TE.gather(1, ids_TK) * active_TK
+        losses = {}
+        if self.options.entropy_loss > 0:
+            entropy_T = -(probs_TE * probs_TE.clamp_min(1e-12).log()).sum(-1)
+            losses["top_p_entropy"] = self.options.entropy_loss * entropy_T.mean()
+        return RoutingDecision(ids_TK, weights_TK, active_TK, probs_TE, logits_TE, losses)
