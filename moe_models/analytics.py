@@ -14,17 +14,30 @@ from moe_models.routing import RoutingDecision
 SUM_KEYS = ("tokens", "routes_E", "kept_routes", "entropy", "topk_prob")
 
 
-def routing_sums(decision: RoutingDecision, kept_TK: torch.Tensor) -> dict[str, torch.Tensor]:
+def primary_expert_T(decision: RoutingDecision) -> torch.Tensor:
+    """Each token's highest-weight selected expert (its top-1), for purity and domain statistics."""
+    weights_TK = decision.weights_TK.detach().masked_fill(~decision.active_TK, -1.0)
+    return decision.expert_ids_TK.gather(1, weights_TK.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def routing_sums(decision: RoutingDecision, kept_TK: torch.Tensor, domain_ids_T: torch.Tensor | None = None,
+                 num_domains: int = 0) -> dict[str, torch.Tensor]:
     probs_TE = decision.probs_TE.detach().float()
     entropy_T = -(probs_TE * probs_TE.clamp_min(1e-12).log()).sum(dim=-1)
     selected_mass_T = (probs_TE.gather(1, decision.expert_ids_TK) * decision.active_TK).sum(dim=-1)
-    return {
+    sums = {
         "tokens": torch.tensor(float(probs_TE.shape[0]), device=probs_TE.device),
         "routes_E": decision.tokens_per_expert_E().detach().float(),
         "kept_routes": kept_TK.sum().float(),
         "entropy": entropy_T.sum(),
         "topk_prob": selected_mass_T.sum(),
     }
+    if num_domains > 0 and domain_ids_T is not None:
+        E = decision.num_experts
+        labelled = domain_ids_T >= 0
+        pair = domain_ids_T[labelled] * E + primary_expert_T(decision)[labelled]
+        sums["domain_expert_DE"] = torch.bincount(pair, minlength=num_domains * E).view(num_domains, E).float()
+    return sums
 
 
 def add_sums(total: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -52,4 +65,28 @@ def summarize(sums: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
         "router_entropy_norm": float(sums["entropy"]) / tokens / math.log(num_experts) if num_experts > 1 else 0.0,
         "mean_topk_prob": float(sums["topk_prob"]) / tokens,
         "drop_fraction": 1.0 - float(sums["kept_routes"]) / total_routes,
+        # Utilization U = sum_i min(f_i, 1/E): 1 when balanced, 1/E when collapsed (routing testbed, Falke et al.).
+        "utilization": float(fraction_E.clamp(max=1.0 / num_experts).sum()),
+        "dead_experts": float((routes_E == 0).sum()),
+        "load_entropy_norm": _entropy(fraction_E) / math.log(num_experts) if num_experts > 1 else 0.0,
+        **(specialization(sums["domain_expert_DE"]) if "domain_expert_DE" in sums else {}),
     }
+
+
+def _entropy(p: torch.Tensor) -> float:
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
+def specialization(counts_DE: torch.Tensor) -> dict[str, float]:
+    """Purity = (1/T) sum_e max_d n_{e,d} (top-1 routes), and NMI = I(D;E) / sqrt(H(D) H(E)) between the document
+    domain and the token's top-1 expert (routing_methods.md section 3)."""
+    counts = counts_DE.double()
+    total = float(counts.sum())
+    if total == 0:
+        return {}
+    joint = counts / total
+    h_d, h_e, h_de = _entropy(joint.sum(1)), _entropy(joint.sum(0)), _entropy(joint.flatten())
+    mutual = h_d + h_e - h_de
+    return {"purity": float(counts.max(dim=0).values.sum()) / total,
+            "domain_expert_nmi": mutual / math.sqrt(h_d * h_e) if h_d > 0 and h_e > 0 else 0.0}

@@ -32,12 +32,21 @@ class MoEFeedForward(nn.Module):
         self.dispatch = dispatch
         self.balancing = {name: (BALANCING_LOSSES.get(name), coef) for name, coef in balancing.items()}
 
-    def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor,
+                domain_ids_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        decision = self.router(x_TD, token_ids_BS.reshape(-1))
+        domain_ids_T = None if domain_ids_BS is None else domain_ids_BS.reshape(-1)
+        if self.router.needs_domains:
+            if domain_ids_T is None or (domain_ids_T < 0).any():
+                raise ValueError(f"router {type(self.router).__name__} routes by domain label, but the batch has "
+                                 "unlabelled tokens; use a dataset with domain labels (e.g. builtin:domains)")
+            decision = self.router(x_TD, token_ids_BS.reshape(-1), domain_ids_T)
+        else:
+            decision = self.router(x_TD, token_ids_BS.reshape(-1))
         unscaled = {name: fn(decision) for name, (fn, _) in self.balancing.items()}
         loss = sum((coef * unscaled[name] for name, (_, coef) in self.balancing.items()), x_TD.new_zeros(()).float())
         loss = loss + sum(decision.router_losses.values(), x_TD.new_zeros(()).float())
         out = self.dispatch(x_TD, decision)
-        aux = MoEAux(loss, {k: v.detach() for k, v in unscaled.items()}, routing_sums(decision, out.kept_TK))
+        sums = routing_sums(decision, out.kept_TK, domain_ids_T, self.router.ctx.num_domains)
+        aux = MoEAux(loss, {k: v.detach() for k, v in unscaled.items()}, sums)
         return out.y_TD.view_as(x_BSD), aux

@@ -26,6 +26,9 @@ METRIC_COLUMNS = (
     Column("experts/token", "eval/moe/experts_per_token", 2),
     Column("router entropy", "eval/moe/router_entropy_norm", 3),
     Column("dropped", "eval/moe/drop_fraction", 3),
+    Column("utilization", "eval/moe/utilization", 3),
+    Column("purity", "eval/moe/purity", 3),
+    Column("NMI", "eval/moe/domain_expert_nmi", 3),
     Column("tokens/s", "summary/tokens_per_s", 0),
 )
 ID_HEADERS = ("cell", "router", "model", "dataset", "seed", "status")

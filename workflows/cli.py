@@ -36,7 +36,11 @@ def cmd_run(args) -> int:
 
     study = _study(args.study)
     ws = Workspace.resolve(args.workdir, args.tracking_uri)
-    outcome = run_study(study, ws, args.address, verbose=args.verbose)
+    try:
+        outcome = run_study(study, ws, args.address, verbose=args.verbose)
+    except StudyError as err:  # problems only visible once the data is prepared (e.g. missing domain labels)
+        print(err, file=sys.stderr)
+        return 2
     t = outcome.timings
     print(f"\ntable: {outcome.table_path}\n"
           f"MLflow: mlflow ui --backend-store-uri {ws.tracking_uri}  (experiment {study.name!r})\n"

@@ -15,7 +15,7 @@ from typing import Callable
 from workflows.aggregate import table_rows, to_csv, to_markdown
 from workflows.cells import Cell, expand
 from workflows.provenance import git_commit, package_versions
-from workflows.study import DatasetEntry, Study
+from workflows.study import DatasetEntry, Study, StudyError
 from workflows.tracking import Tracker, flatten
 
 
@@ -80,6 +80,20 @@ def prepare_datasets(study: Study, cache_dir: Path) -> dict[DatasetEntry, Prepar
     return prepared
 
 
+def check_domain_labels(cells: list[Cell], prepared: dict[DatasetEntry, PreparedDataset]) -> None:
+    """Routers that route by domain label need labelled data: say so before anything launches."""
+    from moe_models.routers import ROUTERS
+
+    problems = []
+    for cell in cells:
+        if cell.router.name in ROUTERS and ROUTERS.get(cell.router.name).needs_domains:
+            if not prepared[cell.dataset].domains:
+                problems.append(f"router {cell.router.display()!r} routes by domain label, but dataset "
+                                f"{cell.dataset.name!r} has none (set datasets[].domain_column or use builtin:domains)")
+    if problems:
+        raise StudyError("study", sorted(set(problems)))
+
+
 def cell_tags(cell: Cell, data: PreparedDataset) -> dict[str, str]:
     return {"router": cell.router.display(), "model": cell.model.display(), "dataset": cell.dataset.name,
             "seed": str(cell.seed), "git_commit": git_commit(), "dataset_fingerprint": data.fingerprint,
@@ -113,6 +127,7 @@ def run_study(study: Study, ws: Workspace, address: str | None = None,
     prepared = prepare_datasets(study, ws.cache_dir)
     outcome.timings["prepare_data_s"] = time.perf_counter() - began
     cells = expand(study)
+    check_domain_labels(cells, prepared)
     existing = tracker.cell_runs(experiment_id)
     todo: list[tuple[Cell, str]] = []
     for cell in cells:
@@ -179,7 +194,7 @@ def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepar
         seconds = time.perf_counter() - started
         if result.status == "FINISHED":
             outcome.finished.append(cell.id)
-            echo(f"  finished {cell.id}  {cell.title}  ({seconds:.1f}s, eval loss {result.metrics.get('eval/loss', float('nan')):.4f})")
+            echo(f"  finished {cell.id}  {cell.title}  ({seconds:.1f}s, eval loss {result.metrics.get('eval_loss', float('nan')):.4f})")
         else:
             outcome.failed[cell.id] = result.reason or "unknown"
             echo(f"  FAILED   {cell.id}  {cell.title}: {result.reason}")

@@ -55,11 +55,11 @@ def lr_factor(step: int, t: TrainingConfig) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
 
 
-def build_engine(cell: Cell, vocab_size: int) -> deepspeed.DeepSpeedEngine:
+def build_engine(cell: Cell, vocab_size: int, num_domains: int = 0) -> deepspeed.DeepSpeedEngine:
     torch.manual_seed(cell.seed)  # identical init on every rank
     family = MODELS.get(cell.model.name)
     model = family.build(cell.model.resolved_options(), cell.router.routing_spec(), vocab_size,
-                         cell.training.seq_len, cell.seed)
+                         cell.training.seq_len, cell.seed, num_domains=num_domains)
     t = cell.training
     groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "parameters"})
@@ -120,8 +120,8 @@ def evaluate(engine, data: PreparedData, cell: Cell, w: Worker) -> tuple[dict[st
     loss_sum, sums = torch.zeros(2), {}
     unscaled: dict[int, dict[str, float]] = {}
     for _ in range(t.eval_batches):
-        x, y, _ = sample_batch(data, "validation", t.micro_batch_size, t.seq_len, gen)
-        out: LMOutput = engine(x, y)
+        x, y, dom = sample_batch(data, "validation", t.micro_batch_size, t.seq_len, gen)
+        out: LMOutput = engine(x, y, dom)
         loss_sum += torch.tensor([out.lm_loss.item() * y.numel(), y.numel()])
         for i, aux in out.moe.items():
             sums[i] = add_sums(sums.get(i), aux.sums)
@@ -142,8 +142,9 @@ def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> 
     lm, aux, sums = 0.0, 0.0, {}
     unscaled: dict[int, dict[str, float]] = {}
     for micro in range(t.grad_accum_steps):
-        x, y, _ = sample_batch(data, "train", t.micro_batch_size, t.seq_len, batch_generator(cell.seed, step, micro, w.rank))
-        out: LMOutput = engine(x, y)
+        gen = batch_generator(cell.seed, step, micro, w.rank)
+        x, y, dom = sample_batch(data, "train", t.micro_batch_size, t.seq_len, gen)
+        out: LMOutput = engine(x, y, dom)
         loss = out.loss
         if t.inject_nan_at_step == step:
             loss = loss * float("nan")
@@ -214,7 +215,7 @@ def train_cell(config: dict[str, Any]) -> None:
     t = cell.training
     data = load_prepared(config["data_path"])
     w = Worker(rank, world, Tracker(config["tracking_uri"]) if rank == 0 else None, config["run_id"])
-    engine = build_engine(cell, data.vocab_size)
+    engine = build_engine(cell, data.vocab_size, len(data.domains))
     start = resume_step(engine)
     setup_seconds = time.perf_counter() - entered  # data load + model + DeepSpeed engine + checkpoint restore
     if w.tracker:

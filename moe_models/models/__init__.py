@@ -14,7 +14,7 @@ from moe_models.registry import Registry
 @dataclass(frozen=True)
 class ModelFamily:
     Options: type[BaseModel]
-    build: Callable[..., nn.Module]  # (options, routing, vocab_size, max_seq_len, seed) -> model
+    build: Callable[..., nn.Module]  # (options, routing, vocab_size, max_seq_len, seed, num_domains=0) -> model
 
 
 MODELS: Registry[ModelFamily] = Registry("model")

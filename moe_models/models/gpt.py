@@ -86,18 +86,21 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(d_model, n_heads, dropout)
         self.ffn = ffn
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, MoEAux | None]:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor,
+                domain_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux | None]:
         x = x + self.attn(self.ln1(x))
         if isinstance(self.ffn, MoEFeedForward):
-            y, aux = self.ffn(self.ln2(x), token_ids)
+            y, aux = self.ffn(self.ln2(x), token_ids, domain_ids)
             return x + y, aux
         return x + self.ffn(self.ln2(x)), None
 
 
 class GPT(nn.Module):
-    def __init__(self, opts: GPTOptions, routing: RoutingSpec, vocab_size: int, max_seq_len: int, seed: int):
+    def __init__(self, opts: GPTOptions, routing: RoutingSpec, vocab_size: int, max_seq_len: int, seed: int,
+                 num_domains: int = 0):
         super().__init__()
         self.opts = opts
+        self.num_domains = num_domains
         self.tok_emb = nn.Embedding(vocab_size, opts.d_model)
         self.pos_emb = nn.Embedding(max_seq_len, opts.d_model)
         self.blocks = nn.ModuleList(
@@ -119,19 +122,21 @@ class GPT(nn.Module):
             return ExpertFFN(o.d_model, routing.dense_active_experts * o.expert_hidden)
         if not self.is_moe_block(index):
             return ExpertFFN(o.d_model, o.expert_hidden)
-        ctx = RouterContext(o.d_model, o.num_experts, vocab_size, index, seed)
+        ctx = RouterContext(o.d_model, o.num_experts, vocab_size, index, seed, self.num_domains)
         router_cls = ROUTERS.get(routing.router)
         router = router_cls(ctx, routing.options or router_cls.Options())
         spec = DispatchSpec(o.d_model, o.expert_hidden, o.num_experts, o.ep_size,
                             routing.capacity_factor, routing.drop_policy)
         return MoEFeedForward(router, DISPATCH_BACKENDS.get(o.dispatch)(spec), routing.balancing)
 
-    def forward(self, input_ids_BS: torch.Tensor, targets_BS: torch.Tensor) -> LMOutput:
+    def forward(self, input_ids_BS: torch.Tensor, targets_BS: torch.Tensor,
+                domain_ids_BS: torch.Tensor | None = None) -> LMOutput:
+        """domain_ids_BS (optional): each token's document domain, for domain analytics and the reference router."""
         positions = torch.arange(input_ids_BS.shape[1], device=input_ids_BS.device)
         x = self.tok_emb(input_ids_BS) + self.pos_emb(positions)
         aux: dict[int, MoEAux] = {}
         for i, block in enumerate(self.blocks):
-            x, layer_aux = block(x, input_ids_BS)
+            x, layer_aux = block(x, input_ids_BS, domain_ids_BS)
             if layer_aux is not None:
                 aux[i] = layer_aux
         logits_BSV = self.lm_head(self.ln_f(x))

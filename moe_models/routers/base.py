@@ -34,12 +34,16 @@ class RouterContext:
     vocab_size: int
     layer_index: int
     seed: int
+    num_domains: int = 0  # domain labels the dataset carries (0 = unlabelled)
 
 
 class Router(nn.Module):
     Options: ClassVar[type[RouterOptions]] = RouterOptions
     # Parameter-free routers (hash) cannot be trained by a balancing loss; analytics still use their probs.
     learned: ClassVar[bool] = True
+    # Routers that route by the document's domain label (the reference router) get `domain_ids_T` as a third
+    # argument; the rest never see labels.
+    needs_domains: ClassVar[bool] = False
 
     def __init__(self, ctx: RouterContext, options: RouterOptions):
         super().__init__()

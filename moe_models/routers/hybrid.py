@@ -25,7 +25,8 @@ class HybridRouter(TopKRouter):
     def __init__(self, ctx: RouterContext, options: HybridOptions):
         super().__init__(ctx, options)
         self.attn = ExpertKeyScorer(ctx.d_model, ctx.num_experts, options.d_key)
-        logit = torch.tensor(math.log(options.mix / (1 - options.mix)))
+        # Shape (1,), not a scalar: DeepSpeed's engine cannot broadcast 0-dim parameters across ranks.
+        logit = torch.tensor([math.log(options.mix / (1 - options.mix))])
         self.mix_logit = torch.nn.Parameter(logit, requires_grad=options.learn_mix)
 
     def expert_logits(self, x_TD: torch.Tensor) -> torch.Tensor:

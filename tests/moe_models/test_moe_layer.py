@@ -10,10 +10,13 @@ from moe_models.routers import ROUTERS, RouterContext
 D, F, E, V = 16, 32, 4, 40
 
 
+DOMAINS = 2
+
+
 def build(router="topk", capacity_factor=None, balancing=None, num_experts=E, **options):
     torch.manual_seed(0)
     cls = ROUTERS.get(router)
-    r = cls(RouterContext(D, num_experts, V, 0, 0), cls.Options(**options))
+    r = cls(RouterContext(D, num_experts, V, 0, 0, num_domains=DOMAINS), cls.Options(**options))
     spec = DispatchSpec(D, F, num_experts, 1, capacity_factor, "position")
     return MoEFeedForward(r, DISPATCH_BACKENDS.get("deepspeed")(spec), balancing or {})
 
@@ -22,9 +25,13 @@ def experts_of(layer):
     return list(layer.dispatch.moe.deepspeed_moe.experts.deepspeed_experts)
 
 
-def reference(layer, x_TD, ids_T):
+def decide(layer, x_TD, ids_T, dom_T):
+    return layer.router(x_TD, ids_T, dom_T) if layer.router.needs_domains else layer.router(x_TD, ids_T)
+
+
+def reference(layer, x_TD, ids_T, dom_T):
     """sum_k w_tk * expert_{e_tk}(x_t), one token at a time: what any dispatch must compute without drops."""
-    decision = layer.router(x_TD, ids_T)
+    decision = decide(layer, x_TD, ids_T, dom_T)
     experts = experts_of(layer)
     out = torch.zeros_like(x_TD)
     for t in range(x_TD.shape[0]):
@@ -36,7 +43,7 @@ def reference(layer, x_TD, ids_T):
 
 ROUTER_CASES = [("topk", {"k": 1}), ("topk", {"k": 2}), ("topk", {"k": 3}), ("hash", {}), ("top_p", {"p": 0.6}),
                 ("entropy_adaptive", {"max_k": 3}), ("top_any", {"init_threshold": -0.05}), ("mlp", {"k": 2}),
-                ("attention", {"k": 2}), ("hybrid", {"k": 2}), ("mlp_hadamard", {"k": 2})]
+                ("attention", {"k": 2}), ("hybrid", {"k": 2}), ("mlp_hadamard", {"k": 2}), ("reference", {})]
 
 
 def test_every_registered_router_is_covered():
@@ -46,11 +53,11 @@ def test_every_registered_router_is_covered():
 @pytest.mark.parametrize("router,options", ROUTER_CASES, ids=[f"{n}{o}" for n, o in ROUTER_CASES])
 def test_dropless_dispatch_conserves_every_token(router, options):
     layer = build(router, **options).eval()  # eval: no jitter, so the reference sees the same decision
-    x, ids = torch.randn(2, 24, D), torch.randint(V, (2, 24))
-    y, aux = layer(x, ids)
-    torch.testing.assert_close(y.reshape(-1, D), reference(layer, x.reshape(-1, D), ids.reshape(-1)),
-                               rtol=1e-5, atol=1e-6)
-    routes = layer.router(x.reshape(-1, D), ids.reshape(-1)).active_TK.sum().item()
+    x, ids, dom = torch.randn(2, 24, D), torch.randint(V, (2, 24)), torch.randint(DOMAINS, (2, 24))
+    y, aux = layer(x, ids, dom)
+    flat = (x.reshape(-1, D), ids.reshape(-1), dom.reshape(-1))
+    torch.testing.assert_close(y.reshape(-1, D), reference(layer, *flat), rtol=1e-5, atol=1e-6)
+    routes = decide(layer, *flat).active_TK.sum().item()
     assert aux.sums["kept_routes"].item() == routes  # every route served, variable experts per token included
 
 

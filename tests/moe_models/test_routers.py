@@ -4,12 +4,13 @@ import torch
 
 from moe_models.routers import ROUTERS, RouterContext
 
-E, D, V, T = 6, 16, 50, 64
+E, D, V, T, DOMAINS = 6, 16, 50, 64, 3
 
 
 def make(name: str, **options):
     cls = ROUTERS.get(name)
-    return cls(RouterContext(d_model=D, num_experts=E, vocab_size=V, layer_index=1, seed=3), cls.Options(**options))
+    ctx = RouterContext(d_model=D, num_experts=E, vocab_size=V, layer_index=1, seed=3, num_domains=DOMAINS)
+    return cls(ctx, cls.Options(**options))
 
 
 def inputs(seed: int = 0):
@@ -17,10 +18,18 @@ def inputs(seed: int = 0):
     return torch.randn(T, D, generator=gen), torch.randint(V, (T,), generator=gen)
 
 
+def domains(seed: int = 0):
+    return torch.randint(DOMAINS, (T,), generator=torch.Generator().manual_seed(seed + 7))
+
+
+def route(router, seed: int = 0):
+    return router(*inputs(seed), domains(seed)) if router.needs_domains else router(*inputs(seed))
+
+
 @pytest.mark.parametrize("name", ROUTERS.names())
 def test_decision_contract(name):
     router = make(name)
-    decision = router(*inputs())
+    decision = route(router)
     K = decision.expert_ids_TK.shape[1]
     assert decision.expert_ids_TK.shape == decision.weights_TK.shape == decision.active_TK.shape == (T, K)
     assert decision.probs_TE.shape == (T, E)
@@ -30,7 +39,8 @@ def test_decision_contract(name):
     assert (decision.weights_TK[~decision.active_TK] == 0).all()
     torch.testing.assert_close(decision.probs_TE.sum(-1), torch.ones(T))
     per_token = decision.experts_per_token_T
-    assert (per_token >= 1).all() and (per_token <= router.options.max_experts_per_token(E)).all()
+    bound = E // DOMAINS if router.needs_domains else router.options.max_experts_per_token(E)
+    assert (per_token >= 1).all() and (per_token <= bound).all()
     # No expert twice for one token: the mask counts each selected expert once.
     assert torch.equal(decision.expert_mask_TE().sum(-1), per_token.float())
 
@@ -133,3 +143,30 @@ def test_architecture_routers_are_trainable_top_k(name):
     assert decision.experts_per_token_T.eq(2).all()
     decision.weights_TK.sum().backward()
     assert all(p.grad is not None for p in router.parameters() if p.requires_grad)
+
+
+def test_reference_router_sends_each_domain_to_its_own_expert_block():
+    from moe_models.analytics import routing_sums, specialization
+
+    router = make("reference")
+    x, ids = inputs()
+    dom = domains()
+    decision = router(x, ids, dom)
+    block = E // DOMAINS
+    assert torch.equal(decision.expert_ids_TK // block, dom.unsqueeze(-1).expand(-1, block))
+    sums = routing_sums(decision, decision.active_TK, dom, DOMAINS)
+    assert specialization(sums["domain_expert_DE"])["purity"] == pytest.approx(1.0)
+    assert specialization(sums["domain_expert_DE"])["domain_expert_nmi"] > 0.9
+
+
+def test_reference_router_refuses_unlabelled_data():
+    cls = ROUTERS.get("reference")
+    with pytest.raises(ValueError, match="routes by domain label"):
+        cls(RouterContext(D, E, V, 0, 0, num_domains=0), cls.Options())
+
+
+@pytest.mark.parametrize("name", ROUTERS.names())
+def test_router_state_has_no_scalar_tensors(name):
+    """DeepSpeed's engine broadcasts every parameter at init by viewing it as bytes, which fails on 0-dim tensors."""
+    router = make(name)
+    assert all(t.dim() > 0 for t in [*router.parameters(), *router.buffers()])

@@ -1,0 +1,57 @@
+"""Routing analytics on hand-built routing decisions with known answers."""
+import math
+
+import pytest
+import torch
+
+from moe_models.analytics import add_sums, routing_sums, specialization, summarize
+from moe_models.routing import RoutingDecision
+
+
+def top1(expert_ids, E=4):
+    ids = torch.tensor(expert_ids).unsqueeze(-1)
+    probs = torch.nn.functional.one_hot(ids[:, 0], E).float()
+    return RoutingDecision(ids, torch.ones(ids.shape), torch.ones_like(ids, dtype=torch.bool), probs)
+
+
+def test_balanced_load():
+    d = top1([0, 1, 2, 3] * 5)
+    s = summarize(routing_sums(d, d.active_TK))
+    assert s["load_cv"] == 0 and s["max_violation"] == 0 and s["utilization"] == pytest.approx(1.0)
+    assert s["dead_experts"] == 0 and s["load_entropy_norm"] == pytest.approx(1.0)
+    assert s["expert_fraction"] == [0.25] * 4 and s["experts_per_token"] == 1.0 and s["drop_fraction"] == 0
+
+
+def test_collapsed_load():
+    d = top1([2] * 8)
+    s = summarize(routing_sums(d, d.active_TK))
+    assert s["utilization"] == pytest.approx(0.25)  # 1/E when collapsed
+    assert s["dead_experts"] == 3 and s["max_violation"] == pytest.approx(3.0)  # max/mean - 1 = 8/2 - 1
+    assert s["load_cv"] == pytest.approx(math.sqrt(3))  # loads (0,0,8,0): std 3.46, mean 2
+
+
+def test_partial_imbalance_and_drops():
+    d = top1([0, 0, 0, 1, 1, 2])  # fractions 1/2, 1/3, 1/6, 0
+    kept = torch.tensor([[True], [True], [False], [True], [True], [True]])
+    s = summarize(routing_sums(d, kept))
+    assert s["utilization"] == pytest.approx(0.25 + 0.25 + 1 / 6)
+    assert s["max_violation"] == pytest.approx(3 / 1.5 - 1)
+    assert s["drop_fraction"] == pytest.approx(1 / 6)
+
+
+def test_purity_and_nmi():
+    perfect = torch.tensor([[5.0, 0, 0], [0, 0, 7.0]])  # 2 domains -> distinct experts
+    assert specialization(perfect) == {"purity": 1.0, "domain_expert_nmi": pytest.approx(1.0)}
+    independent = torch.tensor([[2.0, 2.0], [2.0, 2.0]])  # expert tells nothing about domain
+    result = specialization(independent)
+    assert result["purity"] == pytest.approx(0.5) and result["domain_expert_nmi"] == pytest.approx(0.0, abs=1e-12)
+    mixed = torch.tensor([[3.0, 1.0], [1.0, 3.0]])
+    assert specialization(mixed)["purity"] == pytest.approx(0.75)
+
+
+def test_domain_sums_accumulate_across_batches():
+    a, b = top1([0, 1, 0]), top1([1, 1, 0])
+    dom_a, dom_b = torch.tensor([0, 1, 0]), torch.tensor([1, 0, 0])
+    total = add_sums(routing_sums(a, a.active_TK, dom_a, 2), routing_sums(b, b.active_TK, dom_b, 2))
+    assert total["domain_expert_DE"].tolist() == [[3, 1, 0, 0], [0, 2, 0, 0]]
+    assert summarize(total)["purity"] == pytest.approx(5 / 6)  # expert 1 mixes domains: 2 of its 3 tokens count
