@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 TINY = {
     "name": "mini",
     "seeds": [0],
-    "routers": [{"name": "topk", "k": 2, "balancing": {"switch_lbl": 0.01, "z_loss": 0.001}}, {"name": "hash"}],
+    "routers": [{"name": "topk", "k": 2, "balancing": {"switch_lbl": 0.01, "z_loss": 0.001}}, {"name": "hash"},
+                {"name": "reference"}],
     "models": [{"name": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 32}],
     "datasets": [{"name": "builtin:domains", "vocab_size": 300, "max_chars_per_domain": 40000}],
     "training": {"steps": 6, "micro_batch_size": 4, "grad_accum_steps": 2, "seq_len": 16, "warmup_steps": 2,
@@ -53,16 +54,19 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
     exp, runs = cell_runs(client)
     parents = client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'study'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(runs) == 2
+    assert len(runs) == 3
     for run in runs:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         assert run.info.status == "FINISHED"
         assert tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert tags["router"] in {"topk(k=2)", "hash"} and tags["seed"] == "0"
+        assert tags["router"] in {"topk(k=2)", "hash", "reference"} and tags["seed"] == "0"
         assert tags["git_commit"] and len(tags["dataset_fingerprint"]) == 16
         assert tags["version.deepspeed"] == "0.19.8" and tags["version.ray"] == "2.60.0"
         assert params["training.steps"] == "6" and params["model.num_experts"] == "4"
         assert metrics["eval/moe/experts_per_token"] == pytest.approx(2.0 if tags["router"] == "topk(k=2)" else 1.0)
+        assert 0 < metrics["eval/moe/purity"] <= 1 and 0.25 <= metrics["eval/moe/utilization"] <= 1
+        if tags["router"] == "reference":  # the routing upper bound: each domain on its own expert
+            assert metrics["eval/moe/purity"] == 1.0 and metrics["eval/moe/domain_expert_nmi"] == pytest.approx(1.0)
         if tags["router"] == "topk(k=2)":  # scaled = coefficient x unscaled, per block, train and eval
             for split in ("train", "eval"):
                 assert metrics[f"{split}/moe/block1/switch_lbl_scaled"] == pytest.approx(
@@ -89,17 +93,17 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
 def test_table_on_disk_has_one_row_per_cell(mini):
     _, _, workdir, _ = mini
     table = (workdir / "mini_table.md").read_text().splitlines()
-    assert len(table) == 2 + 2
+    assert len(table) == 2 + 3
     assert any("| topk(k=2) |" in row and "| FINISHED |" in row for row in table)
     csv_rows = (workdir / "mini_table.csv").read_text().splitlines()
-    assert len(csv_rows) == 3 and csv_rows[0].startswith("cell,router,model")
+    assert len(csv_rows) == 4 and csv_rows[0].startswith("cell,router,model")
 
 
 def test_rerun_skips_finished_cells_without_new_runs(mini, capsys):
     _, study, workdir, client = mini
     _, before = cell_runs(client)
     assert main(["run", str(study), "--workdir", str(workdir)]) == 0
-    assert "2 already finished, 0 to run" in capsys.readouterr().out
+    assert "3 already finished, 0 to run" in capsys.readouterr().out
     _, after = cell_runs(client)
     assert {r.info.run_id: r.info.end_time for r in after} == {r.info.run_id: r.info.end_time for r in before}
 
@@ -108,14 +112,14 @@ def test_status_and_aggregate_read_back_from_mlflow(mini, capsys):
     _, study, workdir, _ = mini
     assert main(["status", str(study), "--workdir", str(workdir)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and all("FINISHED  step 6/6" in line for line in lines)
+    assert len(lines) == 3 and all("FINISHED  step 6/6" in line and "no checkpoint" not in line for line in lines)
     out = workdir / "agg.csv"
     assert main(["aggregate", str(study), "--workdir", str(workdir), "--format", "csv", "--out", str(out)]) == 0
-    assert len(out.read_text().splitlines()) == 3
+    assert len(out.read_text().splitlines()) == 4
 
 
 def test_nan_loss_fails_that_cell_with_reason_and_the_study_goes_on(tmp_path, ray_session, capsys):
-    study = dict(TINY, name="poisoned", fault_injection={"nan_at_step": 4, "routers": ["hash"]})
+    study = dict(TINY, name="poisoned", routers=TINY["routers"][:2], fault_injection={"nan_at_step": 4, "routers": ["hash"]})
     path = tmp_path / "poisoned.yaml"
     path.write_text(yaml.safe_dump(study))
     assert main(["run", str(path), "--workdir", str(tmp_path / "work")]) == 1
@@ -126,3 +130,16 @@ def test_nan_loss_fails_that_cell_with_reason_and_the_study_goes_on(tmp_path, ra
     assert runs["topk(k=2)"].info.status == "FINISHED"
     assert runs["hash"].info.status == "FAILED"
     assert "non-finite loss at step 4" in runs["hash"].data.tags["moelab.failure_reason"]
+
+
+def test_reference_router_on_unlabelled_data_fails_before_launch(tmp_path, capsys):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": f"plain document {i} " * 30}) for i in range(120)))
+    study = dict(TINY, name="unlabelled", routers=[{"name": "reference"}],
+                 datasets=[{"name": f"file:{docs}", "vocab_size": 300}])
+    path = tmp_path / "unlabelled.yaml"
+    path.write_text(yaml.safe_dump(study))
+    assert main(["run", str(path), "--workdir", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err
+    assert "router 'reference' routes by domain label" in err and "has none" in err
+    assert not (tmp_path / "work" / "ray_results").exists()  # nothing launched
