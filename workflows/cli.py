@@ -153,6 +153,22 @@ def _sweep_best(study, args) -> str:
     return best_table(trial_rows(runs, study.sweep), study.sweep)
 
 
+def cmd_routers(args) -> int:
+    import json
+
+    from moe_models.characterize import profile_all
+
+    profiles = [p.as_dict() for p in profile_all(args.tokens, args.d_model, args.experts)]
+    if args.format == "json":
+        print(json.dumps(profiles, indent=2))
+        return 0
+    cols = list(profiles[0])
+    print("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|")
+    for p in profiles:
+        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in p.values()) + " |")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moelab", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -173,6 +189,12 @@ def parser() -> argparse.ArgumentParser:
     tune_cmd.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     tune_cmd.add_argument("--verbose", action="store_true", help="stream Ray worker logs to the terminal")
     command("validate", cmd_validate, "validate a study file only", workdir=False)
+    routers = sub.add_parser("routers", help="the router registry, characterized on random hidden states")
+    routers.add_argument("--format", choices=("table", "json"), default="table")
+    routers.add_argument("--tokens", type=int, default=4096)
+    routers.add_argument("--d-model", type=int, default=256)
+    routers.add_argument("--experts", type=int, default=8)
+    routers.set_defaults(fn=cmd_routers)
     command("status", cmd_status, "one line per cell: state, step, loss")
     agg = command("aggregate", cmd_aggregate, "print or write the comparison table")
     agg.add_argument("--format", choices=("md", "csv"), default="md")

@@ -1,0 +1,25 @@
+"""The router characterization table covers the registry and reports consistent statistics."""
+import json
+
+import pytest
+
+from moe_models.characterize import profile_all
+from moe_models.routers import ROUTERS
+from workflows.cli import main
+
+
+def test_profiles_cover_every_router_with_consistent_values():
+    profiles = {p.router: p for p in profile_all(tokens=256, d_model=32, num_experts=4)}
+    assert set(profiles) == set(ROUTERS.names())
+    assert profiles["hash"].parameters == 0 and profiles["reference"].parameters == 0
+    assert profiles["topk"].parameters == 32 * 4  # one linear scorer, no bias
+    assert profiles["mlp"].parameters > profiles["topk"].parameters
+    assert profiles["hash"].entropy == 0 and profiles["hash"].mean_topk_prob == pytest.approx(1.0)
+    for p in profiles.values():
+        assert p.latency_ms > 0 and 0 <= p.mean_topk_prob <= 1 + 1e-6 and p.experts_per_token >= 1
+
+
+def test_routers_command_prints_json(capsys):
+    assert main(["routers", "--format", "json", "--tokens", "128", "--d-model", "16", "--experts", "4"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["router"] for r in rows} == set(ROUTERS.names())
