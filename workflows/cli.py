@@ -47,12 +47,17 @@ def cmd_run(args) -> int:
           f"time: {t['total_s']:.1f}s total = {t['prepare_data_s']:.1f}s data + {t['ray_init_s']:.1f}s Ray start + "
           f"{t['cells_s']:.1f}s cells")
     print(outcome.table_path.read_text())
-    if outcome.failed:
-        print(f"{len(outcome.failed)} cell(s) failed:", file=sys.stderr)
-        for cell_id, reason in outcome.failed.items():
-            print(f"  {cell_id}: {reason}", file=sys.stderr)
-        return 1
-    return 0
+    return _exit_code("cell", outcome.failed)
+
+
+def _exit_code(kind: str, failed: dict[str, str]) -> int:
+    """0 when everything finished; 1 with a summary naming each failure and its reason."""
+    if not failed:
+        return 0
+    print(f"{len(failed)} {kind}(s) failed:", file=sys.stderr)
+    for name, reason in failed.items():
+        print(f"  {name}: {reason[:500]}", file=sys.stderr)
+    return 1
 
 
 def cmd_tune(args) -> int:
@@ -67,12 +72,7 @@ def cmd_tune(args) -> int:
     outcome = tune_study(study, ws, args.address, verbose=args.verbose)
     print(f"\n{outcome.trials} trials in {outcome.seconds:.1f}s; MLflow: mlflow ui --backend-store-uri "
           f"{ws.tracking_uri}\n\n{outcome.best_table}")
-    if outcome.failed:
-        print(f"{len(outcome.failed)} trial(s) failed:", file=sys.stderr)
-        for trial, reason in outcome.failed.items():
-            print(f"  {trial}: {reason[:300]}", file=sys.stderr)
-        return 1
-    return 0
+    return _exit_code("trial", outcome.failed)
 
 
 def _runs(study, args):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
@@ -52,6 +53,19 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:  # pragma: no cover
         raise NotImplementedError
+
+
+class LinearScoreRouter(Router):
+    """Shared by routers that score experts with one bias-free linear map (top-k, top-p, entropy-adaptive)."""
+
+    def __init__(self, ctx: RouterContext, options: RouterOptions):
+        super().__init__(ctx, options)
+        self.proj = nn.Linear(ctx.d_model, ctx.num_experts, bias=False)
+        nn.init.normal_(self.proj.weight, std=0.02)
+
+    def expert_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        # Router math in fp32: bf16 logits flip top-k choices between ranks (Megatron/OLMo-core do the same).
+        return F.linear(x_TD.float(), self.proj.weight.float())
 
 
 ROUTERS: Registry[type[Router]] = Registry("router")

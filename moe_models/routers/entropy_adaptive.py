@@ -8,11 +8,9 @@ over the selection.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import PositiveInt, model_validator
-from torch import nn
 
-from moe_models.routers.base import ROUTERS, Router, RouterContext, RouterOptions
+from moe_models.routers.base import ROUTERS, LinearScoreRouter, RouterOptions
 from moe_models.routing import RoutingDecision
 
 
@@ -36,17 +34,12 @@ def adaptive_k(probs_TE: torch.Tensor, min_k: int, max_k: int) -> torch.Tensor:
 
 
 @ROUTERS.register("entropy_adaptive")
-class EntropyAdaptiveRouter(Router):
+class EntropyAdaptiveRouter(LinearScoreRouter):
     Options = EntropyAdaptiveOptions
     options: EntropyAdaptiveOptions
 
-    def __init__(self, ctx: RouterContext, options: EntropyAdaptiveOptions):
-        super().__init__(ctx, options)
-        self.proj = nn.Linear(ctx.d_model, ctx.num_experts, bias=False)
-        nn.init.normal_(self.proj.weight, std=0.02)
-
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
-        logits_TE = F.linear(x_TD.float(), self.proj.weight.float())
+        logits_TE = self.expert_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         top_TK, ids_TK = probs_TE.topk(self.options.max_k, dim=-1)
         k_T = adaptive_k(probs_TE.detach(), self.options.min_k, self.options.max_k)

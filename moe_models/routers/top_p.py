@@ -6,11 +6,9 @@ renormalized, as in the paper). Optional cap `max_k`, and the paper's dynamic lo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import NonNegativeFloat, PositiveInt, confloat
-from torch import nn
 
-from moe_models.routers.base import ROUTERS, Router, RouterContext, RouterOptions
+from moe_models.routers.base import ROUTERS, LinearScoreRouter, RouterOptions
 from moe_models.routing import RoutingDecision
 
 
@@ -31,17 +29,12 @@ def top_p_mask(probs_TE: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Te
 
 
 @ROUTERS.register("top_p")
-class TopPRouter(Router):
+class TopPRouter(LinearScoreRouter):
     Options = TopPOptions
     options: TopPOptions
 
-    def __init__(self, ctx: RouterContext, options: TopPOptions):
-        super().__init__(ctx, options)
-        self.proj = nn.Linear(ctx.d_model, ctx.num_experts, bias=False)
-        nn.init.normal_(self.proj.weight, std=0.02)
-
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
-        logits_TE = F.linear(x_TD.float(), self.proj.weight.float())
+        logits_TE = self.expert_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         ids_TE, keep_TE = top_p_mask(probs_TE.detach(), self.options.p)
         K = self.options.max_experts_per_token(self.ctx.num_experts)

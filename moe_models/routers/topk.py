@@ -8,11 +8,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from pydantic import PositiveInt, NonNegativeFloat
-from torch import nn
+from pydantic import NonNegativeFloat, PositiveInt
 
-from moe_models.routers.base import ROUTERS, Router, RouterContext, RouterOptions
+from moe_models.routers.base import ROUTERS, LinearScoreRouter, RouterOptions
 from moe_models.routing import RoutingDecision
 
 
@@ -29,24 +27,15 @@ class TopKOptions(RouterOptions):
 
 
 @ROUTERS.register("topk")
-class TopKRouter(Router):
+class TopKRouter(LinearScoreRouter):
     Options = TopKOptions
     options: TopKOptions
-
-    def __init__(self, ctx: RouterContext, options: TopKOptions):
-        super().__init__(ctx, options)
-        self.proj = nn.Linear(ctx.d_model, ctx.num_experts, bias=False)
-        nn.init.normal_(self.proj.weight, std=0.02)
-
-    def expert_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """The one hook router architectures override (attention, MLP, hybrid, MLP-Hadamard); x is fp32 here."""
-        return F.linear(x_TD, self.proj.weight.float())
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
         opts = self.options
         if self.training and opts.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - opts.jitter, 1 + opts.jitter)
-        # Router math in fp32: bf16 logits flip top-k choices between ranks (Megatron/OLMo-core do the same).
+        # Router architectures (attention, MLP, hybrid, MLP-Hadamard) override expert_logits only.
         logits_TE = self.expert_logits(x_TD.float())
         if opts.score == "softmax":
             probs_TE = logits_TE.softmax(dim=-1)

@@ -36,7 +36,9 @@ def mutate(fn):
 
 BAD = {
     "unknown router": (lambda s: s["routers"].append({"name": "topz"}),
-                       ["routers[3].name", "unknown router 'topz'", "valid: hash, topk, dense"]),
+                       ["routers[3].name", "unknown router 'topz'",
+                        "valid: attention, entropy_adaptive, hash, hybrid, mlp, mlp_hadamard, reference, top_any, "
+                        "top_p, topk, dense"]),
     "k > experts": (lambda s: s["routers"].append({"name": "topk", "k": 5, "label": "big"}),
                     ["routers[3]", "5 experts per token", "at most models[0].num_experts=4"]),
     "negative alpha": (lambda s: s["routers"][0]["balancing"].update(switch_lbl=-0.1),
