@@ -43,6 +43,7 @@ class MoEFeedForward(nn.Module):
             decision = self.router(x_TD, token_ids_BS.reshape(-1), domain_ids_T)
         else:
             decision = self.router(x_TD, token_ids_BS.reshape(-1))
+        decision.sequence_length = x_BSD.shape[1]
         unscaled = {name: fn(decision) for name, (fn, _) in self.balancing.items()}
         loss = sum((coef * unscaled[name] for name, (_, coef) in self.balancing.items()), x_TD.new_zeros(()).float())
         loss = loss + sum(decision.router_losses.values(), x_TD.new_zeros(()).float())

@@ -25,6 +25,7 @@ class RoutingDecision:
     probs_TE: torch.Tensor  # float32 router distribution over experts (rows sum to 1); used by balancing + analytics
     logits_TE: torch.Tensor | None = None  # pre-softmax router logits (z-loss); None for parameter-free routers
     router_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # router-specific losses, already scaled
+    sequence_length: int | None = None  # tokens are sequences of this length, in order (set by the MoE layer)
 
     @property
     def num_experts(self) -> int:

@@ -23,6 +23,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 
 from moe_data.prepare import PreparedData, load_prepared, sample_batch
 from moe_models.analytics import add_sums, summarize
+from moe_models.expert_bias import after_optimizer_step
 from moe_models.models import MODELS, LMOutput
 from workflows.cells import Cell
 from workflows.heatmap import expert_usage_heatmap
@@ -153,7 +154,7 @@ def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> 
             raise NonFiniteLoss(f"non-finite loss at step {step} (lm {out.lm_loss.item():.4g}, "
                                 f"aux {out.aux_loss.item():.4g}) on {int(bad.item())} rank(s)")
         engine.backward(loss)
-        engine.step()
+        engine.step()  # the optimizer steps on the last micro-batch (DeepSpeed's accumulation boundary)
         lm += out.lm_loss.item() / t.grad_accum_steps
         aux += out.aux_loss.item() / t.grad_accum_steps
         for i, layer in out.moe.items():
@@ -161,6 +162,7 @@ def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> 
             for name, value in layer.unscaled.items():
                 losses = unscaled.setdefault(i, {})
                 losses[name] = losses.get(name, 0.0) + value.item() / t.grad_accum_steps
+    after_optimizer_step(engine.module)  # expert-bias updates: once per optimizer step, with every micro-batch's counts
     metrics = {"train/loss": lm + aux, "train/lm_loss": lm, "train/aux_loss": aux, "train/lr": engine.get_lr()[0],
                **aux_loss_metrics("train/moe", unscaled, cell.router.balancing)}
     return metrics, sums

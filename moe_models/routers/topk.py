@@ -21,6 +21,9 @@ class TopKOptions(RouterOptions):
     # weights when k=1, so it is off by default (Switch uses the raw probability).
     renormalize: bool = False
     jitter: NonNegativeFloat = 0.0  # multiplicative input noise U(1-eps, 1+eps) at training (Switch)
+    # Aux-loss-free balancing (Wang et al. 2024, arXiv 2408.15664): a per-expert bias added to the scores for
+    # *selection only*, moved by this rate u after each optimizer step (moe_models/expert_bias.py). 0 = off.
+    expert_bias_rate: NonNegativeFloat = 0.0
 
     def max_experts_per_token(self, num_experts: int) -> int:
         return self.k
@@ -30,6 +33,12 @@ class TopKOptions(RouterOptions):
 class TopKRouter(LinearScoreRouter):
     Options = TopKOptions
     options: TopKOptions
+
+    def __init__(self, ctx, options: TopKOptions):
+        super().__init__(ctx, options)
+        # Saved in checkpoints (a resumed run must keep its bias); counts live for one optimizer step only.
+        self.register_buffer("expert_bias_E", torch.zeros(ctx.num_experts))
+        self.register_buffer("step_counts_E", torch.zeros(ctx.num_experts), persistent=False)
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
         opts = self.options
@@ -43,8 +52,26 @@ class TopKRouter(LinearScoreRouter):
         else:
             scores_TE = logits_TE.sigmoid()
             probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-        weights_TK, expert_ids_TK = scores_TE.topk(opts.k, dim=-1)
+        if opts.expert_bias_rate > 0:
+            expert_ids_TK = (scores_TE.detach() + self.expert_bias_E).topk(opts.k, dim=-1).indices
+            weights_TK = scores_TE.gather(1, expert_ids_TK)  # gate values stay the unbiased scores
+            if self.training:
+                self.step_counts_E += torch.bincount(expert_ids_TK.flatten(), minlength=self.ctx.num_experts)
+        else:
+            weights_TK, expert_ids_TK = scores_TE.topk(opts.k, dim=-1)
         if opts.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         active_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
         return RoutingDecision(expert_ids_TK, weights_TK, active_TK, probs_TE, logits_TE)
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """b_i += u * sign(mean(c) - c_i), then re-centred (Wang et al. 2024). Called once per optimizer step."""
+        if self.options.expert_bias_rate == 0:
+            return
+        counts_E = self.step_counts_E.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts_E)  # the router is replicated on every rank: global-batch counts
+        self.expert_bias_E += self.options.expert_bias_rate * torch.sign(counts_E.mean() - counts_E)
+        self.expert_bias_E -= self.expert_bias_E.mean()
+        self.step_counts_E.zero_()

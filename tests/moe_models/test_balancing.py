@@ -57,3 +57,64 @@ def test_z_loss_matches_formula():
 def test_z_loss_is_zero_for_parameter_free_routers():
     decision = decision_from(torch.tensor([[0], [1]]), torch.eye(2))
     assert z_loss(decision).item() == 0.0
+
+
+squared_usage = BALANCING_LOSSES.get("squared_usage")
+sequence_lbl = BALANCING_LOSSES.get("sequence_lbl")
+
+
+def test_squared_usage_is_one_plus_cv_squared():
+    E = 4
+    assert squared_usage(decision_from(torch.zeros(8, 1, dtype=torch.long), torch.full((8, E), 0.25))).item() == \
+        pytest.approx(1.0)
+    collapsed = F.one_hot(torch.zeros(8, dtype=torch.long), E).float()
+    assert squared_usage(decision_from(torch.zeros(8, 1, dtype=torch.long), collapsed)).item() == pytest.approx(E)
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.5, 0.2, 0.2]])
+    P = probs.mean(0)
+    cv2 = (P.std(unbiased=False) / P.mean()) ** 2
+    assert squared_usage(decision_from(probs.topk(1).indices, probs)).item() == pytest.approx(1 + cv2.item(), rel=1e-6)
+
+
+def test_sequence_lbl_sees_imbalance_inside_sequences_that_the_batch_hides():
+    E, S = 2, 4
+    ids = torch.tensor([0] * S + [1] * S).unsqueeze(-1)  # sequence A -> expert 0, sequence B -> expert 1
+    probs = F.one_hot(ids[:, 0], E).float()
+    d = decision_from(ids, probs)
+    d.sequence_length = S
+    assert lbl(d).item() == pytest.approx(1.0)  # balanced over the batch ...
+    assert sequence_lbl(d).item() == pytest.approx(E)  # ... collapsed inside every sequence
+    balanced_ids = torch.tensor([0, 1] * S).unsqueeze(-1)
+    d2 = decision_from(balanced_ids, torch.full((2 * S, E), 0.5))
+    d2.sequence_length = S
+    assert sequence_lbl(d2).item() == pytest.approx(1.0)
+
+
+def test_expert_bias_moves_load_toward_balance_once_per_optimizer_step():
+    from moe_models.expert_bias import after_optimizer_step
+    from moe_models.routers import ROUTERS, RouterContext
+
+    E, D = 4, 8
+    cls = ROUTERS.get("topk")
+    router = cls(RouterContext(D, E, 10, 0, 0), cls.Options(k=1, expert_bias_rate=0.002))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        router.proj.weight.copy_(torch.randn(E, D, generator=gen))
+        router.proj.weight[0, 0] = 6.0  # feature 0 is constant: expert 0 wins for nearly every token
+    x = torch.randn(256, D, generator=gen)
+    x[:, 0] = 1.0
+    ids = torch.zeros(256, dtype=torch.long)
+    load_cvs = []
+    for _ in range(400):
+        for _micro in range(2):  # gradient accumulation: counts add up across micro-batches ...
+            router(x, ids)
+        counts = router.step_counts_E.clone()
+        assert counts.sum().item() == 2 * 256
+        load_cvs.append(float(counts.std(unbiased=False) / counts.mean()))
+        after_optimizer_step(router)  # ... and the bias moves once per optimizer step
+        assert router.step_counts_E.sum().item() == 0
+    assert load_cvs[0] > 1.5  # collapsed onto expert 0 at the start
+    assert sum(load_cvs[-50:]) / 50 < 0.3  # the sign updates keep it near balance (small oscillation)
+    assert router.expert_bias_E[0] < 0 and router.expert_bias_E.sum().abs() < 1e-5  # re-centred
+    assert "expert_bias_E" in router.state_dict() and "step_counts_E" not in router.state_dict()
+    d = router(x, ids)  # the bias picks experts; the gate values stay the unbiased probabilities
+    torch.testing.assert_close(d.weights_TK, d.probs_TE.gather(1, d.expert_ids_TK))
