@@ -14,7 +14,9 @@ pytestmark = pytest.mark.slow
 TINY = {
     "name": "mini",
     "seeds": [0],
-    "routers": [{"name": "topk", "k": 2, "balancing": {"switch_lbl": 0.01, "z_loss": 0.001}}, {"name": "hash"},
+    "routers": [{"name": "topk", "k": 2, "label": "topk(k=2)", "expert_bias_rate": 0.001,
+                 "balancing": {"switch_lbl": 0.01, "z_loss": 0.001, "sequence_lbl": 0.001, "squared_usage": 0.001}},
+                {"name": "hash"},
                 {"name": "reference"}],
     "models": [{"name": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 32}],
     "datasets": [{"name": "builtin:domains", "vocab_size": 300, "max_chars_per_domain": 40000}],
@@ -72,6 +74,9 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
                 assert metrics[f"{split}/moe/block1/switch_lbl_scaled"] == pytest.approx(
                     0.01 * metrics[f"{split}/moe/block1/switch_lbl_unscaled"])
             assert 0 < metrics["eval/moe/block0/switch_lbl_unscaled"] <= 4  # E * sum f_i P_i lies in (0, E]
+            assert metrics["eval/moe/block0/squared_usage_unscaled"] >= 1.0 - 1e-6  # 1 + CV^2 >= 1
+            assert metrics["eval/moe/block0/sequence_lbl_scaled"] == pytest.approx(
+                0.001 * metrics["eval/moe/block0/sequence_lbl_unscaled"])
         fractions = [metrics[f"eval/moe/block0/expert{e}_fraction"] for e in range(4)]
         assert sum(fractions) == pytest.approx(1.0)
         assert metrics["eval/perplexity"] == pytest.approx(__import__("math").exp(metrics["eval/loss"]), rel=1e-5)
