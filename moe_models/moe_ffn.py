@@ -26,11 +26,15 @@ class MoEAux:
 
 
 class MoEFeedForward(nn.Module):
-    def __init__(self, router: Router, dispatch: nn.Module, balancing: dict[str, float]):
+    def __init__(self, router: Router, dispatch: nn.Module, balancing: dict[str, float],
+                 balancing_scope: str = "micro_batch"):
         super().__init__()
         self.router = router
         self.dispatch = dispatch
         self.balancing = {name: (BALANCING_LOSSES.get(name), coef) for name, coef in balancing.items()}
+        self.balancing_scope = balancing_scope
+        # global_batch scope: route counts of every rank and micro-batch since the last optimizer step.
+        self.register_buffer("window_routes_E", torch.zeros(router.ctx.num_experts), persistent=False)
 
     def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor,
                 domain_ids_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
@@ -44,6 +48,9 @@ class MoEFeedForward(nn.Module):
         else:
             decision = self.router(x_TD, token_ids_BS.reshape(-1))
         decision.sequence_length = x_BSD.shape[1]
+        decision.balance_scope = self.balancing_scope
+        if self.balancing_scope == "global_batch" and self.training and self.balancing:
+            decision.balance_routes_E = self._accumulate_window(decision.tokens_per_expert_E().detach())
         unscaled = {name: fn(decision) for name, (fn, _) in self.balancing.items()}
         loss = sum((coef * unscaled[name] for name, (_, coef) in self.balancing.items()), x_TD.new_zeros(()).float())
         loss = loss + sum(decision.router_losses.values(), x_TD.new_zeros(()).float())
@@ -51,3 +58,13 @@ class MoEFeedForward(nn.Module):
         sums = routing_sums(decision, out.kept_TK, domain_ids_T, self.router.ctx.num_domains)
         aux = MoEAux(loss, {k: v.detach() for k, v in unscaled.items()}, sums)
         return out.y_TD.view_as(x_BSD), aux
+
+    def _accumulate_window(self, routes_E: torch.Tensor) -> torch.Tensor:
+        routes_E = routes_E.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(routes_E)  # every data-parallel rank's tokens
+        self.window_routes_E += routes_E
+        return self.window_routes_E.clone()
+
+    def after_optimizer_step(self) -> None:
+        self.window_routes_E.zero_()

@@ -26,6 +26,8 @@ class RoutingDecision:
     logits_TE: torch.Tensor | None = None  # pre-softmax router logits (z-loss); None for parameter-free routers
     router_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # router-specific losses, already scaled
     sequence_length: int | None = None  # tokens are sequences of this length, in order (set by the MoE layer)
+    balance_scope: str = "micro_batch"  # micro_batch | sequence | global_batch (set by the MoE layer)
+    balance_routes_E: torch.Tensor | None = None  # global_batch: route counts over the whole window (no grad)
 
     @property
     def num_experts(self) -> int:

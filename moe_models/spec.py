@@ -19,6 +19,7 @@ class RoutingSpec:
     # Dense baseline only: FFN hidden = dense_active_experts * expert_hidden (k for equal active FLOPs,
     # num_experts for equal parameters).
     dense_active_experts: int = 1
+    balancing_scope: str = "micro_batch"  # micro_batch | sequence | global_batch
 
     @property
     def is_dense(self) -> bool:

@@ -30,6 +30,7 @@ class Cell:
             "router": {"name": self.router.name, "label": self.router.display(),
                        **(spec.options.model_dump() if spec.options else {}),
                        "balancing": dict(sorted(self.router.balancing.items())),
+                       "balancing_scope": self.router.balancing_scope,
                        "capacity_factor": self.router.capacity_factor, "drop_policy": self.router.drop_policy,
                        "active_experts": self.router.active_experts},
             "model": {"name": self.model.name, "label": self.model.display(),

@@ -46,6 +46,9 @@ class RouterEntry(_Strict):
     name: str
     label: str | None = None  # display name in tables; defaults to name + options
     balancing: dict[str, NonNegativeFloat] = Field(default_factory=dict)  # loss name -> coefficient
+    # Over which tokens switch_lbl counts expert load: this micro-batch, each sequence, or the global batch
+    # (all data-parallel ranks and all micro-batches of an optimizer step).
+    balancing_scope: Literal["micro_batch", "sequence", "global_batch"] = "micro_batch"
     capacity_factor: PositiveFloat | None = None  # None = dropless
     drop_policy: Literal["position", "probs"] = "position"
     active_experts: PositiveInt = 1  # dense baseline only: FFN hidden = active_experts * expert_hidden
@@ -79,7 +82,7 @@ class RouterEntry(_Strict):
     def routing_spec(self) -> RoutingSpec:
         options = None if self.name == DENSE else ROUTERS.get(self.name).Options(**self.options)
         return RoutingSpec(self.name, options, dict(self.balancing), self.capacity_factor, self.drop_policy,
-                           self.active_experts)
+                           self.active_experts, self.balancing_scope)
 
     def flat(self) -> dict[str, Any]:
         """The entry as written in a study file (options inline)."""

@@ -23,7 +23,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 
 from moe_data.prepare import PreparedData, load_prepared, sample_batch
 from moe_models.analytics import add_sums, summarize
-from moe_models.expert_bias import after_optimizer_step
+from moe_models.optimizer_hooks import after_optimizer_step
 from moe_models.models import MODELS, LMOutput
 from workflows.cells import Cell
 from workflows.heatmap import expert_usage_heatmap
@@ -162,7 +162,7 @@ def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> 
             for name, value in layer.unscaled.items():
                 losses = unscaled.setdefault(i, {})
                 losses[name] = losses.get(name, 0.0) + value.item() / t.grad_accum_steps
-    after_optimizer_step(engine.module)  # expert-bias updates: once per optimizer step, with every micro-batch's counts
+    after_optimizer_step(engine.module)  # expert bias, balancing windows: once per optimizer step
     metrics = {"train/loss": lm + aux, "train/lm_loss": lm, "train/aux_loss": aux, "train/lr": engine.get_lr()[0],
                **aux_loss_metrics("train/moe", unscaled, cell.router.balancing)}
     return metrics, sums

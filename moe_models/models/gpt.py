@@ -127,7 +127,8 @@ class GPT(nn.Module):
         router = router_cls(ctx, routing.options or router_cls.Options())
         spec = DispatchSpec(o.d_model, o.expert_hidden, o.num_experts, o.ep_size,
                             routing.capacity_factor, routing.drop_policy)
-        return MoEFeedForward(router, DISPATCH_BACKENDS.get(o.dispatch)(spec), routing.balancing)
+        return MoEFeedForward(router, DISPATCH_BACKENDS.get(o.dispatch)(spec), routing.balancing,
+                              routing.balancing_scope)
 
     def forward(self, input_ids_BS: torch.Tensor, targets_BS: torch.Tensor,
                 domain_ids_BS: torch.Tensor | None = None) -> LMOutput:

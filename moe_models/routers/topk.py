@@ -65,7 +65,7 @@ class TopKRouter(LinearScoreRouter):
         return RoutingDecision(expert_ids_TK, weights_TK, active_TK, probs_TE, logits_TE)
 
     @torch.no_grad()
-    def update_expert_bias(self) -> None:
+    def after_optimizer_step(self) -> None:
         """b_i += u * sign(mean(c) - c_i), then re-centred (Wang et al. 2024). Called once per optimizer step."""
         if self.options.expert_bias_rate == 0:
             return

@@ -90,7 +90,7 @@ def test_sequence_lbl_sees_imbalance_inside_sequences_that_the_batch_hides():
 
 
 def test_expert_bias_moves_load_toward_balance_once_per_optimizer_step():
-    from moe_models.expert_bias import after_optimizer_step
+    from moe_models.optimizer_hooks import after_optimizer_step
     from moe_models.routers import ROUTERS, RouterContext
 
     E, D = 4, 8
