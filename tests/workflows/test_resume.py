@@ -32,18 +32,27 @@ def moelab_run(study: Path, workdir: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def wait_until_logged(proc: subprocess.Popen, workdir: Path, study: str, cell_id: str, step: int) -> None:
+    """Poll MLflow until the cell has logged `step`. Killing only after the cell moved past a checkpoint avoids
+    the window between a checkpoint directory appearing and Ray Train registering it (a kill there restarts from
+    the previous checkpoint, which is correct but not what these tests check)."""
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    for _poll in range(3000):  # bounded wait, a hang guard
+        exp = client.get_experiment_by_name(study) if (workdir / "mlflow.db").exists() else None
+        runs = client.search_runs([exp.experiment_id], f"tags.`moelab.cell_id` = '{cell_id}'") if exp else []
+        if runs and any(m.step >= step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")):
+            return
+        assert proc.poll() is None, "study ended before the kill point"
+        time.sleep(0.2)
+    pytest.fail(f"cell {cell_id} never reached step {step}")
+
+
 def test_sigkill_then_rerun_resumes_without_retraining_or_duplicates(tmp_path):
     path, workdir = tmp_path / "resume.yaml", tmp_path / "work"
     path.write_text(yaml.safe_dump(STUDY))
     first, second = [c.id for c in expand(parse_study(STUDY))]
     proc = moelab_run(path, workdir)
-    for _poll in range(2000):  # bounded wait (a hang guard, not a speed target) for the second cell's checkpoint
-        if list((workdir / "ray_results" / second).glob("checkpoint_*")):
-            break
-        assert proc.poll() is None, "study ended before the kill point"
-        time.sleep(0.2)
-    else:
-        pytest.fail("the second cell never wrote a checkpoint")
+    wait_until_logged(proc, workdir, "resume", second, 30)  # past the second cell's step-20 checkpoint
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
@@ -65,3 +74,25 @@ def test_sigkill_then_rerun_resumes_without_retraining_or_duplicates(tmp_path):
     # The curve never restarts: after the resume, logging goes on from the checkpoint, not from step 0.
     assert steps.count(10) == 1
     assert all(b > a or b > resumed_from for a, b in zip(steps, steps[1:]))
+
+
+def test_killed_train_worker_restarts_the_cell_from_its_checkpoint(tmp_path):
+    study = dict(STUDY, name="workerkill", routers=[{"name": "topk", "k": 2}],
+                 resources=dict(STUDY["resources"], max_failures=1))
+    path, workdir = tmp_path / "workerkill.yaml", tmp_path / "work"
+    path.write_text(yaml.safe_dump(study))
+    (cell,) = [c.id for c in expand(parse_study(study))]
+    proc = moelab_run(path, workdir)
+    wait_until_logged(proc, workdir, "workerkill", cell, 30)
+    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert workers, "no Ray Train worker process found"
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    assert proc.wait(timeout=600) == 0  # Ray Train restarted the worker group; the cell finished
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("workerkill")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'")
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags["moelab.resumed_from_step"]) >= 20  # restarted from the checkpoint, not from 0
+    steps = [m.step for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.timestamp)]
+    assert steps.count(10) == 1 and steps[-1] == 100
