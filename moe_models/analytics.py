@@ -11,9 +11,6 @@ import torch
 
 from moe_models.routing import RoutingDecision
 
-SUM_KEYS = ("tokens", "routes_E", "kept_routes", "entropy", "topk_prob")
-
-
 def primary_expert_T(decision: RoutingDecision) -> torch.Tensor:
     """Each token's highest-weight selected expert (its top-1), for purity and domain statistics."""
     weights_TK = decision.weights_TK.detach().masked_fill(~decision.active_TK, -1.0)

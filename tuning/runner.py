@@ -106,7 +106,7 @@ def tune_study(study: Study, ws: Workspace, address: str | None = None,
 
 def finish_sweep(tracker: Tracker, experiment_id: str, sweep_run: str, study: Study, outcome: SweepOutcome) -> None:
     sweep = study.sweep
-    rows = trial_rows(tracker.child_runs(experiment_id, sweep_run), sweep)
+    rows = trial_rows(tracker.trial_runs(experiment_id, sweep.name), sweep)
     columns = ["trial", "router", "model", "dataset", "status", "early_stopped", "steps", sweep.metric, *sweep.space]
     tracker.log_text(sweep_run, markdown(rows, columns), "tables/trials.md")
     outcome.best_table = best_table(rows, sweep)

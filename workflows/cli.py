@@ -107,13 +107,15 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _trial_runs(study, tracker) -> list:
+    found = tracker.client.get_experiment_by_name(study.name)
+    return tracker.trial_runs(found.experiment_id, study.sweep.name) if found else []
+
+
 def _sweep_status(study, tracker, ws) -> None:
     from tuning.report import trial_rows
-    from workflows.tracking import ROLE, SWEEP
 
-    found = tracker.client.get_experiment_by_name(study.name)
-    runs = [r for r in tracker.runs_with_tag(found.experiment_id, SWEEP, study.sweep.name)
-            if r.data.tags.get(ROLE) == "trial"] if found else []
+    runs = _trial_runs(study, tracker)
     print(f"sweep {study.sweep.name}: {len(runs)} trial(s)")
     for row in trial_rows(runs, study.sweep):
         params = " ".join(f"{k}={row[k]}" for k in study.sweep.space)
@@ -144,13 +146,9 @@ def cmd_aggregate(args) -> int:
 
 def _sweep_best(study, args) -> str:
     from tuning.report import best_table, trial_rows
-    from workflows.tracking import ROLE, SWEEP
 
     tracker, _, _ = _runs(study, args)
-    found = tracker.client.get_experiment_by_name(study.name)
-    runs = [r for r in tracker.runs_with_tag(found.experiment_id, SWEEP, study.sweep.name)
-            if r.data.tags.get(ROLE) == "trial"] if found else []
-    return best_table(trial_rows(runs, study.sweep), study.sweep)
+    return best_table(trial_rows(_trial_runs(study, tracker), study.sweep), study.sweep)
 
 
 def cmd_routers(args) -> int:

@@ -74,8 +74,8 @@ class Tracker:
             runs.setdefault(run.data.tags[CELL], run)
         return runs
 
-    def child_runs(self, experiment_id: str, parent_run_id: str) -> list[Run]:
-        return self._search(experiment_id, f"tags.`{PARENT}` = '{parent_run_id}'")
+    def trial_runs(self, experiment_id: str, sweep_name: str) -> list[Run]:
+        return self._search(experiment_id, f"tags.`{ROLE}` = 'trial' and tags.`{SWEEP}` = '{sweep_name}'")
 
     def runs_with_tag(self, experiment_id: str, key: str, value: str) -> list[Run]:
         return self._search(experiment_id, f"tags.`{key}` = '{value}'")

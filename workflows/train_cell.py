@@ -140,8 +140,9 @@ def evaluate(engine, data: PreparedData, cell: Cell, w: Worker) -> tuple[dict[st
 
 def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> tuple[dict[str, float], dict]:
     t = cell.training
-    lm, aux, sums = 0.0, 0.0, {}
-    unscaled: dict[int, dict[str, float]] = {}
+    # Losses stay tensors until the step ends: one host read per step, not one per loss, layer and micro-batch.
+    lm, aux, sums = torch.zeros(()), torch.zeros(()), {}
+    unscaled: dict[int, dict[str, torch.Tensor]] = {}
     for micro in range(t.grad_accum_steps):
         gen = batch_generator(cell.seed, step, micro, w.rank)
         x, y, dom = sample_batch(data, "train", t.micro_batch_size, t.seq_len, gen)
@@ -155,16 +156,18 @@ def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> 
                                 f"aux {out.aux_loss.item():.4g}) on {int(bad.item())} rank(s)")
         engine.backward(loss)
         engine.step()  # the optimizer steps on the last micro-batch (DeepSpeed's accumulation boundary)
-        lm += out.lm_loss.item() / t.grad_accum_steps
-        aux += out.aux_loss.item() / t.grad_accum_steps
+        lm = lm + out.lm_loss.detach() / t.grad_accum_steps
+        aux = aux + out.aux_loss.detach() / t.grad_accum_steps
         for i, layer in out.moe.items():
             sums[i] = add_sums(sums.get(i), layer.sums)
             for name, value in layer.unscaled.items():
                 losses = unscaled.setdefault(i, {})
-                losses[name] = losses.get(name, 0.0) + value.item() / t.grad_accum_steps
+                losses[name] = losses.get(name, 0.0) + value / t.grad_accum_steps
+    unscaled_values = {i: {k: v.item() for k, v in losses.items()} for i, losses in unscaled.items()}
+    lm, aux = lm.item(), aux.item()
     after_optimizer_step(engine.module)  # expert bias, balancing windows: once per optimizer step
     metrics = {"train/loss": lm + aux, "train/lm_loss": lm, "train/aux_loss": aux, "train/lr": engine.get_lr()[0],
-               **aux_loss_metrics("train/moe", unscaled, cell.router.balancing)}
+               **aux_loss_metrics("train/moe", unscaled_values, cell.router.balancing)}
     return metrics, sums
 
 

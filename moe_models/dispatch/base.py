@@ -13,7 +13,6 @@ from torch import nn
 
 from moe_models.dispatch.capacity import DropPolicy
 from moe_models.registry import Registry
-from moe_models.routing import RoutingDecision
 
 
 @dataclass(frozen=True)
@@ -32,11 +31,9 @@ class DispatchOutput:
     kept_TK: torch.Tensor  # which routes were served (inactive or dropped routes are False)
 
 
-class DispatchBackend(Protocol):
-    def __call__(self, x_TD: torch.Tensor, decision: RoutingDecision) -> DispatchOutput: ...
-
-
 class DispatchFactory(Protocol):
+    """Builds an nn.Module whose forward(x_TD, decision) returns a DispatchOutput."""
+
     def __call__(self, spec: DispatchSpec) -> nn.Module: ...
 
 

@@ -40,8 +40,6 @@ class RouterContext:
 
 class Router(nn.Module):
     Options: ClassVar[type[RouterOptions]] = RouterOptions
-    # Parameter-free routers (hash) cannot be trained by a balancing loss; analytics still use their probs.
-    learned: ClassVar[bool] = True
     # Routers that route by the document's domain label (the reference router) get `domain_ids_T` as a third
     # argument; the rest never see labels.
     needs_domains: ClassVar[bool] = False

@@ -19,7 +19,6 @@ class HashOptions(RouterOptions):
 @ROUTERS.register("hash")
 class HashRouter(Router):
     Options = HashOptions
-    learned = False
 
     def __init__(self, ctx: RouterContext, options: HashOptions):
         super().__init__(ctx, options)

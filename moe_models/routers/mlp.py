@@ -13,6 +13,11 @@ class MLPOptions(TopKOptions):
     hidden: PositiveInt = 64
 
 
+def feature_mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    """Linear -> GELU -> Linear, shared by the MLP and MLP-Hadamard routers."""
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+
+
 @ROUTERS.register("mlp")
 class MLPRouter(TopKRouter):
     Options = MLPOptions
@@ -20,8 +25,7 @@ class MLPRouter(TopKRouter):
     def __init__(self, ctx: RouterContext, options: MLPOptions):
         super().__init__(ctx, options)
         del self.proj  # the MLP replaces the linear scorer
-        self.mlp = nn.Sequential(nn.Linear(ctx.d_model, options.hidden), nn.GELU(),
-                                 nn.Linear(options.hidden, ctx.num_experts))
+        self.mlp = feature_mlp(ctx.d_model, options.hidden, ctx.num_experts)
 
     def expert_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         return self.mlp.float()(x_TD)

@@ -3,15 +3,14 @@ elementwise before the expert projection: logits = W_o (MLP(x) * x), then top-k.
 from __future__ import annotations
 
 import torch
-from pydantic import PositiveInt
-from torch import nn
 
 from moe_models.routers.base import ROUTERS, RouterContext
-from moe_models.routers.topk import TopKOptions, TopKRouter
+from moe_models.routers.mlp import MLPOptions, feature_mlp
+from moe_models.routers.topk import TopKRouter
 
 
-class MLPHadamardOptions(TopKOptions):
-    hidden: PositiveInt = 64
+class MLPHadamardOptions(MLPOptions):
+    pass
 
 
 @ROUTERS.register("mlp_hadamard")
@@ -20,8 +19,7 @@ class MLPHadamardRouter(TopKRouter):
 
     def __init__(self, ctx: RouterContext, options: MLPHadamardOptions):
         super().__init__(ctx, options)  # self.proj is the output projection W_o
-        self.mlp = nn.Sequential(nn.Linear(ctx.d_model, options.hidden), nn.GELU(),
-                                 nn.Linear(options.hidden, ctx.d_model))
+        self.mlp = feature_mlp(ctx.d_model, options.hidden, ctx.d_model)
 
     def expert_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         return super().expert_logits(self.mlp.float()(x_TD) * x_TD)

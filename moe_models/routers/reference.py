@@ -20,7 +20,6 @@ class ReferenceOptions(RouterOptions):
 @ROUTERS.register("reference")
 class ReferenceRouter(Router):
     Options = ReferenceOptions
-    learned = False
     needs_domains = True
 
     def __init__(self, ctx: RouterContext, options: ReferenceOptions):
