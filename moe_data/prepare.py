@@ -31,6 +31,10 @@ class PreparedData:
     def to_dict(self) -> dict:
         return self.__dict__.copy()
 
+    def train_token_counts(self) -> torch.Tensor:
+        """(V,) token-id frequencies of the training split (what a balanced hash table is built from)."""
+        return torch.bincount(self.tokens["train"], minlength=self.vocab_size)
+
 
 def prepare(name: str, vocab_size: int, max_chars_per_domain: int, cache_dir: Path, **source_kwargs) -> Path:
     """Build (or find) the prepared file for a dataset spec; returns its path."""

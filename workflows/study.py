@@ -52,6 +52,9 @@ class RouterEntry(_Strict):
     capacity_factor: PositiveFloat | None = None  # None = dropless
     drop_policy: Literal["position", "probs"] = "position"
     active_experts: PositiveInt = 1  # dense baseline only: FFN hidden = active_experts * expert_hidden
+    # A non-causal router (expert choice) in an autoregressive model sees future tokens; it runs there only if the
+    # study says so here.
+    allow_non_causal: bool = False
     options: dict[str, Any] = Field(default_factory=dict)
 
     _split = model_validator(mode="before")(lambda data: _split_options(data, set(RouterEntry.model_fields) - {"options"}))
@@ -217,6 +220,11 @@ class Study(_Strict):
                 if router.name != DENSE and router.max_experts_per_token(experts) > experts:
                     problems.append(f"routers[{i}]: routes up to {router.max_experts_per_token(experts)} experts per token; "
                                     f"allowed: at most models[{j}].num_experts={experts}")
+                if (router.name != DENSE and not ROUTERS.get(router.name).causal and not router.allow_non_causal
+                        and MODELS.get(model.name).autoregressive):
+                    problems.append(f"routers[{i}].allow_non_causal: {router.name} is non-causal (a token's experts "
+                                    f"depend on later tokens) and models[{j}] ({model.name}) is autoregressive; "
+                                    "set allow_non_causal: true to run it anyway")
         if self.sweep:
             problems.extend(self._sweep_problems(labels))
         for j, model in enumerate(self.models):

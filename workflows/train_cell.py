@@ -56,11 +56,12 @@ def lr_factor(step: int, t: TrainingConfig) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
 
 
-def build_engine(cell: Cell, vocab_size: int, num_domains: int = 0) -> deepspeed.DeepSpeedEngine:
+def build_engine(cell: Cell, data: PreparedData) -> deepspeed.DeepSpeedEngine:
     torch.manual_seed(cell.seed)  # identical init on every rank
     family = MODELS.get(cell.model.name)
-    model = family.build(cell.model.resolved_options(), cell.router.routing_spec(), vocab_size,
-                         cell.training.seq_len, cell.seed, num_domains=num_domains)
+    model = family.build(cell.model.resolved_options(), cell.router.routing_spec(), data.vocab_size,
+                         cell.training.seq_len, cell.seed, num_domains=len(data.domains),
+                         token_counts_V=data.train_token_counts())
     t = cell.training
     groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "parameters"})
@@ -220,7 +221,7 @@ def train_cell(config: dict[str, Any]) -> None:
     t = cell.training
     data = load_prepared(config["data_path"])
     w = Worker(rank, world, Tracker(config["tracking_uri"]) if rank == 0 else None, config["run_id"])
-    engine = build_engine(cell, data.vocab_size, len(data.domains))
+    engine = build_engine(cell, data)
     start = resume_step(engine)
     setup_seconds = time.perf_counter() - entered  # data load + model + DeepSpeed engine + checkpoint restore
     if w.tracker:

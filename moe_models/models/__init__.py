@@ -14,7 +14,9 @@ from moe_models.registry import Registry
 @dataclass(frozen=True)
 class ModelFamily:
     Options: type[BaseModel]
-    build: Callable[..., nn.Module]  # (options, routing, vocab_size, max_seq_len, seed, num_domains=0) -> model
+    # (options, routing, vocab_size, max_seq_len, seed, num_domains=0, token_counts_V=None) -> model
+    build: Callable[..., nn.Module]
+    autoregressive: bool = True  # a non-causal router (expert choice) would see future tokens
 
 
 MODELS: Registry[ModelFamily] = Registry("model")

@@ -97,10 +97,11 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, opts: GPTOptions, routing: RoutingSpec, vocab_size: int, max_seq_len: int, seed: int,
-                 num_domains: int = 0):
+                 num_domains: int = 0, token_counts_V: torch.Tensor | None = None):
         super().__init__()
         self.opts = opts
         self.num_domains = num_domains
+        self.token_counts_V = token_counts_V  # routers built from data statistics (balanced hash) read these
         self.tok_emb = nn.Embedding(vocab_size, opts.d_model)
         self.pos_emb = nn.Embedding(max_seq_len, opts.d_model)
         self.blocks = nn.ModuleList(
@@ -112,7 +113,6 @@ class GPT(nn.Module):
         self.lm_head.weight = self.tok_emb.weight  # weight tying (nanoGPT)
         self.apply(_init_weights)
 
-
     def is_moe_block(self, index: int) -> bool:
         return self.opts.moe_every > 0 and (index + 1) % self.opts.moe_every == 0
 
@@ -122,7 +122,7 @@ class GPT(nn.Module):
             return ExpertFFN(o.d_model, routing.dense_active_experts * o.expert_hidden)
         if not self.is_moe_block(index):
             return ExpertFFN(o.d_model, o.expert_hidden)
-        ctx = RouterContext(o.d_model, o.num_experts, vocab_size, index, seed, self.num_domains)
+        ctx = RouterContext(o.d_model, o.num_experts, vocab_size, index, seed, self.num_domains, self.token_counts_V)
         router_cls = ROUTERS.get(routing.router)
         router = router_cls(ctx, routing.options or router_cls.Options())
         spec = DispatchSpec(o.d_model, o.expert_hidden, o.num_experts, o.ep_size,

@@ -2,6 +2,7 @@
 from moe_models.routers.base import ROUTERS, Router, RouterContext, RouterOptions
 from moe_models.routers import attention as _attention  # noqa: F401
 from moe_models.routers import entropy_adaptive as _entropy_adaptive  # noqa: F401
+from moe_models.routers import expert_choice as _expert_choice  # noqa: F401
 from moe_models.routers import hash as _hash  # noqa: F401
 from moe_models.routers import hybrid as _hybrid  # noqa: F401
 from moe_models.routers import mlp as _mlp  # noqa: F401

@@ -36,6 +36,7 @@ class RouterContext:
     layer_index: int
     seed: int
     num_domains: int = 0  # domain labels the dataset carries (0 = unlabelled)
+    token_counts_V: torch.Tensor | None = None  # token-id frequencies of the training split (balanced hash)
 
 
 class Router(nn.Module):
@@ -43,6 +44,10 @@ class Router(nn.Module):
     # Routers that route by the document's domain label (the reference router) get `domain_ids_T` as a third
     # argument; the rest never see labels.
     needs_domains: ClassVar[bool] = False
+    # Causal routers decide a token's experts from that token alone; a non-causal one (expert choice) looks at the
+    # whole batch, which leaks future tokens in an autoregressive model.
+    causal: ClassVar[bool] = True
+    min_experts_per_token: ClassVar[int] = 1  # 0 where a token may be left unrouted (expert choice)
 
     def __init__(self, ctx: RouterContext, options: RouterOptions):
         super().__init__()

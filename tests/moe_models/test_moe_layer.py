@@ -16,7 +16,8 @@ DOMAINS = 2
 def build(router="topk", capacity_factor=None, balancing=None, num_experts=E, **options):
     torch.manual_seed(0)
     cls = ROUTERS.get(router)
-    r = cls(RouterContext(D, num_experts, V, 0, 0, num_domains=DOMAINS), cls.Options(**options))
+    ctx = RouterContext(D, num_experts, V, 0, 0, num_domains=DOMAINS, token_counts_V=torch.arange(V).float())
+    r = cls(ctx, cls.Options(**options))
     spec = DispatchSpec(D, F, num_experts, 1, capacity_factor, "position")
     return MoEFeedForward(r, DISPATCH_BACKENDS.get("deepspeed")(spec), balancing or {})
 
@@ -41,7 +42,8 @@ def reference(layer, x_TD, ids_T, dom_T):
     return out
 
 
-ROUTER_CASES = [("topk", {"k": 1}), ("topk", {"k": 2}), ("topk", {"k": 3}), ("hash", {}), ("top_p", {"p": 0.6}),
+ROUTER_CASES = [("topk", {"k": 1}), ("topk", {"k": 2}), ("topk", {"k": 3}), ("hash", {}), ("hash", {"k": 2, "table": "balanced"}),
+                ("expert_choice", {"capacity": 1.5}), ("top_p", {"p": 0.6}),
                 ("entropy_adaptive", {"max_k": 3}), ("top_any", {"init_threshold": -0.05}), ("mlp", {"k": 2}),
                 ("attention", {"k": 2}), ("hybrid", {"k": 2}), ("mlp_hadamard", {"k": 2}), ("reference", {})]
 
@@ -80,7 +82,7 @@ def test_capacity_drops_routes_and_dropped_tokens_get_zero_output():
 def test_scaled_lbl_equals_alpha_under_balanced_routing():
     alpha = 0.037
     layer = build("hash", balancing={"switch_lbl": alpha})
-    table = layer.router.table_V
+    table = layer.router.table_VK[:, 0]
     ids = torch.cat([torch.nonzero(table == e)[:1, 0] for e in range(E)]).repeat(5).view(1, -1)
     _, aux = layer(torch.randn(1, ids.shape[1], D), ids)
     assert aux.unscaled["switch_lbl"].item() == pytest.approx(1.0)

@@ -1,4 +1,6 @@
 """Property tests over every registered router: the contract every dispatch backend relies on."""
+import math
+
 import pytest
 import torch
 
@@ -7,9 +9,13 @@ from moe_models.routers import ROUTERS, RouterContext
 E, D, V, T, DOMAINS = 6, 16, 50, 64, 3
 
 
+COUNTS_V = torch.arange(V, 0, -1).float()  # a frequency table for routers built from data (balanced hash)
+
+
 def make(name: str, **options):
     cls = ROUTERS.get(name)
-    ctx = RouterContext(d_model=D, num_experts=E, vocab_size=V, layer_index=1, seed=3, num_domains=DOMAINS)
+    ctx = RouterContext(d_model=D, num_experts=E, vocab_size=V, layer_index=1, seed=3, num_domains=DOMAINS,
+                        token_counts_V=COUNTS_V)
     return cls(ctx, cls.Options(**options))
 
 
@@ -40,7 +46,7 @@ def test_decision_contract(name):
     torch.testing.assert_close(decision.probs_TE.sum(-1), torch.ones(T))
     per_token = decision.experts_per_token_T
     bound = E // DOMAINS if router.needs_domains else router.options.max_experts_per_token(E)
-    assert (per_token >= 1).all() and (per_token <= bound).all()
+    assert (per_token >= type(router).min_experts_per_token).all() and (per_token <= bound).all()
     # No expert twice for one token: the mask counts each selected expert once.
     assert torch.equal(decision.expert_mask_TE().sum(-1), per_token.float())
 
@@ -74,16 +80,52 @@ def test_hash_is_a_fixed_function_of_token_id():
     x2, _ = inputs(1)
     a, b = router(x1, ids), router(x2, ids)  # different hidden states, same token ids
     assert torch.equal(a.expert_ids_TK, b.expert_ids_TK)
-    assert torch.equal(a.expert_ids_TK[:, 0], router.table_V[ids])
+    assert torch.equal(a.expert_ids_TK[:, 0], router.table_VK[ids, 0])
     again = make("hash")  # same seed and layer -> same table, on any rank and in any run
-    assert torch.equal(again.table_V, router.table_V)
+    assert torch.equal(again.table_VK, router.table_VK)
     other_layer = ROUTERS.get("hash")(RouterContext(D, E, V, layer_index=2, seed=3), ROUTERS.get("hash").Options())
-    assert not torch.equal(other_layer.table_V, router.table_V)
+    assert not torch.equal(other_layer.table_VK, router.table_VK)
     assert sum(p.numel() for p in router.parameters()) == 0  # parameter-free
 
 
 def test_hash_table_is_saved_in_state_dict():
-    assert "table_V" in make("hash").state_dict()
+    assert "table_VK" in make("hash").state_dict()
+
+
+@pytest.mark.parametrize("table", ["random", "balanced"])
+def test_hash_top_k_gives_k_distinct_experts_of_weight_one_over_k(table):
+    decision = make("hash", k=3, table=table)(*inputs())
+    assert torch.equal(decision.expert_mask_TE().sum(-1), torch.full((T,), 3.0))
+    torch.testing.assert_close(decision.weights_TK, torch.full((T, 3), 1 / 3))
+
+
+def zipf_stream(vocab: int, tokens: int, seed: int) -> torch.Tensor:
+    weights = 1.0 / torch.arange(1, vocab + 1).float()  # Zipf, s = 1
+    perm = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))  # frequent ids anywhere in V
+    return perm[torch.multinomial(weights, tokens, replacement=True, generator=torch.Generator().manual_seed(seed))]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_balanced_hash_keeps_the_largest_load_within_ten_percent_of_the_mean_on_zipf(k):
+    vocab, experts = 4000, 8
+    train, held_out = zipf_stream(vocab, 200_000, seed=0), zipf_stream(vocab, 50_000, seed=1)  # fresh sample
+    counts = torch.bincount(train, minlength=vocab)
+    loads = {}
+    for table in ("random", "balanced"):
+        cls = ROUTERS.get("hash")
+        router = cls(RouterContext(D, experts, vocab, 0, 0, token_counts_V=counts), cls.Options(table=table, k=k))
+        decision = router(torch.zeros(len(held_out), D), held_out)
+        loads[table] = decision.tokens_per_expert_E()
+    balanced = loads["balanced"]
+    assert balanced.max() <= 1.10 * balanced.mean()
+    # The random table is what balancing buys us against: Zipf's head token alone is ~11% of the stream.
+    assert loads["random"].max() / loads["random"].mean() > balanced.max() / balanced.mean()
+
+
+def test_balanced_hash_needs_token_counts():
+    cls = ROUTERS.get("hash")
+    with pytest.raises(ValueError, match="token counts"):
+        cls(RouterContext(D, E, V, 0, 0), cls.Options(table="balanced"))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.4, 0.75, 1.0])
@@ -170,3 +212,25 @@ def test_router_state_has_no_scalar_tensors(name):
     """DeepSpeed's engine broadcasts every parameter at init by viewing it as bytes, which fails on 0-dim tensors."""
     router = make(name)
     assert all(t.dim() > 0 for t in [*router.parameters(), *router.buffers()])
+
+
+@pytest.mark.parametrize("capacity", [0.5, 1.0, 2.0])
+def test_expert_choice_gives_every_expert_the_same_number_of_tokens(capacity):
+    decision = make("expert_choice", capacity=capacity)(*inputs())
+    per_expert = decision.tokens_per_expert_E()
+    assert per_expert.eq(math.ceil(capacity * T / E)).all()  # balanced by construction
+    # Each expert took its most probable tokens: any token it skipped scores no higher than the ones it took.
+    taken = decision.expert_mask_TE().bool()
+    for e in range(E):
+        assert decision.probs_TE[~taken[:, e], e].max() <= decision.probs_TE[taken[:, e], e].min()
+    torch.testing.assert_close(decision.weights_TK, decision.probs_TE * taken)
+
+
+def test_expert_choice_is_not_causal_a_later_token_changes_an_earlier_tokens_experts():
+    router = make("expert_choice")
+    x, ids = inputs()
+    before = router(x, ids).active_TK[0].clone()
+    x2 = x.clone()
+    x2[1:] = x[1:] * 50  # only later tokens change
+    assert not torch.equal(router(x2, ids).active_TK[0], before)
+    assert not type(router).causal and all(ROUTERS.get(n).causal for n in ROUTERS.names() if n != "expert_choice")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from moe_models.routers import ROUTERS
 from workflows.cells import expand
 from workflows.cli import main
 from workflows.study import parse_study
@@ -37,8 +38,7 @@ def mutate(fn):
 BAD = {
     "unknown router": (lambda s: s["routers"].append({"name": "topz"}),
                        ["routers[3].name", "unknown router 'topz'",
-                        "valid: attention, entropy_adaptive, hash, hybrid, mlp, mlp_hadamard, reference, top_any, "
-                        "top_p, topk, dense"]),
+                        "valid: " + ", ".join(sorted(ROUTERS.names()) + ["dense"])]),
     "k > experts": (lambda s: s["routers"].append({"name": "topk", "k": 5, "label": "big"}),
                     ["routers[3]", "5 experts per token", "at most models[0].num_experts=4"]),
     "negative alpha": (lambda s: s["routers"][0]["balancing"].update(switch_lbl=-0.1),
@@ -54,6 +54,9 @@ BAD = {
                              ["datasets[0].name", "does not exist"]),
     "bad schedule": (lambda s: s.update(training={"schedule": "cosin"}),
                      ["training.schedule", "'cosine', 'linear' or 'constant'"]),
+    "non-causal router in a decoder": (lambda s: s["routers"].append({"name": "expert_choice"}),
+                                       ["routers[3].allow_non_causal", "expert_choice is non-causal",
+                                        "models[0] (gpt) is autoregressive"]),
     "ep_size vs workers": (lambda s: s["models"][0].update(ep_size=2), ["models[0].ep_size", "workers_per_cell=1"]),
 }
 
@@ -65,6 +68,13 @@ def test_validate_rejects_bad_input_with_exit_2_and_field_name(case, tmp_path, c
     assert code == 2
     for fragment in expected:
         assert fragment in err, (fragment, err)
+
+
+def test_non_causal_router_runs_in_a_decoder_only_when_the_study_allows_it(tmp_path, capsys):
+    allowed = mutate(lambda s: s["routers"].append({"name": "expert_choice", "allow_non_causal": True}))
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(allowed))
+    assert main(["validate", str(path)]) == 0
 
 
 def test_validate_accepts_good_study(tmp_path, capsys):
