@@ -6,12 +6,14 @@ trial id), and every trial reopens its MLflow run found by trial-id tag — noth
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from mlflow.entities import Run
 from ray import tune
 
 from tuning.report import best_table, markdown, plot_metric_vs_params, trial_rows
@@ -21,7 +23,49 @@ from workflows.cells import Cell, expand
 from workflows.provenance import git_commit
 from workflows.runner import Workspace, cell_tags, init_ray, prepare_datasets
 from workflows.study import Study
-from workflows.tracking import TRIAL, Tracker
+from workflows.tracking import REASON, TRIAL, Tracker
+
+
+class TrialRunCloser(tune.Callback):
+    """Closes a trial's MLflow run the moment Tune is done with it, so the MLflow UI shows live sweep state and a
+    restored sweep finds finished trials already closed (their end times never move)."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, steps: int):
+        self.tracking_uri, self.experiment_id, self.steps = tracking_uri, experiment_id, steps
+        self._tracker: Tracker | None = None
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(self.tracking_uri)
+        return self._tracker
+
+    def __getstate__(self) -> dict:  # pickled into tuner.pkl (Tuner.restore brings it back): no live client
+        return {**self.__dict__, "_tracker": None}
+
+    def close(self, run: Run, last_result: dict, error: BaseException | str | None) -> str | None:
+        """Marks the run FINISHED (tagged early_stopped when ASHA cut it short) or FAILED; returns the reason."""
+        run = self.tracker.client.get_run(run.info.run_id)  # fresh status
+        reason = str(error) if error else run.data.tags.get(REASON)
+        if run.info.status != "RUNNING":
+            return reason
+        # A trial whose function returned at once after a restore has no result; its logged step still tells.
+        step = max(last_result.get("step", 0), int(run.data.metrics.get("train/step", 0)))
+        if step and step < self.steps and not reason:
+            self.tracker.set_tags(run.info.run_id, {"moelab.early_stopped": "true"})
+        self.tracker.finish(run.info.run_id, "FAILED" if reason else "FINISHED", reason)
+        return reason
+
+    def _close_trial(self, trial, error) -> None:
+        runs = self.tracker.runs_with_tag(self.experiment_id, TRIAL, trial.trial_id)
+        if runs:
+            self.close(runs[0], trial.last_result or {}, error)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._close_trial(trial, None)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._close_trial(trial, trial.error_msg or "trial errored")
 
 
 @dataclass
@@ -55,16 +99,21 @@ def tune_study(study: Study, ws: Workspace, address: str | None = None,
     tracker.log_text(sweep_run, sweep.model_dump_json(indent=2), "sweep.json")
     prepared = prepare_datasets(study, ws.cache_dir)
     bases = base_cells(study)
+    path = f"{ws.storage_path}/sweep-{sweep.name}"
+    asha_state = f"{ws.storage_path}/sweep-{sweep.name}.asha.json"  # beside the experiment dir Tune manages
     ctx = SweepContext(sweep.name, tuple(c.resolved() for c in bases), tuple(prepared[c.dataset].path for c in bases),
                        tuple(cell_tags(c, prepared[c.dataset]) for c in bases), ws.tracking_uri, experiment_id,
-                       sweep_run, ws.storage_path, study.resources)
+                       sweep_run, ws.storage_path, study.resources, asha_state)
     init_ray(address, verbose)
+    # Tune snapshots the experiment (trial states, ASHA's rungs) at most this often; the default (>= 10 s) would let
+    # a killed driver forget up to 10 s of scheduling decisions. A snapshot of a few trials costs milliseconds.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     # A trial only waits on its TorchTrainer, so it takes no CPU (the train workers hold the cores); the head
     # node's built-in resource gives Tune a non-empty request and keeps trial drivers next to the study driver.
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"CPU": 0, "node:__internal_head__": 0.001})
-    path = f"{ws.storage_path}/sweep-{sweep.name}"
     outcome = SweepOutcome(sweep_run)
+    closer = TrialRunCloser(ws.tracking_uri, experiment_id, study.training.steps)
     if tune.Tuner.can_restore(path):
         outcome.restored = True
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -73,12 +122,13 @@ def tune_study(study: Study, ws: Workspace, address: str | None = None,
             trainable,
             param_space=param_space(sweep, len(bases)),
             tune_config=tune.TuneConfig(
-                metric=tune_metric(sweep.metric), mode=sweep.mode, search_alg=search_algorithm(sweep),
-                scheduler=scheduler(sweep, study.training), num_samples=num_samples(sweep, len(bases)),
-                max_concurrent_trials=sweep.max_concurrent_trials or study.resources.max_concurrent_cells,
+                metric=tune_metric(sweep.metric), mode=sweep.mode,
+                search_alg=search_algorithm(sweep, sweep.max_concurrent_trials or study.resources.max_concurrent_cells),
+                scheduler=scheduler(sweep, study.training, asha_state), num_samples=num_samples(sweep, len(bases)),
                 trial_dirname_creator=lambda trial: trial.trial_id,  # lets results map back to MLflow runs
             ),
             run_config=tune.RunConfig(name=f"sweep-{sweep.name}", storage_path=ws.storage_path, verbose=1,
+                                      callbacks=[closer],
                                       failure_config=tune.FailureConfig(max_failures=study.resources.max_failures)),
         )
     echo(f"sweep {sweep.name}: {len(bases)} base cell(s), search {sweep.search}, scheduler {sweep.scheduler}"
@@ -90,12 +140,7 @@ def tune_study(study: Study, ws: Workspace, address: str | None = None,
         if not runs:  # the trial died before creating its run
             outcome.failed[trial_id] = str(result.error)
             continue
-        run_id = runs[0].info.run_id
-        reason = str(result.error) if result.error else tracker.failure_reason(run_id)
-        step = (result.metrics or {}).get("step", 0)
-        if step and step < study.training.steps and not reason:
-            tracker.set_tags(run_id, {"moelab.early_stopped": "true"})
-        tracker.finish(run_id, "FAILED" if reason else "FINISHED", reason)
+        reason = closer.close(runs[0], result.metrics or {}, result.error)
         if reason:
             outcome.failed[trial_id] = reason
         outcome.trials += 1

@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from tuning.asha import ResumableASHA
 from tuning.sweep_config import Dimension, SweepConfig
 from workflows.study import TrainingConfig
 
@@ -42,15 +43,19 @@ def num_samples(sweep: SweepConfig, num_bases: int) -> int:
     return sweep.num_samples * (num_bases if sweep.search == "optuna" else 1)
 
 
-def search_algorithm(sweep: SweepConfig):
+def search_algorithm(sweep: SweepConfig, max_concurrent: int):
+    """The search algorithm, limited to `max_concurrent` running trials (TuneConfig.max_concurrent_trials would be
+    ignored for a BasicVariantGenerator instance, so the limit is set here for both kinds)."""
     if sweep.search == "optuna":  # TPE by default
-        return OptunaSearch(metric=tune_metric(sweep.metric), mode=sweep.mode, seed=0)
-    return None  # Tune's BasicVariantGenerator: random sampling x grid_search
+        return ConcurrencyLimiter(OptunaSearch(metric=tune_metric(sweep.metric), mode=sweep.mode, seed=0),
+                                  max_concurrent=max_concurrent)
+    # Random sampling x grid_search, seeded so the same study file samples the same trials.
+    return BasicVariantGenerator(random_state=0, max_concurrent=max_concurrent)
 
 
-def scheduler(sweep: SweepConfig, training: TrainingConfig):
+def scheduler(sweep: SweepConfig, training: TrainingConfig, state_path: str):
     if sweep.scheduler == "none":
         return None
     # Rungs on optimizer steps (reported with every eval), so decisions line up with evaluations.
-    return ASHAScheduler(time_attr="step", max_t=training.steps, grace_period=training.eval_interval,
+    return ResumableASHA(state_path, time_attr="step", max_t=training.steps, grace_period=training.eval_interval,
                          reduction_factor=2)

@@ -12,6 +12,7 @@ from typing import Any
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from tuning.asha import stopped_trials
 from workflows.cells import Cell
 from workflows.launch import make_trainer
 from workflows.study import ResourcesConfig
@@ -31,6 +32,7 @@ class SweepContext:
     sweep_run_id: str
     storage_path: str
     resources: ResourcesConfig
+    asha_state_path: str  # where ResumableASHA records the trials it stopped
 
 
 def trial_cell(ctx: SweepContext, config: dict[str, Any]) -> Cell:
@@ -39,8 +41,12 @@ def trial_cell(ctx: SweepContext, config: dict[str, Any]) -> Cell:
     return replace(base, router=router)
 
 
-def trial_run_id(tracker: Tracker, ctx: SweepContext, trial_id: str, cell: Cell, config: dict[str, Any]) -> str:
+def trial_run_id(tracker: Tracker, ctx: SweepContext, trial_id: str, cell: Cell,
+                 config: dict[str, Any]) -> str | None:
+    """The trial's MLflow run (reopened, or created); None if that run already FINISHED."""
     found = tracker.runs_with_tag(ctx.experiment_id, TRIAL, trial_id)
+    if found and found[0].info.status == "FINISHED":
+        return None
     if found:
         tracker.reopen(found[0].info.run_id)
         return found[0].info.run_id
@@ -52,10 +58,16 @@ def trial_run_id(tracker: Tracker, ctx: SweepContext, trial_id: str, cell: Cell,
 
 def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
+    if trial_id in stopped_trials(ctx.asha_state_path):
+        return  # ASHA stopped it before the driver was killed; the restored sweep keeps that decision
     cell = trial_cell(ctx, config)
-    tracker = Tracker(ctx.tracking_uri)
+    run_id = trial_run_id(Tracker(ctx.tracking_uri), ctx, trial_id, cell, config)
+    if run_id is None:
+        # Closed in MLflow (finished, or stopped by ASHA) after Tune's last experiment snapshot: a restored sweep
+        # must not train it again. MLflow is the record of what finished.
+        return
     payload = {"cell": cell.resolved(), "data_path": ctx.data_paths[config["base"]],
-               "tracking_uri": ctx.tracking_uri, "run_id": trial_run_id(tracker, ctx, trial_id, cell, config)}
+               "tracking_uri": ctx.tracking_uri, "run_id": run_id}
     trainer = make_trainer(f"train-trial_id={trial_id}", payload, ctx.resources, ctx.storage_path,
                            callbacks=[TuneReportCallback()])
     trainer.fit()

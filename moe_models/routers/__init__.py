@@ -8,6 +8,7 @@ from moe_models.routers import hybrid as _hybrid  # noqa: F401
 from moe_models.routers import mlp as _mlp  # noqa: F401
 from moe_models.routers import mlp_hadamard as _mlp_hadamard  # noqa: F401
 from moe_models.routers import reference as _reference  # noqa: F401
+from moe_models.routers import self_supervised as _self_supervised  # noqa: F401
 from moe_models.routers import top_any as _top_any  # noqa: F401
 from moe_models.routers import top_p as _top_p  # noqa: F401
 from moe_models.routers import topk as _topk  # noqa: F401

@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import NonNegativeFloat, PositiveInt
+from pydantic import NonNegativeFloat, PositiveInt, field_validator, model_validator
 
+from moe_models.assignment import ASSIGNMENTS
 from moe_models.routers.base import ROUTERS, LinearScoreRouter, RouterOptions
 from moe_models.routing import RoutingDecision
 
@@ -24,6 +25,24 @@ class TopKOptions(RouterOptions):
     # Aux-loss-free balancing (Wang et al. 2024, arXiv 2408.15664): a per-expert bias added to the scores for
     # *selection only*, moved by this rate u after each optimizer step (moe_models/expert_bias.py). 0 = off.
     expert_bias_rate: NonNegativeFloat = 0.0
+    # How scores become choices (moe_models/assignment): greedy top-k, Sinkhorn (S-BASE) or BASE balanced
+    # assignment at training; every method is greedy at evaluation.
+    assignment: str = "greedy"
+
+    @field_validator("assignment")
+    @classmethod
+    def _known_assignment(cls, name: str) -> str:
+        ASSIGNMENTS.get(name)  # raises with the valid names
+        return name
+
+    @model_validator(mode="after")
+    def _one_balancer_in_selection(self) -> "TopKOptions":
+        if self.expert_bias_rate > 0 and self.assignment != "greedy":
+            raise ValueError(f"expert_bias_rate and assignment={self.assignment!r} both rewrite the selection; "
+                             "pick one")
+        if self.assignment == "base" and self.k != 1:
+            raise ValueError(f"assignment='base' is top-1 (BASE layers); got k={self.k}")
+        return self
 
     def max_experts_per_token(self, num_experts: int) -> int:
         return self.k
@@ -58,7 +77,8 @@ class TopKRouter(LinearScoreRouter):
             if self.training:
                 self.step_counts_E += torch.bincount(expert_ids_TK.flatten(), minlength=self.ctx.num_experts)
         else:
-            weights_TK, expert_ids_TK = scores_TE.topk(opts.k, dim=-1)
+            expert_ids_TK = ASSIGNMENTS.get(opts.assignment)(logits_TE.detach(), opts.k, self.training)
+            weights_TK = scores_TE.gather(1, expert_ids_TK)
         if opts.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         active_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)

@@ -4,7 +4,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
+from moe_models.assignment import ASSIGNMENTS
+from moe_models.assignment.balanced import balanced_assignment, expert_capacities
+from moe_models.assignment.sinkhorn import sinkhorn_plan
 from moe_models.balancing import BALANCING_LOSSES
 from moe_models.routing import RoutingDecision
 
@@ -118,3 +122,64 @@ def test_expert_bias_moves_load_toward_balance_once_per_optimizer_step():
     assert "expert_bias_E" in router.state_dict() and "step_counts_E" not in router.state_dict()
     d = router(x, ids)  # the bias picks experts; the gate values stay the unbiased probabilities
     torch.testing.assert_close(d.weights_TK, d.probs_TE.gather(1, d.expert_ids_TK))
+
+
+# --- balancing by assignment: Sinkhorn (S-BASE) and BASE -------------------------------------------------------------
+
+
+def skewed_logits(T: int, E: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(T, E, generator=gen) + torch.linspace(0, 3, E)  # expert E-1 is everyone's favourite
+
+
+def test_sinkhorn_plan_has_uniform_marginals():
+    T, E = 96, 6
+    plan = sinkhorn_plan(skewed_logits(T, E))
+    torch.testing.assert_close(plan.sum(dim=1), torch.full((T,), 1 / T), rtol=1e-3, atol=0)
+    torch.testing.assert_close(plan.sum(dim=0), torch.full((E,), 1 / E), rtol=1e-3, atol=0)
+
+
+def test_sinkhorn_assignment_balances_load_that_greedy_concentrates():
+    T, E = 600, 6
+    logits = skewed_logits(T, E)
+    greedy = torch.bincount(ASSIGNMENTS.get("greedy")(logits, 1, True)[:, 0], minlength=E)
+    sinkhorn = torch.bincount(ASSIGNMENTS.get("sinkhorn")(logits, 1, True)[:, 0], minlength=E)
+    assert greedy.max() > 2.5 * T / E
+    assert sinkhorn.max() < 1.25 * T / E
+    assert torch.equal(ASSIGNMENTS.get("sinkhorn")(logits, 1, False), logits.topk(1).indices)  # greedy at eval
+
+
+@pytest.mark.parametrize("T,E", [(24, 4), (30, 4), (50, 7)])
+def test_base_assignment_is_balanced_and_matches_the_optimal_linear_assignment(T, E):
+    scores = skewed_logits(T, E, seed=T)
+    owner = balanced_assignment(scores)
+    assert torch.bincount(owner, minlength=E).tolist() == expert_capacities(T, E)
+    # Reference: scipy's exact solver on the slot-expanded matrix (one column per expert slot).
+    columns = torch.cat([torch.full((c,), e) for e, c in enumerate(expert_capacities(T, E))])
+    rows, cols = linear_sum_assignment(scores[:, columns].numpy(), maximize=True)
+    optimum = float(scores[:, columns].numpy()[rows, cols].sum())
+    achieved = float(scores.gather(1, owner.unsqueeze(1)).sum())
+    assert achieved == pytest.approx(optimum, abs=1e-2)
+
+
+def test_base_is_greedy_top1_at_evaluation_and_rejects_k_above_1():
+    logits = skewed_logits(40, 4)
+    assert torch.equal(ASSIGNMENTS.get("base")(logits, 1, False), logits.argmax(-1, keepdim=True))
+    with pytest.raises(ValueError, match="top-1"):
+        ASSIGNMENTS.get("base")(logits, 2, True)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_switch_lbl_equals_hf_load_balancing_loss_divided_by_k(k):
+    """HF's Mixtral load_balancing_loss_func divides route counts by T (uniform routing scores k); we divide by K*T as
+    Megatron does (uniform routing scores 1). On one layer's logits the two agree up to that factor k."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    E, T = 6, 200
+    logits = skewed_logits(T, E, seed=k)
+    probs = logits.softmax(-1)
+    ids = probs.topk(k, dim=-1).indices
+    decision = RoutingDecision(ids, probs.gather(1, ids), torch.ones_like(ids, dtype=torch.bool), probs, logits)
+    ours = BALANCING_LOSSES.get("switch_lbl")(decision)
+    hf = load_balancing_loss_func((logits,), num_experts=E, top_k=k)
+    torch.testing.assert_close(ours * k, hf)

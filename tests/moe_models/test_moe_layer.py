@@ -42,10 +42,12 @@ def reference(layer, x_TD, ids_T, dom_T):
     return out
 
 
-ROUTER_CASES = [("topk", {"k": 1}), ("topk", {"k": 2}), ("topk", {"k": 3}), ("hash", {}), ("hash", {"k": 2, "table": "balanced"}),
+ROUTER_CASES = [("topk", {"k": 1}), ("topk", {"k": 2}), ("topk", {"k": 3}), ("topk", {"k": 2, "assignment": "sinkhorn"}),
+                ("topk", {"assignment": "base"}), ("hash", {}), ("hash", {"k": 2, "table": "balanced"}),
                 ("expert_choice", {"capacity": 1.5}), ("top_p", {"p": 0.6}),
                 ("entropy_adaptive", {"max_k": 3}), ("top_any", {"init_threshold": -0.05}), ("mlp", {"k": 2}),
-                ("attention", {"k": 2}), ("hybrid", {"k": 2}), ("mlp_hadamard", {"k": 2}), ("reference", {})]
+                ("attention", {"k": 2}), ("hybrid", {"k": 2}), ("mlp_hadamard", {"k": 2}), ("reference", {}),
+                ("self_supervised", {"k": 2})]
 
 
 def test_every_registered_router_is_covered():

@@ -234,3 +234,25 @@ def test_expert_choice_is_not_causal_a_later_token_changes_an_earlier_tokens_exp
     x2[1:] = x[1:] * 50  # only later tokens change
     assert not torch.equal(router(x2, ids).active_TK[0], before)
     assert not type(router).causal and all(ROUTERS.get(n).causal for n in ROUTERS.names() if n != "expert_choice")
+
+
+def test_info_nce_is_log_n_for_uninformative_views_and_near_zero_for_matching_ones():
+    from moe_models.routers.self_supervised import info_nce
+
+    n = 32
+    same = torch.zeros(n, 8)
+    same[:, 0] = 1.0  # every row identical: the positive is no more similar than any negative
+    assert info_nce(same, same, temperature=0.1).item() == pytest.approx(math.log(n), rel=1e-5)
+    distinct = torch.eye(n)  # orthogonal rows: the positive stands out by 1/temperature
+    assert info_nce(distinct, distinct, temperature=0.01).item() < 1e-6
+
+
+def test_self_supervised_router_adds_its_contrastive_loss_only_in_training_and_trains_its_features():
+    router = make("self_supervised", k=2, contrastive_weight=0.5)
+    x, ids = inputs()
+    decision = router.train()(x, ids)
+    loss = decision.router_losses["contrastive"]
+    assert 0 < loss.item() < 0.5 * math.log(T) * 1.5
+    loss.backward()
+    assert router.features[0].weight.grad.abs().sum() > 0 and router.head.weight.grad is None  # pretext: phi only
+    assert "contrastive" not in router.eval()(x, ids).router_losses

@@ -1,8 +1,13 @@
 """A grid sweep through real Ray Tune + Ray Train + DeepSpeed + MLflow; re-running restores instead of re-running."""
+import os
+import signal
+import time
+
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.processes import moelab_process
 from workflows.cli import main
 
 pytestmark = pytest.mark.slow
@@ -19,8 +24,9 @@ SWEEP_STUDY = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
+@pytest.fixture
+def in_process_ray():
+    """`main(["tune", ...])` starts Ray in this process; shut it down so later tests start their own cluster."""
     import ray
 
     yield
@@ -32,7 +38,7 @@ def trial_runs(client):
     return client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'trial'")
 
 
-def test_grid_sweep_logs_one_child_run_per_trial_and_restores(tmp_path, capsys):
+def test_grid_sweep_logs_one_child_run_per_trial_and_restores(tmp_path, capsys, in_process_ray):
     path, workdir = tmp_path / "sweep.yaml", tmp_path / "work"
     path.write_text(yaml.safe_dump(SWEEP_STUDY))
     assert main(["tune", str(path), "--workdir", str(workdir)]) == 0
@@ -61,3 +67,59 @@ def test_grid_sweep_logs_one_child_run_per_trial_and_restores(tmp_path, capsys):
 
     assert main(["aggregate", str(path), "--workdir", str(workdir)]) == 0
     assert "### Sweep k: best eval/loss" in capsys.readouterr().out
+
+
+ASHA_STUDY = {
+    "name": "asha",
+    "routers": [{"name": "topk", "k": 1, "balancing": {"switch_lbl": 0.01}}],
+    "models": [{"name": "gpt", "d_model": 64, "n_layers": 2, "n_heads": 4, "num_experts": 4, "expert_hidden": 128}],
+    "datasets": [{"name": "builtin:domains", "vocab_size": 300, "max_chars_per_domain": 40000}],
+    "training": {"steps": 40, "micro_batch_size": 8, "seq_len": 64, "warmup_steps": 2, "log_interval": 5,
+                 "eval_interval": 10, "eval_batches": 1, "checkpoint_interval": 10},
+    "resources": {"workers_per_cell": 1, "cpus_per_worker": 1, "max_concurrent_cells": 1},
+    "sweep": {"name": "asha", "space": {"balancing.switch_lbl": {"loguniform": [1e-4, 1.0]}, "k": {"choice": [1, 2]}},
+              "search": "random", "num_samples": 4, "scheduler": "asha"},
+}
+
+
+def trial_state(client, experiment_id):
+    """trial id -> (run id, status, end time, early_stopped tag, logged train/loss steps)."""
+    runs = client.search_runs([experiment_id], "tags.`moelab.role` = 'trial'")
+    return {r.data.tags["moelab.trial_id"]: (r.info.run_id, r.info.status, r.info.end_time,
+                                             r.data.tags.get("moelab.early_stopped"),
+                                             [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")])
+            for r in runs}
+
+
+def test_asha_sweep_killed_mid_trial_restores_with_decisions_kept_and_no_duplicates(tmp_path):
+    path, workdir = tmp_path / "asha.yaml", tmp_path / "work"
+    path.write_text(yaml.safe_dump(ASHA_STUDY))
+    proc = moelab_process("tune", path, workdir)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    # Kill once a trial has been closed (finished or stopped by ASHA) and a later one is past its first checkpoint.
+    for _poll in range(3000):  # bounded wait, a hang guard
+        exp = client.get_experiment_by_name("asha") if (workdir / "mlflow.db").exists() else None
+        state = trial_state(client, exp.experiment_id) if exp else {}
+        closed = {t: s for t, s in state.items() if s[1] != "RUNNING"}
+        running = [s for s in state.values() if s[1] == "RUNNING" and s[4] and max(s[4]) >= 15]
+        if closed and running:
+            break
+        assert proc.poll() is None, "sweep ended before the kill point"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted_run = running[0][0]
+
+    assert moelab_process("tune", path, workdir).wait(timeout=900) == 0
+    after = trial_state(client, exp.experiment_id)
+    assert len(after) == 4 and len({s[0] for s in after.values()}) == 4  # what the sweep asked for, no duplicates
+    assert len(client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'sweep'")) == 1
+    assert all(s[1] == "FINISHED" for s in after.values())
+    for trial, before in closed.items():  # closed before the kill: untouched, ASHA's stop decisions kept
+        assert after[trial] == before
+    (resumed,) = [s for s in after.values() if s[0] == interrupted_run]
+    assert resumed[4].count(5) == 1  # its curve went on from the checkpoint, never restarted at step 0
+    assert int(client.get_run(interrupted_run).data.tags["moelab.resumed_from_step"]) >= 10
+    early = [s for s in after.values() if s[3] == "true"]
+    assert early and all(max(s[4]) < 40 for s in early)  # ASHA cut some trials short ...
+    assert any(max(s[4]) == 40 and s[3] is None for s in after.values())  # ... and let the best one finish

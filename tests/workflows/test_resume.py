@@ -2,7 +2,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.processes import moelab_process
 from workflows.cells import expand
 from workflows.study import parse_study
 
@@ -27,9 +27,7 @@ STUDY = {
 
 
 def moelab_run(study: Path, workdir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "workflows.cli", "run", str(study), "--workdir", str(workdir)],
-                            cwd=Path(__file__).resolve().parents[2], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return moelab_process("run", study, workdir)
 
 
 def wait_until_logged(proc: subprocess.Popen, workdir: Path, study: str, cell_id: str, step: int) -> None:

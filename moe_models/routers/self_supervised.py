@@ -1,0 +1,61 @@
+"""Self-supervised router (router-architectures report, X-1): a feature extractor phi trained by a contrastive pretext
+task, and a linear routing head on its features, then top-k.
+
+  z = phi(x) = W2 GELU(W1 x);  logits = W_r z
+  L_ssl = InfoNCE over N sampled tokens (SimCSE, Gao et al. 2021, arXiv 2104.08821): two dropout views of each token
+          are a positive pair, the other tokens of the sample are negatives, cosine similarity / temperature.
+
+The pretext loss sees detached hidden states: it shapes the router's features, not the backbone. It is added to the
+training loss through `router_losses["contrastive"]`, scaled by `contrastive_weight`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt, confloat
+
+from moe_models.routers.base import ROUTERS, RouterContext
+from moe_models.routers.mlp import feature_mlp
+from moe_models.routers.topk import TopKOptions, TopKRouter
+from moe_models.routing import RoutingDecision
+
+
+class SelfSupervisedOptions(TopKOptions):
+    hidden: PositiveInt = 64  # width of phi
+    contrastive_weight: NonNegativeFloat = 0.1
+    temperature: PositiveFloat = 0.1
+    view_dropout: confloat(gt=0, lt=1) = 0.1  # the augmentation that makes the two views differ
+    contrastive_tokens: PositiveInt = 256  # tokens sampled per forward for InfoNCE (N x N similarities)
+
+
+def info_nce(view_a_ND: torch.Tensor, view_b_ND: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of each row's positive (the diagonal) against the other rows, in both directions."""
+    a, b = F.normalize(view_a_ND, dim=-1), F.normalize(view_b_ND, dim=-1)
+    logits_NN = a @ b.t() / temperature
+    labels = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits_NN, labels) + F.cross_entropy(logits_NN.t(), labels))
+
+
+@ROUTERS.register("self_supervised")
+class SelfSupervisedRouter(TopKRouter):
+    Options = SelfSupervisedOptions
+    options: SelfSupervisedOptions
+
+    def __init__(self, ctx: RouterContext, options: SelfSupervisedOptions):
+        super().__init__(ctx, options)
+        del self.proj
+        self.features = feature_mlp(ctx.d_model, options.hidden, options.hidden)
+        self.head = torch.nn.Linear(options.hidden, ctx.num_experts, bias=False)
+
+    def expert_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.head.float()(self.features.float()(x_TD.float()))
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
+        decision = super().forward(x_TD, token_ids_T)
+        opts = self.options
+        if self.training and opts.contrastive_weight > 0 and len(x_TD) > 1:
+            sample = torch.randperm(len(x_TD), device=x_TD.device)[:opts.contrastive_tokens]
+            x_ND = x_TD[sample].detach().float()
+            views = [self.features.float()(F.dropout(x_ND, opts.view_dropout, training=True)) for _ in range(2)]
+            decision.router_losses["contrastive"] = opts.contrastive_weight * info_nce(*views, opts.temperature)
+        return decision
