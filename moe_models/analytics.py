@@ -11,6 +11,10 @@ import torch
 
 from moe_models.routing import RoutingDecision
 
+# Keys of `summarize` that are lists or matrices (logged as artifacts, not metrics).
+NON_SCALAR = ("expert_fraction", "experts_per_token_hist", "coactivation")
+
+
 def primary_expert_T(decision: RoutingDecision) -> torch.Tensor:
     """Each token's highest-weight selected expert (its top-1), for purity and domain statistics."""
     weights_TK = decision.weights_TK.detach().masked_fill(~decision.active_TK, -1.0)
@@ -22,15 +26,24 @@ def routing_sums(decision: RoutingDecision, kept_TK: torch.Tensor, domain_ids_T:
     probs_TE = decision.probs_TE.detach().float()
     entropy_T = -(probs_TE * probs_TE.clamp_min(1e-12).log()).sum(dim=-1)
     selected_mass_T = (probs_TE.gather(1, decision.expert_ids_TK) * decision.active_TK).sum(dim=-1)
+    mask_TE = decision.expert_mask_TE()
+    E = decision.num_experts
+    active_T, kept_T = decision.active_TK.sum(-1), kept_TK.sum(-1)
+    gate_TK = decision.weights_TK.detach().float() * decision.active_TK
     sums = {
         "tokens": torch.tensor(float(probs_TE.shape[0]), device=probs_TE.device),
-        "routes_E": decision.tokens_per_expert_E().detach().float(),
+        "routes_E": mask_TE.sum(dim=0),
         "kept_routes": kept_TK.sum().float(),
         "entropy": entropy_T.sum(),
         "topk_prob": selected_mass_T.sum(),
+        "experts_hist": torch.bincount(active_T, minlength=E + 1)[:E + 1].float(),  # tokens with n experts
+        "coactivation_EE": mask_TE.t() @ mask_TE,  # tokens routed to both i and j (diagonal: to i)
+        "tokens_lost_a_route": ((kept_T < active_T)).sum().float(),
+        "tokens_lost_all_routes": ((kept_T == 0) & (active_T > 0)).sum().float(),
+        "gate_mass": gate_TK.sum(),
+        "gate_mass_dropped": (gate_TK * ~kept_TK).sum(),
     }
     if num_domains > 0 and domain_ids_T is not None:
-        E = decision.num_experts
         labelled = domain_ids_T >= 0
         pair = domain_ids_T[labelled] * E + primary_expert_T(decision)[labelled]
         sums["domain_expert_DE"] = torch.bincount(pair, minlength=num_domains * E).view(num_domains, E).float()
@@ -66,8 +79,46 @@ def summarize(sums: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
         "utilization": float(fraction_E.clamp(max=1.0 / num_experts).sum()),
         "dead_experts": float((routes_E == 0).sum()),
         "load_entropy_norm": _entropy(fraction_E) / math.log(num_experts) if num_experts > 1 else 0.0,
+        # Dropped routes (capacity): tokens losing at least one route, losing all, and the gate mass removed.
+        "tokens_lost_a_route": float(sums["tokens_lost_a_route"]) / tokens,
+        "tokens_lost_all_routes": float(sums["tokens_lost_all_routes"]) / tokens,
+        "gate_mass_dropped": float(sums["gate_mass_dropped"] / sums["gate_mass"].clamp_min(1e-12)),
+        "experts_per_token_hist": (sums["experts_hist"].double() / tokens).tolist(),
+        "coactivation": coactivation(sums["coactivation_EE"]).tolist(),
         **(specialization(sums["domain_expert_DE"]) if "domain_expert_DE" in sums else {}),
     }
+
+
+def coactivation(counts_EE: torch.Tensor) -> torch.Tensor:
+    """C[i, j] = N_ij / N_i: of the tokens routed to expert i, the share also routed to j (OLMoE, arXiv 2409.02060;
+    counted over all selected experts, not only adjacent ranks)."""
+    counts = counts_EE.double()
+    return counts / counts.diagonal().clamp_min(1.0).unsqueeze(1)
+
+
+def difficulty_sums(experts_per_token_T: torch.Tensor, token_nll_T: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Additive sums for the Pearson correlation between experts per token and token loss (input difficulty)."""
+    x, y = experts_per_token_T.double(), token_nll_T.double()
+    return {"n": torch.tensor(float(len(x)), dtype=torch.float64), "x": x.sum(), "y": y.sum(), "xx": (x * x).sum(),
+            "yy": (y * y).sum(), "xy": (x * y).sum()}
+
+
+def pearson(s: dict[str, torch.Tensor]) -> float:
+    """NaN when experts per token is constant (fixed-k routers): there is nothing to correlate."""
+    n = float(s["n"])
+    cov = float(s["xy"]) / n - float(s["x"]) * float(s["y"]) / n**2
+    var_x = float(s["xx"]) / n - (float(s["x"]) / n) ** 2
+    var_y = float(s["yy"]) / n - (float(s["y"]) / n) ** 2
+    if var_x <= 1e-12 or var_y <= 1e-12:
+        return float("nan")
+    return cov / math.sqrt(var_x * var_y)
+
+
+def saturation(snapshot_TE: torch.Tensor, final_TE: torch.Tensor) -> float:
+    """Router saturation (OLMoE): mean over tokens of |S_t(snapshot) & S_t(final)| / |S_t(final)| on the same
+    evaluation tokens; 1 = the router already routes as it will at the end of training."""
+    overlap_T = (snapshot_TE & final_TE).sum(-1).double()
+    return float((overlap_T / final_TE.sum(-1).clamp_min(1)).mean())
 
 
 def _entropy(p: torch.Tensor) -> float:

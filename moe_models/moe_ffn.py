@@ -23,6 +23,7 @@ class MoEAux:
     loss: torch.Tensor  # sum of scaled balancing + router losses, added to the LM loss
     unscaled: dict[str, torch.Tensor] = field(default_factory=dict)  # per-method loss before its coefficient
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # analytics.routing_sums
+    expert_mask_TE: torch.Tensor | None = None  # bool, each token's selected experts (difficulty, saturation)
 
 
 class MoEFeedForward(nn.Module):
@@ -56,7 +57,7 @@ class MoEFeedForward(nn.Module):
         loss = loss + sum(decision.router_losses.values(), x_TD.new_zeros(()).float())
         out = self.dispatch(x_TD, decision)
         sums = routing_sums(decision, out.kept_TK, domain_ids_T, self.router.ctx.num_domains)
-        aux = MoEAux(loss, {k: v.detach() for k, v in unscaled.items()}, sums)
+        aux = MoEAux(loss, {k: v.detach() for k, v in unscaled.items()}, sums, decision.expert_mask_TE().bool())
         return out.y_TD.view_as(x_BSD), aux
 
     def _accumulate_window(self, routes_E: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from moe_data.prepare import PreparedData, load_prepared, sample_batch
-from moe_models.analytics import add_sums, summarize
+from moe_models.analytics import NON_SCALAR, add_sums, difficulty_sums, pearson, saturation, summarize
 from moe_models.optimizer_hooks import after_optimizer_step
 from moe_models.models import MODELS, LMOutput
 from workflows.cells import Cell
@@ -91,17 +91,19 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def layer_metrics(prefix: str, moe: dict[int, dict[str, torch.Tensor]]) -> tuple[dict[str, float], dict]:
-    """Per-layer routing metrics plus their mean over MoE layers; returns (metrics, expert fractions per layer)."""
+    """Per-layer routing metrics plus their mean over MoE layers; returns (metrics, per-layer tables), the tables
+    being analytics.NON_SCALAR entries (expert fractions, experts-per-token histogram, co-activation)."""
     metrics: dict[str, float] = {}
-    fractions: dict[int, list[float]] = {}
+    tables: dict[int, dict[str, list]] = {}
     per_layer = {i: summarize({k: all_reduce_sum(v) for k, v in sums.items()}) for i, sums in sorted(moe.items())}
     for i, summary in per_layer.items():
-        fractions[i] = summary.pop("expert_fraction")
+        tables[i] = {key: summary.pop(key) for key in NON_SCALAR}
         metrics.update({f"{prefix}/block{i}/{k}": v for k, v in summary.items()})
-        metrics.update({f"{prefix}/block{i}/expert{e}_fraction": f for e, f in enumerate(fractions[i])})
+        metrics.update({f"{prefix}/block{i}/expert{e}_fraction": f
+                        for e, f in enumerate(tables[i]["expert_fraction"])})
     for key in per_layer[next(iter(per_layer))] if per_layer else []:
         metrics[f"{prefix}/{key}"] = sum(s[key] for s in per_layer.values()) / len(per_layer)
-    return metrics, fractions
+    return metrics, tables
 
 
 def aux_loss_metrics(prefix: str, unscaled: dict[int, dict[str, float]], coefficients: dict[str, float]) -> dict:
@@ -114,29 +116,49 @@ def aux_loss_metrics(prefix: str, unscaled: dict[int, dict[str, float]], coeffic
     return out
 
 
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    tables: dict[int, dict[str, list]]  # per MoE block: expert fractions, experts-per-token histogram, co-activation
+    routes: dict[int, torch.Tensor]  # per MoE block: this rank's bool (T, E) choices on the fixed eval tokens
+
+
 @torch.no_grad()
-def evaluate(engine, data: PreparedData, cell: Cell, w: Worker) -> tuple[dict[str, float], dict]:
+def evaluate(engine, data: PreparedData, cell: Cell, w: Worker) -> Evaluation:
     t = cell.training
     engine.eval()
     gen = torch.Generator().manual_seed(EVAL_SEED + w.rank)
-    loss_sum, sums = torch.zeros(2), {}
+    loss_sum, sums, difficulty, routes = torch.zeros(2), {}, None, {}
     unscaled: dict[int, dict[str, float]] = {}
     for _ in range(t.eval_batches):
         x, y, dom = sample_batch(data, "validation", t.micro_batch_size, t.seq_len, gen)
         out: LMOutput = engine(x, y, dom)
         loss_sum += torch.tensor([out.lm_loss.item() * y.numel(), y.numel()])
+        if out.moe:  # experts per token, averaged over MoE layers, against the token's loss
+            experts_T = torch.stack([a.expert_mask_TE.sum(-1) for a in out.moe.values()]).float().mean(0)
+            difficulty = add_sums(difficulty, difficulty_sums(experts_T, out.token_nll_BS.flatten()))
         for i, aux in out.moe.items():
             sums[i] = add_sums(sums.get(i), aux.sums)
+            routes[i] = torch.cat([routes[i], aux.expert_mask_TE]) if i in routes else aux.expert_mask_TE
             for name, value in aux.unscaled.items():  # rank 0's mean over batches; the load metrics are global
                 layer = unscaled.setdefault(i, {})
                 layer[name] = layer.get(name, 0.0) + value.item() / t.eval_batches
     engine.train()
     total = all_reduce_sum(loss_sum)
     loss = float(total[0] / total[1])
-    metrics, fractions = layer_metrics("eval/moe", sums)
+    metrics, tables = layer_metrics("eval/moe", sums)
     metrics.update(aux_loss_metrics("eval/moe", unscaled, cell.router.balancing))
     metrics.update({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))})
-    return metrics, fractions
+    if difficulty is not None:  # Pearson r; NaN (not logged) for fixed-k routers
+        metrics["eval/moe/difficulty_corr"] = pearson({k: all_reduce_sum(v) for k, v in difficulty.items()})
+    return Evaluation(metrics, tables, routes)
+
+
+def saturation_metrics(snapshot: dict[int, torch.Tensor], final: dict[int, torch.Tensor]) -> dict[str, float]:
+    """Router saturation of an earlier evaluation against the final one, per MoE block and mean (rank 0's tokens)."""
+    per_block = {i: saturation(snapshot[i], final[i]) for i in final}
+    return {**{f"eval/moe/block{i}/saturation": v for i, v in per_block.items()},
+            "eval/moe/saturation": sum(per_block.values()) / len(per_block)} if per_block else {}
 
 
 def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> tuple[dict[str, float], dict]:
@@ -179,37 +201,46 @@ def report_metrics(metrics: dict[str, float], step: int) -> dict[str, float]:
     return {**out, "step": step}
 
 
-def save_and_report(engine, step: int, metrics: dict[str, float], checkpoint: bool) -> None:
+def save_and_report(engine, step: int, metrics: dict[str, float], checkpoint: bool, snapshots: dict) -> None:
     """All ranks report (Ray Train requires it). At checkpoints every rank saves its DeepSpeed shards (experts live
-    on their EP rank) and Ray merges the rank directories into one checkpoint."""
+    on their EP rank) and Ray merges the rank directories into one checkpoint. The routing snapshots of earlier
+    evaluations ride along, so saturation can still be computed after a resume."""
     if not checkpoint:
         ray.train.report(report_metrics(metrics, step))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag=f"step{step}", client_state={"step": step})
+        engine.save_checkpoint(tmp, tag=f"step{step}", client_state={"step": step, "routing_snapshots": snapshots})
         ray.train.report(report_metrics(metrics, step), checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def resume_step(engine) -> int:
+def resume(engine) -> tuple[int, dict]:
+    """(step, routing snapshots) of the latest checkpoint, or (0, {}) for a fresh start."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, {}
     with checkpoint.as_directory() as path:
         loaded, client_state = engine.load_checkpoint(path)
     if loaded is None:  # DeepSpeed only warns when `latest` is missing; a silent fresh start would lie
         raise RuntimeError(f"checkpoint at {checkpoint.path} could not be loaded by DeepSpeed")
-    return int(client_state["step"])
+    return int(client_state["step"]), client_state.get("routing_snapshots", {})
 
 
-def log_final_artifacts(w: Worker, cell: Cell, fractions: dict) -> None:
-    if not fractions:
+def log_final_artifacts(w: Worker, cell: Cell, tables: dict[int, dict[str, list]]) -> None:
+    if not tables:
         return
+    fractions = {i: t["expert_fraction"] for i, t in tables.items()}
     with tempfile.TemporaryDirectory() as tmp:
         png = expert_usage_heatmap(fractions, f"{cell.router.display()} — eval expert usage", Path(tmp) / "expert_usage.png")
         w.tracker.log_artifact(w.run_id, png, "routing")
     rows = ["block," + ",".join(f"expert{e}" for e in range(len(next(iter(fractions.values())))))]
     rows += [f"{i}," + ",".join(f"{f:.6f}" for f in fr) for i, fr in sorted(fractions.items())]
     w.tracker.log_text(w.run_id, "\n".join(rows) + "\n", "routing/expert_usage.csv")
+    for i, t in sorted(tables.items()):
+        matrix = "\n".join(",".join(f"{v:.4f}" for v in row) for row in t["coactivation"])
+        w.tracker.log_text(w.run_id, matrix + "\n", f"routing/coactivation_block{i}.csv")
+    rows = ["block," + ",".join(f"{n}_experts" for n in range(len(next(iter(tables.values()))["experts_per_token_hist"])))]
+    rows += [f"{i}," + ",".join(f"{h:.6f}" for h in t["experts_per_token_hist"]) for i, t in sorted(tables.items())]
+    w.tracker.log_text(w.run_id, "\n".join(rows) + "\n", "routing/experts_per_token_hist.csv")
 
 
 def train_cell(config: dict[str, Any]) -> None:
@@ -222,12 +253,12 @@ def train_cell(config: dict[str, Any]) -> None:
     data = load_prepared(config["data_path"])
     w = Worker(rank, world, Tracker(config["tracking_uri"]) if rank == 0 else None, config["run_id"])
     engine = build_engine(cell, data)
-    start = resume_step(engine)
+    start, snapshots = resume(engine)
     setup_seconds = time.perf_counter() - entered  # data load + model + DeepSpeed engine + checkpoint restore
     if w.tracker:
         w.tracker.set_tags(w.run_id, {"moelab.resumed_from_step": str(start)} if start else {})
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * world
-    fractions: dict = {}
+    tables: dict = {}
     latest_eval: dict[str, float] = {}
     train_seconds = 0.0
     for step in range(start + 1, t.steps + 1):
@@ -247,7 +278,9 @@ def train_cell(config: dict[str, Any]) -> None:
         last = step == t.steps
         evaluating, checkpointing = step % t.eval_interval == 0 or last, step % t.checkpoint_interval == 0 or last
         if evaluating:
-            latest_eval, fractions = evaluate(engine, data, cell, w)
+            evaluation = evaluate(engine, data, cell, w)
+            latest_eval, tables = evaluation.metrics, evaluation.tables
+            snapshots[step] = evaluation.routes
             metrics.update(latest_eval)
         if last:  # throughput over the whole (resumed part of the) run, not one noisy step
             metrics["summary/tokens_per_s"] = tokens_per_step * (step - start) / train_seconds
@@ -256,6 +289,8 @@ def train_cell(config: dict[str, Any]) -> None:
         if w.tracker and (step % t.log_interval == 0 or step % t.eval_interval == 0 or last):
             w.tracker.log_metrics(w.run_id, metrics, step)
         if last and w.tracker:
-            log_final_artifacts(w, cell, fractions)
+            log_final_artifacts(w, cell, tables)
+            for earlier, routes in sorted(snapshots.items()):  # saturation curve, at the steps it describes
+                w.tracker.log_metrics(w.run_id, saturation_metrics(routes, snapshots[step]), earlier)
         if evaluating or checkpointing:  # every report carries the latest eval, for Tune's schedulers
-            save_and_report(engine, step, {**latest_eval, **metrics}, checkpointing)
+            save_and_report(engine, step, {**latest_eval, **metrics}, checkpointing, snapshots)

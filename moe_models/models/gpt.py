@@ -48,6 +48,7 @@ class LMOutput:
     lm_loss: torch.Tensor  # mean next-token cross-entropy
     aux_loss: torch.Tensor  # sum over MoE layers of scaled balancing losses
     moe: dict[int, MoEAux] = field(default_factory=dict)  # block index -> that MoE layer's aux
+    token_nll_BS: torch.Tensor | None = None  # per-token cross-entropy, detached (input difficulty)
 
     @property
     def loss(self) -> torch.Tensor:
@@ -141,6 +142,7 @@ class GPT(nn.Module):
             if layer_aux is not None:
                 aux[i] = layer_aux
         logits_BSV = self.lm_head(self.ln_f(x))
-        lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
+        token_nll = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten(), reduction="none")
+        lm_loss = token_nll.mean()
         aux_loss = sum((a.loss for a in aux.values()), lm_loss.new_zeros(()))
-        return LMOutput(lm_loss, aux_loss, aux)
+        return LMOutput(lm_loss, aux_loss, aux, token_nll.detach().view_as(targets_BS))

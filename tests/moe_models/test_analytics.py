@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from moe_models.analytics import add_sums, routing_sums, specialization, summarize
+from moe_models.analytics import (add_sums, difficulty_sums, pearson, routing_sums, saturation, specialization,
+                                  summarize)
 from moe_models.routing import RoutingDecision
 
 
@@ -55,3 +56,40 @@ def test_domain_sums_accumulate_across_batches():
     total = add_sums(routing_sums(a, a.active_TK, dom_a, 2), routing_sums(b, b.active_TK, dom_b, 2))
     assert total["domain_expert_DE"].tolist() == [[3, 1, 0, 0], [0, 2, 0, 0]]
     assert summarize(total)["purity"] == pytest.approx(5 / 6)  # expert 1 mixes domains: 2 of its 3 tokens count
+
+
+def two_slot(ids, active):
+    """K=2 decisions from explicit expert ids and active masks, E=4, equal weights on active slots."""
+    ids, active = torch.tensor(ids), torch.tensor(active)
+    weights = active.float() * 0.5
+    probs = torch.full((len(ids), 4), 0.25)
+    return RoutingDecision(ids, weights, active, probs)
+
+
+def test_coactivation_histogram_and_drop_accounting():
+    d = two_slot([[0, 1], [0, 1], [0, 2], [3, 0]], [[True, True], [True, True], [True, True], [True, False]])
+    kept = torch.tensor([[True, True], [True, False], [False, False], [True, False]])
+    s = summarize(routing_sums(d, kept))
+    c = torch.tensor(s["coactivation"])
+    assert c[0].tolist() == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])  # 3 tokens at expert 0: 2 also at 1, 1 at 2
+    assert c[1, 0] == 1.0 and c[3, 3] == 1.0 and c[3, 0] == 0.0
+    assert s["experts_per_token_hist"] == pytest.approx([0, 0.25, 0.75, 0, 0])  # one token has 1 expert, three 2
+    assert s["tokens_lost_a_route"] == pytest.approx(0.5)  # tokens 1 and 2
+    assert s["tokens_lost_all_routes"] == pytest.approx(0.25)  # token 2
+    assert s["gate_mass_dropped"] == pytest.approx(1.5 / 3.5)  # 3 dropped half-weight routes of 7
+
+
+def test_difficulty_correlation_is_pearson_and_nan_for_constant_k():
+    gen = torch.Generator().manual_seed(0)
+    experts, loss = torch.randint(1, 4, (500,), generator=gen).float(), torch.randn(500, generator=gen)
+    loss = loss + experts  # more experts where the loss is higher
+    half = add_sums(difficulty_sums(experts[:250], loss[:250]), difficulty_sums(experts[250:], loss[250:]))
+    assert pearson(half) == pytest.approx(float(torch.corrcoef(torch.stack([experts, loss]).double())[0, 1]), rel=1e-9)
+    assert math.isnan(pearson(difficulty_sums(torch.full((10,), 2.0), torch.randn(10))))
+
+
+def test_saturation_counts_shared_choices_against_the_final_router():
+    final = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    assert saturation(final, final) == 1.0
+    earlier = torch.tensor([[1, 0, 1], [0, 1, 1], [0, 1, 0]], dtype=torch.bool)
+    assert saturation(earlier, final) == pytest.approx((0.5 + 1.0 + 0.0) / 3)

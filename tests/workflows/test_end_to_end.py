@@ -16,7 +16,7 @@ TINY = {
     "seeds": [0],
     "routers": [{"name": "topk", "k": 2, "label": "topk(k=2)", "expert_bias_rate": 0.001,
                  "balancing": {"switch_lbl": 0.01, "z_loss": 0.001, "sequence_lbl": 0.001, "squared_usage": 0.001}},
-                {"name": "hash"},
+                {"name": "top_p", "p": 0.51},
                 {"name": "reference"}],
     "models": [{"name": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 32}],
     "datasets": [{"name": "builtin:domains", "vocab_size": 300, "max_chars_per_domain": 40000}],
@@ -61,11 +61,18 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         assert run.info.status == "FINISHED"
         assert tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert tags["router"] in {"topk(k=2)", "hash", "reference"} and tags["seed"] == "0"
+        assert tags["router"] in {"topk(k=2)", "top_p(p=0.51)", "reference"} and tags["seed"] == "0"
         assert tags["git_commit"] and len(tags["dataset_fingerprint"]) == 16
         assert tags["version.deepspeed"] == "0.19.8" and tags["version.ray"] == "2.60.0"
         assert params["training.steps"] == "6" and params["model.num_experts"] == "4"
-        assert metrics["eval/moe/experts_per_token"] == pytest.approx(2.0 if tags["router"] == "topk(k=2)" else 1.0)
+        if tags["router"] == "top_p(p=0.51)":  # a dynamic count, and its correlation with token loss
+            assert 1.0 <= metrics["eval/moe/experts_per_token"] <= 4.0
+            assert -1.0 <= metrics["eval/moe/difficulty_corr"] <= 1.0
+        else:  # fixed k: nothing to correlate, so no difficulty metric is logged
+            assert metrics["eval/moe/experts_per_token"] == pytest.approx(2.0 if tags["router"] == "topk(k=2)" else 1.0)
+            assert "eval/moe/difficulty_corr" not in metrics
+        saturation = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/moe/saturation")}
+        assert set(saturation) == {3, 6} and saturation[6] == 1.0 and 0.0 <= saturation[3] <= 1.0
         assert 0 < metrics["eval/moe/purity"] <= 1 and 0.25 <= metrics["eval/moe/utilization"] <= 1
         if tags["router"] == "reference":  # the routing upper bound: each domain on its own expert
             assert metrics["eval/moe/purity"] == 1.0 and metrics["eval/moe/domain_expert_nmi"] == pytest.approx(1.0)
@@ -83,7 +90,8 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert steps == [2, 3, 4, 6]  # log_interval 2 plus the eval steps, each once
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "routing")}
-        assert artifacts == {"routing/expert_usage.png", "routing/expert_usage.csv"}
+        assert artifacts == {"routing/expert_usage.png", "routing/expert_usage.csv", "routing/experts_per_token_hist.csv",
+                             "routing/coactivation_block0.csv", "routing/coactivation_block1.csv"}
         heatmap = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="routing/expert_usage.png",
                                                            tracking_uri=client._tracking_client.tracking_uri))
         assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -124,7 +132,8 @@ def test_status_and_aggregate_read_back_from_mlflow(mini, capsys):
 
 
 def test_nan_loss_fails_that_cell_with_reason_and_the_study_goes_on(tmp_path, ray_session, capsys):
-    study = dict(TINY, name="poisoned", routers=TINY["routers"][:2], fault_injection={"nan_at_step": 4, "routers": ["hash"]})
+    study = dict(TINY, name="poisoned", routers=[TINY["routers"][0], {"name": "hash"}],
+                 fault_injection={"nan_at_step": 4, "routers": ["hash"]})
     path = tmp_path / "poisoned.yaml"
     path.write_text(yaml.safe_dump(study))
     assert main(["run", str(path), "--workdir", str(tmp_path / "work")]) == 1
