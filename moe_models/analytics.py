@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from moe_models.routing import RoutingDecision
 
@@ -84,6 +85,8 @@ def summarize(sums: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
         "tokens_lost_all_routes": float(sums["tokens_lost_all_routes"]) / tokens,
         "gate_mass_dropped": float(sums["gate_mass_dropped"] / sums["gate_mass"].clamp_min(1e-12)),
         "experts_per_token_hist": (sums["experts_hist"].double() / tokens).tolist(),
+        # Active expert FLOPs per token in this layer (served routes x 4*D*F), where the MoE layer counted them.
+        **({"expert_flops_per_token": float(sums["expert_flops"]) / tokens} if "expert_flops" in sums else {}),
         "coactivation": coactivation(sums["coactivation_EE"]).tolist(),
         **(specialization(sums["domain_expert_DE"]) if "domain_expert_DE" in sums else {}),
     }
@@ -136,5 +139,9 @@ def specialization(counts_DE: torch.Tensor) -> dict[str, float]:
     joint = counts / total
     h_d, h_e, h_de = _entropy(joint.sum(1)), _entropy(joint.sum(0)), _entropy(joint.flatten())
     mutual = h_d + h_e - h_de
+    # Agreement with a reference router (one expert per domain) up to a permutation of expert ids: the best
+    # one-to-one domain -> expert matching (Hungarian) and the share of tokens it explains.
+    rows, cols = linear_sum_assignment(counts.numpy(), maximize=True)
     return {"purity": float(counts.max(dim=0).values.sum()) / total,
-            "domain_expert_nmi": mutual / math.sqrt(h_d * h_e) if h_d > 0 and h_e > 0 else 0.0}
+            "domain_expert_nmi": mutual / math.sqrt(h_d * h_e) if h_d > 0 and h_e > 0 else 0.0,
+            "reference_agreement": float(counts.numpy()[rows, cols].sum()) / total}

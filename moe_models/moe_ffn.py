@@ -57,6 +57,8 @@ class MoEFeedForward(nn.Module):
         loss = loss + sum(decision.router_losses.values(), x_TD.new_zeros(()).float())
         out = self.dispatch(x_TD, decision)
         sums = routing_sums(decision, out.kept_TK, domain_ids_T, self.router.ctx.num_domains)
+        spec = self.dispatch.spec
+        sums["expert_flops"] = out.kept_TK.sum().float() * 4 * spec.d_model * spec.expert_hidden  # 2 matmuls, 2 FLOPs/MAC
         aux = MoEAux(loss, {k: v.detach() for k, v in unscaled.items()}, sums, decision.expert_mask_TE().bool())
         return out.y_TD.view_as(x_BSD), aux
 

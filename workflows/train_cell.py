@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -103,6 +104,8 @@ def layer_metrics(prefix: str, moe: dict[int, dict[str, torch.Tensor]]) -> tuple
                         for e, f in enumerate(tables[i]["expert_fraction"])})
     for key in per_layer[next(iter(per_layer))] if per_layer else []:
         metrics[f"{prefix}/{key}"] = sum(s[key] for s in per_layer.values()) / len(per_layer)
+    if per_layer and "expert_flops_per_token" in next(iter(per_layer.values())):  # the model's total, not a mean
+        metrics[f"{prefix}/expert_flops_per_token"] = sum(s["expert_flops_per_token"] for s in per_layer.values())
     return metrics, tables
 
 
@@ -192,6 +195,13 @@ def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> 
     metrics = {"train/loss": lm + aux, "train/lm_loss": lm, "train/aux_loss": aux, "train/lr": engine.get_lr()[0],
                **aux_loss_metrics("train/moe", unscaled_values, cell.router.balancing)}
     return metrics, sums
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory where there is one, else this worker process's peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def report_metrics(metrics: dict[str, float], step: int) -> dict[str, float]:
@@ -286,6 +296,7 @@ def train_cell(config: dict[str, Any]) -> None:
             metrics["summary/tokens_per_s"] = tokens_per_step * (step - start) / train_seconds
             metrics["summary/train_seconds"] = train_seconds
             metrics["summary/setup_seconds"] = setup_seconds
+            metrics["summary/peak_memory_mb"] = peak_memory_mb()
         if w.tracker and (step % t.log_interval == 0 or step % t.eval_interval == 0 or last):
             w.tracker.log_metrics(w.run_id, metrics, step)
         if last and w.tracker:

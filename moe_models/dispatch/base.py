@@ -32,7 +32,8 @@ class DispatchOutput:
 
 
 class DispatchFactory(Protocol):
-    """Builds an nn.Module whose forward(x_TD, decision) returns a DispatchOutput."""
+    """Builds an nn.Module whose forward(x_TD, decision) returns a DispatchOutput and whose `spec` attribute is the
+    DispatchSpec it was built from (the MoE layer reads expert sizes from it for FLOP counts)."""
 
     def __call__(self, spec: DispatchSpec) -> nn.Module: ...
 

@@ -52,6 +52,7 @@ class DecisionGate(nn.Module):
 class DeepSpeedMoEDispatch(nn.Module):
     def __init__(self, spec: DispatchSpec):
         super().__init__()
+        self.spec = spec
         self.moe = MoE(
             hidden_size=spec.d_model,
             expert=ExpertFFN(spec.d_model, spec.expert_hidden),

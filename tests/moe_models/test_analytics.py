@@ -42,12 +42,16 @@ def test_partial_imbalance_and_drops():
 
 def test_purity_and_nmi():
     perfect = torch.tensor([[5.0, 0, 0], [0, 0, 7.0]])  # 2 domains -> distinct experts
-    assert specialization(perfect) == {"purity": 1.0, "domain_expert_nmi": pytest.approx(1.0)}
+    assert specialization(perfect) == {"purity": 1.0, "domain_expert_nmi": pytest.approx(1.0),
+                                       "reference_agreement": 1.0}
     independent = torch.tensor([[2.0, 2.0], [2.0, 2.0]])  # expert tells nothing about domain
     result = specialization(independent)
     assert result["purity"] == pytest.approx(0.5) and result["domain_expert_nmi"] == pytest.approx(0.0, abs=1e-12)
     mixed = torch.tensor([[3.0, 1.0], [1.0, 3.0]])
     assert specialization(mixed)["purity"] == pytest.approx(0.75)
+    # Permuted expert ids agree fully; one expert serving two domains can match only one of them.
+    assert specialization(torch.tensor([[0.0, 0, 4], [3.0, 0, 0]]))["reference_agreement"] == 1.0
+    assert specialization(torch.tensor([[4.0, 0], [4.0, 0]]))["reference_agreement"] == pytest.approx(0.5)
 
 
 def test_domain_sums_accumulate_across_batches():
