@@ -21,7 +21,7 @@ from tuning.search import num_samples, param_space, scheduler, search_algorithm,
 from tuning.trainable import SweepContext, run_trial
 from workflows.cells import Cell, expand
 from workflows.provenance import git_commit
-from workflows.runner import Workspace, cell_tags, init_ray, prepare_datasets
+from workflows.runner import Workspace, cell_tags, connect_if_remote, init_ray, prepare_datasets
 from workflows.study import Study
 from workflows.tracking import REASON, TRIAL, Tracker
 
@@ -91,6 +91,7 @@ def tune_study(study: Study, ws: Workspace, address: str | None = None,
                echo: Callable[[str], None] = print, verbose: bool = False) -> SweepOutcome:
     began = time.perf_counter()
     sweep = study.sweep
+    connect_if_remote(ws, address, verbose)
     ws.root.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(ws.tracking_uri)
     experiment_id = tracker.experiment(study.name, ws.artifact_location)

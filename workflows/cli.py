@@ -35,12 +35,8 @@ def cmd_run(args) -> int:
     from workflows.runner import Workspace, run_study
 
     study = _study(args.study)
-    ws = Workspace.resolve(args.workdir, args.tracking_uri)
-    try:
-        outcome = run_study(study, ws, args.address, verbose=args.verbose)
-    except StudyError as err:  # problems only visible once the data is prepared (e.g. missing domain labels)
-        print(err, file=sys.stderr)
-        return 2
+    ws = Workspace.resolve(args.workdir, args.tracking_uri, args.storage_path)
+    outcome = run_study(study, ws, args.address, verbose=args.verbose)
     t = outcome.timings
     print(f"\ntable: {outcome.table_path}\n"
           f"MLflow: mlflow ui --backend-store-uri {ws.tracking_uri}  (experiment {study.name!r})\n"
@@ -68,7 +64,7 @@ def cmd_tune(args) -> int:
     if study.sweep is None:
         print(f"{args.study}: invalid study\n  sweep: missing; `moelab tune` needs a sweep section", file=sys.stderr)
         return 2
-    ws = Workspace.resolve(args.workdir, args.tracking_uri)
+    ws = Workspace.resolve(args.workdir, args.tracking_uri, args.storage_path)
     outcome = tune_study(study, ws, args.address, verbose=args.verbose)
     print(f"\n{outcome.trials} trials in {outcome.seconds:.1f}s; MLflow: mlflow ui --backend-store-uri "
           f"{ws.tracking_uri}\n\n{outcome.best_table}")
@@ -79,7 +75,7 @@ def _runs(study, args):
     from workflows.runner import Workspace
     from workflows.tracking import Tracker
 
-    ws = Workspace.resolve(args.workdir, getattr(args, "tracking_uri", None))
+    ws = Workspace.resolve(args.workdir, getattr(args, "tracking_uri", None), getattr(args, "storage_path", None))
     tracker = Tracker(ws.tracking_uri)
     found = tracker.client.get_experiment_by_name(study.name)
     return tracker, (tracker.cell_runs(found.experiment_id) if found else {}), ws
@@ -177,6 +173,8 @@ def parser() -> argparse.ArgumentParser:
         if workdir:
             c.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"state directory (default {DEFAULT_WORKDIR})")
             c.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<workdir>/mlflow.db)")
+            c.add_argument("--storage-path", help="shared filesystem path for checkpoints and prepared data "
+                                                  "(required on a multi-node cluster; default <workdir>)")
         c.set_defaults(fn=fn)
         return c
 
@@ -204,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
+    except StudyError as err:  # found after parsing: missing domain labels, a cluster the study cannot use
+        print(err, file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

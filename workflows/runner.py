@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,17 @@ class Workspace:
 
     root: Path
     tracking_uri: str
+    shared_storage: Path | None = None  # checkpoints + prepared data on storage every node sees (multi-node)
 
     @classmethod
-    def resolve(cls, workdir: str | Path, tracking_uri: str | None) -> "Workspace":
+    def resolve(cls, workdir: str | Path, tracking_uri: str | None, storage_path: str | None = None) -> "Workspace":
         root = Path(workdir).expanduser().resolve()
-        return cls(root, tracking_uri or f"sqlite:///{root / 'mlflow.db'}")
+        if storage_path and "://" in storage_path:
+            raise StudyError("--storage-path", [f"--storage-path: {storage_path!r} is a URI; moelab needs a shared "
+                                                "filesystem path (an NFS/EFS mount on every node), since workers "
+                                                "also read the prepared token files from it"])
+        shared = Path(storage_path).expanduser().resolve() if storage_path else None
+        return cls(root, tracking_uri or f"sqlite:///{root / 'mlflow.db'}", shared)
 
     @property
     def is_local_tracking(self) -> bool:
@@ -42,11 +49,39 @@ class Workspace:
 
     @property
     def storage_path(self) -> str:
-        return str(self.root / "ray_results")
+        return str((self.shared_storage or self.root) / "ray_results")
 
     @property
     def cache_dir(self) -> Path:
-        return self.root / "cache"
+        # Workers read the prepared token files, so they live on the shared storage when there is one.
+        return (self.shared_storage or self.root) / "cache"
+
+
+def check_cluster(ws: Workspace) -> None:
+    """A multi-node cluster cannot use the driver's disk: refuse local tracking and node-local storage up front."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    problems = []
+    if ws.is_local_tracking:
+        problems.append(f"--tracking-uri: {ws.tracking_uri} is a file on the driver's disk, which workers on the "
+                        f"other {len(nodes) - 1} node(s) cannot write; start `mlflow server --backend-store-uri ... "
+                        "--artifacts-destination ... --host 0.0.0.0` and pass --tracking-uri http://HOST:5000")
+    if ws.shared_storage is None:
+        problems.append(f"--storage-path: checkpoints and prepared data would go to {ws.root}, node-local on a "
+                        f"{len(nodes)}-node cluster; pass --storage-path on storage every node mounts (NFS/EFS)")
+    if problems:
+        raise StudyError("cluster", problems)
+
+
+def connect_if_remote(ws: Workspace, address: str | None, verbose: bool) -> None:
+    """Join an existing cluster (--address or RAY_ADDRESS, as under `ray job submit`) and check it can run the
+    study before anything is written; a local Ray (no address) is started lazily, only if cells remain."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        init_ray(address, verbose)
+        check_cluster(ws)
 
 
 @dataclass
@@ -116,6 +151,7 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
 def run_study(study: Study, ws: Workspace, address: str | None = None,
               echo: Callable[[str], None] = print, verbose: bool = False) -> StudyOutcome:
     began = time.perf_counter()
+    connect_if_remote(ws, address, verbose)
     ws.root.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(ws.tracking_uri)
     # Created once from the driver before any cell starts: concurrent first writers would race on SQLite.

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
+import ray
 import ray.train
 import torch
 import torch.distributed as dist
@@ -80,9 +81,10 @@ def build_engine(cell: Cell, data: PreparedData) -> deepspeed.DeepSpeedEngine:
     return engine
 
 
-def batch_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """Data order is a pure function of (seed, step, micro-batch, rank): resuming replays exactly."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 101 + rank)
+def batch_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """Data order is a pure function of (seed, step, global micro-batch index): resuming replays exactly, and
+    W ranks x A accumulation steps see the same batches as 1 rank x W*A steps (index = micro * W + rank)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 100_003 + index)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -170,7 +172,7 @@ def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> 
     lm, aux, sums = torch.zeros(()), torch.zeros(()), {}
     unscaled: dict[int, dict[str, torch.Tensor]] = {}
     for micro in range(t.grad_accum_steps):
-        gen = batch_generator(cell.seed, step, micro, w.rank)
+        gen = batch_generator(cell.seed, step, micro * w.world + w.rank)
         x, y, dom = sample_batch(data, "train", t.micro_batch_size, t.seq_len, gen)
         out: LMOutput = engine(x, y, dom)
         loss = out.loss
@@ -190,7 +192,7 @@ def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> 
                 losses = unscaled.setdefault(i, {})
                 losses[name] = losses.get(name, 0.0) + value / t.grad_accum_steps
     unscaled_values = {i: {k: v.item() for k, v in losses.items()} for i, losses in unscaled.items()}
-    lm, aux = lm.item(), aux.item()
+    lm, aux = (all_reduce_sum(torch.stack([lm, aux])) / w.world).tolist()  # the global batch's loss, not rank 0's
     after_optimizer_step(engine.module)  # expert bias, balancing windows: once per optimizer step
     metrics = {"train/loss": lm + aux, "train/lm_loss": lm, "train/aux_loss": aux, "train/lr": engine.get_lr()[0],
                **aux_loss_metrics("train/moe", unscaled_values, cell.router.balancing)}
@@ -265,8 +267,10 @@ def train_cell(config: dict[str, Any]) -> None:
     engine = build_engine(cell, data)
     start, snapshots = resume(engine)
     setup_seconds = time.perf_counter() - entered  # data load + model + DeepSpeed engine + checkpoint restore
-    if w.tracker:
-        w.tracker.set_tags(w.run_id, {"moelab.resumed_from_step": str(start)} if start else {})
+    if w.tracker:  # where it ran (multi-node studies), and from which step
+        w.tracker.set_tags(w.run_id, {"moelab.node_id": ray.get_runtime_context().get_node_id(),
+                                      "moelab.node_ip": ray.util.get_node_ip_address(),
+                                      **({"moelab.resumed_from_step": str(start)} if start else {})})
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * world
     tables: dict = {}
     latest_eval: dict[str, float] = {}
