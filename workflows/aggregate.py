@@ -17,6 +17,7 @@ class Column:
     header: str
     metric: str
     digits: int = 3
+    scale: float = 1.0  # shown value = metric * scale
 
 
 METRIC_COLUMNS = (
@@ -29,7 +30,11 @@ METRIC_COLUMNS = (
     Column("utilization", "eval/moe/utilization", 3),
     Column("purity", "eval/moe/purity", 3),
     Column("NMI", "eval/moe/domain_expert_nmi", 3),
+    Column("ref. agreement", "eval/moe/reference_agreement", 3),
+    Column("difficulty r", "eval/moe/difficulty_corr", 3),
+    Column("expert MFLOP/token", "eval/moe/expert_flops_per_token", 3, 1e-6),
     Column("tokens/s", "summary/tokens_per_s", 0),
+    Column("peak MB", "summary/peak_memory_mb", 0),
 )
 ID_HEADERS = ("cell", "router", "model", "dataset", "seed", "status")
 
@@ -43,7 +48,8 @@ def table_rows(cells: list[Cell], runs: dict[str, Run]) -> list[dict[str, Any]]:
                                "status": run.info.status if run else "PENDING"}
         metrics = run.data.metrics if run else {}
         for col in METRIC_COLUMNS:
-            row[col.header] = metrics.get(col.metric)
+            value = metrics.get(col.metric)
+            row[col.header] = None if value is None else value * col.scale
         if run and run.data.tags.get(REASON):
             row["status"] += f" ({run.data.tags[REASON][:80]})"
         rows.append(row)

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import re
+import zlib
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, confloat, model_validator
 from torch import nn
@@ -55,12 +59,31 @@ class LMOutput:
         return self.lm_loss + self.aux_loss
 
 
-def _init_weights(module: nn.Module) -> None:
-    # GPT-2 init: N(0, 0.02). PyTorch's N(0, 1) embedding init makes the tied LM head's first logits huge.
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
+_LOCAL_EXPERT = re.compile(r"deepspeed_experts\.(\d+)\.")
+
+
+def init_parameters(model: nn.Module, seed: int, ep_size: int) -> None:
+    """GPT-2 init, N(0, 0.02) for Linear/Embedding weights and zero biases (PyTorch's N(0, 1) embedding init makes the
+    tied LM head's first logits huge), drawn per parameter from a generator keyed by (seed, name) — and for experts by
+    their *global* id — so every expert-parallel layout (ep_size, world size) starts from the same weights."""
+    ep_rank = dist.get_rank() % ep_size if dist.is_available() and dist.is_initialized() else 0
+    for module_name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        for kind, param in (("weight", module.weight), ("bias", getattr(module, "bias", None))):
+            if param is None:
+                continue
+            name = f"{module_name}.{kind}"
+            local = _LOCAL_EXPERT.search(name)
+            if local:  # DeepSpeed places global experts [r*n, (r+1)*n) on expert-parallel rank r
+                num_local = len(model.get_submodule(name[:local.end() - 1].rsplit(".", 1)[0]))
+                name = _LOCAL_EXPERT.sub(f"global_expert.{ep_rank * num_local + int(local.group(1))}.", name)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            with torch.no_grad():
+                if kind == "bias":
+                    param.zero_()
+                else:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
 
 
 class CausalSelfAttention(nn.Module):
@@ -112,7 +135,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(opts.d_model)
         self.lm_head = nn.Linear(opts.d_model, vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying (nanoGPT)
-        self.apply(_init_weights)
+        init_parameters(self, seed, opts.ep_size)
 
     def is_moe_block(self, index: int) -> bool:
         return self.opts.moe_every > 0 and (index + 1) % self.opts.moe_every == 0

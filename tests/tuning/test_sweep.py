@@ -24,15 +24,6 @@ SWEEP_STUDY = {
 }
 
 
-@pytest.fixture
-def in_process_ray():
-    """`main(["tune", ...])` starts Ray in this process; shut it down so later tests start their own cluster."""
-    import ray
-
-    yield
-    ray.shutdown()
-
-
 def trial_runs(client):
     exp = client.get_experiment_by_name("sweep")
     return client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'trial'")
