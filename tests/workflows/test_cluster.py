@@ -4,6 +4,7 @@ driver-local tracking and storage on a multi-node cluster. Everything started he
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -59,12 +60,24 @@ def wait_http(url: str, tries: int = 300) -> None:
     pytest.fail(f"{url} never answered")
 
 
+def wait_alive_nodes(ray: str, address: str, env: dict, count: int, tries: int = 100) -> None:
+    for _ in range(tries):
+        status = subprocess.run([ray, "status", "--address", address], env=env, capture_output=True, text=True).stdout
+        if status.count("\n 1 node_") >= count:
+            return
+        time.sleep(1)
+    pytest.fail(f"the cluster never had {count} alive nodes")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Head (1 CPU, dashboard + job server) and a worker node (1 CPU), both on 127.0.0.1; an MLflow server."""
     root = tmp_path_factory.mktemp("cluster")
     gcs, dashboard, mlflow_port = free_ports(3)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray 2.60 clusters authenticate with a token; every process of this cluster (nodes, job submission, moelab)
+    # gets the same one through the environment, as a real deployment would through a secret.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     ray = str(Path(sys.executable).parent / "ray")
     subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
     subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
@@ -78,7 +91,7 @@ def cluster(tmp_path_factory):
          "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{mlflow_port}/health")
-        wait_http(f"http://127.0.0.1:{dashboard}/api/version")
+        wait_alive_nodes(ray, f"127.0.0.1:{gcs}", env, 2)
         yield {"root": root, "env": env, "gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dashboard}",
                "mlflow": f"http://127.0.0.1:{mlflow_port}", "ray": ray}
     finally:
