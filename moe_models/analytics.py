@@ -13,7 +13,7 @@ from scipy.optimize import linear_sum_assignment
 from moe_models.routing import RoutingDecision
 
 # Keys of `summarize` that are lists or matrices (logged as artifacts, not metrics).
-NON_SCALAR = ("expert_fraction", "experts_per_token_hist", "coactivation")
+NON_SCALAR = ("expert_fraction", "experts_per_token_hist", "coactivation", "domain_expert_share")
 
 
 def primary_expert_T(decision: RoutingDecision) -> torch.Tensor:
@@ -89,6 +89,10 @@ def summarize(sums: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
         **({"expert_flops_per_token": float(sums["expert_flops"]) / tokens} if "expert_flops" in sums else {}),
         "coactivation": coactivation(sums["coactivation_EE"]).tolist(),
         **(specialization(sums["domain_expert_DE"]) if "domain_expert_DE" in sums else {}),
+        # N_e(D) / N(D): the share of each domain's tokens whose top-1 expert is e (OLMoE domain specialization).
+        **({"domain_expert_share": (sums["domain_expert_DE"].double()
+                                    / sums["domain_expert_DE"].sum(1, keepdim=True).double().clamp_min(1)).tolist()}
+           if "domain_expert_DE" in sums else {}),
     }
 
 

@@ -15,6 +15,7 @@ from moe_models.routers import ROUTERS, RouterContext
 @dataclass
 class RouterProfile:
     router: str
+    hidden_states: str  # "random", or the trained cell whose hidden states were routed
     parameters: int
     latency_ms: float  # median forward time
     entropy: float  # mean per-token router entropy (nats)
@@ -27,7 +28,7 @@ class RouterProfile:
 
 
 def profile_router(name: str, x_TD: torch.Tensor, token_ids_T: torch.Tensor, domain_ids_T: torch.Tensor,
-                   num_experts: int, vocab_size: int, repeats: int = 20) -> RouterProfile:
+                   num_experts: int, vocab_size: int, repeats: int = 20, source: str = "random") -> RouterProfile:
     torch.manual_seed(0)
     cls = ROUTERS.get(name)
     ctx = RouterContext(x_TD.shape[1], num_experts, vocab_size, 0, 0, num_domains=int(domain_ids_T.max()) + 1)
@@ -40,7 +41,7 @@ def profile_router(name: str, x_TD: torch.Tensor, token_ids_T: torch.Tensor, dom
             decision = router(*args)
             times.append((time.perf_counter() - began) * 1e3)
     stats = summarize(routing_sums(decision, decision.active_TK))
-    return RouterProfile(name, sum(p.numel() for p in router.parameters()), statistics.median(times[2:]),
+    return RouterProfile(name, source, sum(p.numel() for p in router.parameters()), statistics.median(times[2:]),
                          stats["router_entropy"], stats["mean_topk_prob"], stats["experts_per_token"],
                          stats["load_cv"])
 
@@ -52,4 +53,11 @@ def profile_all(tokens: int = 4096, d_model: int = 256, num_experts: int = 8, vo
     x = torch.randn(tokens, d_model, generator=gen)
     ids = torch.randint(vocab_size, (tokens,), generator=gen)
     dom = torch.randint(num_domains, (tokens,), generator=gen)
-    return [profile_router(n, x, ids, dom, num_experts, vocab_size) for n in ROUTERS.names()]
+    return profile_states(x, ids, dom, num_experts, vocab_size, "random")
+
+
+def profile_states(x_TD: torch.Tensor, token_ids_T: torch.Tensor, domain_ids_T: torch.Tensor, num_experts: int,
+                   vocab_size: int, source: str) -> list[RouterProfile]:
+    """Every registered router, freshly initialized, on the same hidden states (e.g. a trained model's)."""
+    return [profile_router(n, x_TD, token_ids_T, domain_ids_T, num_experts, vocab_size, source=source)
+            for n in ROUTERS.names()]

@@ -5,6 +5,8 @@ Exit codes: 0 all cells finished, 1 some cells failed, 2 invalid input.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -95,12 +97,17 @@ def cmd_status(args) -> int:
         history = tracker.metric_history(run.info.run_id, "train/loss")
         step, loss = (history[-1].step, f"{history[-1].value:.4f}") if history else (0, "—")
         reason = f"  reason: {run.data.tags[REASON]}" if REASON in run.data.tags else ""
-        checkpoint = "checkpoint" if list((ws.root / "ray_results" / cell.id).glob("checkpoint_*")) else "no checkpoint"
+        checkpoint = "checkpoint" if _has_checkpoint(Path(ws.storage_path) / cell.id) else "no checkpoint"
         print(f"{cell.id}  {cell.title}  {run.info.status}  step {step}/{study.training.steps}  loss {loss}  "
               f"{checkpoint}{reason}")
     if study.sweep:
         _sweep_status(study, tracker, ws)
     return 0
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    """A Ray Train run directory holds checkpoint_<time>/ folders (and a checkpoint_manager_snapshot.json file)."""
+    return any(p.is_dir() for p in run_dir.glob("checkpoint_*"))
 
 
 def _trial_runs(study, tracker) -> list:
@@ -116,7 +123,7 @@ def _sweep_status(study, tracker, ws) -> None:
     for row in trial_rows(runs, study.sweep):
         params = " ".join(f"{k}={row[k]}" for k in study.sweep.space)
         metric = row[study.sweep.metric]
-        checkpoint = list((ws.root / "ray_results").glob(f"train-trial_id={row['trial']}/checkpoint_*"))
+        checkpoint = _has_checkpoint(Path(ws.storage_path) / f"train-trial_id={row['trial']}")
         print(f"  trial {row['trial']}  {row['router']}  {params}  {row['status']}  step {row['steps']}  "
               f"{study.sweep.metric} {metric if metric is None else f'{metric:.4f}'}  "
               f"{'checkpoint' if checkpoint else 'no checkpoint'}"
@@ -147,18 +154,40 @@ def _sweep_best(study, args) -> str:
     return best_table(trial_rows(_trial_runs(study, tracker), study.sweep), study.sweep)
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def cmd_routers(args) -> int:
     import json
 
-    from moe_models.characterize import profile_all
+    from moe_models.characterize import profile_all, profile_states
 
-    profiles = [p.as_dict() for p in profile_all(args.tokens, args.d_model, args.experts)]
+    profiles = profile_all(args.tokens, args.d_model, args.experts)
+    if args.study:  # also on a trained cell's real hidden states (the report's "routers in a pretrained model")
+        from workflows.runner import Workspace
+        from workflows.trained_states import trained_hidden_states
+
+        ws = Workspace.resolve(args.workdir, args.tracking_uri, args.storage_path)
+        with _stdout_to_stderr():  # DeepSpeed logs to stdout; keep the table / JSON on stdout clean
+            x, ids, dom, experts, vocab, title = trained_hidden_states(_study(args.study), ws, args.tokens)
+        profiles += profile_states(x, ids, dom, experts, vocab, f"trained: {title}")
+    rows = [p.as_dict() for p in profiles]
     if args.format == "json":
-        print(json.dumps(profiles, indent=2))
+        print(json.dumps(rows, indent=2))
         return 0
-    cols = list(profiles[0])
+    cols = list(rows[0])
     print("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|")
-    for p in profiles:
+    for p in rows:
         print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in p.values()) + " |")
     return 0
 
@@ -185,8 +214,13 @@ def parser() -> argparse.ArgumentParser:
     tune_cmd.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     tune_cmd.add_argument("--verbose", action="store_true", help="stream Ray worker logs to the terminal")
     command("validate", cmd_validate, "validate a study file only", workdir=False)
-    routers = sub.add_parser("routers", help="the router registry, characterized on random hidden states")
+    routers = sub.add_parser("routers", help="the router registry, characterized on random hidden states (and, "
+                                              "with --study, on a trained cell's)")
     routers.add_argument("--format", choices=("table", "json"), default="table")
+    routers.add_argument("--study", help="a study with a finished MoE cell: also route its trained hidden states")
+    routers.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    routers.add_argument("--tracking-uri")
+    routers.add_argument("--storage-path")
     routers.add_argument("--tokens", type=int, default=4096)
     routers.add_argument("--d-model", type=int, default=256)
     routers.add_argument("--experts", type=int, default=8)

@@ -28,7 +28,7 @@ from moe_models.analytics import NON_SCALAR, add_sums, difficulty_sums, pearson,
 from moe_models.optimizer_hooks import after_optimizer_step
 from moe_models.models import MODELS, LMOutput
 from workflows.cells import Cell
-from workflows.heatmap import expert_usage_heatmap
+from workflows.heatmap import expert_usage_heatmap, heatmap
 from workflows.study import TrainingConfig
 from workflows.tracking import REASON, Tracker
 
@@ -100,7 +100,7 @@ def layer_metrics(prefix: str, moe: dict[int, dict[str, torch.Tensor]]) -> tuple
     tables: dict[int, dict[str, list]] = {}
     per_layer = {i: summarize({k: all_reduce_sum(v) for k, v in sums.items()}) for i, sums in sorted(moe.items())}
     for i, summary in per_layer.items():
-        tables[i] = {key: summary.pop(key) for key in NON_SCALAR}
+        tables[i] = {key: summary.pop(key) for key in NON_SCALAR if key in summary}
         metrics.update({f"{prefix}/block{i}/{k}": v for k, v in summary.items()})
         metrics.update({f"{prefix}/block{i}/expert{e}_fraction": f
                         for e, f in enumerate(tables[i]["expert_fraction"])})
@@ -237,13 +237,18 @@ def resume(engine) -> tuple[int, dict]:
     return int(client_state["step"]), client_state.get("routing_snapshots", {})
 
 
-def log_final_artifacts(w: Worker, cell: Cell, tables: dict[int, dict[str, list]]) -> None:
+def log_final_artifacts(w: Worker, cell: Cell, tables: dict[int, dict[str, list]], domains: list[str]) -> None:
     if not tables:
         return
     fractions = {i: t["expert_fraction"] for i, t in tables.items()}
     with tempfile.TemporaryDirectory() as tmp:
         png = expert_usage_heatmap(fractions, f"{cell.router.display()} — eval expert usage", Path(tmp) / "expert_usage.png")
         w.tracker.log_artifact(w.run_id, png, "routing")
+        for i, t in sorted(tables.items()):
+            if "domain_expert_share" in t:  # labelled data: which experts each domain's tokens go to
+                png = heatmap(t["domain_expert_share"], domains, f"{cell.router.display()} — block {i} top-1 expert "
+                              "by domain", "share of the domain's tokens", Path(tmp) / f"domain_expert_block{i}.png")
+                w.tracker.log_artifact(w.run_id, png, "routing")
     rows = ["block," + ",".join(f"expert{e}" for e in range(len(next(iter(fractions.values())))))]
     rows += [f"{i}," + ",".join(f"{f:.6f}" for f in fr) for i, fr in sorted(fractions.items())]
     w.tracker.log_text(w.run_id, "\n".join(rows) + "\n", "routing/expert_usage.csv")
@@ -304,7 +309,7 @@ def train_cell(config: dict[str, Any]) -> None:
         if w.tracker and (step % t.log_interval == 0 or step % t.eval_interval == 0 or last):
             w.tracker.log_metrics(w.run_id, metrics, step)
         if last and w.tracker:
-            log_final_artifacts(w, cell, tables)
+            log_final_artifacts(w, cell, tables, data.domains)
             for earlier, routes in sorted(snapshots.items()):  # saturation curve, at the steps it describes
                 w.tracker.log_metrics(w.run_id, saturation_metrics(routes, snapshots[step]), earlier)
         if evaluating or checkpointing:  # every report carries the latest eval, for Tune's schedulers

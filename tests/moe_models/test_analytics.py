@@ -60,6 +60,7 @@ def test_domain_sums_accumulate_across_batches():
     total = add_sums(routing_sums(a, a.active_TK, dom_a, 2), routing_sums(b, b.active_TK, dom_b, 2))
     assert total["domain_expert_DE"].tolist() == [[3, 1, 0, 0], [0, 2, 0, 0]]
     assert summarize(total)["purity"] == pytest.approx(5 / 6)  # expert 1 mixes domains: 2 of its 3 tokens count
+    assert summarize(total)["domain_expert_share"] == [[0.75, 0.25, 0, 0], [0, 1.0, 0, 0]]  # N_e(D) / N(D)
 
 
 def two_slot(ids, active):

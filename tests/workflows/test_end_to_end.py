@@ -91,7 +91,8 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
         assert steps == [2, 3, 4, 6]  # log_interval 2 plus the eval steps, each once
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "routing")}
         assert artifacts == {"routing/expert_usage.png", "routing/expert_usage.csv", "routing/experts_per_token_hist.csv",
-                             "routing/coactivation_block0.csv", "routing/coactivation_block1.csv"}
+                             "routing/coactivation_block0.csv", "routing/coactivation_block1.csv",
+                             "routing/domain_expert_block0.png", "routing/domain_expert_block1.png"}
         heatmap = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="routing/expert_usage.png",
                                                            tracking_uri=client._tracking_client.tracking_uri))
         assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -157,3 +158,19 @@ def test_reference_router_on_unlabelled_data_fails_before_launch(tmp_path, capsy
     err = capsys.readouterr().err
     assert "router 'reference' routes by domain label" in err and "has none" in err
     assert not (tmp_path / "work" / "ray_results").exists()  # nothing launched
+
+
+def test_routers_characterized_on_a_trained_cells_hidden_states(mini, capsys):
+    _, study, workdir, _ = mini
+    assert main(["routers", "--study", str(study), "--workdir", str(workdir), "--format", "json", "--tokens", "256",
+                 "--d-model", "16", "--experts", "4"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("[\n"):])  # after any library log lines the test process's capture still sees
+    trained = [r for r in rows if r["hidden_states"].startswith("trained: ")]
+    random_rows = [r for r in rows if r["hidden_states"] == "random"]
+    assert {r["router"] for r in trained} == {r["router"] for r in random_rows}  # the whole registry, twice
+    assert trained[0]["hidden_states"] == "trained: topk(k=2) / gpt / builtin:domains / seed 0"  # first finished cell
+    by_name = {r["router"]: r for r in trained}
+    # Real states are the trained model's width (d_model 32) and its 4 experts: a linear top-k router has 32*4 weights.
+    assert by_name["topk"]["parameters"] == 32 * 4 and by_name["hash"]["parameters"] == 0
+    assert by_name["reference"]["experts_per_token"] == pytest.approx(1.0)

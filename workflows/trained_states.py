@@ -1,0 +1,71 @@
+"""Hidden states of a trained cell, for characterizing routers on real activations (`moelab routers --study`).
+
+The router-architectures report swaps routers into pretrained models and characterizes them on real hidden states.
+Here the pretrained model is a finished cell of a study: its latest DeepSpeed checkpoint is loaded into a one-process
+engine (gloo, CPU), and the inputs of its first MoE block are captured on validation text.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from workflows.cells import Cell, expand
+from workflows.runner import Workspace, prepare_datasets
+from workflows.study import Study, StudyError
+from workflows.tracking import Tracker
+
+
+def finished_cell_with_checkpoint(study: Study, ws: Workspace) -> tuple[Cell, Path]:
+    tracker = Tracker(ws.tracking_uri)
+    found = tracker.client.get_experiment_by_name(study.name)
+    runs = tracker.cell_runs(found.experiment_id) if found else {}
+    for cell in expand(study):
+        run = runs.get(cell.id)
+        checkpoints = sorted(p for p in (Path(ws.storage_path) / cell.id).glob("checkpoint_*") if p.is_dir())
+        if run is not None and run.info.status == "FINISHED" and checkpoints and cell.router.name != "dense":
+            return cell, checkpoints[-1]
+    raise StudyError(study.name, [f"no finished MoE cell with a checkpoint under {ws.storage_path}; run the study "
+                                  "first (`moelab run`)"])
+
+
+def _single_process_group() -> None:
+    if torch.distributed.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+
+
+def trained_hidden_states(study: Study, ws: Workspace, tokens: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor, int, int, str]:
+    """(x_TD, token_ids_T, domain_ids_T, num_experts, vocab_size, cell title) at the first MoE block's input."""
+    from moe_data.prepare import load_prepared, sample_batch
+    from moe_models.moe_ffn import MoEFeedForward
+    from workflows.train_cell import build_engine
+
+    cell, checkpoint = finished_cell_with_checkpoint(study, ws)
+    data = load_prepared(prepare_datasets(study, ws.cache_dir)[cell.dataset].path)
+    _single_process_group()
+    engine = build_engine(cell, data)
+    loaded, _ = engine.load_checkpoint(str(checkpoint))
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load {checkpoint}")
+    engine.eval()
+    moe = next(m for m in engine.module.modules() if isinstance(m, MoEFeedForward))
+    captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    hook = moe.register_forward_pre_hook(lambda _m, args: captured.append(tuple(a.detach() for a in args[:3])))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        while sum(c[0].shape[0] * c[0].shape[1] for c in captured) < tokens:
+            x, y, dom = sample_batch(data, "validation", cell.training.micro_batch_size, cell.training.seq_len, gen)
+            engine(x, y, dom)
+    hook.remove()
+    x_TD = torch.cat([c[0].reshape(-1, c[0].shape[-1]) for c in captured])[:tokens].float()
+    ids_T = torch.cat([c[1].reshape(-1) for c in captured])[:tokens]
+    dom_T = torch.cat([c[2].reshape(-1) for c in captured])[:tokens].clamp(min=0)
+    return x_TD, ids_T, dom_T, moe.router.ctx.num_experts, data.vocab_size, cell.title
