@@ -4,7 +4,7 @@ Flow:
   1. the router turns hidden states (and token ids) into a RoutingDecision;
   2. balancing losses (registry) are computed from the decision and scaled by their study-file coefficients;
   3. the dispatch backend sends tokens to experts and combines their outputs with the decision's weights;
-  4. additive routing sums are returned for analytics (nothing is logged here).
+  4. in evaluation, additive routing sums are returned for analytics (nothing is logged here; training skips them).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from moe_models.routers import Router
 class MoEAux:
     loss: torch.Tensor  # sum of scaled balancing + router losses, added to the LM loss
     unscaled: dict[str, torch.Tensor] = field(default_factory=dict)  # per-method loss before its coefficient
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # analytics.routing_sums
-    expert_mask_TE: torch.Tensor | None = None  # bool, each token's selected experts (difficulty, saturation)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # analytics.routing_sums (evaluation only)
+    expert_mask_TE: torch.Tensor | None = None  # bool, each token's selected experts (evaluation only)
 
 
 class MoEFeedForward(nn.Module):
@@ -56,10 +56,12 @@ class MoEFeedForward(nn.Module):
         loss = sum((coef * unscaled[name] for name, (_, coef) in self.balancing.items()), x_TD.new_zeros(()).float())
         loss = loss + sum(decision.router_losses.values(), x_TD.new_zeros(()).float())
         out = self.dispatch(x_TD, decision)
-        sums = routing_sums(decision, out.kept_TK, domain_ids_T, self.router.ctx.num_domains)
-        spec = self.dispatch.spec
-        sums["expert_flops"] = out.kept_TK.sum().float() * 4 * spec.d_model * spec.expert_hidden  # 2 matmuls, 2 FLOPs/MAC
-        aux = MoEAux(loss, {k: v.detach() for k, v in unscaled.items()}, sums, decision.expert_mask_TE().bool())
+        aux = MoEAux(loss, {k: v.detach() for k, v in unscaled.items()})
+        if not self.training:  # analytics are an evaluation product: no per-step cost in training
+            aux.sums = routing_sums(decision, out.kept_TK, domain_ids_T, self.router.ctx.num_domains)
+            spec = self.dispatch.spec  # served routes x 4*D*F (2 matmuls, 2 FLOPs per multiply-add)
+            aux.sums["expert_flops"] = out.kept_TK.sum().float() * 4 * spec.d_model * spec.expert_hidden
+            aux.expert_mask_TE = decision.expert_mask_TE().bool()
         return out.y_TD.view_as(x_BSD), aux
 
     def _accumulate_window(self, routes_E: torch.Tensor) -> torch.Tensor:

@@ -166,10 +166,10 @@ def saturation_metrics(snapshot: dict[int, torch.Tensor], final: dict[int, torch
             "eval/moe/saturation": sum(per_block.values()) / len(per_block)} if per_block else {}
 
 
-def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> tuple[dict[str, float], dict]:
+def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> dict[str, float]:
     t = cell.training
     # Losses stay tensors until the step ends: one host read per step, not one per loss, layer and micro-batch.
-    lm, aux, sums = torch.zeros(()), torch.zeros(()), {}
+    lm, aux = torch.zeros(()), torch.zeros(())
     unscaled: dict[int, dict[str, torch.Tensor]] = {}
     for micro in range(t.grad_accum_steps):
         gen = batch_generator(cell.seed, step, micro * w.world + w.rank)
@@ -187,7 +187,6 @@ def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> 
         lm = lm + out.lm_loss.detach() / t.grad_accum_steps
         aux = aux + out.aux_loss.detach() / t.grad_accum_steps
         for i, layer in out.moe.items():
-            sums[i] = add_sums(sums.get(i), layer.sums)
             for name, value in layer.unscaled.items():
                 losses = unscaled.setdefault(i, {})
                 losses[name] = losses.get(name, 0.0) + value / t.grad_accum_steps
@@ -196,7 +195,7 @@ def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> 
     after_optimizer_step(engine.module)  # expert bias, balancing windows: once per optimizer step
     metrics = {"train/loss": lm + aux, "train/lm_loss": lm, "train/aux_loss": aux, "train/lr": engine.get_lr()[0],
                **aux_loss_metrics("train/moe", unscaled_values, cell.router.balancing)}
-    return metrics, sums
+    return metrics
 
 
 def peak_memory_mb() -> float:
@@ -283,7 +282,7 @@ def train_cell(config: dict[str, Any]) -> None:
     for step in range(start + 1, t.steps + 1):
         began = time.perf_counter()
         try:
-            metrics, _ = train_step(engine, data, cell, step, w)
+            metrics = train_step(engine, data, cell, step, w)
         except NonFiniteLoss as err:
             # A NaN is deterministic: a Ray Train retry from the checkpoint would only fail again. Stop cleanly and
             # record why on the cell's run; the driver reads it back, marks the run FAILED, and the study goes on.

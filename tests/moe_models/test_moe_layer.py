@@ -73,7 +73,7 @@ def test_single_expert_with_weight_one_is_the_dense_ffn():
 
 
 def test_capacity_drops_routes_and_dropped_tokens_get_zero_output():
-    layer = build("hash", capacity_factor=0.25)
+    layer = build("hash", capacity_factor=0.25).eval()
     x, ids = torch.randn(1, 32, D), torch.randint(V, (1, 32))
     y, aux = layer(x, ids)
     kept = layer.dispatch.gate.kept_TK[:, 0]
@@ -111,3 +111,12 @@ def test_expert_parameters_are_marked_for_deepspeed():
     assert expert_params and all(is_moe_param(p) for p in expert_params)
     assert not any(is_moe_param(p) for p in layer.router.parameters())
     assert isinstance(experts_of(layer)[0], ExpertFFN)
+
+
+def test_routing_analytics_are_computed_in_evaluation_only():
+    layer = build("topk", k=2)
+    x, ids = torch.randn(1, 8, D), torch.randint(V, (1, 8))
+    _, train_aux = layer.train()(x, ids)
+    _, eval_aux = layer.eval()(x, ids)
+    assert train_aux.sums == {} and train_aux.expert_mask_TE is None
+    assert eval_aux.sums["kept_routes"].item() == 16 and eval_aux.expert_mask_TE.sum().item() == 16
