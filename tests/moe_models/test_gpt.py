@@ -57,3 +57,18 @@ def test_initial_loss_is_near_uniform():
     out = m(torch.randint(V, (4, S)), torch.randint(V, (4, S)))
     assert abs(out.lm_loss.item() - torch.log(torch.tensor(float(V))).item()) < 0.3
     assert set(out.moe) == {0, 1, 2, 3}
+
+
+def test_study_file_can_choose_the_grouped_backend_and_it_trains():
+    m = model(TOPK2, dispatch="grouped").train()
+    assert all(type(b.ffn.dispatch).__name__ == "GroupedDispatch" for b in m.blocks)
+    ids = torch.randint(V, (4, S))
+    optimizer = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):  # one fixed batch: the loss must fall
+        out = m(ids[:, :-1], ids[:, 1:])
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.lm_loss.item())
+    assert losses[-1] < losses[0] - 0.5

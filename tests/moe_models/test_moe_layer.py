@@ -1,4 +1,6 @@
 """The MoE FFN on the DeepSpeed dispatch backend against a plain reference computation."""
+import copy
+
 import pytest
 import torch
 
@@ -120,3 +122,58 @@ def test_routing_analytics_are_computed_in_evaluation_only():
     _, eval_aux = layer.eval()(x, ids)
     assert train_aux.sums == {} and train_aux.expert_mask_TE is None
     assert eval_aux.sums["kept_routes"].item() == 16 and eval_aux.expert_mask_TE.sum().item() == 16
+
+
+# --- the grouped backend against the DeepSpeed backend ---------------------------------------------------------------
+def grouped_twin(layer: MoEFeedForward) -> MoEFeedForward:
+    """The same router (a copy) and the same expert weights, on the grouped dispatch backend."""
+    twin = MoEFeedForward(copy.deepcopy(layer.router), DISPATCH_BACKENDS.get("grouped")(layer.dispatch.spec),
+                          {name: coef for name, (_, coef) in layer.balancing.items()}, layer.balancing_scope)
+    stacked = twin.dispatch.experts
+    with torch.no_grad():
+        for e, expert in enumerate(experts_of(layer)):
+            stacked.up_weight_EFD[e].copy_(expert.up.weight)
+            stacked.up_bias_EF[e].copy_(expert.up.bias)
+            stacked.down_weight_EDF[e].copy_(expert.down.weight)
+            stacked.down_bias_ED[e].copy_(expert.down.bias)
+    return twin.train(layer.training)
+
+
+@pytest.mark.parametrize("router,options", ROUTER_CASES, ids=[f"{n}{o}" for n, o in ROUTER_CASES])
+def test_grouped_backend_matches_deepspeed_outputs_and_gradients(router, options):
+    layer = build(router, **options).eval()
+    twin = grouped_twin(layer)
+    x, ids, dom = torch.randn(2, 24, D), torch.randint(V, (2, 24)), torch.randint(DOMAINS, (2, 24))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, aux_a = layer(xa, ids, dom)
+    yb, aux_b = twin(xb, ids, dom)
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-6)
+    (ya.square().sum() + aux_a.loss).backward()
+    (yb.square().sum() + aux_b.loss).backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-6)
+    for (name, pa), pb in zip(layer.router.named_parameters(), twin.router.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-6, msg=f"router grad {name}")
+    up_grads = torch.stack([e.up.weight.grad if e.up.weight.grad is not None else torch.zeros_like(e.up.weight)
+                            for e in experts_of(layer)])
+    torch.testing.assert_close(twin.dispatch.experts.up_weight_EFD.grad, up_grads, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["position", "probs"])
+def test_grouped_backend_drops_the_same_routes_under_a_capacity_factor(policy):
+    torch.manual_seed(0)
+    cls = ROUTERS.get("topk")
+    router = cls(RouterContext(D, E, V, 0, 0), cls.Options(k=2))
+    spec = DispatchSpec(D, F, E, 1, 0.5, policy)
+    layer = MoEFeedForward(router, DISPATCH_BACKENDS.get("deepspeed")(spec), {}).eval()
+    twin = grouped_twin(layer)
+    x, ids = torch.randn(1, 40, D), torch.randint(V, (1, 40))
+    ya, aux_a = layer(x, ids)
+    yb, aux_b = twin(x, ids)
+    assert aux_a.sums["kept_routes"].item() < 80  # some routes were dropped ...
+    assert torch.equal(layer.dispatch.gate.kept_TK, twin.dispatch(x[0], twin.router(x[0], ids[0])).kept_TK)  # ... the same ones
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_backend_refuses_expert_parallelism_it_does_not_implement():
+    with pytest.raises(ValueError, match="use dispatch: deepspeed"):
+        DISPATCH_BACKENDS.get("grouped")(DispatchSpec(D, F, E, 2, None, "position"))
