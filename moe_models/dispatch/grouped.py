@@ -42,11 +42,12 @@ class StackedExperts(nn.Module):
         starts_E = counts_E.cumsum(0) - counts_E
         position_R = torch.arange(len(expert_R), device=x_RD.device) - starts_E[expert_R]
         capacity = int(counts_E.max()) if len(expert_R) else 0  # the one host read of this layer
-        buffer = x_RD.new_zeros(len(counts_E), capacity, x_RD.shape[-1])
-        buffer[expert_R, position_R] = x_RD
+        E, D = len(counts_E), x_RD.shape[-1]
+        flat_R = expert_R * capacity + position_R  # row of each route in the flattened (E*C, D) buffer
+        buffer = x_RD.new_zeros(E * capacity, D).index_copy(0, flat_R, x_RD).view(E, capacity, D)
         h = F.gelu(torch.baddbmm(self.up_bias_EF.unsqueeze(1), buffer, self.up_weight_EFD.transpose(1, 2)))
         y = torch.baddbmm(self.down_bias_ED.unsqueeze(1), h, self.down_weight_EDF.transpose(1, 2))
-        return y[expert_R, position_R]
+        return y.view(E * capacity, D).index_select(0, flat_R)
 
 
 class GroupedDispatch(nn.Module):
@@ -65,7 +66,7 @@ class GroupedDispatch(nn.Module):
         order_R = torch.argsort(expert_R, stable=True)
         token_R, slot_R, expert_R = token_R[order_R], slot_R[order_R], expert_R[order_R]
         counts_E = torch.bincount(expert_R, minlength=self.spec.num_experts)
-        x_RD = x_TD[token_R]
+        x_RD = x_TD.index_select(0, token_R)
         # torch's grouped GEMM wants bf16 and 16-byte aligned rows on CUDA; everything else takes the padded path.
         aligned = self.spec.d_model % 8 == 0 and self.spec.expert_hidden % 8 == 0
         run = self.experts.grouped if x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and aligned else self.experts.padded
