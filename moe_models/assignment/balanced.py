@@ -21,7 +21,7 @@ def balanced_assignment(scores_TE: torch.Tensor, eps: float | None = None, max_r
     T, E = scores_TE.shape
     if eps is None:  # small against the score spread: the result is eps-optimal per token
         eps = 1e-3 * float(scores_TE.max() - scores_TE.min()) / max(1, T) + 1e-12
-    caps = expert_capacities(T, E)
+    caps_E = torch.tensor(expert_capacities(T, E))
     owner_T = torch.full((T,), -1, dtype=torch.long)
     bid_T = torch.zeros(T, dtype=torch.float64)  # the bid under which each token holds its expert
     price_E = torch.zeros(E, dtype=torch.float64)
@@ -34,21 +34,25 @@ def balanced_assignment(scores_TE: torch.Tensor, eps: float | None = None, max_r
         best = top2.indices[:, 0]
         second = top2.values[:, 1] if E > 1 else top2.values[:, 0] - 1.0
         bids = price_E[best] + (top2.values[:, 0] - second) + eps
-        for e in best.unique().tolist():
-            bidders = free[best == e]
-            holders = torch.nonzero(owner_T == e).squeeze(1)
-            pool = torch.cat([holders, bidders])
-            pool_bids = torch.cat([bid_T[holders], bids[best == e]])
-            keep = pool_bids.topk(min(caps[e], len(pool))).indices
-            owner_T[holders] = -1
-            owner_T[pool[keep]] = e
-            bid_T[pool[keep]] = pool_bids[keep]
-            if len(keep) == caps[e]:
-                price_E[e] = pool_bids[keep].min()  # full: the cheapest held slot sets the price
+        # Every expert keeps its `cap` highest bids among current holders and new bidders, all experts at once:
+        # sort the pool by (expert, bid descending) and keep the first `cap` of each expert's run.
+        held = torch.nonzero(owner_T >= 0).squeeze(1)
+        pool_T, pool_E = torch.cat([held, free]), torch.cat([owner_T[held], best])
+        pool_bid = torch.cat([bid_T[held], bids])
+        order = torch.argsort(pool_bid, descending=True, stable=True)
+        order = order[torch.argsort(pool_E[order], stable=True)]
+        pool_T, pool_E, pool_bid = pool_T[order], pool_E[order], pool_bid[order]
+        counts_E = torch.bincount(pool_E, minlength=E)
+        rank = torch.arange(len(pool_E)) - (counts_E.cumsum(0) - counts_E)[pool_E]
+        keep = rank < caps_E[pool_E]
+        owner_T[pool_T] = torch.where(keep, pool_E, -1)
+        bid_T[pool_T] = pool_bid
+        full = keep & (rank == caps_E[pool_E] - 1)  # the cheapest held slot of a full expert sets its price
+        price_E[pool_E[full]] = pool_bid[full]
     else:  # cap on rounds reached: place the rest in free slots (never hit in tests; a safety net)
         for t in torch.nonzero(owner_T < 0).squeeze(1).tolist():
             load = torch.bincount(owner_T[owner_T >= 0], minlength=E)
-            room = [e for e in range(E) if load[e] < caps[e]]
+            room = [e for e in range(E) if load[e] < caps_E[e]]
             owner_T[t] = max(room, key=lambda e: float(scores_TE[t, e]))
     return owner_T.to(scores_TE.device)
 
