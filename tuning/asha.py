@@ -25,6 +25,7 @@ class ResumableASHA(ASHAScheduler):
         self.state_path = str(state_path)
         self.stopped: set[str] = set()
         self._loaded = False
+        self._written = ""  # the state last written: results between rungs change nothing and write nothing
 
     def _load_once(self) -> None:
         # Not in __init__: Tuner.restore unpickles this object from tuner.pkl without calling __init__.
@@ -41,10 +42,13 @@ class ResumableASHA(ASHAScheduler):
             bracket._rungs = [(m, dict(by_milestone.get(m, {}))) for m, _ in bracket._rungs]
 
     def _persist(self) -> None:
-        state = {"stopped": sorted(self.stopped), "brackets": [b._rungs for b in self._brackets]}
+        state = json.dumps({"stopped": sorted(self.stopped), "brackets": [b._rungs for b in self._brackets]})
+        if state == self._written:
+            return
         tmp = f"{self.state_path}.tmp"
-        Path(tmp).write_text(json.dumps(state))
+        Path(tmp).write_text(state)
         os.replace(tmp, self.state_path)  # atomic: a kill never leaves half a file
+        self._written = state
 
     def on_trial_add(self, tune_controller, trial) -> None:
         self._load_once()

@@ -85,6 +85,7 @@ def _runs(study, args):
 
 def cmd_status(args) -> int:
     from workflows.cells import expand
+    from workflows.runner import ray_checkpoints
     from workflows.tracking import REASON
 
     study = _study(args.study)
@@ -97,17 +98,12 @@ def cmd_status(args) -> int:
         history = tracker.metric_history(run.info.run_id, "train/loss")
         step, loss = (history[-1].step, f"{history[-1].value:.4f}") if history else (0, "—")
         reason = f"  reason: {run.data.tags[REASON]}" if REASON in run.data.tags else ""
-        checkpoint = "checkpoint" if _has_checkpoint(Path(ws.storage_path) / cell.id) else "no checkpoint"
+        checkpoint = "checkpoint" if ray_checkpoints(Path(ws.storage_path) / cell.id) else "no checkpoint"
         print(f"{cell.id}  {cell.title}  {run.info.status}  step {step}/{study.training.steps}  loss {loss}  "
               f"{checkpoint}{reason}")
     if study.sweep:
         _sweep_status(study, tracker, ws)
     return 0
-
-
-def _has_checkpoint(run_dir: Path) -> bool:
-    """A Ray Train run directory holds checkpoint_<time>/ folders (and a checkpoint_manager_snapshot.json file)."""
-    return any(p.is_dir() for p in run_dir.glob("checkpoint_*"))
 
 
 def _trial_runs(study, tracker) -> list:
@@ -117,13 +113,14 @@ def _trial_runs(study, tracker) -> list:
 
 def _sweep_status(study, tracker, ws) -> None:
     from tuning.report import trial_rows
+    from workflows.runner import ray_checkpoints
 
     runs = _trial_runs(study, tracker)
     print(f"sweep {study.sweep.name}: {len(runs)} trial(s)")
     for row in trial_rows(runs, study.sweep):
         params = " ".join(f"{k}={row[k]}" for k in study.sweep.space)
         metric = row[study.sweep.metric]
-        checkpoint = _has_checkpoint(Path(ws.storage_path) / f"train-trial_id={row['trial']}")
+        checkpoint = ray_checkpoints(Path(ws.storage_path) / f"train-trial_id={row['trial']}")
         print(f"  trial {row['trial']}  {row['router']}  {params}  {row['status']}  step {row['steps']}  "
               f"{study.sweep.metric} {metric if metric is None else f'{metric:.4f}'}  "
               f"{'checkpoint' if checkpoint else 'no checkpoint'}"

@@ -57,6 +57,11 @@ class Workspace:
         return (self.shared_storage or self.root) / "cache"
 
 
+def ray_checkpoints(run_dir: Path) -> list[Path]:
+    """A Ray Train run's checkpoint_<time>/ folders, oldest first (the run dir also holds checkpoint_*.json files)."""
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
 def check_cluster(ws: Workspace) -> None:
     """A multi-node cluster cannot use the driver's disk: refuse local tracking and node-local storage up front."""
     import ray

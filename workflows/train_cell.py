@@ -133,7 +133,7 @@ def evaluate(engine, data: PreparedData, cell: Cell, w: Worker) -> Evaluation:
     t = cell.training
     engine.eval()
     gen = torch.Generator().manual_seed(EVAL_SEED + w.rank)
-    loss_sum, sums, difficulty, routes = torch.zeros(2), {}, None, {}
+    loss_sum, sums, difficulty, routes = torch.zeros(2), {}, None, {}  # routes: block -> per-batch masks
     unscaled: dict[int, dict[str, float]] = {}
     for _ in range(t.eval_batches):
         x, y, dom = sample_batch(data, "validation", t.micro_batch_size, t.seq_len, gen)
@@ -144,7 +144,7 @@ def evaluate(engine, data: PreparedData, cell: Cell, w: Worker) -> Evaluation:
             difficulty = add_sums(difficulty, difficulty_sums(experts_T, out.token_nll_BS.flatten()))
         for i, aux in out.moe.items():
             sums[i] = add_sums(sums.get(i), aux.sums)
-            routes[i] = torch.cat([routes[i], aux.expert_mask_TE]) if i in routes else aux.expert_mask_TE
+            routes.setdefault(i, []).append(aux.expert_mask_TE)
             for name, value in aux.unscaled.items():  # rank 0's mean over batches; the load metrics are global
                 layer = unscaled.setdefault(i, {})
                 layer[name] = layer.get(name, 0.0) + value.item() / t.eval_batches
@@ -156,7 +156,7 @@ def evaluate(engine, data: PreparedData, cell: Cell, w: Worker) -> Evaluation:
     metrics.update({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))})
     if difficulty is not None:  # Pearson r; NaN (not logged) for fixed-k routers
         metrics["eval/moe/difficulty_corr"] = pearson({k: all_reduce_sum(v) for k, v in difficulty.items()})
-    return Evaluation(metrics, tables, routes)
+    return Evaluation(metrics, tables, {i: torch.cat(masks) for i, masks in routes.items()})
 
 
 def saturation_metrics(snapshot: dict[int, torch.Tensor], final: dict[int, torch.Tensor]) -> dict[str, float]:

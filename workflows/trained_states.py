@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from workflows.cells import Cell, expand
-from workflows.runner import Workspace, prepare_datasets
+from workflows.runner import Workspace, prepare_datasets, ray_checkpoints
 from workflows.study import Study, StudyError
 from workflows.tracking import Tracker
 
@@ -24,7 +24,7 @@ def finished_cell_with_checkpoint(study: Study, ws: Workspace) -> tuple[Cell, Pa
     runs = tracker.cell_runs(found.experiment_id) if found else {}
     for cell in expand(study):
         run = runs.get(cell.id)
-        checkpoints = sorted(p for p in (Path(ws.storage_path) / cell.id).glob("checkpoint_*") if p.is_dir())
+        checkpoints = ray_checkpoints(Path(ws.storage_path) / cell.id)
         if run is not None and run.info.status == "FINISHED" and checkpoints and cell.router.name != "dense":
             return cell, checkpoints[-1]
     raise StudyError(study.name, [f"no finished MoE cell with a checkpoint under {ws.storage_path}; run the study "
