@@ -1,5 +1,7 @@
 """Built-in offline corpora, derived from what every CPython installation ships.
 
+`docstrings`: summarization pairs (moe_data/docstrings.py).
+
 `domains`: three clearly separable domains, each document labelled —
   python  the standard library's .py sources,
   c       CPython's C headers (the `include` directory),
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from moe_data.corpus import SPLITS, Corpus, Document, split_of
+from moe_data.docstrings import load_docstrings
 
 MAX_DOC_CHARS = 16_000  # long files are truncated so one file cannot fill a domain's budget
 
@@ -66,4 +69,5 @@ def load_domains(max_chars_per_domain: int) -> Corpus:
     return Corpus(splits, source=f"builtin:domains(max_chars_per_domain={max_chars_per_domain})")
 
 
-BUILTIN = {"domains": load_domains}
+# name -> loader(max_chars) returning a Corpus (language modelling) or a PairCorpus (summarization)
+BUILTIN = {"domains": load_domains, "docstrings": load_docstrings}

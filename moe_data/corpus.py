@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Iterator
 
 SPLITS = ("train", "validation", "test")
 
@@ -33,6 +34,9 @@ class Corpus:
                 h.update(f"\0{split}\0{doc.doc_id}\0{doc.domain}\0".encode())
                 h.update(hashlib.sha256(doc.text.encode()).digest())
         return h.hexdigest()[:16]
+
+    def training_texts(self) -> Iterator[str]:
+        return (d.text for d in self.splits["train"])
 
 
 def split_of(doc_id: str) -> str:

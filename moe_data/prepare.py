@@ -1,5 +1,8 @@
 """Turn a dataset spec into token tensors on disk, once per (corpus fingerprint, vocab size).
 
+Language-modelling corpora are handled here; summarization pairs in prepared_pairs.py. Both expose
+`sample(split, batch_size, generator, seq_len, target_len) -> Batch`, so the training loop does not care which.
+
 The driver prepares data before any cell starts; cell workers only `load_prepared` the file. Each split is the
 concatenation of its documents' tokens (EOS between documents) with a parallel per-token domain id, so windows can
 be sampled at any offset and still know each token's domain.
@@ -11,7 +14,10 @@ from pathlib import Path
 
 import torch
 
+from moe_data.batch import Batch
 from moe_data.corpus import SPLITS
+from moe_data.pairs import PairCorpus
+from moe_data.prepared_pairs import PreparedPairs, prepare_pairs
 from moe_data.sources import load_corpus
 from moe_data.tokenizer import EOS, train_or_load_tokenizer
 
@@ -27,9 +33,15 @@ class PreparedData:
     fingerprint: str  # corpus fingerprint (content) — logged with every run
     tokenizer_path: str
     source: str
+    task: str = "lm"
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
+
+    def sample(self, split: str, batch_size: int, generator: torch.Generator, seq_len: int,
+               target_len: int = 0) -> Batch:
+        x, y, dom = sample_batch(self, split, batch_size, seq_len, generator)
+        return Batch((x, y, dom), y.numel())
 
     def train_token_counts(self) -> torch.Tensor:
         """(V,) token-id frequencies of the training split (what a balanced hash table is built from)."""
@@ -41,6 +53,9 @@ def prepare(name: str, vocab_size: int, max_chars_per_domain: int, cache_dir: Pa
     corpus = load_corpus(name, max_chars_per_domain, **source_kwargs)
     path = cache_dir / f"data-{corpus.fingerprint}-{vocab_size}.pt"
     if path.exists():
+        return path
+    if isinstance(corpus, PairCorpus):
+        prepare_pairs(corpus, vocab_size, path, cache_dir)
         return path
     tok, tok_path = train_or_load_tokenizer(corpus, vocab_size, cache_dir)
     eos = tok.token_to_id(EOS)
@@ -64,8 +79,10 @@ def prepare(name: str, vocab_size: int, max_chars_per_domain: int, cache_dir: Pa
     return path
 
 
-def load_prepared(path: str | Path) -> PreparedData:
-    return PreparedData(**torch.load(path, weights_only=False))
+def load_prepared(path: str | Path) -> PreparedData | PreparedPairs:
+    fields = torch.load(path, weights_only=False)
+    return PreparedPairs(**{k: v for k, v in fields.items() if k != "kind"}) if fields.get("kind") == "pairs" \
+        else PreparedData(**fields)
 
 
 def sample_batch(data: PreparedData, split: str, batch_size: int, seq_len: int,

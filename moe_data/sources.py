@@ -10,6 +10,7 @@ from pathlib import Path
 
 from moe_data.builtin import BUILTIN
 from moe_data.corpus import SPLITS, Corpus, Document, split_of
+from moe_data.pairs import PairCorpus, pairs_from_hf
 
 SCHEMES = ("builtin", "hf", "file")
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
@@ -31,7 +32,9 @@ def parse_name(name: str) -> tuple[str, str]:
 
 
 def load_corpus(name: str, max_chars_per_domain: int, text_column: str = "text",
-                domain_column: str | None = "domain", hf_config: str | None = None) -> Corpus:
+                domain_column: str | None = "domain", hf_config: str | None = None,
+                summary_column: str | None = None) -> Corpus | PairCorpus:
+    """A summary column makes it a summarization dataset: (text_column, summary_column) pairs."""
     scheme, rest = parse_name(name)
     if scheme == "builtin":
         return BUILTIN[rest](max_chars_per_domain)
@@ -41,6 +44,8 @@ def load_corpus(name: str, max_chars_per_domain: int, text_column: str = "text",
         loaded = datasets.load_dataset(rest, hf_config)
     else:
         loaded = datasets.load_dataset(_FILE_BUILDERS[Path(rest).suffix], data_files=str(Path(rest).resolve()))
+    if summary_column:
+        return pairs_from_hf(loaded, name, text_column, summary_column)
     return _from_hf(loaded, name, text_column, domain_column)
 
 

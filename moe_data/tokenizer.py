@@ -6,11 +6,12 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moe_data.corpus import Corpus
+from moe_data.pairs import PairCorpus
 
-EOS = "<|endoftext|>"
+EOS = "<|endoftext|>"  # also the decoder's start symbol and padding of summarization batches
 
 
-def train_or_load_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path) -> tuple[Tokenizer, Path]:
+def train_or_load_tokenizer(corpus: Corpus | PairCorpus, vocab_size: int, cache_dir: Path) -> tuple[Tokenizer, Path]:
     path = cache_dir / f"bpe-{corpus.fingerprint}-{vocab_size}.json"
     if path.exists():
         return Tokenizer.from_file(str(path)), path
@@ -19,7 +20,7 @@ def train_or_load_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path) ->
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((d.text for d in corpus.splits["train"]), trainer)
+    tok.train_from_iterator(corpus.training_texts(), trainer)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tok.save(str(tmp))

@@ -37,8 +37,9 @@ class MoEFeedForward(nn.Module):
         # global_batch scope: route counts of every rank and micro-batch since the last optimizer step.
         self.register_buffer("window_routes_E", torch.zeros(router.ctx.num_experts), persistent=False)
 
-    def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor,
-                domain_ids_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x_BSD: torch.Tensor, token_ids_BS: torch.Tensor, domain_ids_BS: torch.Tensor | None = None,
+                valid_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+        """valid_BS (optional): real tokens; padding is still routed (shapes stay static) but left out of analytics."""
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         domain_ids_T = None if domain_ids_BS is None else domain_ids_BS.reshape(-1)
         if self.router.needs_domains:
@@ -58,9 +59,14 @@ class MoEFeedForward(nn.Module):
         out = self.dispatch(x_TD, decision)
         aux = MoEAux(loss, {k: v.detach() for k, v in unscaled.items()})
         if not self.training:  # analytics are an evaluation product: no per-step cost in training
-            aux.sums = routing_sums(decision, out.kept_TK, domain_ids_T, self.router.ctx.num_domains)
+            kept_TK = out.kept_TK
+            if valid_BS is not None:
+                valid_T = valid_BS.reshape(-1)
+                decision, kept_TK = decision.rows(valid_T), kept_TK[valid_T]
+                domain_ids_T = None if domain_ids_T is None else domain_ids_T[valid_T]
+            aux.sums = routing_sums(decision, kept_TK, domain_ids_T, self.router.ctx.num_domains)
             spec = self.dispatch.spec  # served routes x 4*D*F (2 matmuls, 2 FLOPs per multiply-add)
-            aux.sums["expert_flops"] = out.kept_TK.sum().float() * 4 * spec.d_model * spec.expert_hidden
+            aux.sums["expert_flops"] = kept_TK.sum().float() * 4 * spec.d_model * spec.expert_hidden
             aux.expert_mask_TE = decision.expert_mask_TE().bool()
         return out.y_TD.view_as(x_BSD), aux
 

@@ -43,5 +43,10 @@ class RoutingDecision:
         mask.scatter_add_(1, self.expert_ids_TK, self.active_TK.to(mask.dtype))
         return mask.clamp_(max=1.0)
 
+    def rows(self, keep_T: torch.Tensor) -> "RoutingDecision":
+        """The decision restricted to some tokens (padding left out of analytics); no losses, no gradient."""
+        return RoutingDecision(self.expert_ids_TK[keep_T], self.weights_TK.detach()[keep_T], self.active_TK[keep_T],
+                               self.probs_TE.detach()[keep_T])
+
     def tokens_per_expert_E(self) -> torch.Tensor:
         return self.expert_mask_TE().sum(dim=0)

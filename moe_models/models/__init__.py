@@ -7,7 +7,9 @@ from typing import Callable
 from pydantic import BaseModel
 from torch import nn
 
-from moe_models.models.gpt import GPT, GPTOptions, LMOutput
+from moe_models.models.common import LMOutput
+from moe_models.models.gpt import GPT, GPTOptions
+from moe_models.models.seq2seq import Seq2SeqMoE, Seq2SeqOptions
 from moe_models.registry import Registry
 
 
@@ -17,9 +19,11 @@ class ModelFamily:
     # (options, routing, vocab_size, max_seq_len, seed, num_domains=0, token_counts_V=None) -> model
     build: Callable[..., nn.Module]
     autoregressive: bool = True  # a non-causal router (expert choice) would see future tokens
+    task: str = "lm"  # the kind of dataset it trains on: lm (token windows) or summarization (pairs)
 
 
 MODELS: Registry[ModelFamily] = Registry("model")
 MODELS.register("gpt")(ModelFamily(GPTOptions, GPT))
+MODELS.register("seq2seq")(ModelFamily(Seq2SeqOptions, Seq2SeqMoE, task="summarization"))
 
-__all__ = ["MODELS", "ModelFamily", "GPT", "GPTOptions", "LMOutput"]
+__all__ = ["MODELS", "ModelFamily", "GPT", "GPTOptions", "LMOutput", "Seq2SeqMoE", "Seq2SeqOptions"]

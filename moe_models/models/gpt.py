@@ -5,85 +5,18 @@ Shapes: B batch, S sequence, D model dim, V vocab.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import re
-import zlib
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, confloat, model_validator
+from pydantic import PositiveInt
 from torch import nn
 
-from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
-from moe_models.experts import ExpertFFN
+from moe_models.models.common import LMOutput, MoEModelOptions, build_ffn, init_parameters
 from moe_models.moe_ffn import MoEAux, MoEFeedForward
-from moe_models.routers import ROUTERS, RouterContext
 from moe_models.spec import RoutingSpec
 
 
-class GPTOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    d_model: PositiveInt = 128
+class GPTOptions(MoEModelOptions):
     n_layers: PositiveInt = 2
-    n_heads: PositiveInt = 4
-    num_experts: PositiveInt = 4
-    expert_hidden: PositiveInt = 256  # F of each expert; the dense baseline scales it by its active experts
-    moe_every: NonNegativeInt = 1  # MoE FFN in blocks where (index+1) % moe_every == 0; 0 = no MoE at all
-    ep_size: PositiveInt = 1  # expert-parallel ranks (DeepSpeed ep_size); must divide num_experts
-    dispatch: str = "deepspeed"
-    dropout: confloat(ge=0, lt=1) = 0.0
-
-    @model_validator(mode="after")
-    def _check(self) -> "GPTOptions":
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.num_experts % self.ep_size:
-            raise ValueError(f"ep_size={self.ep_size} must divide num_experts={self.num_experts}")
-        if self.dispatch not in DISPATCH_BACKENDS:
-            raise ValueError(f"dispatch={self.dispatch!r} unknown; valid: {', '.join(DISPATCH_BACKENDS.names())}")
-        return self
-
-
-@dataclass
-class LMOutput:
-    lm_loss: torch.Tensor  # mean next-token cross-entropy
-    aux_loss: torch.Tensor  # sum over MoE layers of scaled balancing losses
-    moe: dict[int, MoEAux] = field(default_factory=dict)  # block index -> that MoE layer's aux
-    token_nll_BS: torch.Tensor | None = None  # per-token cross-entropy, detached (input difficulty)
-
-    @property
-    def loss(self) -> torch.Tensor:
-        return self.lm_loss + self.aux_loss
-
-
-_LOCAL_EXPERT = re.compile(r"deepspeed_experts\.(\d+)\.")
-
-
-def init_parameters(model: nn.Module, seed: int, ep_size: int) -> None:
-    """GPT-2 init, N(0, 0.02) for Linear/Embedding weights and zero biases (PyTorch's N(0, 1) embedding init makes the
-    tied LM head's first logits huge), drawn per parameter from a generator keyed by (seed, name) — and for experts by
-    their *global* id — so every expert-parallel layout (ep_size, world size) starts from the same weights."""
-    ep_rank = dist.get_rank() % ep_size if dist.is_available() and dist.is_initialized() else 0
-    for module_name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Embedding)):
-            continue
-        for kind, param in (("weight", module.weight), ("bias", getattr(module, "bias", None))):
-            if param is None:
-                continue
-            name = f"{module_name}.{kind}"
-            local = _LOCAL_EXPERT.search(name)
-            if local:  # DeepSpeed places global experts [r*n, (r+1)*n) on expert-parallel rank r
-                num_local = len(model.get_submodule(name[:local.end() - 1].rsplit(".", 1)[0]))
-                name = _LOCAL_EXPERT.sub(f"global_expert.{ep_rank * num_local + int(local.group(1))}.", name)
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            with torch.no_grad():
-                if kind == "bias":
-                    param.zero_()
-                else:
-                    param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
 
 
 class CausalSelfAttention(nn.Module):
@@ -124,35 +57,17 @@ class GPT(nn.Module):
                  num_domains: int = 0, token_counts_V: torch.Tensor | None = None):
         super().__init__()
         self.opts = opts
-        self.num_domains = num_domains
-        self.token_counts_V = token_counts_V  # routers built from data statistics (balanced hash) read these
         self.tok_emb = nn.Embedding(vocab_size, opts.d_model)
         self.pos_emb = nn.Embedding(max_seq_len, opts.d_model)
         self.blocks = nn.ModuleList(
-            Block(opts.d_model, opts.n_heads, opts.dropout, self._ffn(i, routing, vocab_size, seed))
+            Block(opts.d_model, opts.n_heads, opts.dropout,
+                  build_ffn(opts, i, i, routing, vocab_size, seed, num_domains, token_counts_V))
             for i in range(opts.n_layers)
         )
         self.ln_f = nn.LayerNorm(opts.d_model)
         self.lm_head = nn.Linear(opts.d_model, vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying (nanoGPT)
         init_parameters(self, seed, opts.ep_size)
-
-    def is_moe_block(self, index: int) -> bool:
-        return self.opts.moe_every > 0 and (index + 1) % self.opts.moe_every == 0
-
-    def _ffn(self, index: int, routing: RoutingSpec, vocab_size: int, seed: int) -> nn.Module:
-        o = self.opts
-        if routing.is_dense:
-            return ExpertFFN(o.d_model, routing.dense_active_experts * o.expert_hidden)
-        if not self.is_moe_block(index):
-            return ExpertFFN(o.d_model, o.expert_hidden)
-        ctx = RouterContext(o.d_model, o.num_experts, vocab_size, index, seed, self.num_domains, self.token_counts_V)
-        router_cls = ROUTERS.get(routing.router)
-        router = router_cls(ctx, routing.options or router_cls.Options())
-        spec = DispatchSpec(o.d_model, o.expert_hidden, o.num_experts, o.ep_size,
-                            routing.capacity_factor, routing.drop_policy)
-        return MoEFeedForward(router, DISPATCH_BACKENDS.get(o.dispatch)(spec), routing.balancing,
-                              routing.balancing_scope)
 
     def forward(self, input_ids_BS: torch.Tensor, targets_BS: torch.Tensor,
                 domain_ids_BS: torch.Tensor | None = None) -> LMOutput:

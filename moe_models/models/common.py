@@ -1,0 +1,106 @@
+"""What every MoE model family shares: the common options, the output, the FFN slot (dense or MoE), and the init.
+
+A model family is one file beside this one: its Options extend MoEModelOptions, its FFN slots come from `build_ffn`,
+and it calls `init_parameters` last, so every expert-parallel layout starts from the same weights.
+"""
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, confloat, model_validator
+from torch import nn
+
+from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
+from moe_models.experts import ExpertFFN
+from moe_models.moe_ffn import MoEAux, MoEFeedForward
+from moe_models.routers import ROUTERS, RouterContext
+from moe_models.spec import RoutingSpec
+
+
+class MoEModelOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    d_model: PositiveInt = 128
+    n_heads: PositiveInt = 4
+    num_experts: PositiveInt = 4
+    expert_hidden: PositiveInt = 256  # F of each expert; the dense baseline scales it by its active experts
+    moe_every: NonNegativeInt = 1  # MoE FFN in blocks where (index+1) % moe_every == 0; 0 = no MoE at all
+    ep_size: PositiveInt = 1  # expert-parallel ranks (DeepSpeed ep_size); must divide num_experts
+    dispatch: str = "deepspeed"
+    dropout: confloat(ge=0, lt=1) = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoEModelOptions":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.num_experts % self.ep_size:
+            raise ValueError(f"ep_size={self.ep_size} must divide num_experts={self.num_experts}")
+        if self.dispatch not in DISPATCH_BACKENDS:
+            raise ValueError(f"dispatch={self.dispatch!r} unknown; valid: {', '.join(DISPATCH_BACKENDS.names())}")
+        return self
+
+    def is_moe_block(self, index: int) -> bool:
+        """index counts the blocks of one stack (encoder and decoder separately)."""
+        return self.moe_every > 0 and (index + 1) % self.moe_every == 0
+
+
+@dataclass
+class LMOutput:
+    lm_loss: torch.Tensor  # mean next-token cross-entropy
+    aux_loss: torch.Tensor  # sum over MoE layers of scaled balancing losses
+    moe: dict[int, MoEAux] = field(default_factory=dict)  # block index -> that MoE layer's aux
+    token_nll_BS: torch.Tensor | None = None  # per-token cross-entropy, detached (input difficulty)
+    # MoE blocks whose (evaluation) expert masks are over the loss's tokens, in order; None = all of them.
+    target_blocks: tuple[int, ...] | None = None
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.lm_loss + self.aux_loss
+
+
+def build_ffn(opts: MoEModelOptions, stack_index: int, layer_index: int, routing: RoutingSpec, vocab_size: int,
+              seed: int, num_domains: int = 0, token_counts_V: torch.Tensor | None = None) -> nn.Module:
+    """The FFN of one block: dense (baseline, or a non-MoE block), or an MoE FFN whose router is unique per
+    `layer_index` (the block's index over the whole model)."""
+    if routing.is_dense:
+        return ExpertFFN(opts.d_model, routing.dense_active_experts * opts.expert_hidden)
+    if not opts.is_moe_block(stack_index):
+        return ExpertFFN(opts.d_model, opts.expert_hidden)
+    ctx = RouterContext(opts.d_model, opts.num_experts, vocab_size, layer_index, seed, num_domains, token_counts_V)
+    router_cls = ROUTERS.get(routing.router)
+    router = router_cls(ctx, routing.options or router_cls.Options())
+    spec = DispatchSpec(opts.d_model, opts.expert_hidden, opts.num_experts, opts.ep_size,
+                        routing.capacity_factor, routing.drop_policy)
+    return MoEFeedForward(router, DISPATCH_BACKENDS.get(opts.dispatch)(spec), routing.balancing,
+                          routing.balancing_scope)
+
+
+_LOCAL_EXPERT = re.compile(r"deepspeed_experts\.(\d+)\.")
+
+
+def init_parameters(model: nn.Module, seed: int, ep_size: int) -> None:
+    """GPT-2 init, N(0, 0.02) for Linear/Embedding weights and zero biases (PyTorch's N(0, 1) embedding init makes the
+    tied LM head's first logits huge), drawn per parameter from a generator keyed by (seed, name) — and for experts by
+    their *global* id — so every expert-parallel layout (ep_size, world size) starts from the same weights."""
+    ep_rank = dist.get_rank() % ep_size if dist.is_available() and dist.is_initialized() else 0
+    for module_name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        for kind, param in (("weight", module.weight), ("bias", getattr(module, "bias", None))):
+            if param is None:
+                continue
+            name = f"{module_name}.{kind}"
+            local = _LOCAL_EXPERT.search(name)
+            if local:  # DeepSpeed places global experts [r*n, (r+1)*n) on expert-parallel rank r
+                num_local = len(model.get_submodule(name[:local.end() - 1].rsplit(".", 1)[0]))
+                name = _LOCAL_EXPERT.sub(f"global_expert.{ep_rank * num_local + int(local.group(1))}.", name)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            with torch.no_grad():
+                if kind == "bias":
+                    param.zero_()
+                else:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.02)

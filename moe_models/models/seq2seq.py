@@ -1,0 +1,161 @@
+"""Encoder-decoder transformer (Vaswani et al. 2017, pre-LN) whose FFNs are MoE every `moe_every` blocks, in the
+encoder and in the decoder, on the same router / balancing / dispatch stack as the GPT family.
+
+Block indices: encoder blocks are 0..encoder_layers-1 and decoder blocks follow, so every MoE layer has its own router
+seed and its own metric prefix (`block{i}`). Decoder MoE layers route by the decoder's input token ids (the token
+being processed), which is what hash routing needs. Shapes: B batch, S source length, L target length, D model dim.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import PositiveInt, confloat
+from torch import nn
+
+from moe_models.models.common import LMOutput, MoEModelOptions, build_ffn, init_parameters
+from moe_models.moe_ffn import MoEAux, MoEFeedForward
+from moe_models.spec import RoutingSpec
+
+IGNORE_INDEX = -100
+
+
+class Seq2SeqOptions(MoEModelOptions):
+    encoder_layers: PositiveInt = 2
+    decoder_layers: PositiveInt = 2
+    shared_embeddings: bool = True  # one token embedding for encoder, decoder and output projection
+    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    label_smoothing: confloat(ge=0, lt=1) = 0.0
+
+
+def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
+    """(length, D) fixed encodings, Vaswani et al. 2017 section 3.5."""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10_000.0) / d_model))
+    table = torch.zeros(length, d_model)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq[: d_model // 2])
+    return table
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries over a memory (itself for self-attention)."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.q, self.kv = nn.Linear(d_model, d_model), nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x_BQD: torch.Tensor, memory_BKD: torch.Tensor, keys_valid_BK: torch.Tensor | None,
+                causal: bool = False) -> torch.Tensor:
+        B, Q, D = x_BQD.shape
+        h = self.n_heads
+        q = self.q(x_BQD).view(B, Q, h, D // h).transpose(1, 2)
+        k, v = self.kv(memory_BKD).view(B, -1, 2, h, D // h).unbind(dim=2)
+        mask = None if keys_valid_BK is None else keys_valid_BK[:, None, None, :]  # True = may attend
+        y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, Q, D))
+
+
+def _ffn(ffn: nn.Module, x: torch.Tensor, token_ids: torch.Tensor, valid: torch.Tensor | None) -> tuple:
+    if isinstance(ffn, MoEFeedForward):
+        return ffn(x, token_ids, None, valid)
+    return ffn(x), None
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, ffn: nn.Module):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, n_heads, dropout)
+        self.ffn = ffn
+
+    def forward(self, x, token_ids, valid) -> tuple[torch.Tensor, MoEAux | None]:
+        h = self.ln1(x)
+        x = x + self.attn(h, h, valid)
+        y, aux = _ffn(self.ffn, self.ln2(x), token_ids, valid)
+        return x + y, aux
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, ffn: nn.Module):
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.self_attn = Attention(d_model, n_heads, dropout)
+        self.cross_attn = Attention(d_model, n_heads, dropout)
+        self.ffn = ffn
+
+    def forward(self, x, token_ids, valid, memory, memory_valid) -> tuple[torch.Tensor, MoEAux | None]:
+        h = self.ln1(x)
+        x = x + self.self_attn(h, h, None, causal=True)  # right padding: real positions never see it
+        x = x + self.cross_attn(self.ln2(x), memory, memory_valid)
+        y, aux = _ffn(self.ffn, self.ln3(x), token_ids, valid)
+        return x + y, aux
+
+
+class Seq2SeqMoE(nn.Module):
+    def __init__(self, opts: Seq2SeqOptions, routing: RoutingSpec, vocab_size: int, max_seq_len: int, seed: int,
+                 num_domains: int = 0, token_counts_V: torch.Tensor | None = None):
+        super().__init__()
+        self.opts = opts
+        d, h, p = opts.d_model, opts.n_heads, opts.dropout
+
+        def ffn(stack_index: int, layer_index: int) -> nn.Module:
+            return build_ffn(opts, stack_index, layer_index, routing, vocab_size, seed, num_domains, token_counts_V)
+
+        self.enc_emb = nn.Embedding(vocab_size, d)
+        self.dec_emb = self.enc_emb if opts.shared_embeddings else nn.Embedding(vocab_size, d)
+        if opts.positions == "learned":
+            self.pos_emb = nn.Embedding(max_seq_len, d)
+        else:
+            self.register_buffer("pos_table", sinusoidal_positions(max_seq_len, d), persistent=False)
+        self.encoder = nn.ModuleList(EncoderBlock(d, h, p, ffn(i, i)) for i in range(opts.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderBlock(d, h, p, ffn(i, opts.encoder_layers + i))
+                                     for i in range(opts.decoder_layers))
+        self.ln_enc, self.ln_dec = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.drop = nn.Dropout(p)
+        self.lm_head = nn.Linear(d, vocab_size, bias=False)
+        init_parameters(self, seed, opts.ep_size)
+        self.lm_head.weight = self.dec_emb.weight  # tied after init: one tensor, drawn once
+        self.embed_scale = math.sqrt(d) if opts.positions == "sinusoidal" else 1.0  # Vaswani et al. 3.4
+
+    def _embed(self, emb: nn.Embedding, ids_BS: torch.Tensor) -> torch.Tensor:
+        n = ids_BS.shape[1]
+        pos = self.pos_emb.weight[:n] if self.opts.positions == "learned" else self.pos_table[:n]
+        return self.drop(emb(ids_BS) * self.embed_scale + pos)
+
+    def encode(self, src_BS: torch.Tensor, src_valid_BS: torch.Tensor) -> tuple[torch.Tensor, dict[int, MoEAux]]:
+        x, aux = self._embed(self.enc_emb, src_BS), {}
+        for i, block in enumerate(self.encoder):
+            x, layer_aux = block(x, src_BS, src_valid_BS)
+            if layer_aux is not None:
+                aux[i] = layer_aux
+        return self.ln_enc(x), aux
+
+    def decode(self, memory_BSD: torch.Tensor, src_valid_BS: torch.Tensor, decoder_in_BL: torch.Tensor,
+               decoder_valid_BL: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, MoEAux]]:
+        """Logits (B, L, V) for every decoder position."""
+        x, aux = self._embed(self.dec_emb, decoder_in_BL), {}
+        for i, block in enumerate(self.decoder):
+            x, layer_aux = block(x, decoder_in_BL, decoder_valid_BL, memory_BSD, src_valid_BS)
+            if layer_aux is not None:
+                aux[self.opts.encoder_layers + i] = layer_aux
+        return self.lm_head(self.ln_dec(x)), aux
+
+    def forward(self, src_BS: torch.Tensor, src_valid_BS: torch.Tensor, decoder_in_BL: torch.Tensor,
+                labels_BL: torch.Tensor) -> LMOutput:
+        """Teacher-forced loss over real target tokens (IGNORE_INDEX labels are padding)."""
+        valid_BL = labels_BL != IGNORE_INDEX
+        memory, enc_aux = self.encode(src_BS, src_valid_BS)
+        logits_BLV, dec_aux = self.decode(memory, src_valid_BS, decoder_in_BL, valid_BL)
+        logits, labels = logits_BLV.flatten(0, 1).float(), labels_BL.flatten()
+        smoothing = self.opts.label_smoothing if self.training else 0.0  # evaluation reports the plain NLL
+        lm_loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, label_smoothing=smoothing)
+        token_nll = F.cross_entropy(logits.detach(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        aux = {**enc_aux, **dec_aux}
+        aux_loss = sum((a.loss for a in aux.values()), lm_loss.new_zeros(()))
+        return LMOutput(lm_loss, aux_loss, aux, token_nll[valid_BL.flatten()], target_blocks=tuple(sorted(dec_aux)))
