@@ -71,3 +71,4 @@ def load_domains(max_chars_per_domain: int) -> Corpus:
 
 # name -> loader(max_chars) returning a Corpus (language modelling) or a PairCorpus (summarization)
 BUILTIN = {"domains": load_domains, "docstrings": load_docstrings}
+SUMMARIZATION_BUILTINS = {"docstrings"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moe_data.builtin import BUILTIN
+from moe_data.builtin import BUILTIN, SUMMARIZATION_BUILTINS
 from moe_data.corpus import SPLITS, Corpus, Document, split_of
 from moe_data.pairs import PairCorpus, pairs_from_hf
 
@@ -29,6 +29,12 @@ def parse_name(name: str) -> tuple[str, str]:
         if not path.exists():
             raise ValueError(f"file dataset {rest!r} does not exist")
     return scheme, rest
+
+
+def task_of(name: str, summary_column: str | None) -> str:
+    """'summarization' for (document, summary) pair datasets, else 'lm' (token windows)."""
+    scheme, rest = parse_name(name)
+    return "summarization" if summary_column or (scheme == "builtin" and rest in SUMMARIZATION_BUILTINS) else "lm"
 
 
 def load_corpus(name: str, max_chars_per_domain: int, text_column: str = "text",

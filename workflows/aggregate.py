@@ -33,6 +33,12 @@ METRIC_COLUMNS = (
     Column("ref. agreement", "eval/moe/reference_agreement", 3),
     Column("difficulty r", "eval/moe/difficulty_corr", 3),
     Column("expert MFLOP/token", "eval/moe/expert_flops_per_token", 3, 1e-6),
+    Column("ROUGE-1", "test/rouge1", 2, 100),
+    Column("ROUGE-2", "test/rouge2", 2, 100),
+    Column("ROUGE-L", "test/rougeL", 2, 100),
+    Column("BLEU", "test/bleu", 2),
+    Column("BERTScore F1", "test/bertscore_f1", 2, 100),
+    Column("density", "test/density", 2),
     Column("tokens/s", "summary/tokens_per_s", 0),
     Column("peak MB", "summary/peak_memory_mb", 0),
 )
@@ -64,8 +70,13 @@ def _fmt(value: Any, digits: int) -> str:
     return str(value)
 
 
+def shown_columns(rows: list[dict[str, Any]]) -> list[Column]:
+    """Metric columns some row has a value for: an LM study shows no ROUGE, a summarization study no purity."""
+    return [c for c in METRIC_COLUMNS if any(row.get(c.header) is not None for row in rows)]
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    headers = list(ID_HEADERS) + [c.header for c in METRIC_COLUMNS]
+    headers = list(ID_HEADERS) + [c.header for c in shown_columns(rows)]
     digits = {c.header: c.digits for c in METRIC_COLUMNS}
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for row in rows:
@@ -75,7 +86,8 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(ID_HEADERS) + [c.header for c in METRIC_COLUMNS])
+    writer = csv.DictWriter(out, fieldnames=list(ID_HEADERS) + [c.header for c in shown_columns(rows)],
+                            extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from itertools import product
 from typing import Any
 
-from workflows.study import DatasetEntry, ModelEntry, ResourcesConfig, RouterEntry, Study, TrainingConfig
+from workflows.study import (DatasetEntry, ModelEntry, ResourcesConfig, RouterEntry, Study, SummarizationConfig,
+                             TrainingConfig)
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Cell:
     seed: int
     training: TrainingConfig
     resources: ResourcesConfig
+    summarization: SummarizationConfig | None = None  # how a summarization cell is evaluated (None for LM cells)
 
     def resolved(self) -> dict[str, Any]:
         """JSON-ready config with every default filled in: what the id hashes and what MLflow records."""
@@ -39,6 +41,7 @@ class Cell:
             "seed": self.seed,
             "training": self.training.model_dump(),
             "resources": self.resources.model_dump(),
+            **({"summarization": self.summarization.model_dump()} if self.summarization else {}),
         }
 
     @property
@@ -48,6 +51,8 @@ class Cell:
         identity["model"].pop("label")
         # Only the worker count changes the result (global batch); CPUs/concurrency/retries do not.
         identity["resources"] = {"workers_per_cell": self.resources.workers_per_cell}
+        for presentation_only in ("baseline", "samples"):  # aggregation settings, not the cell's result
+            identity.get("summarization", {}).pop(presentation_only, None)
         blob = json.dumps(identity, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -62,7 +67,8 @@ class Cell:
         return cls(RouterEntry.model_validate(router), ModelEntry.model_validate(model),
                    DatasetEntry.model_validate(resolved["dataset"]), int(resolved["seed"]),
                    TrainingConfig.model_validate(resolved["training"]),
-                   ResourcesConfig.model_validate(resolved["resources"]))
+                   ResourcesConfig.model_validate(resolved["resources"]),
+                   SummarizationConfig.model_validate(resolved["summarization"]) if "summarization" in resolved else None)
 
 
 def _training_for(study: Study, router: RouterEntry) -> TrainingConfig:
@@ -73,5 +79,6 @@ def _training_for(study: Study, router: RouterEntry) -> TrainingConfig:
 
 
 def expand(study: Study) -> list[Cell]:
-    return [Cell(r, m, d, s, _training_for(study, r), study.resources)
+    return [Cell(r, m, d, s, _training_for(study, r), study.resources,
+                 study.summarization if d.task == "summarization" else None)
             for d, m, r, s in product(study.datasets, study.models, study.routers, study.seeds)]

@@ -45,6 +45,9 @@ def cmd_run(args) -> int:
           f"time: {t['total_s']:.1f}s total = {t['prepare_data_s']:.1f}s data + {t['ray_init_s']:.1f}s Ray start + "
           f"{t['cells_s']:.1f}s cells")
     print(outcome.table_path.read_text())
+    if outcome.summarization_report:
+        print(f"summarization report: {outcome.summarization_report}\n")
+        print(outcome.summarization_report.read_text().split("### Samples")[0])
     return _exit_code("cell", outcome.failed)
 
 
@@ -98,7 +101,7 @@ def cmd_status(args) -> int:
         history = tracker.metric_history(run.info.run_id, "train/loss")
         step, loss = (history[-1].step, f"{history[-1].value:.4f}") if history else (0, "—")
         reason = f"  reason: {run.data.tags[REASON]}" if REASON in run.data.tags else ""
-        checkpoint = "checkpoint" if ray_checkpoints(Path(ws.storage_path) / cell.id) else "no checkpoint"
+        checkpoint = "checkpoint" if ray_checkpoints(Path(ws.cell_storage(study.name)) / cell.id) else "no checkpoint"
         print(f"{cell.id}  {cell.title}  {run.info.status}  step {step}/{study.training.steps}  loss {loss}  "
               f"{checkpoint}{reason}")
     if study.sweep:
@@ -132,11 +135,19 @@ def cmd_aggregate(args) -> int:
     from workflows.cells import expand
 
     study = _study(args.study)
-    _, runs, _ = _runs(study, args)
-    rows = table_rows(expand(study), runs)
+    tracker, runs, ws = _runs(study, args)
+    cells = expand(study)
+    rows = table_rows(cells, runs)
     text = to_markdown(rows) if args.format == "md" else to_csv(rows)
     if study.sweep and args.format == "md":
         text += "\n" + _sweep_best(study, args)
+    if args.format == "md" and any(cell.summarization for cell in cells):
+        from workflows.runner import prepare_datasets, summarization_texts
+        from workflows.summary_report import write_summarization_report
+
+        texts = summarization_texts(prepare_datasets(study, ws.cache_dir))
+        report = write_summarization_report(study, cells, runs, tracker, texts, ws.root)
+        text += "\n" + (report.read_text() if report else "(no finished summarization cells)\n")
     if args.out:
         Path(args.out).write_text(text)
     else:

@@ -17,6 +17,7 @@ from workflows.aggregate import table_rows, to_csv, to_markdown
 from workflows.cells import Cell, expand
 from workflows.provenance import git_commit, package_versions
 from workflows.study import DatasetEntry, Study, StudyError
+from workflows.summary_report import write_summarization_report
 from workflows.tracking import Tracker, flatten
 
 
@@ -50,6 +51,11 @@ class Workspace:
     @property
     def storage_path(self) -> str:
         return str((self.shared_storage or self.root) / "ray_results")
+
+    def cell_storage(self, study_name: str) -> str:
+        """Ray Train storage of a study's cells (run name = cell id). Per study: two studies in one workdir can share
+        a cell id, and one must not resume from the other's checkpoints (its MLflow run would stay empty)."""
+        return f"{self.storage_path}/{study_name}"
 
     @property
     def cache_dir(self) -> Path:
@@ -97,6 +103,7 @@ class StudyOutcome:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # cell id -> reason
     table_path: Path | None = None
+    summarization_report: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -114,10 +121,23 @@ def prepare_datasets(study: Study, cache_dir: Path) -> dict[DatasetEntry, Prepar
     prepared = {}
     for entry in study.datasets:
         path = prepare(entry.name, entry.vocab_size, entry.max_chars_per_domain, cache_dir,
-                       text_column=entry.text_column, domain_column=entry.domain_column, hf_config=entry.hf_config)
+                       text_column=entry.text_column, domain_column=entry.domain_column, hf_config=entry.hf_config,
+                       summary_column=entry.summary_column)
         data = load_prepared(path)
         prepared[entry] = PreparedDataset(str(path), data.fingerprint, data.vocab_size, tuple(data.domains))
     return prepared
+
+
+def summarization_texts(prepared: dict[DatasetEntry, PreparedDataset]) -> dict[str, tuple[list[str], list[str]]]:
+    """dataset name -> test (documents, reference summaries), for the samples table and the rating sheet."""
+    from moe_data.prepare import load_prepared
+
+    texts = {}
+    for entry, dataset in prepared.items():
+        if entry.task == "summarization":
+            data = load_prepared(dataset.path)
+            texts[entry.name] = (data.documents["test"], data.summaries["test"])
+    return texts
 
 
 def check_domain_labels(cells: list[Cell], prepared: dict[DatasetEntry, PreparedDataset]) -> None:
@@ -203,8 +223,10 @@ def run_study(study: Study, ws: Workspace, address: str | None = None,
         raise
     outcome.timings["cells_s"] = time.perf_counter() - t_cells
 
-    rows = table_rows(cells, tracker.cell_runs(experiment_id))
-    outcome.table_path = write_table(rows, ws.root / study.name, tracker, parent)
+    runs = tracker.cell_runs(experiment_id)
+    outcome.table_path = write_table(table_rows(cells, runs), ws.root / study.name, tracker, parent)
+    outcome.summarization_report = write_summarization_report(study, cells, runs, tracker,
+                                                              summarization_texts(prepared), ws.root, parent)
     tracker.finish(parent, "FAILED" if outcome.failed else "FINISHED")
     outcome.timings["total_s"] = time.perf_counter() - began
     return outcome
@@ -223,7 +245,7 @@ def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepar
             cell, run_id = queue.pop(0)
             payload = {"cell": cell.resolved(), "data_path": prepared[cell.dataset].path,
                        "tracking_uri": ws.tracking_uri, "run_id": run_id}
-            ref = fit_cell_remote.remote(cell.id, payload, study.resources, ws.storage_path)
+            ref = fit_cell_remote.remote(cell.id, payload, study.resources, ws.cell_storage(study.name))
             running[ref] = (cell, run_id, time.perf_counter())
             echo(f"  started  {cell.id}  {cell.title}")
         done, _ = ray.wait(list(running), num_returns=1)

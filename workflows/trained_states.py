@@ -24,7 +24,7 @@ def finished_cell_with_checkpoint(study: Study, ws: Workspace) -> tuple[Cell, Pa
     runs = tracker.cell_runs(found.experiment_id) if found else {}
     for cell in expand(study):
         run = runs.get(cell.id)
-        checkpoints = ray_checkpoints(Path(ws.storage_path) / cell.id)
+        checkpoints = ray_checkpoints(Path(ws.cell_storage(study.name)) / cell.id)
         if run is not None and run.info.status == "FINISHED" and checkpoints and cell.router.name != "dense":
             return cell, checkpoints[-1]
     raise StudyError(study.name, [f"no finished MoE cell with a checkpoint under {ws.storage_path}; run the study "

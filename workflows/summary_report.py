@@ -1,0 +1,169 @@
+"""The summarization comparison, built from what the cells logged to MLflow (per-document predictions and scores):
+
+- a table per router: mean ± 95% Student-t half-width across seeds of each metric;
+- paired-bootstrap p-values of every router against the study's baseline router, on the same test documents
+  (per-document scores averaged over seeds, BLEU statistics pooled);
+- a samples table (source excerpt, reference, each router's output for the same documents);
+- a blind human-rating sheet (systems hidden behind ids) and, in a separate file, its key.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe_eval.bootstrap import paired_p_value, resamples, t_interval
+from moe_eval.score_sheet import BLEU, ScoreSheet
+from workflows.cells import Cell
+from workflows.summarize_cell import BLEU_SIGNATURE_TAG, PREDICTIONS_ARTIFACT
+from workflows.study import Study
+from workflows.tracking import Tracker
+
+# (header, metric, scale): ROUGE and BERTScore shown x100, as papers report them.
+REPORT_METRICS = (("ROUGE-1", "rouge1", 100), ("ROUGE-2", "rouge2", 100), ("ROUGE-L", "rougeL", 100),
+                  ("ROUGE-Lsum", "rougeLsum", 100), ("BLEU", BLEU, 1), ("BERTScore F1", "bertscore_f1", 100),
+                  ("bigrams in source", "bigram_overlap", 1), ("coverage", "coverage", 1), ("density", "density", 1),
+                  ("compression", "compression", 1), ("words", "summary_words", 1))
+TESTED_METRICS = ("rouge1", "rouge2", "rougeL", BLEU, "bertscore_f1")
+RATING_CRITERIA = ("content", "coherence", "fluency", "factuality")
+EXCERPT_CHARS = 300
+
+
+@dataclass
+class SystemRuns:
+    """One router's finished cells (one per seed) on one model and dataset."""
+
+    label: str
+    seeds: list[int]
+    sheets: list[ScoreSheet]
+    predictions: list[list[str]]  # per seed, per document
+    pair_ids: list[str]
+    bleu_signature: str
+
+
+def load_systems(cells: list[Cell], runs: dict, tracker: Tracker) -> dict[tuple[str, str], list[SystemRuns]]:
+    """(model, dataset) -> systems, in study order, from every FINISHED summarization cell's predictions."""
+    grouped: dict[tuple[str, str], dict[str, SystemRuns]] = defaultdict(dict)
+    for cell in cells:
+        run = runs.get(cell.id)
+        if cell.summarization is None or run is None or run.info.status != "FINISHED":
+            continue
+        rows = [json.loads(line) for line in tracker.read_text(run.info.run_id, PREDICTIONS_ARTIFACT).splitlines()]
+        signature = run.data.tags.get(BLEU_SIGNATURE_TAG, "")
+        system = grouped[(cell.model.display(), cell.dataset.name)].setdefault(
+            cell.router.display(), SystemRuns(cell.router.display(), [], [], [], [r["pair_id"] for r in rows], signature))
+        system.seeds.append(cell.seed)
+        system.sheets.append(ScoreSheet.from_rows(rows, signature))
+        system.predictions.append([r["prediction"] for r in rows])
+    return {key: list(systems.values()) for key, systems in grouped.items()}
+
+
+def _cell(values: list[float], scale: float) -> str:
+    mean, half = t_interval([v * scale for v in values])
+    return f"{mean:.2f}" if half != half else f"{mean:.2f} ± {half:.2f}"  # NaN half-width: a single seed
+
+
+def metrics_table(systems: list[SystemRuns]) -> str:
+    headers = ["router", "seeds", *(h for h, _, _ in REPORT_METRICS)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for s in systems:
+        cells = [_cell([sheet.value(metric) for sheet in s.sheets], scale) for _, metric, scale in REPORT_METRICS]
+        lines.append(f"| {s.label} | {len(s.seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def p_value_table(systems: list[SystemRuns], baseline: str, num_resamples: int) -> str:
+    base = next((s for s in systems if s.label == baseline), None)
+    if base is None:
+        return f"(baseline {baseline!r} has no finished cells: no p-values)\n"
+    pooled_base = ScoreSheet.pooled(base.sheets)
+    rows = resamples(pooled_base.num_documents, num_resamples, seed=1)
+    headers = ["router", *(f"Δ{h} (p)" for h, m, _ in REPORT_METRICS if m in TESTED_METRICS)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for s in systems:
+        if s is base:
+            continue
+        if s.pair_ids != base.pair_ids:
+            raise ValueError(f"{s.label} and {baseline} were scored on different test documents")
+        pooled = ScoreSheet.pooled(s.sheets)
+        cells = []
+        for _, metric, scale in (r for r in REPORT_METRICS if r[1] in TESTED_METRICS):
+            delta = (pooled.value(metric) - pooled_base.value(metric)) * scale
+            cells.append(f"{delta:+.2f} ({paired_p_value(pooled, pooled_base, metric, rows):.3f})")
+        lines.append(f"| {s.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _one_line(text: str, limit: int) -> str:
+    flat = " ".join(text.split()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
+
+
+def samples_table(systems: list[SystemRuns], documents: list[str], references: list[str], count: int) -> str:
+    """First seed's output of every router for the first `count` test documents."""
+    lines = []
+    for i in range(min(count, len(documents))):
+        lines += [f"**{systems[0].pair_ids[i]}** — source: {_one_line(documents[i], EXCERPT_CHARS)}", "",
+                  "| system | summary |", "|---|---|", f"| reference | {_one_line(references[i], 400)} |"]
+        lines += [f"| {s.label} | {_one_line(s.predictions[0][i], 400)} |" for s in systems]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def rating_sheet(systems: list[SystemRuns], documents: list[str], count: int, seed: int = 0) -> tuple[str, str]:
+    """(sheet CSV, key CSV): per document, every system's summary in a shuffled order under an anonymous id."""
+    rng = random.Random(seed)
+    ids = [f"S{i + 1}" for i in range(len(systems))]
+    rng.shuffle(ids)
+    key = dict(zip(ids, (s.label for s in systems)))
+    sheet, key_csv = io.StringIO(), io.StringIO()
+    writer = csv.writer(sheet)
+    writer.writerow(["item", "document_id", "source_excerpt", "system_id", "summary", *RATING_CRITERIA])
+    item = 0
+    for i in range(min(count, len(documents))):
+        order = list(zip(ids, systems))
+        rng.shuffle(order)
+        for system_id, system in order:
+            item += 1
+            writer.writerow([item, system.pair_ids[i], _one_line(documents[i], EXCERPT_CHARS), system_id,
+                             system.predictions[0][i], *([""] * len(RATING_CRITERIA))])
+    csv.writer(key_csv).writerows([["system_id", "router"], *sorted(key.items())])
+    return sheet.getvalue(), key_csv.getvalue()
+
+
+def write_summarization_report(study: Study, cells: list[Cell], runs: dict, tracker: Tracker,
+                               texts: dict[str, tuple[list[str], list[str]]], out_dir: Path,
+                               parent_run_id: str | None = None) -> Path | None:
+    """Markdown report + rating sheet + key under out_dir (and on the study's MLflow run). `texts` maps a dataset
+    name to its test (documents, references). None when no summarization cell has finished."""
+    grouped = load_systems(cells, runs, tracker)
+    if not grouped:
+        return None
+    cfg = study.summarization
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = [f"# {study.name}: summarization\n"]
+    for (model, dataset), systems in grouped.items():
+        documents, references = texts[dataset]
+        parts += [f"## {model} on {dataset} ({systems[0].sheets[0].num_documents} test documents)\n",
+                  "Mean ± 95% t-interval half-width across seeds. ROUGE (stemmed) and BERTScore ×100; "
+                  f"BLEU: sacreBLEU `{systems[0].bleu_signature}`.\n", metrics_table(systems)]
+        if cfg.baseline:
+            parts += [f"\nDifference to **{cfg.baseline}** (per-document scores averaged over seeds) and two-sided "
+                      f"paired-bootstrap p-value ({cfg.bootstrap_resamples} resamples of the test documents):\n",
+                      p_value_table(systems, cfg.baseline, cfg.bootstrap_resamples)]
+        parts += ["\n### Samples (first seed)\n", samples_table(systems, documents, references, cfg.samples)]
+        sheet, key = rating_sheet(systems, documents, cfg.samples)
+        stem = f"{study.name}_{model}_{dataset.replace(':', '_')}"
+        for name, text in ((f"{stem}_rating_sheet.csv", sheet), (f"{stem}_rating_key.csv", key)):
+            (out_dir / name).write_text(text)
+            if parent_run_id:
+                tracker.log_artifact(parent_run_id, out_dir / name, "summarization")
+    report = out_dir / f"{study.name}_summarization.md"
+    report.write_text("\n".join(parts))
+    if parent_run_id:
+        tracker.log_artifact(parent_run_id, report, "summarization")
+    return report
