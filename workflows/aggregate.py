@@ -57,7 +57,7 @@ def table_rows(cells: list[Cell], runs: dict[str, Run]) -> list[dict[str, Any]]:
             value = metrics.get(col.metric)
             row[col.header] = None if value is None else value * col.scale
         if run and run.data.tags.get(REASON):
-            row["status"] += f" ({run.data.tags[REASON][:80]})"
+            row["status"] += f" ({' '.join(run.data.tags[REASON].split())[:80]})"  # one line: a table cell
         rows.append(row)
     return rows
 

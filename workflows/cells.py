@@ -51,7 +51,7 @@ class Cell:
         identity["model"].pop("label")
         # Only the worker count changes the result (global batch); CPUs/concurrency/retries do not.
         identity["resources"] = {"workers_per_cell": self.resources.workers_per_cell}
-        for presentation_only in ("baseline", "samples"):  # aggregation settings, not the cell's result
+        for presentation_only in ("baseline", "samples", "pretrained"):  # not what this cell trains or scores
             identity.get("summarization", {}).pop(presentation_only, None)
         blob = json.dumps(identity, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -146,7 +146,9 @@ def cmd_aggregate(args) -> int:
         from workflows.summary_report import write_summarization_report
 
         texts = summarization_texts(prepare_datasets(study, ws.cache_dir))
-        report = write_summarization_report(study, cells, runs, tracker, texts, ws.root)
+        found = tracker.client.get_experiment_by_name(study.name)
+        pretrained = tracker.cell_runs(found.experiment_id, role="pretrained") if found else {}
+        report = write_summarization_report(study, cells, runs, tracker, texts, ws.root, None, pretrained)
         text += "\n" + (report.read_text() if report else "(no finished summarization cells)\n")
     if args.out:
         Path(args.out).write_text(text)

@@ -7,7 +7,8 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
-PACKAGES = ("torch", "deepspeed", "ray", "mlflow", "datasets", "tokenizers", "pydantic")
+PACKAGES = ("torch", "deepspeed", "ray", "mlflow", "datasets", "tokenizers", "pydantic", "transformers", "evaluate",
+            "rouge_score", "sacrebleu", "bert_score")
 REPO = Path(__file__).resolve().parent.parent
 
 

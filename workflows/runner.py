@@ -16,6 +16,7 @@ from typing import Callable
 from workflows.aggregate import table_rows, to_csv, to_markdown
 from workflows.cells import Cell, expand
 from workflows.provenance import git_commit, package_versions
+from workflows.pretrained import PretrainedCell, evaluate_pretrained, pretrained_cells
 from workflows.study import DatasetEntry, Study, StudyError
 from workflows.summary_report import write_summarization_report
 from workflows.tracking import Tracker, flatten
@@ -154,10 +155,14 @@ def check_domain_labels(cells: list[Cell], prepared: dict[DatasetEntry, Prepared
         raise StudyError("study", sorted(set(problems)))
 
 
+def provenance_tags(data: PreparedDataset) -> dict[str, str]:
+    return {"git_commit": git_commit(), "dataset_fingerprint": data.fingerprint,
+            **{f"version.{k}": v for k, v in package_versions().items()}}
+
+
 def cell_tags(cell: Cell, data: PreparedDataset) -> dict[str, str]:
     return {"router": cell.router.display(), "model": cell.model.display(), "dataset": cell.dataset.name,
-            "seed": str(cell.seed), "git_commit": git_commit(), "dataset_fingerprint": data.fingerprint,
-            **{f"version.{k}": v for k, v in package_versions().items()}}
+            "seed": str(cell.seed), **provenance_tags(data)}
 
 
 def init_ray(address: str | None, verbose: bool = False) -> None:
@@ -192,30 +197,33 @@ def run_study(study: Study, ws: Workspace, address: str | None = None,
     existing = tracker.cell_runs(experiment_id)
     todo: list[tuple[Cell, str]] = []
     for cell in cells:
-        run = existing.get(cell.id)
-        if run is not None and run.info.status == "FINISHED":
-            outcome.skipped.append(cell.id)
-            continue
-        if run is not None:
-            tracker.reopen(run.info.run_id)
-            todo.append((cell, run.info.run_id))
-        else:
-            run_id = tracker.create_cell_run(experiment_id, parent, cell.id, f"{cell.router.display()}-s{cell.seed}",
-                                             cell_tags(cell, prepared[cell.dataset]), flatten(cell.resolved()))
-            tracker.log_text(run_id, json.dumps(cell.resolved(), indent=2), "config/resolved_config.json")
+        run_id = _open_run(tracker, existing.get(cell.id), outcome, cell.id, lambda cell=cell: _new_cell_run(
+            tracker, experiment_id, parent, cell, prepared[cell.dataset]))
+        if run_id:
             todo.append((cell, run_id))
-    echo(f"study {study.name}: {len(cells)} cells, {len(outcome.skipped)} already finished, {len(todo)} to run")
+    existing = tracker.cell_runs(experiment_id, role="pretrained")
+    pretrained: list[tuple[PretrainedCell, str]] = []
+    for cell in pretrained_cells(study):
+        run_id = _open_run(tracker, existing.get(cell.id), outcome, cell.id, lambda cell=cell: tracker.create_cell_run(
+            experiment_id, parent, cell.id, f"{cell.baseline.display()}-pretrained",
+            {"router": cell.baseline.display(), "dataset": cell.dataset.name,
+             **provenance_tags(prepared[cell.dataset])}, flatten(cell.resolved()), role="pretrained"))
+        if run_id:
+            pretrained.append((cell, run_id))
+    echo(f"study {study.name}: {len(cells)} cells + {len(pretrained_cells(study))} pretrained baselines, "
+         f"{len(outcome.skipped)} already finished, {len(todo) + len(pretrained)} to run")
 
     t_ray = time.perf_counter()
-    if todo:
+    if todo or pretrained:
         init_ray(address, verbose)
     outcome.timings["ray_init_s"] = time.perf_counter() - t_ray
     t_cells = time.perf_counter()
     try:
         _run_cells(todo, study, ws, prepared, tracker, outcome, echo)
+        _run_pretrained(pretrained, study, ws, prepared, tracker, outcome, echo)
     except KeyboardInterrupt:
         # Unfinished cells keep their checkpoints and MLflow runs; the same command resumes them.
-        for cell, run_id in todo:
+        for cell, run_id in [*todo, *pretrained]:
             if cell.id not in outcome.finished and cell.id not in outcome.failed:
                 tracker.finish(run_id, "KILLED", "interrupted; run the same command again to resume")
         tracker.finish(parent, "KILLED")
@@ -225,11 +233,56 @@ def run_study(study: Study, ws: Workspace, address: str | None = None,
 
     runs = tracker.cell_runs(experiment_id)
     outcome.table_path = write_table(table_rows(cells, runs), ws.root / study.name, tracker, parent)
-    outcome.summarization_report = write_summarization_report(study, cells, runs, tracker,
-                                                              summarization_texts(prepared), ws.root, parent)
+    outcome.summarization_report = write_summarization_report(
+        study, cells, runs, tracker, summarization_texts(prepared), ws.root, parent,
+        tracker.cell_runs(experiment_id, role="pretrained"))
     tracker.finish(parent, "FAILED" if outcome.failed else "FINISHED")
     outcome.timings["total_s"] = time.perf_counter() - began
     return outcome
+
+
+def _open_run(tracker: Tracker, run, outcome: StudyOutcome, cell_id: str, create: Callable[[], str]) -> str | None:
+    """The MLflow run a cell (re)runs in — reopened, or created — or None when it already FINISHED."""
+    if run is not None and run.info.status == "FINISHED":
+        outcome.skipped.append(cell_id)
+        return None
+    if run is not None:
+        tracker.reopen(run.info.run_id)
+        return run.info.run_id
+    return create()
+
+
+def _new_cell_run(tracker: Tracker, experiment_id: str, parent: str, cell: Cell, data: PreparedDataset) -> str:
+    run_id = tracker.create_cell_run(experiment_id, parent, cell.id, f"{cell.router.display()}-s{cell.seed}",
+                                     cell_tags(cell, data), flatten(cell.resolved()))
+    tracker.log_text(run_id, json.dumps(cell.resolved(), indent=2), "config/resolved_config.json")
+    return run_id
+
+
+def _run_pretrained(pending: list[tuple[PretrainedCell, str]], study: Study, ws: Workspace,
+                    prepared: dict[DatasetEntry, PreparedDataset], tracker: Tracker, outcome: StudyOutcome,
+                    echo: Callable[[str], None]) -> None:
+    """Evaluation-only cells, as Ray tasks of one worker's resources each."""
+    import ray
+
+    task = ray.remote(num_cpus=study.resources.cpus_per_worker, num_gpus=study.resources.gpus_per_worker,
+                      max_retries=0)(evaluate_pretrained)
+    refs = {}
+    for cell, run_id in pending:
+        payload = {"baseline": cell.baseline.model_dump(), "dataset": cell.dataset.model_dump(),
+                   "summarization": cell.summarization.model_dump(), "data_path": prepared[cell.dataset].path,
+                   "tracking_uri": ws.tracking_uri, "run_id": run_id}
+        refs[task.remote(payload)] = (cell, run_id, time.perf_counter())
+        echo(f"  started  {cell.id}  {cell.title}")
+    for ref, (cell, run_id, started) in refs.items():
+        result = ray.get(ref)
+        tracker.finish(run_id, result["status"], result["reason"])
+        if result["status"] == "FINISHED":
+            outcome.finished.append(cell.id)
+            echo(f"  finished {cell.id}  {cell.title}  ({time.perf_counter() - started:.1f}s)")
+        else:
+            outcome.failed[cell.id] = result["reason"]
+            echo(f"  FAILED   {cell.id}  {cell.title}: {result['reason']}")
 
 
 def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepared: dict[DatasetEntry, PreparedDataset],

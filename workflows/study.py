@@ -186,6 +186,33 @@ class TrainingConfig(_Strict):
     inject_nan_at_step: PositiveInt | None = None
 
 
+class PretrainedBaseline(_Strict):
+    """A pretrained HF model evaluated (not trained) on the same test documents: an eval-only cell."""
+
+    model: str  # hub name (needs a network) or local path
+    kind: Literal["seq2seq", "causal"] = "seq2seq"
+    label: str | None = None  # defaults to the model's name
+    prompt: str = "{document}\nTL;DR:"  # causal LMs: the summary is what follows; it ends at the first newline
+    source_tokens: PositiveInt = 512  # document truncation, in the model's own tokenizer
+
+    @field_validator("model")
+    @classmethod
+    def _local_path_exists(cls, model: str) -> str:
+        if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
+            raise ValueError(f"no such folder: {model} (a local model path; hub names have no leading / or .)")
+        return model
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_slot(cls, prompt: str) -> str:
+        if "{document}" not in prompt:
+            raise ValueError("must contain {document}")
+        return prompt
+
+    def display(self) -> str:
+        return self.label or self.model.rstrip("/").rsplit("/", 1)[-1]
+
+
 class SummarizationConfig(_Strict):
     """How summarization cells are evaluated after training: decoding, metrics, and the comparison baseline."""
 
@@ -200,6 +227,7 @@ class SummarizationConfig(_Strict):
     bootstrap_resamples: PositiveInt = 1000
     baseline: str | None = None  # router label the aggregation tests every other router against (paired bootstrap)
     samples: NonNegativeInt = 8  # documents in the side-by-side samples table and the human-rating sheet
+    pretrained: list[PretrainedBaseline] = Field(default_factory=list)
 
     def generation_settings(self):
         from moe_models.generation import GenerationSettings
@@ -262,9 +290,13 @@ class Study(_Strict):
                     problems.append(f"datasets[{d}].name: {dataset.name} is a {dataset.task} dataset but models[{j}] "
                                     f"({model.name}) trains on {MODELS.get(model.name).task} data; valid model "
                                     f"families: {', '.join(n for n in MODELS.names() if MODELS.get(n).task == dataset.task)}")
+        systems = labels + [p.display() for p in self.summarization.pretrained]
         baseline = self.summarization.baseline
-        if baseline is not None and baseline not in labels:
-            problems.append(f"summarization.baseline: {baseline!r} is not a router of this study; valid: {', '.join(labels)}")
+        if baseline is not None and baseline not in systems:
+            problems.append(f"summarization.baseline: {baseline!r} is not a router or pretrained baseline of this "
+                            f"study; valid: {', '.join(systems)}")
+        for dup in sorted({x for x in systems if systems.count(x) > 1} - {x for x in labels if labels.count(x) > 1}):
+            problems.append(f"summarization.pretrained: {dup!r} names two systems; give them distinct `label`s")
         if self.sweep:
             problems.extend(self._sweep_problems(labels))
         for j, model in enumerate(self.models):

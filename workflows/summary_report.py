@@ -19,6 +19,7 @@ from pathlib import Path
 from moe_eval.bootstrap import paired_p_value, resamples, t_interval
 from moe_eval.score_sheet import BLEU, ScoreSheet
 from workflows.cells import Cell
+from workflows.pretrained import pretrained_cells
 from workflows.summarize_cell import BLEU_SIGNATURE_TAG, PREDICTIONS_ARTIFACT
 from workflows.study import Study
 from workflows.tracking import Tracker
@@ -45,20 +46,30 @@ class SystemRuns:
     bleu_signature: str
 
 
-def load_systems(cells: list[Cell], runs: dict, tracker: Tracker) -> dict[tuple[str, str], list[SystemRuns]]:
-    """(model, dataset) -> systems, in study order, from every FINISHED summarization cell's predictions."""
+def _system(systems: dict[str, SystemRuns], label: str, seed: int, run, tracker: Tracker) -> None:
+    rows = [json.loads(line) for line in tracker.read_text(run.info.run_id, PREDICTIONS_ARTIFACT).splitlines()]
+    signature = run.data.tags.get(BLEU_SIGNATURE_TAG, "")
+    system = systems.setdefault(label, SystemRuns(label, [], [], [], [r["pair_id"] for r in rows], signature))
+    system.seeds.append(seed)
+    system.sheets.append(ScoreSheet.from_rows(rows, signature))
+    system.predictions.append([r["prediction"] for r in rows])
+
+
+def load_systems(study: Study, cells: list[Cell], runs: dict, tracker: Tracker,
+                 pretrained_runs: dict | None = None) -> dict[tuple[str, str], list[SystemRuns]]:
+    """(model, dataset) -> systems (routers in study order, then pretrained baselines), from the per-document
+    predictions of every FINISHED summarization run."""
+    finished = lambda run: run is not None and run.info.status == "FINISHED"  # noqa: E731
     grouped: dict[tuple[str, str], dict[str, SystemRuns]] = defaultdict(dict)
     for cell in cells:
-        run = runs.get(cell.id)
-        if cell.summarization is None or run is None or run.info.status != "FINISHED":
-            continue
-        rows = [json.loads(line) for line in tracker.read_text(run.info.run_id, PREDICTIONS_ARTIFACT).splitlines()]
-        signature = run.data.tags.get(BLEU_SIGNATURE_TAG, "")
-        system = grouped[(cell.model.display(), cell.dataset.name)].setdefault(
-            cell.router.display(), SystemRuns(cell.router.display(), [], [], [], [r["pair_id"] for r in rows], signature))
-        system.seeds.append(cell.seed)
-        system.sheets.append(ScoreSheet.from_rows(rows, signature))
-        system.predictions.append([r["prediction"] for r in rows])
+        if cell.summarization is not None and finished(runs.get(cell.id)):
+            _system(grouped[(cell.model.display(), cell.dataset.name)], cell.router.display(), cell.seed,
+                    runs[cell.id], tracker)
+    for cell in pretrained_cells(study):  # evaluated once (decoding is deterministic), shown in every model's table
+        run = (pretrained_runs or {}).get(cell.id)
+        for (model, dataset), systems in grouped.items():
+            if dataset == cell.dataset.name and finished(run):
+                _system(systems, cell.baseline.display(), 0, run, tracker)
     return {key: list(systems.values()) for key, systems in grouped.items()}
 
 
@@ -137,10 +148,10 @@ def rating_sheet(systems: list[SystemRuns], documents: list[str], count: int, se
 
 def write_summarization_report(study: Study, cells: list[Cell], runs: dict, tracker: Tracker,
                                texts: dict[str, tuple[list[str], list[str]]], out_dir: Path,
-                               parent_run_id: str | None = None) -> Path | None:
+                               parent_run_id: str | None = None, pretrained_runs: dict | None = None) -> Path | None:
     """Markdown report + rating sheet + key under out_dir (and on the study's MLflow run). `texts` maps a dataset
     name to its test (documents, references). None when no summarization cell has finished."""
-    grouped = load_systems(cells, runs, tracker)
+    grouped = load_systems(study, cells, runs, tracker, pretrained_runs)
     if not grouped:
         return None
     cfg = study.summarization

@@ -69,10 +69,11 @@ class Tracker:
                                      tags={ROLE: "study", STUDY: study_name, **tags})
         return run.info.run_id
 
-    def cell_runs(self, experiment_id: str) -> dict[str, Run]:
-        """cell id -> its run (the oldest, should an earlier bug have left two)."""
+    def cell_runs(self, experiment_id: str, role: str = "cell") -> dict[str, Run]:
+        """cell id -> its run (the oldest, should an earlier bug have left two); role 'pretrained' for the
+        evaluation-only runs of pretrained baselines."""
         runs: dict[str, Run] = {}
-        for run in self._search(experiment_id, f"tags.`{ROLE}` = 'cell'"):
+        for run in self._search(experiment_id, f"tags.`{ROLE}` = '{role}'"):
             runs.setdefault(run.data.tags[CELL], run)
         return runs
 
@@ -83,8 +84,8 @@ class Tracker:
         return self._search(experiment_id, f"tags.`{key}` = '{value}'")
 
     def create_cell_run(self, experiment_id: str, parent_run_id: str, cell_id: str, run_name: str,
-                        tags: dict[str, str], params: dict[str, Any]) -> str:
-        return self.create_child_run(experiment_id, parent_run_id, run_name, {ROLE: "cell", CELL: cell_id, **tags},
+                        tags: dict[str, str], params: dict[str, Any], role: str = "cell") -> str:
+        return self.create_child_run(experiment_id, parent_run_id, run_name, {ROLE: role, CELL: cell_id, **tags},
                                      params)
 
     def create_child_run(self, experiment_id: str, parent_run_id: str, run_name: str, tags: dict[str, str],

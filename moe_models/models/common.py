@@ -82,10 +82,11 @@ def build_ffn(opts: MoEModelOptions, stack_index: int, layer_index: int, routing
 _LOCAL_EXPERT = re.compile(r"deepspeed_experts\.(\d+)\.")
 
 
-def init_parameters(model: nn.Module, seed: int, ep_size: int) -> None:
+def init_parameters(model: nn.Module, seed: int, ep_size: int, std: dict[str, float] | None = None) -> None:
     """GPT-2 init, N(0, 0.02) for Linear/Embedding weights and zero biases (PyTorch's N(0, 1) embedding init makes the
     tied LM head's first logits huge), drawn per parameter from a generator keyed by (seed, name) — and for experts by
-    their *global* id — so every expert-parallel layout (ep_size, world size) starts from the same weights."""
+    their *global* id — so every expert-parallel layout (ep_size, world size) starts from the same weights.
+    `std` overrides the standard deviation of named modules (e.g. scaled embeddings)."""
     ep_rank = dist.get_rank() % ep_size if dist.is_available() and dist.is_initialized() else 0
     for module_name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Embedding)):
@@ -103,4 +104,4 @@ def init_parameters(model: nn.Module, seed: int, ep_size: int) -> None:
                 if kind == "bias":
                     param.zero_()
                 else:
-                    param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+                    param.copy_(torch.randn(param.shape, generator=gen) * (std or {}).get(module_name, 0.02))

@@ -119,9 +119,12 @@ class Seq2SeqMoE(nn.Module):
         self.ln_enc, self.ln_dec = nn.LayerNorm(d), nn.LayerNorm(d)
         self.drop = nn.Dropout(p)
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
-        init_parameters(self, seed, opts.ep_size)
+        # Sinusoidal positions have unit amplitude: token embeddings N(0, 1/d) scaled by sqrt(d) match it (Vaswani et
+        # al. 3.4, fairseq); with 0.02 they would drown under the positions. Learned positions: GPT-2's 0.02, no scale.
+        sinusoidal = opts.positions == "sinusoidal"
+        self.embed_scale = math.sqrt(d) if sinusoidal else 1.0
+        init_parameters(self, seed, opts.ep_size, {"enc_emb": d ** -0.5, "dec_emb": d ** -0.5} if sinusoidal else None)
         self.lm_head.weight = self.dec_emb.weight  # tied after init: one tensor, drawn once
-        self.embed_scale = math.sqrt(d) if opts.positions == "sinusoidal" else 1.0  # Vaswani et al. 3.4
 
     def _embed(self, emb: nn.Embedding, ids_BS: torch.Tensor) -> torch.Tensor:
         n = ids_BS.shape[1]

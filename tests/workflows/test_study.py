@@ -58,6 +58,13 @@ BAD = {
                                        ["routers[3].allow_non_causal", "expert_choice is non-causal",
                                         "models[0] (gpt) is autoregressive"]),
     "ep_size vs workers": (lambda s: s["models"][0].update(ep_size=2), ["models[0].ep_size", "workers_per_cell=1"]),
+    "summarization data for a decoder LM": (lambda s: s["datasets"].append({"name": "builtin:docstrings"}),
+                                            ["datasets[1].name", "builtin:docstrings is a summarization dataset",
+                                             "models[0] (gpt) trains on lm data", "valid model families: seq2seq"]),
+    "unknown summarization baseline": (lambda s: s.update(summarization={"baseline": "top2"}),
+                                       ["summarization.baseline", "'top2' is not a router", "valid: topk(k=2)"]),
+    "bad generation setting": (lambda s: s.update(summarization={"num_beams": 0}),
+                               ["summarization.num_beams", "greater than 0"]),
 }
 
 
@@ -107,6 +114,21 @@ def test_quickstart_study_is_valid():
     from workflows.study import load_study
 
     assert len(expand(load_study(REPO / "studies" / "quickstart.yaml"))) == 4
+
+
+def test_summarization_study_expands_to_evaluated_cells_whose_ids_ignore_presentation():
+    from workflows.study import load_study
+
+    study = load_study(REPO / "studies" / "summarization.yaml")
+    cells = expand(study)
+    assert len(cells) == 12 and all(c.summarization == study.summarization for c in cells)
+    assert all(c.training.adam_betas == (0.9, 0.98) and c.training.adam_eps == 1e-9 for c in cells)
+    data = yaml.safe_load((REPO / "studies" / "summarization.yaml").read_text())
+    data["summarization"]["baseline"] = "hash"  # a presentation choice: same cells
+    assert [c.id for c in expand(parse_study(data))] == [c.id for c in cells]
+    data["summarization"]["num_beams"] = 2  # decoding changes the result: new cells
+    assert not {c.id for c in expand(parse_study(data))} & {c.id for c in cells}
+    assert all(c.summarization is None for c in expand(parse_study(GOOD)))  # LM cells carry no decoding config
 
 
 def test_cell_ids_are_stable_and_track_what_is_trained():

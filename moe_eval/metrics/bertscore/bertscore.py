@@ -32,7 +32,13 @@ class BERTScore(evaluate.Metric):
         path = resolve_model(model_type)
         # bert_score knows default layers only for models it lists; otherwise the last layer.
         layers = num_layers or bert_score.utils.model2layers.get(path) or AutoConfig.from_pretrained(path).num_hidden_layers
-        precision, recall, f1 = bert_score.score(predictions, references, model_type=path, num_layers=layers,
-                                                 batch_size=batch_size, device="cpu")
-        return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
-                "model": model_type, "num_layers": layers}
+        # An empty text has no tokens to match: it scores 0 (bert_score 0.3.13 cannot encode it under transformers 5).
+        scored = [i for i, (p, r) in enumerate(zip(predictions, references)) if p.strip() and r.strip()]
+        out = {"precision": [0.0] * len(predictions), "recall": [0.0] * len(predictions), "f1": [0.0] * len(predictions)}
+        if scored:
+            values = bert_score.score([predictions[i] for i in scored], [references[i] for i in scored],
+                                      model_type=path, num_layers=layers, batch_size=batch_size, device="cpu")
+            for key, tensor in zip(("precision", "recall", "f1"), values):
+                for i, v in zip(scored, tensor.tolist()):
+                    out[key][i] = v
+        return {**out, "model": model_type, "num_layers": layers}

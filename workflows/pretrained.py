@@ -1,0 +1,113 @@
+"""Pretrained baselines as evaluation-only cells: an HF seq2seq or causal LM (hub name or local path) summarizes the
+same test documents with the study's decoding settings and is scored exactly like a trained cell (same per-document
+predictions artifact), so the report compares it side by side and tests it against the baseline.
+
+Each baseline runs as one Ray task with its own MLflow run (role 'pretrained'), identified by a hash of what it
+evaluates: a finished one is not run again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+
+from workflows.study import DatasetEntry, PretrainedBaseline, SummarizationConfig
+from workflows.summarize_cell import (BLEU_SIGNATURE_TAG, PREDICTIONS_ARTIFACT, evaluate_summaries, predictions_jsonl,
+                                      test_documents)
+from workflows.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class PretrainedCell:
+    baseline: PretrainedBaseline
+    dataset: DatasetEntry
+    summarization: SummarizationConfig
+
+    def resolved(self) -> dict:
+        cfg = self.summarization.model_dump(exclude={"baseline", "samples", "pretrained"})
+        return {"pretrained": self.baseline.model_dump(), "dataset": self.dataset.model_dump(), "summarization": cfg}
+
+    @property
+    def id(self) -> str:
+        blob = json.dumps({**self.resolved(), "pretrained": self.baseline.model_dump(exclude={"label"})},
+                          sort_keys=True)
+        return "pt-" + hashlib.sha256(blob.encode()).hexdigest()[:9]
+
+    @property
+    def title(self) -> str:
+        return f"{self.baseline.display()} (pretrained) / {self.dataset.name}"
+
+
+def pretrained_cells(study) -> list[PretrainedCell]:
+    """Every pretrained baseline on every summarization dataset of the study."""
+    return [PretrainedCell(baseline, dataset, study.summarization) for dataset in study.datasets
+            if dataset.task == "summarization" for baseline in study.summarization.pretrained]
+
+
+def _decoding(cfg: SummarizationConfig) -> dict:
+    return {"num_beams": cfg.num_beams, "length_penalty": cfg.length_penalty, "early_stopping": True,
+            "no_repeat_ngram_size": cfg.no_repeat_ngram_size, "max_new_tokens": cfg.max_new_tokens}
+
+
+def _source_limit(model, baseline: PretrainedBaseline, cfg: SummarizationConfig) -> int:
+    """Document tokens that fit the model's positions (a causal LM also needs room for the prompt and summary)."""
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions is None:
+        return baseline.source_tokens
+    if baseline.kind == "causal":
+        positions -= cfg.max_new_tokens + 32  # 32: the prompt's own tokens
+    return max(1, min(baseline.source_tokens, positions))
+
+
+@torch.no_grad()
+def summarize_with(baseline: PretrainedBaseline, documents: list[str], cfg: SummarizationConfig) -> list[str]:
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(baseline.model)
+    causal = baseline.kind == "causal"
+    model = (AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM).from_pretrained(baseline.model).eval()
+    if causal:
+        tokenizer.padding_side = "left"  # generation continues every row from its last real token
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    limit = _source_limit(model, baseline, cfg)
+    outputs: list[str] = []
+    for start in range(0, len(documents), cfg.eval_batch_size):
+        docs = documents[start:start + cfg.eval_batch_size]
+        if causal:  # truncate the document, not the instruction around it
+            ids = tokenizer(docs, truncation=True, max_length=limit)["input_ids"]
+            docs = [baseline.prompt.format(document=tokenizer.decode(i, skip_special_tokens=True)) for i in ids]
+        batch = tokenizer(docs, return_tensors="pt", padding=True, truncation=not causal,
+                          max_length=None if causal else limit)
+        generated = model.generate(**batch, **_decoding(cfg), pad_token_id=tokenizer.pad_token_id)
+        if causal:
+            generated = generated[:, batch["input_ids"].shape[1]:]
+        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        outputs += [t.strip().split("\n")[0].strip() if causal else t.strip() for t in texts]
+    return outputs
+
+
+def evaluate_pretrained(payload: dict) -> dict:
+    """Ray task body: decode, score, log; returns {'status': ..., 'reason': ...}."""
+    from moe_data.prepare import load_prepared
+
+    cell = PretrainedCell(PretrainedBaseline.model_validate(payload["baseline"]),
+                          DatasetEntry.model_validate(payload["dataset"]),
+                          SummarizationConfig.model_validate(payload["summarization"]))
+    tracker, run_id = Tracker(payload["tracking_uri"]), payload["run_id"]
+    try:
+        data = load_prepared(payload["data_path"])
+        began = time.perf_counter()
+        documents = data.documents["test"][:test_documents(data, cell.summarization)]
+        predictions = summarize_with(cell.baseline, documents, cell.summarization)
+        metrics, sheet, rows = evaluate_summaries(predictions, data, cell.summarization)
+        metrics["summary/generate_seconds"] = time.perf_counter() - began
+    except Exception as err:  # a missing model or a hub download without network: that cell fails, with reason
+        return {"status": "FAILED", "reason": f"{type(err).__name__}: {err}"[:2000]}
+    tracker.log_text(run_id, predictions_jsonl(rows), PREDICTIONS_ARTIFACT)
+    tracker.set_tags(run_id, {BLEU_SIGNATURE_TAG: sheet.bleu_signature, **sheet.meta})
+    tracker.log_metrics(run_id, metrics, 0)
+    return {"status": "FINISHED", "reason": None}
