@@ -1,5 +1,5 @@
-"""Bootstrap confidence intervals and paired-bootstrap significance over documents (Efron & Tibshirani 1993;
-Koehn 2004 for the paired test of two systems on the same test set)."""
+"""Bootstrap confidence intervals over documents and a two-level (documents x seeds) paired significance test
+(Efron & Tibshirani 1993; Koehn 2004 for pairing two systems on the same test set)."""
 from __future__ import annotations
 
 import math
@@ -21,13 +21,23 @@ def percentile_ci(sheet: ScoreSheet, metric: str, rows_RN: np.ndarray, level: fl
     return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
 
 
-def paired_p_value(system: ScoreSheet, baseline: ScoreSheet, metric: str, rows_RN: np.ndarray) -> float:
-    """Two-sided: how often a resample's difference falls on the other side of zero from the observed one, doubled
-    (Koehn 2004)."""
-    observed = system.value(metric) - baseline.value(metric)
-    diffs = np.array([system.value(metric, rows) - baseline.value(metric, rows) for rows in rows_RN])
+def paired_p_value(system: list[ScoreSheet], baseline: list[ScoreSheet], metric: str, num_resamples: int,
+                   seed: int = 0) -> float:
+    """Two-sided bootstrap test of system - baseline over two levels: documents resampled jointly for both systems
+    (paired, Koehn 2004) and each system's seeds resampled on their own, so seed-to-seed variance counts too — a
+    document-only test calls a difference that one lucky seed made 'significant'. With one seed per system it is
+    Koehn's paired bootstrap. p = twice the share of resampled differences on the other side of zero."""
+    observed = ScoreSheet.pooled(system).value(metric) - ScoreSheet.pooled(baseline).value(metric)
     if observed == 0:
         return 1.0
+    rng = np.random.default_rng(seed)
+    n = system[0].num_documents
+    diffs = np.empty(num_resamples)
+    for r in range(num_resamples):
+        rows = rng.integers(0, n, size=n)
+        drawn = [ScoreSheet.pooled([sheets[i] for i in rng.integers(0, len(sheets), size=len(sheets))])
+                 for sheets in (system, baseline)]
+        diffs[r] = drawn[0].value(metric, rows) - drawn[1].value(metric, rows)
     opposite = np.mean(diffs <= 0) if observed > 0 else np.mean(diffs >= 0)
     return float(min(1.0, 2 * opposite))
 

@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe_eval.bootstrap import paired_p_value, resamples, t_interval
+from moe_eval.bootstrap import paired_p_value, t_interval
 from moe_eval.score_sheet import BLEU, ScoreSheet
 from workflows.cells import Cell
 from workflows.pretrained import pretrained_cells
@@ -79,10 +79,12 @@ def _cell(values: list[float], scale: float) -> str:
 
 
 def metrics_table(systems: list[SystemRuns]) -> str:
-    headers = ["router", "seeds", *(h for h, _, _ in REPORT_METRICS)]
+    """`distinct`: share of different summaries among the documents — near 0 when a model ignores its input."""
+    headers = ["router", "seeds", *(h for h, _, _ in REPORT_METRICS), "distinct"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for s in systems:
         cells = [_cell([sheet.value(metric) for sheet in s.sheets], scale) for _, metric, scale in REPORT_METRICS]
+        cells.append(_cell([len(set(p)) / len(p) for p in s.predictions], 1))
         lines.append(f"| {s.label} | {len(s.seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -92,7 +94,6 @@ def p_value_table(systems: list[SystemRuns], baseline: str, num_resamples: int) 
     if base is None:
         return f"(baseline {baseline!r} has no finished cells: no p-values)\n"
     pooled_base = ScoreSheet.pooled(base.sheets)
-    rows = resamples(pooled_base.num_documents, num_resamples, seed=1)
     headers = ["router", *(f"Δ{h} (p)" for h, m, _ in REPORT_METRICS if m in TESTED_METRICS)]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for s in systems:
@@ -104,7 +105,7 @@ def p_value_table(systems: list[SystemRuns], baseline: str, num_resamples: int) 
         cells = []
         for _, metric, scale in (r for r in REPORT_METRICS if r[1] in TESTED_METRICS):
             delta = (pooled.value(metric) - pooled_base.value(metric)) * scale
-            cells.append(f"{delta:+.2f} ({paired_p_value(pooled, pooled_base, metric, rows):.3f})")
+            cells.append(f"{delta:+.2f} ({paired_p_value(s.sheets, base.sheets, metric, num_resamples):.3f})")
         lines.append(f"| {s.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -163,8 +164,9 @@ def write_summarization_report(study: Study, cells: list[Cell], runs: dict, trac
                   "Mean ± 95% t-interval half-width across seeds. ROUGE (stemmed) and BERTScore ×100; "
                   f"BLEU: sacreBLEU `{systems[0].bleu_signature}`.\n", metrics_table(systems)]
         if cfg.baseline:
-            parts += [f"\nDifference to **{cfg.baseline}** (per-document scores averaged over seeds) and two-sided "
-                      f"paired-bootstrap p-value ({cfg.bootstrap_resamples} resamples of the test documents):\n",
+            parts += [f"\nDifference to **{cfg.baseline}** (seeds pooled) and two-sided bootstrap p-value "
+                      f"({cfg.bootstrap_resamples} resamples: test documents paired across systems, each system's "
+                      "seeds resampled too):\n",
                       p_value_table(systems, cfg.baseline, cfg.bootstrap_resamples)]
         parts += ["\n### Samples (first seed)\n", samples_table(systems, documents, references, cfg.samples)]
         sheet, key = rating_sheet(systems, documents, cfg.samples)

@@ -44,7 +44,7 @@ def _single_process_group() -> None:
 def trained_hidden_states(study: Study, ws: Workspace, tokens: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                 torch.Tensor, int, int, str]:
     """(x_TD, token_ids_T, domain_ids_T, num_experts, vocab_size, cell title) at the first MoE block's input."""
-    from moe_data.prepare import load_prepared, sample_batch
+    from moe_data.prepare import load_prepared
     from moe_models.moe_ffn import MoEFeedForward
     from workflows.train_cell import build_engine
 
@@ -58,12 +58,14 @@ def trained_hidden_states(study: Study, ws: Workspace, tokens: int) -> tuple[tor
     engine.eval()
     moe = next(m for m in engine.module.modules() if isinstance(m, MoEFeedForward))
     captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    hook = moe.register_forward_pre_hook(lambda _m, args: captured.append(tuple(a.detach() for a in args[:3])))
+    # (x, token ids, domain ids or None: unlabelled data such as summarization pairs) entering the block
+    hook = moe.register_forward_pre_hook(lambda _m, args: captured.append(
+        (args[0].detach(), args[1], args[2] if len(args) > 2 and args[2] is not None else torch.zeros_like(args[1]))))
     gen = torch.Generator().manual_seed(0)
+    t = cell.training
     with torch.no_grad():
-        while sum(c[0].shape[0] * c[0].shape[1] for c in captured) < tokens:
-            x, y, dom = sample_batch(data, "validation", cell.training.micro_batch_size, cell.training.seq_len, gen)
-            engine(x, y, dom)
+        while sum(c[1].numel() for c in captured) < tokens:
+            engine(*data.sample("validation", t.micro_batch_size, gen, t.seq_len, t.target_len).inputs)
     hook.remove()
     x_TD = torch.cat([c[0].reshape(-1, c[0].shape[-1]) for c in captured])[:tokens].float()
     ids_T = torch.cat([c[1].reshape(-1) for c in captured])[:tokens]

@@ -96,12 +96,23 @@ def test_bootstrap_ci_brackets_the_estimate_and_shrinks_with_more_documents():
 def test_paired_bootstrap_p_values_at_known_points():
     rng = np.random.default_rng(1)
     base = rng.random(100)
-    rows = resamples(100, 1000)
-    assert paired_p_value(_sheet(base), _sheet(base), "rouge1", rows) == 1.0  # identical systems
-    better = _sheet(base + 0.05)  # better on every document
-    assert paired_p_value(better, _sheet(base), "rouge1", rows) == 0.0
+    assert paired_p_value([_sheet(base)], [_sheet(base)], "rouge1", 500) == 1.0  # identical systems
+    assert paired_p_value([_sheet(base + 0.05)], [_sheet(base)], "rouge1", 500) == 0.0  # better on every document
     noisy = _sheet(base + rng.normal(0, 0.2, 100))  # no real difference
-    assert paired_p_value(noisy, _sheet(base), "rouge1", rows) > 0.05
+    assert paired_p_value([noisy], [_sheet(base)], "rouge1", 500) > 0.05
+
+
+def test_seed_variance_enters_the_test():
+    """One lucky seed: every document is better on average over seeds, so a documents-only paired test says p = 0;
+    resampling seeds too does not call it significant. Consistently better seeds still are."""
+    rng = np.random.default_rng(2)
+    base = rng.random(200)
+    baseline = [_sheet(base + rng.normal(0, 0.01, 200)) for _ in range(3)]
+    lucky = [_sheet(base + offset) for offset in (0.3, -0.1, -0.1)]
+    assert paired_p_value([ScoreSheet.pooled(lucky)], [ScoreSheet.pooled(baseline)], "rouge1", 500) == 0.0
+    assert paired_p_value(lucky, baseline, "rouge1", 500) > 0.2
+    steady = [_sheet(base + offset) for offset in (0.05, 0.06, 0.04)]
+    assert paired_p_value(steady, baseline, "rouge1", 500) == 0.0
 
 
 def test_t_interval_across_seeds():
