@@ -33,6 +33,7 @@ class PreparedPairs:
     tokenizer_path: str
     source: str
     task: str = "summarization"
+    tokenizer_json: str = ""  # the tokenizer itself: workers on other nodes decode without a second shared file
 
     @property
     def domains(self) -> list[str]:
@@ -40,6 +41,11 @@ class PreparedPairs:
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "kind": "pairs"}
+
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(self.tokenizer_json) if self.tokenizer_json else Tokenizer.from_file(self.tokenizer_path)
 
     def num_pairs(self, split: str) -> int:
         return len(self.pair_ids[split])
@@ -99,7 +105,8 @@ def prepare_pairs(corpus: PairCorpus, vocab_size: int, path: Path, cache_dir: Pa
         fields["summaries"][split] = [p.summary for p in pairs]
         fields["pair_ids"][split] = [p.pair_id for p in pairs]
     data = PreparedPairs(**fields, vocab_size=tok.get_vocab_size(), eos_id=tok.token_to_id(EOS),
-                         fingerprint=corpus.fingerprint, tokenizer_path=str(tok_path), source=corpus.source)
+                         fingerprint=corpus.fingerprint, tokenizer_path=str(tok_path), source=corpus.source,
+                         tokenizer_json=tok.to_str())
     tmp = path.with_suffix(".tmp")
     torch.save(data.to_dict(), tmp)
     tmp.replace(path)

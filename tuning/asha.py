@@ -2,21 +2,22 @@
 
 Ray Tune 2.60 snapshots trials and the searcher, but not the scheduler: a restored sweep starts ASHA with empty rungs
 and forgets which trials it stopped. This subclass writes its rung records and stop decisions to a JSON file next to
-the experiment after every decision and reads it back on first use after a restore. Trial functions read the stopped
+the experiment (a path or an object-store URI) after every decision and reads it back on first use after a restore. Trial functions read the stopped
 set too (`stopped_trials`), so a trial stopped just before the kill is not trained again.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from workflows import storage
+
 
 def stopped_trials(state_path: str | Path) -> set[str]:
-    path = Path(state_path)
-    return set(json.loads(path.read_text())["stopped"]) if path.exists() else set()
+    location = str(state_path)
+    return set(json.loads(storage.read_text(location))["stopped"]) if storage.exists(location) else set()
 
 
 class ResumableASHA(ASHAScheduler):
@@ -32,10 +33,9 @@ class ResumableASHA(ASHAScheduler):
         if self._loaded:
             return
         self._loaded = True
-        path = Path(self.state_path)
-        if not path.exists():
+        if not storage.exists(self.state_path):
             return
-        state = json.loads(path.read_text())
+        state = json.loads(storage.read_text(self.state_path))
         self.stopped = set(state["stopped"])
         for bracket, rungs in zip(self._brackets, state["brackets"]):
             by_milestone = {milestone: recorded for milestone, recorded in rungs}
@@ -45,9 +45,7 @@ class ResumableASHA(ASHAScheduler):
         state = json.dumps({"stopped": sorted(self.stopped), "brackets": [b._rungs for b in self._brackets]})
         if state == self._written:
             return
-        tmp = f"{self.state_path}.tmp"
-        Path(tmp).write_text(state)
-        os.replace(tmp, self.state_path)  # atomic: a kill never leaves half a file
+        storage.write_text(self.state_path, state)  # atomic: a kill never leaves half a file
         self._written = state
 
     def on_trial_add(self, tune_controller, trial) -> None:

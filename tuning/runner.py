@@ -19,6 +19,7 @@ from ray import tune
 from tuning.report import best_table, markdown, plot_metric_vs_params, trial_rows
 from tuning.search import num_samples, param_space, scheduler, search_algorithm, tune_metric
 from tuning.trainable import SweepContext, run_trial
+from workflows import storage
 from workflows.cells import Cell, expand
 from workflows.provenance import git_commit
 from workflows.runner import Workspace, cell_tags, connect_if_remote, init_ray, prepare_datasets
@@ -98,10 +99,10 @@ def tune_study(study: Study, ws: Workspace, address: str | None = None,
     study_run = tracker.study_run(experiment_id, study.name, {"git_commit": git_commit()})
     sweep_run = tracker.sweep_run(experiment_id, study_run, sweep.name, {"git_commit": git_commit()})
     tracker.log_text(sweep_run, sweep.model_dump_json(indent=2), "sweep.json")
-    prepared = prepare_datasets(study, ws.cache_dir)
+    prepared = prepare_datasets(study, ws)
     bases = base_cells(study)
-    path = f"{ws.storage_path}/sweep-{sweep.name}"
-    asha_state = f"{ws.storage_path}/sweep-{sweep.name}.asha.json"  # beside the experiment dir Tune manages
+    path = storage.join(ws.storage_path, f"sweep-{sweep.name}")
+    asha_state = storage.join(ws.storage_path, f"sweep-{sweep.name}.asha.json")  # beside Tune's experiment dir
     ctx = SweepContext(sweep.name, tuple(c.resolved() for c in bases), tuple(prepared[c.dataset].path for c in bases),
                        tuple(cell_tags(c, prepared[c.dataset]) for c in bases), ws.tracking_uri, experiment_id,
                        sweep_run, ws.storage_path, study.resources, asha_state)

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from workflows import storage
 from workflows.study import StudyError, load_study
 
 DEFAULT_WORKDIR = "./moelab-runs"
@@ -101,7 +102,8 @@ def cmd_status(args) -> int:
         history = tracker.metric_history(run.info.run_id, "train/loss")
         step, loss = (history[-1].step, f"{history[-1].value:.4f}") if history else (0, "—")
         reason = f"  reason: {run.data.tags[REASON]}" if REASON in run.data.tags else ""
-        checkpoint = "checkpoint" if ray_checkpoints(Path(ws.cell_storage(study.name)) / cell.id) else "no checkpoint"
+        checkpoint = "checkpoint" if ray_checkpoints(storage.join(ws.cell_storage(study.name), cell.id)) \
+            else "no checkpoint"
         print(f"{cell.id}  {cell.title}  {run.info.status}  step {step}/{study.training.steps}  loss {loss}  "
               f"{checkpoint}{reason}")
     if study.sweep:
@@ -123,7 +125,7 @@ def _sweep_status(study, tracker, ws) -> None:
     for row in trial_rows(runs, study.sweep):
         params = " ".join(f"{k}={row[k]}" for k in study.sweep.space)
         metric = row[study.sweep.metric]
-        checkpoint = ray_checkpoints(Path(ws.storage_path) / f"train-trial_id={row['trial']}")
+        checkpoint = ray_checkpoints(storage.join(ws.storage_path, f"train-trial_id={row['trial']}"))
         print(f"  trial {row['trial']}  {row['router']}  {params}  {row['status']}  step {row['steps']}  "
               f"{study.sweep.metric} {metric if metric is None else f'{metric:.4f}'}  "
               f"{'checkpoint' if checkpoint else 'no checkpoint'}"
@@ -145,7 +147,7 @@ def cmd_aggregate(args) -> int:
         from workflows.runner import prepare_datasets, summarization_texts
         from workflows.summary_report import write_summarization_report
 
-        texts = summarization_texts(prepare_datasets(study, ws.cache_dir))
+        texts = summarization_texts(prepare_datasets(study, ws))
         found = tracker.client.get_experiment_by_name(study.name)
         pretrained = tracker.cell_runs(found.experiment_id, role="pretrained") if found else {}
         report = write_summarization_report(study, cells, runs, tracker, texts, ws.root, None, pretrained)
@@ -212,8 +214,9 @@ def parser() -> argparse.ArgumentParser:
         if workdir:
             c.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"state directory (default {DEFAULT_WORKDIR})")
             c.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<workdir>/mlflow.db)")
-            c.add_argument("--storage-path", help="shared filesystem path for checkpoints and prepared data "
-                                                  "(required on a multi-node cluster; default <workdir>)")
+            c.add_argument("--storage-path", help="where checkpoints and prepared data go: a shared filesystem path or "
+                                                  "an object-store URI such as s3://bucket/dir (required on a "
+                                                  "multi-node cluster; default <workdir>)")
         c.set_defaults(fn=fn)
         return c
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workflows import storage
 from workflows.study import DatasetEntry, PretrainedBaseline, SummarizationConfig
 from workflows.summarize_cell import (BLEU_SIGNATURE_TAG, PREDICTIONS_ARTIFACT, evaluate_summaries, predictions_jsonl,
                                       test_documents)
@@ -99,7 +100,7 @@ def evaluate_pretrained(payload: dict) -> dict:
                           SummarizationConfig.model_validate(payload["summarization"]))
     tracker, run_id = Tracker(payload["tracking_uri"]), payload["run_id"]
     try:
-        data = load_prepared(payload["data_path"])
+        data = load_prepared(storage.local_copy(payload["data_path"]))
         began = time.perf_counter()
         documents = data.documents["test"][:test_documents(data, cell.summarization)]
         predictions = summarize_with(cell.baseline, documents, cell.summarization)

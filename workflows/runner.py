@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from workflows import storage
 from workflows.aggregate import table_rows, to_csv, to_markdown
 from workflows.cells import Cell, expand
 from workflows.provenance import git_commit, package_versions
@@ -24,20 +25,19 @@ from workflows.tracking import Tracker, flatten
 
 @dataclass
 class Workspace:
-    """Where a study keeps its state; everything is an absolute path because Ray workers run elsewhere."""
+    """Where a study keeps its state; everything is absolute because Ray workers run elsewhere."""
 
     root: Path
     tracking_uri: str
-    shared_storage: Path | None = None  # checkpoints + prepared data on storage every node sees (multi-node)
+    # Checkpoints + prepared data on storage every node sees (multi-node): an NFS path or an object-store URI.
+    shared_storage: str | None = None
 
     @classmethod
     def resolve(cls, workdir: str | Path, tracking_uri: str | None, storage_path: str | None = None) -> "Workspace":
         root = Path(workdir).expanduser().resolve()
-        if storage_path and "://" in storage_path:
-            raise StudyError("--storage-path", [f"--storage-path: {storage_path!r} is a URI; moelab needs a shared "
-                                                "filesystem path (an NFS/EFS mount on every node), since workers "
-                                                "also read the prepared token files from it"])
-        shared = Path(storage_path).expanduser().resolve() if storage_path else None
+        shared = None
+        if storage_path:
+            shared = storage_path if storage.is_uri(storage_path) else str(Path(storage_path).expanduser().resolve())
         return cls(root, tracking_uri or f"sqlite:///{root / 'mlflow.db'}", shared)
 
     @property
@@ -51,22 +51,31 @@ class Workspace:
 
     @property
     def storage_path(self) -> str:
-        return str((self.shared_storage or self.root) / "ray_results")
+        return storage.join(self.shared_storage or self.root, "ray_results")
 
     def cell_storage(self, study_name: str) -> str:
         """Ray Train storage of a study's cells (run name = cell id). Per study: two studies in one workdir can share
         a cell id, and one must not resume from the other's checkpoints (its MLflow run would stay empty)."""
-        return f"{self.storage_path}/{study_name}"
+        return storage.join(self.storage_path, study_name)
 
     @property
     def cache_dir(self) -> Path:
-        # Workers read the prepared token files, so they live on the shared storage when there is one.
-        return (self.shared_storage or self.root) / "cache"
+        """Where data is prepared: on the shared filesystem when there is one (workers read it there); locally when
+        the shared storage is an object store (the files are then published to `published_cache`)."""
+        if self.shared_storage and not storage.is_uri(self.shared_storage):
+            return Path(self.shared_storage) / "cache"
+        return self.root / "cache"
+
+    @property
+    def published_cache(self) -> str | None:
+        return storage.join(self.shared_storage, "cache") if self.shared_storage and storage.is_uri(self.shared_storage) \
+            else None
 
 
-def ray_checkpoints(run_dir: Path) -> list[Path]:
-    """A Ray Train run's checkpoint_<time>/ folders, oldest first (the run dir also holds checkpoint_*.json files)."""
-    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+def ray_checkpoints(run_location: str) -> list[str]:
+    """A Ray Train run's checkpoint_<time>/ folders, oldest first (the run dir also holds checkpoint_*.json files);
+    paths or URIs, whichever the storage is."""
+    return [storage.join(run_location, name) for name in storage.subdirectories(run_location, "checkpoint_")]
 
 
 def check_cluster(ws: Workspace) -> None:
@@ -83,7 +92,8 @@ def check_cluster(ws: Workspace) -> None:
                         "--artifacts-destination ... --host 0.0.0.0` and pass --tracking-uri http://HOST:5000")
     if ws.shared_storage is None:
         problems.append(f"--storage-path: checkpoints and prepared data would go to {ws.root}, node-local on a "
-                        f"{len(nodes)}-node cluster; pass --storage-path on storage every node mounts (NFS/EFS)")
+                        f"{len(nodes)}-node cluster; pass --storage-path on storage every node reaches: an NFS/EFS mount "
+                        "or an object-store URI (s3://bucket/dir, gs://...)")
     if problems:
         raise StudyError("cluster", problems)
 
@@ -116,16 +126,22 @@ class PreparedDataset:
     domains: tuple[str, ...]
 
 
-def prepare_datasets(study: Study, cache_dir: Path) -> dict[DatasetEntry, PreparedDataset]:
+def prepare_datasets(study: Study, ws: Workspace) -> dict[DatasetEntry, PreparedDataset]:
+    """Prepare every dataset once (cached by content); with object-store storage, publish the files there for the
+    workers (PreparedDataset.path is then a URI that `storage.local_copy` fetches)."""
     from moe_data.prepare import load_prepared, prepare
 
     prepared = {}
     for entry in study.datasets:
-        path = prepare(entry.name, entry.vocab_size, entry.max_chars_per_domain, cache_dir,
+        path = prepare(entry.name, entry.vocab_size, entry.max_chars_per_domain, ws.cache_dir,
                        text_column=entry.text_column, domain_column=entry.domain_column, hf_config=entry.hf_config,
                        summary_column=entry.summary_column)
         data = load_prepared(path)
-        prepared[entry] = PreparedDataset(str(path), data.fingerprint, data.vocab_size, tuple(data.domains))
+        location = str(path)
+        if ws.published_cache:
+            location = storage.join(ws.published_cache, path.name)
+            storage.upload(path, location)
+        prepared[entry] = PreparedDataset(location, data.fingerprint, data.vocab_size, tuple(data.domains))
     return prepared
 
 
@@ -136,7 +152,7 @@ def summarization_texts(prepared: dict[DatasetEntry, PreparedDataset]) -> dict[s
     texts = {}
     for entry, dataset in prepared.items():
         if entry.task == "summarization":
-            data = load_prepared(dataset.path)
+            data = load_prepared(storage.local_copy(dataset.path))
             texts[entry.name] = (data.documents["test"], data.summaries["test"])
     return texts
 
@@ -190,7 +206,7 @@ def run_study(study: Study, ws: Workspace, address: str | None = None,
     tracker.log_text(parent, study.model_dump_json(indent=2), "study.json")
     outcome = StudyOutcome(experiment_id, parent)
 
-    prepared = prepare_datasets(study, ws.cache_dir)
+    prepared = prepare_datasets(study, ws)
     outcome.timings["prepare_data_s"] = time.perf_counter() - began
     cells = expand(study)
     check_domain_labels(cells, prepared)

@@ -24,9 +24,7 @@ def test_documents(data: PreparedPairs, cfg: SummarizationConfig) -> int:
 
 
 def generate_summaries(model, data: PreparedPairs, cfg: SummarizationConfig, source_len: int) -> list[str]:
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(data.tokenizer_path)
+    tokenizer = data.tokenizer()
     n, settings, texts = test_documents(data, cfg), cfg.generation_settings(), []
     model.eval()
     for start in range(0, n, cfg.eval_batch_size):

@@ -28,6 +28,7 @@ from moe_data.prepared_pairs import PreparedPairs
 from moe_models.analytics import NON_SCALAR, add_sums, difficulty_sums, pearson, saturation, summarize
 from moe_models.optimizer_hooks import after_optimizer_step
 from moe_models.models import MODELS, LMOutput
+from workflows import storage
 from workflows.cells import Cell
 from workflows.heatmap import expert_usage_heatmap, heatmap
 from workflows.study import TrainingConfig
@@ -296,7 +297,7 @@ def train_cell(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     cell = Cell.from_resolved(config["cell"])
     t = cell.training
-    data = load_prepared(config["data_path"])
+    data = load_prepared(storage.local_copy(config["data_path"]))  # a path, or a URI fetched once per node
     w = Worker(rank, world, Tracker(config["tracking_uri"]) if rank == 0 else None, config["run_id"])
     engine = build_engine(cell, data)
     start, snapshots = resume(engine)

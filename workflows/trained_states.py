@@ -8,23 +8,23 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
 import torch
 
+from workflows import storage
 from workflows.cells import Cell, expand
 from workflows.runner import Workspace, prepare_datasets, ray_checkpoints
 from workflows.study import Study, StudyError
 from workflows.tracking import Tracker
 
 
-def finished_cell_with_checkpoint(study: Study, ws: Workspace) -> tuple[Cell, Path]:
+def finished_cell_with_checkpoint(study: Study, ws: Workspace) -> tuple[Cell, str]:
     tracker = Tracker(ws.tracking_uri)
     found = tracker.client.get_experiment_by_name(study.name)
     runs = tracker.cell_runs(found.experiment_id) if found else {}
     for cell in expand(study):
         run = runs.get(cell.id)
-        checkpoints = ray_checkpoints(Path(ws.cell_storage(study.name)) / cell.id)
+        checkpoints = ray_checkpoints(storage.join(ws.cell_storage(study.name), cell.id))
         if run is not None and run.info.status == "FINISHED" and checkpoints and cell.router.name != "dense":
             return cell, checkpoints[-1]
     raise StudyError(study.name, [f"no finished MoE cell with a checkpoint under {ws.storage_path}; run the study "
@@ -49,10 +49,13 @@ def trained_hidden_states(study: Study, ws: Workspace, tokens: int) -> tuple[tor
     from workflows.train_cell import build_engine
 
     cell, checkpoint = finished_cell_with_checkpoint(study, ws)
-    data = load_prepared(prepare_datasets(study, ws.cache_dir)[cell.dataset].path)
+    data = load_prepared(storage.local_copy(prepare_datasets(study, ws)[cell.dataset].path))
     _single_process_group()
     engine = build_engine(cell, data)
-    loaded, _ = engine.load_checkpoint(str(checkpoint))
+    import ray.train
+
+    with ray.train.Checkpoint(checkpoint).as_directory() as local:  # a path, or a URI downloaded to a temp dir
+        loaded, _ = engine.load_checkpoint(local)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {checkpoint}")
     engine.eval()

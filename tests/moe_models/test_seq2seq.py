@@ -6,7 +6,6 @@ import torch
 from moe_models.generation import GenerationSettings, ban_repeated_ngrams, beam_search, generate, greedy
 from moe_models.models import MODELS
 from moe_models.models.seq2seq import IGNORE_INDEX, sinusoidal_positions
-from moe_models.moe_ffn import MoEFeedForward
 from moe_models.routers import ROUTERS
 from moe_models.spec import RoutingSpec
 
