@@ -82,7 +82,7 @@ def test_table_report_and_blind_rating_sheet(study_run):
     assert "ROUGE-1" in table and "BERTScore F1" in table and "purity" not in table  # no domain labels here
     report = (workdir / "mini_sum_summarization.md").read_text()
     assert "| top2 | 2 |" in report and "| hash | 2 |" in report  # two seeds each, mean ± half-width
-    assert "±" in report and "paired-bootstrap p-value" in report
+    assert "±" in report and "bootstrap p-value" in report and "seeds resampled" in report
     hash_row = next(line for line in report.splitlines() if line.startswith("| hash |") and "(" in line)
     p_values = [float(cell.split("(")[1].rstrip(") ")) for cell in hash_row.split("|")[2:-1]]
     assert len(p_values) == 5 and all(0 <= p <= 1 for p in p_values)
