@@ -40,19 +40,27 @@ def device_name(device: str) -> str:
     return platform.processor() or "cpu"
 
 
-def median_ms(fn, device: str, warmup: int, repeats: int) -> float:
+def timed_ms(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - began) * 1e3
+
+
+def interleaved_medians(steps: dict, device: str, warmup: int, repeats: int) -> dict[str, float]:
+    """Median ms of each step, timed round-robin (dense, backend A, backend B, dense, ...) so that drift in clock or
+    load hits every contender alike — the ratios are what the issue's targets are about."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
+        for name, fn in steps.items():
+            times[name].append(timed_ms(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def fwd_bwd(module, x, ids=None):
@@ -63,22 +71,25 @@ def fwd_bwd(module, x, ids=None):
     return step
 
 
-def bench_shape(shape, backend: str, router: str, device: str, dtype, warmup: int, repeats: int) -> dict:
+def bench_shape(shape, backends: list[str], router: str, device: str, dtype, warmup: int, repeats: int) -> list[dict]:
     T, d, f, E, k = shape
     torch.manual_seed(0)
     x = torch.randn(1, T, d, device=device, dtype=dtype, requires_grad=True)
     ids = torch.randint(32000, (1, T), device=device)
-    dense = ExpertFFN(d, k * f).to(device, dtype)
+    steps = {"dense": fwd_bwd(ExpertFFN(d, k * f).to(device, dtype), x)}
     opts = ROUTERS.get(router).Options(**({"k": k} if router == "topk" else {}))
-    r = ROUTERS.get(router)(RouterContext(d, E, 32000, 0, 0), opts)
-    moe = MoEFeedForward(r, DISPATCH_BACKENDS.get(backend)(DispatchSpec(d, f, E, 1, None, "position")), {})
-    moe = moe.to(device, dtype)
-    dense_ms = median_ms(fwd_bwd(dense, x), device, warmup, repeats)
-    moe_ms = median_ms(fwd_bwd(moe, x, ids), device, warmup, repeats)
+    for backend in backends:
+        torch.manual_seed(1)  # the same router weights, hence the same routes, for every backend
+        r = ROUTERS.get(router)(RouterContext(d, E, 32000, 0, 0), opts)
+        moe = MoEFeedForward(r, DISPATCH_BACKENDS.get(backend)(DispatchSpec(d, f, E, 1, None, "position")), {})
+        steps[backend] = fwd_bwd(moe.to(device, dtype), x, ids)
+    ms = interleaved_medians(steps, device, warmup, repeats)
     active_flops = 3 * (2 * 2 * T * d * k * f)  # two matmuls of 2*T*d*kF flops forward, backward twice that
-    return {"T": T, "d": d, "f": f, "E": E, "k": k, "backend": backend, "router": router,
-            "dense_ms": round(dense_ms, 3), "moe_ms": round(moe_ms, 3), "ratio_vs_dense": round(moe_ms / dense_ms, 3),
-            "dense_tflops": round(active_flops / dense_ms / 1e9, 3)}
+    return [{"T": T, "d": d, "f": f, "E": E, "k": k, "backend": backend, "router": router,
+             "dense_ms": round(ms["dense"], 3), "moe_ms": round(ms[backend], 3),
+             "ratio_vs_dense": round(ms[backend] / ms["dense"], 3),
+             **({"ratio_vs_deepspeed": round(ms[backend] / ms["deepspeed"], 3)} if "deepspeed" in ms else {}),
+             "dense_tflops": round(active_flops / ms["dense"] / 1e9, 3)} for backend in backends]
 
 
 def main() -> None:
@@ -97,8 +108,8 @@ def main() -> None:
               else GPU_SHAPES if args.device == "cuda" else CPU_SHAPES)
     if args.device == "cpu":
         torch.set_num_threads(torch.get_num_threads())
-    results = [bench_shape(s, b, args.router, args.device, dtype, args.warmup, args.repeats)
-               for s in shapes for b in args.backends]
+    results = [row for s in shapes
+               for row in bench_shape(s, args.backends, args.router, args.device, dtype, args.warmup, args.repeats)]
     report = {"benchmark": "moe_layer_fwd_bwd", "device": device_name(args.device), "dtype": str(dtype),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
     text = json.dumps(report, indent=2)

@@ -5,8 +5,9 @@ router — variable experts per token included — runs on it and drops the same
 (E, ...) tensors instead of E modules:
   * CUDA, bf16: `torch._grouped_mm` over the expert-sorted routes (no padding, no per-expert Python loop) —
     written for the GPU benchmarks of issue 6 and not yet run on a GPU;
-  * elsewhere: the routes are scattered into a padded (E, C, D) buffer (C = the largest expert load, one host read)
-    and run through two batched matmuls — no per-expert loop either. (torch 2.13's CPU `_grouped_mm` has no backward.)
+  * CUDA, other dtypes: the routes are scattered into a padded (E, C, D) buffer (C = the largest expert load, one
+    host read) and run through two batched matmuls — no per-expert loop either;
+  * CPU: per-expert 2-D GEMMs on the contiguous slices of the sorted routes (`StackedExperts.sliced`: why there).
 Expert parallelism is not implemented on this backend yet: ep_size > 1 is refused (use `dispatch: deepspeed`).
 """
 from __future__ import annotations
@@ -49,6 +50,17 @@ class StackedExperts(nn.Module):
         y = torch.baddbmm(self.down_bias_ED.unsqueeze(1), h, self.down_weight_EDF.transpose(1, 2))
         return y.view(E * capacity, D).index_select(0, flat_R)
 
+    def sliced(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """CPU: one 2-D GEMM pair per expert on its contiguous slice of the sorted routes. On CPU there is no kernel
+        launch to amortize and no host sync to avoid, 2-D GEMMs run ~30% faster than the padded batched ones (no
+        padding, better blocking: 26 vs 36 ms for 8 x (1100x256 @ 256x1024) here), and torch's CPU grouped GEMM has no
+        backward. Weights are unbound once, so the backward stacks their gradients in one allocation."""
+        ups, up_biases = self.up_weight_EFD.unbind(0), self.up_bias_EF.unbind(0)
+        downs, down_biases = self.down_weight_EDF.unbind(0), self.down_bias_ED.unbind(0)
+        outputs = [F.linear(F.gelu(F.linear(x_e, ups[e], up_biases[e])), downs[e], down_biases[e])
+                   for e, x_e in enumerate(x_RD.split(counts_E.tolist())) if len(x_e)]
+        return torch.cat(outputs) if outputs else x_RD.new_zeros(0, x_RD.shape[-1])
+
 
 class GroupedDispatch(nn.Module):
     def __init__(self, spec: DispatchSpec):
@@ -69,7 +81,10 @@ class GroupedDispatch(nn.Module):
         x_RD = x_TD.index_select(0, token_R)
         # torch's grouped GEMM wants bf16 and 16-byte aligned rows on CUDA; everything else takes the padded path.
         aligned = self.spec.d_model % 8 == 0 and self.spec.expert_hidden % 8 == 0
-        run = self.experts.grouped if x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and aligned else self.experts.padded
+        if x_TD.is_cuda:
+            run = self.experts.grouped if x_TD.dtype == torch.bfloat16 and aligned else self.experts.padded
+        else:
+            run = self.experts.sliced
         y_RD = run(x_RD, expert_R, counts_E)
         gate_R = decision.weights_TK[token_R, slot_R].to(y_RD.dtype)
         y_TD = torch.zeros_like(x_TD).index_add_(0, token_R, y_RD * gate_R.unsqueeze(-1))
