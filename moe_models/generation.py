@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moe_models.moe_ffn import routing_analytics_off
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -110,4 +112,5 @@ def generate(model, src_BS: torch.Tensor, src_valid_BS: torch.Tensor, settings: 
              eos: int) -> list[list[int]]:
     """Token ids of each summary, without the start and end symbols."""
     search = greedy if settings.num_beams == 1 else beam_search
-    return search(model, src_BS, src_valid_BS, settings, eos)
+    with routing_analytics_off(model):
+        return search(model, src_BS, src_valid_BS, settings, eos)

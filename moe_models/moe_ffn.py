@@ -8,7 +8,9 @@ Flow:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -34,6 +36,7 @@ class MoEFeedForward(nn.Module):
         self.dispatch = dispatch
         self.balancing = {name: (BALANCING_LOSSES.get(name), coef) for name, coef in balancing.items()}
         self.balancing_scope = balancing_scope
+        self.analytics = True  # evaluation analytics; decoding turns them off (see routing_analytics_off)
         # global_batch scope: route counts of every rank and micro-batch since the last optimizer step.
         self.register_buffer("window_routes_E", torch.zeros(router.ctx.num_experts), persistent=False)
 
@@ -58,7 +61,7 @@ class MoEFeedForward(nn.Module):
         loss = loss + sum(decision.router_losses.values(), x_TD.new_zeros(()).float())
         out = self.dispatch(x_TD, decision)
         aux = MoEAux(loss, {k: v.detach() for k, v in unscaled.items()})
-        if not self.training:  # analytics are an evaluation product: no per-step cost in training
+        if not self.training and self.analytics:  # an evaluation product: no per-step cost in training or decoding
             kept_TK = out.kept_TK
             if valid_BS is not None:
                 valid_T = valid_BS.reshape(-1)
@@ -79,3 +82,16 @@ class MoEFeedForward(nn.Module):
 
     def after_optimizer_step(self) -> None:
         self.window_routes_E.zero_()
+
+
+@contextmanager
+def routing_analytics_off(model: nn.Module) -> Iterator[None]:
+    """Decoding runs the model in eval mode once per generated token; its routing analytics would be discarded."""
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    for layer in layers:
+        layer.analytics = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.analytics = True
