@@ -229,10 +229,14 @@ def test_expert_choice_gives_every_expert_the_same_number_of_tokens(capacity):
 def test_expert_choice_is_not_causal_a_later_token_changes_an_earlier_tokens_experts():
     router = make("expert_choice")
     x, ids = inputs()
-    before = router(x, ids).active_TK[0].clone()
+    w = router.proj.weight.detach()
+    x[0] = w[0] / w[0].square().sum()  # token 0: logit 1 for expert 0, so expert 0 picks it among noise tokens
+    assert router(x, ids).active_TK[0, 0]
+    expert = 0
     x2 = x.clone()
-    x2[1:] = x[1:] * 50  # only later tokens change
-    assert not torch.equal(router(x2, ids).active_TK[0], before)
+    x2[1:] = 100 * w[0] / w[0].square().sum()  # only later tokens change: logit 100 for expert 0
+    second = router(x2, ids)
+    assert expert not in second.expert_ids_TK[0][second.active_TK[0]].tolist()  # ... and crowd token 0 out
     assert not type(router).causal and all(ROUTERS.get(n).causal for n in ROUTERS.names() if n != "expert_choice")
 
 
