@@ -54,12 +54,14 @@ def _decoding(cfg: SummarizationConfig) -> dict:
 
 
 def _source_limit(model, baseline: PretrainedBaseline, cfg: SummarizationConfig) -> int:
-    """Document tokens that fit the model's positions (a causal LM also needs room for the prompt and summary)."""
+    """Document tokens that fit the model's positions, leaving room for the prompt (and for a causal LM the
+    summary)."""
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if positions is None:
         return baseline.source_tokens
+    positions -= 32  # the prompt's own tokens and special tokens
     if baseline.kind == "causal":
-        positions -= cfg.max_new_tokens + 32  # 32: the prompt's own tokens
+        positions -= cfg.max_new_tokens
     return max(1, min(baseline.source_tokens, positions))
 
 
@@ -77,12 +79,11 @@ def summarize_with(baseline: PretrainedBaseline, documents: list[str], cfg: Summ
     limit = _source_limit(model, baseline, cfg)
     outputs: list[str] = []
     for start in range(0, len(documents), cfg.eval_batch_size):
-        docs = documents[start:start + cfg.eval_batch_size]
-        if causal:  # truncate the document, not the instruction around it
-            ids = tokenizer(docs, truncation=True, max_length=limit)["input_ids"]
-            docs = [baseline.prompt.format(document=tokenizer.decode(i, skip_special_tokens=True)) for i in ids]
-        batch = tokenizer(docs, return_tensors="pt", padding=True, truncation=not causal,
-                          max_length=None if causal else limit)
+        # Truncate the document, not the instruction around it.
+        ids = tokenizer(documents[start:start + cfg.eval_batch_size], truncation=True, max_length=limit,
+                        add_special_tokens=False)["input_ids"]
+        docs = [baseline.input_text(tokenizer.decode(i, skip_special_tokens=True)) for i in ids]
+        batch = tokenizer(docs, return_tensors="pt", padding=True)
         generated = model.generate(**batch, **_decoding(cfg), pad_token_id=tokenizer.pad_token_id)
         if causal:
             generated = generated[:, batch["input_ids"].shape[1]:]

@@ -192,7 +192,9 @@ class PretrainedBaseline(_Strict):
     model: str  # hub name (needs a network) or local path
     kind: Literal["seq2seq", "causal"] = "seq2seq"
     label: str | None = None  # defaults to the model's name
-    prompt: str = "{document}\nTL;DR:"  # causal LMs: the summary is what follows; it ends at the first newline
+    # The model's input around the (truncated) document: "summarize: {document}" for T5; for a causal LM the summary is
+    # what follows the prompt, up to the first newline. Default: the document alone, or "{document}\nTL;DR:" (causal).
+    prompt: str | None = None
     source_tokens: PositiveInt = 512  # document truncation, in the model's own tokenizer
 
     @field_validator("model")
@@ -204,13 +206,17 @@ class PretrainedBaseline(_Strict):
 
     @field_validator("prompt")
     @classmethod
-    def _has_slot(cls, prompt: str) -> str:
-        if "{document}" not in prompt:
+    def _has_slot(cls, prompt: str | None) -> str | None:
+        if prompt is not None and "{document}" not in prompt:
             raise ValueError("must contain {document}")
         return prompt
 
     def display(self) -> str:
         return self.label or self.model.rstrip("/").rsplit("/", 1)[-1]
+
+    def input_text(self, document: str) -> str:
+        default = "{document}\nTL;DR:" if self.kind == "causal" else "{document}"
+        return (self.prompt or default).format(document=document)
 
 
 class SummarizationConfig(_Strict):

@@ -28,6 +28,12 @@ def test_pretrained_cell_id_tracks_what_is_evaluated_not_its_label(tmp_path):
     assert cell.baseline.display() == "bart-large-xsum"
 
 
+def test_prompts_wrap_the_document_per_kind():
+    assert PretrainedBaseline(model="t5-base", prompt="summarize: {document}").input_text("x") == "summarize: x"
+    assert PretrainedBaseline(model="facebook/bart-large-xsum").input_text("x") == "x"
+    assert PretrainedBaseline(model="gpt2", kind="causal").input_text("x") == "x\nTL;DR:"
+
+
 def test_a_missing_local_model_path_is_a_study_error():
     with pytest.raises(ValueError, match="no such folder"):
         PretrainedBaseline(model="./models/nope")
