@@ -16,8 +16,7 @@ import torch
 
 from workflows import storage
 from workflows.study import DatasetEntry, PretrainedBaseline, SummarizationConfig
-from workflows.summarize_cell import (BLEU_SIGNATURE_TAG, PREDICTIONS_ARTIFACT, evaluate_summaries, predictions_jsonl,
-                                      test_documents)
+from workflows.summarize_cell import score_and_log, test_documents
 from workflows.tracking import Tracker
 
 
@@ -105,11 +104,10 @@ def evaluate_pretrained(payload: dict) -> dict:
         began = time.perf_counter()
         documents = data.documents["test"][:test_documents(data, cell.summarization)]
         predictions = summarize_with(cell.baseline, documents, cell.summarization)
-        metrics, sheet, rows = evaluate_summaries(predictions, data, cell.summarization)
-        metrics["summary/generate_seconds"] = time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        metrics = {**score_and_log(tracker, run_id, predictions, data, cell.summarization),
+                   "summary/generate_seconds": seconds}
     except Exception as err:  # a missing model or a hub download without network: that cell fails, with reason
         return {"status": "FAILED", "reason": f"{type(err).__name__}: {err}"[:2000]}
-    tracker.log_text(run_id, predictions_jsonl(rows), PREDICTIONS_ARTIFACT)
-    tracker.set_tags(run_id, {BLEU_SIGNATURE_TAG: sheet.bleu_signature, **sheet.meta})
     tracker.log_metrics(run_id, metrics, 0)
     return {"status": "FINISHED", "reason": None}

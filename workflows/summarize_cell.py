@@ -56,5 +56,11 @@ def evaluate_summaries(predictions: list[str], data: PreparedPairs, cfg: Summari
     return summary_metrics(sheet, cfg), sheet, rows
 
 
-def predictions_jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(row) + "\n" for row in rows)
+def score_and_log(tracker, run_id: str, predictions: list[str], data: PreparedPairs,
+                  cfg: SummarizationConfig) -> dict[str, float]:
+    """Score the test predictions; log them per document with the metrics' provenance (sacreBLEU signature,
+    BERTScore model) on the run. Returns the metrics (the caller logs them with its other metrics)."""
+    metrics, sheet, rows = evaluate_summaries(predictions, data, cfg)
+    tracker.log_text(run_id, "".join(json.dumps(row) + "\n" for row in rows), PREDICTIONS_ARTIFACT)
+    tracker.set_tags(run_id, {BLEU_SIGNATURE_TAG: sheet.bleu_signature, **sheet.meta})
+    return metrics

@@ -32,8 +32,7 @@ from workflows import storage
 from workflows.cells import Cell
 from workflows.heatmap import expert_usage_heatmap, heatmap
 from workflows.study import TrainingConfig
-from workflows.summarize_cell import (BLEU_SIGNATURE_TAG, PREDICTIONS_ARTIFACT, evaluate_summaries, generate_summaries,
-                                      predictions_jsonl)
+from workflows.summarize_cell import generate_summaries, score_and_log
 from workflows.tracking import REASON, Tracker
 
 EVAL_SEED = 1234  # every cell and every eval sees the same validation windows
@@ -283,10 +282,7 @@ def summarize_test_split(engine, data: PreparedPairs, cell: Cell, w: Worker) -> 
     predictions = generate_summaries(engine.module, data, cell.summarization, cell.training.seq_len)
     metrics = {"summary/generate_seconds": time.perf_counter() - began}
     if w.tracker:
-        scored, sheet, rows = evaluate_summaries(predictions, data, cell.summarization)
-        w.tracker.log_text(w.run_id, predictions_jsonl(rows), PREDICTIONS_ARTIFACT)
-        w.tracker.set_tags(w.run_id, {BLEU_SIGNATURE_TAG: sheet.bleu_signature, **sheet.meta})
-        metrics.update(scored)
+        metrics.update(score_and_log(w.tracker, w.run_id, predictions, data, cell.summarization))
     return metrics
 
 
