@@ -71,24 +71,72 @@ def fwd_bwd(module, x, ids=None):
     return step
 
 
-def bench_shape(shape, backends: list[str], router: str, device: str, dtype, warmup: int, repeats: int) -> list[dict]:
+def print_profile(steps: dict, device: str, rows: int = 18) -> None:
+    """Where each contender's time goes: the top kernels of 3 steps (stderr, so stdout stays JSON)."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+    for name, fn in steps.items():
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(3):
+                fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        print(f"--- {name}\n{prof.key_averages().table(sort_by=key, row_limit=rows)}", file=sys.stderr)
+
+
+def router_options(router: str, k: int) -> dict:
+    """Options giving each router about k experts per token (top-p's p: k of E under a near-uniform router)."""
+    if router in ("top_p",):
+        return {"p": 0.25}
+    if router == "entropy_adaptive":
+        return {"max_k": k}
+    if router == "expert_choice":
+        return {"capacity": float(k)}
+    if router in ("top_any", "reference"):
+        return {}
+    return {"k": k}
+
+
+def router_fwd_bwd(router, x, ids):
+    """The router alone: its decision's weights and probabilities back to x (what its MoE layer differentiates)."""
+    x_TD, ids_T = x.view(-1, x.shape[-1]), ids.view(-1)
+
+    def step():
+        decision = router(x_TD, ids_T)
+        loss = decision.weights_TK.sum() + decision.probs_TE.sum()
+        if loss.requires_grad:
+            loss.backward()
+    return step
+
+
+def bench_shape(shape, backends: list[str], router: str, device: str, dtype, warmup: int, repeats: int,
+                profile: bool = False) -> list[dict]:
     T, d, f, E, k = shape
     torch.manual_seed(0)
     x = torch.randn(1, T, d, device=device, dtype=dtype, requires_grad=True)
     ids = torch.randint(32000, (1, T), device=device)
     steps = {"dense": fwd_bwd(ExpertFFN(d, k * f).to(device, dtype), x)}
-    opts = ROUTERS.get(router).Options(**({"k": k} if router == "topk" else {}))
+    cls = ROUTERS.get(router)
+    opts = cls.Options(**router_options(router, k))
+    ctx = RouterContext(d, E, 32000, 0, 0)
     for backend in backends:
         torch.manual_seed(1)  # the same router weights, hence the same routes, for every backend
-        r = ROUTERS.get(router)(RouterContext(d, E, 32000, 0, 0), opts)
-        moe = MoEFeedForward(r, DISPATCH_BACKENDS.get(backend)(DispatchSpec(d, f, E, 1, None, "position")), {})
+        moe = MoEFeedForward(cls(ctx, opts), DISPATCH_BACKENDS.get(backend)(DispatchSpec(d, f, E, 1, None, "position")),
+                             {})
         steps[backend] = fwd_bwd(moe.to(device, dtype), x, ids)
+    torch.manual_seed(1)
+    steps["router"] = router_fwd_bwd(cls(ctx, opts).to(device, dtype), x, ids)
     ms = interleaved_medians(steps, device, warmup, repeats)
+    if profile:
+        print(f"=== shape {shape} router {router}", file=sys.stderr)
+        print_profile(steps, device)
     active_flops = 3 * (2 * 2 * T * d * k * f)  # two matmuls of 2*T*d*kF flops forward, backward twice that
     return [{"T": T, "d": d, "f": f, "E": E, "k": k, "backend": backend, "router": router,
              "dense_ms": round(ms["dense"], 3), "moe_ms": round(ms[backend], 3),
              "ratio_vs_dense": round(ms[backend] / ms["dense"], 3),
              **({"ratio_vs_deepspeed": round(ms[backend] / ms["deepspeed"], 3)} if "deepspeed" in ms else {}),
+             "router_ms": round(ms["router"], 3), "router_share": round(ms["router"] / ms[backend], 3),
              "dense_tflops": round(active_flops / ms["dense"] / 1e9, 3)} for backend in backends]
 
 
@@ -97,10 +145,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None)
     p.add_argument("--backends", nargs="+", default=DISPATCH_BACKENDS.names())
-    p.add_argument("--router", default="topk")
+    p.add_argument("--routers", nargs="+", default=["topk"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--shapes", default=None, help="semicolon-separated T,d,f,E,k tuples")
+    p.add_argument("--profile", action="store_true", help="print each contender's top kernels (torch.profiler)")
     p.add_argument("--out")
     args = p.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
@@ -108,8 +157,9 @@ def main() -> None:
               else GPU_SHAPES if args.device == "cuda" else CPU_SHAPES)
     if args.device == "cpu":
         torch.set_num_threads(torch.get_num_threads())
-    results = [row for s in shapes
-               for row in bench_shape(s, args.backends, args.router, args.device, dtype, args.warmup, args.repeats)]
+    results = [row for s in shapes for router in args.routers
+               for row in bench_shape(s, args.backends, router, args.device, dtype, args.warmup, args.repeats,
+                                      args.profile)]
     report = {"benchmark": "moe_layer_fwd_bwd", "device": device_name(args.device), "dtype": str(dtype),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
     text = json.dumps(report, indent=2)

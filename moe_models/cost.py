@@ -1,0 +1,39 @@
+"""Model FLOPs per token from the architecture, with the experts each token actually used (not a profiler estimate).
+
+Counting follows PaLM (Chowdhery et al. 2022, appendix B): 2 FLOPs per multiply-add of every matmul, the backward
+twice the forward (training = 3x forward), attention scores and values 2 * 2 * S * D per token per attention layer
+(the full S x S, causal masking not discounted), embeddings' lookups free (a tied LM head is a Linear and counted).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from moe_models.moe_ffn import MoEFeedForward
+
+
+def dense_forward_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Forward FLOPs per token of everything but the experts: linears (routers included) plus attention."""
+    experts = {id(m) for layer in model.modules() if isinstance(layer, MoEFeedForward)
+               for m in layer.dispatch.modules()}
+    linears = sum(2 * m.in_features * m.out_features for m in model.modules()
+                  if isinstance(m, nn.Linear) and id(m) not in experts)
+    attention_layers = sum(1 for m in model.modules() if hasattr(m, "n_heads") and not isinstance(m, MoEFeedForward))
+    return float(linears + attention_layers * 2 * 2 * seq_len * _d_model(model))
+
+
+def expert_forward_flops_per_route(layer: MoEFeedForward) -> float:
+    """One token through one expert: two matmuls D -> F -> D."""
+    spec = layer.dispatch.spec
+    return 2.0 * 2 * spec.d_model * spec.expert_hidden
+
+
+def training_flops_per_token(model: nn.Module, seq_len: int, expert_forward_flops_per_token: float) -> float:
+    """Forward + backward FLOPs per token; the expert part is measured (served routes x FLOPs per route)."""
+    return 3.0 * (dense_forward_flops_per_token(model, seq_len) + expert_forward_flops_per_token)
+
+
+def _d_model(model: nn.Module) -> int:
+    opts = getattr(model, "opts", None)
+    if opts is None:
+        raise ValueError(f"{type(model).__name__} has no `opts` with d_model; cannot count attention FLOPs")
+    return opts.d_model

@@ -1,0 +1,89 @@
+"""E two-layer GELU FFNs (D -> F -> D, the ExpertFFN of the DeepSpeed backend) with weights stacked along the expert
+axis, run on routes already sorted by expert.
+
+Every path takes (x_RD, expert_R, counts_E): R route rows sorted by expert, the first sum(counts_E) of them served
+(expert_R < E), the rest unserved (dropped or inactive routes, kept so that shapes never depend on routing and no
+host read is needed). Served rows get their expert's output; unserved rows are unspecified (the caller masks them).
+  * `grouped` (CUDA bf16): torch's grouped GEMM, no padding, no per-expert loop, no host synchronisation;
+  * `padded` (CUDA, other dtypes): a padded (E, C, D) buffer and batched matmuls (one host read: C);
+  * `sliced` (CPU): per-expert 2-D GEMMs on contiguous slices (why: see its docstring).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class StackedExperts(nn.Module):
+    """nn.Linear layout per expert: up (E, F, D) + (E, F), down (E, D, F) + (E, D)."""
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int):
+        super().__init__()
+        self.up_weight_EFD = nn.Parameter(torch.randn(num_experts, hidden, d_model) * 0.02)
+        self.up_bias_EF = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.down_weight_EDF = nn.Parameter(torch.randn(num_experts, d_model, hidden) * 0.02)
+        self.down_bias_ED = nn.Parameter(torch.zeros(num_experts, d_model))
+
+    @property
+    def num_experts(self) -> int:
+        return self.up_weight_EFD.shape[0]
+
+    def grouped(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        offsets_E = counts_E.cumsum(0).to(torch.int32)  # group ends; rows past the last end are left alone
+        last_R = expert_R.clamp(max=self.num_experts - 1)  # unserved rows borrow the last bias (masked anyway)
+        h = torch._grouped_mm(x_RD, self.up_weight_EFD.transpose(1, 2), offs=offsets_E)
+        h = F.gelu(ExpertBias.apply(h, self.up_bias_EF, last_R, offsets_E))
+        y = torch._grouped_mm(h, self.down_weight_EDF.transpose(1, 2), offs=offsets_E)
+        return ExpertBias.apply(y, self.down_bias_ED, last_R, offsets_E)
+
+    def padded(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        E, D = self.num_experts, x_RD.shape[-1]
+        starts_E = counts_E.cumsum(0) - counts_E
+        served_R = expert_R < E
+        capacity = int(counts_E.max()) if len(expert_R) else 0  # the one host read of this path
+        position_R = torch.arange(len(expert_R), device=x_RD.device) - starts_E[expert_R.clamp(max=E - 1)]
+        # Row of each route in the flattened (E*C, D) buffer; unserved routes share a spare row past the end.
+        flat_R = torch.where(served_R, expert_R * capacity + position_R, E * capacity)
+        buffer = x_RD.new_zeros(E * capacity + 1, D).index_copy(0, flat_R, x_RD)[:-1].view(E, capacity, D)
+        h = F.gelu(torch.baddbmm(self.up_bias_EF.unsqueeze(1), buffer, self.up_weight_EFD.transpose(1, 2)))
+        y = torch.baddbmm(self.down_bias_ED.unsqueeze(1), h, self.down_weight_EDF.transpose(1, 2))
+        return torch.cat([y.view(E * capacity, D), y.new_zeros(1, D)]).index_select(0, flat_R)
+
+    def sliced(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """CPU: one 2-D GEMM pair per expert on its contiguous slice of the sorted routes. On CPU there is no kernel
+        launch to amortize and no host sync to avoid, 2-D GEMMs run ~30% faster than the padded batched ones (no
+        padding, better blocking: 26 vs 36 ms for 8 x (1100x256 @ 256x1024) here), and torch's CPU grouped GEMM has no
+        backward. Weights are unbound once, so the backward stacks their gradients in one allocation."""
+        ups, up_biases = self.up_weight_EFD.unbind(0), self.up_bias_EF.unbind(0)
+        downs, down_biases = self.down_weight_EDF.unbind(0), self.down_bias_ED.unbind(0)
+        counts = counts_E.tolist()
+        *slices, unserved = x_RD.split(counts + [len(x_RD) - sum(counts)])
+        outputs = [F.linear(F.gelu(F.linear(x_e, ups[e], up_biases[e])), downs[e], down_biases[e])
+                   for e, x_e in enumerate(slices) if len(x_e)]
+        return torch.cat(outputs + [torch.zeros_like(unserved)])
+
+
+class ExpertBias(torch.autograd.Function):
+    """h_RF + bias_EF[expert_R] for expert-sorted rows. Autograd's own backward of the gather is an atomic
+    index_add of R rows into E rows; here the bias gradient is a grouped GEMM (ones^T @ grad per group), the way
+    the weight gradients are computed, and rows past the last group are never read."""
+
+    @staticmethod
+    def forward(ctx, h_RF: torch.Tensor, bias_EF: torch.Tensor, expert_R: torch.Tensor,
+                offsets_E: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(expert_R, offsets_E)
+        return h_RF + bias_EF.index_select(0, expert_R)
+
+    @staticmethod
+    def backward(ctx, grad_RF: torch.Tensor):
+        expert_R, offsets_E = ctx.saved_tensors
+        R = grad_RF.shape[0]
+        if grad_RF.is_cuda:
+            ones_8R = grad_RF.new_ones(R, 8).t()  # column-major (8, R): the operand layout of a weight gradient
+            grad_bias = torch._grouped_mm(ones_8R, grad_RF.contiguous(), offs=offsets_E)[:, 0]
+        else:
+            served_R = torch.arange(R, device=grad_RF.device) < offsets_E[-1]
+            grad_bias = grad_RF.new_zeros(len(offsets_E), grad_RF.shape[1]).index_add_(
+                0, expert_R, grad_RF * served_R.unsqueeze(-1))
+        return grad_RF, grad_bias, None, None

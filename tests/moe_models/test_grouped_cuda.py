@@ -1,0 +1,73 @@
+"""The grouped backend's CUDA paths (torch's grouped GEMM in bf16, the padded path otherwise). These need a GPU and
+run where one exists (the device machine); on CPU-only CI they are skipped — a GPU cannot exist there."""
+import copy
+
+import pytest
+import torch
+
+from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
+from moe_models.moe_ffn import MoEFeedForward
+from moe_models.routers import ROUTERS, RouterContext
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+D, F, E, V = 64, 128, 8, 100
+CASES = [("topk", {"k": 2}), ("top_p", {"p": 0.5}), ("top_any", {"init_threshold": -0.05}), ("hash", {"k": 2}),
+         ("expert_choice", {"capacity": 1.5})]
+
+
+def layer_on(backend: str, router: str, options: dict, capacity_factor=None) -> MoEFeedForward:
+    torch.manual_seed(0)
+    cls = ROUTERS.get(router)
+    r = cls(RouterContext(D, E, V, 0, 0), cls.Options(**options))
+    return MoEFeedForward(r, DISPATCH_BACKENDS.get(backend)(DispatchSpec(D, F, E, 1, capacity_factor, "position")), {})
+
+
+def run(layer, x, ids):
+    x = x.clone().requires_grad_()
+    y, _ = layer(x, ids)
+    y.float().square().sum().backward()
+    return y.float(), x.grad.float(), layer.dispatch.experts.up_weight_EFD.grad.float()
+
+
+@pytest.mark.parametrize("router,options", CASES, ids=[c[0] for c in CASES])
+def test_grouped_gemm_bf16_matches_the_fp32_cpu_path(router, options):
+    # Both sides start from the same bf16-representable weights and inputs, so they route alike.
+    cpu = layer_on("grouped", router, options).eval().bfloat16().float()
+    gpu = copy.deepcopy(cpu).cuda().bfloat16()
+    x, ids = torch.randn(4, 256, D).bfloat16().float(), torch.randint(V, (4, 256))
+    ref = run(cpu, x, ids)
+    got = run(gpu, x.cuda().bfloat16(), ids.cuda())
+    for name, a, b in zip(("output", "input grad", "expert grad"), got, ref):
+        scale = b.abs().max()
+        assert (a.cpu() - b).abs().max() <= 0.02 * scale, name  # bf16: ~3 significant digits
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+def test_padded_cuda_path_matches_deepspeed_in_fp32(capacity_factor):
+    ds = layer_on("deepspeed", "topk", {"k": 2}, capacity_factor).eval().cuda()
+    grouped = layer_on("grouped", "topk", {"k": 2}, capacity_factor).eval().cuda()
+    experts = list(ds.dispatch.moe.deepspeed_moe.experts.deepspeed_experts)
+    with torch.no_grad():
+        stacked = grouped.dispatch.experts
+        stacked.up_weight_EFD.copy_(torch.stack([e.up.weight for e in experts]))
+        stacked.up_bias_EF.copy_(torch.stack([e.up.bias for e in experts]))
+        stacked.down_weight_EDF.copy_(torch.stack([e.down.weight for e in experts]))
+        stacked.down_bias_ED.copy_(torch.stack([e.down.bias for e in experts]))
+    x, ids = torch.randn(2, 128, D, device="cuda"), torch.randint(V, (2, 128), device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ya, _ = ds(x, ids)
+    yb, _ = grouped(x, ids)
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+
+
+def test_dropless_grouped_training_step_never_synchronizes_with_the_host():
+    layer = layer_on("grouped", "topk", {"k": 2}).train().cuda().bfloat16()
+    x, ids = torch.randn(4, 256, D, device="cuda", dtype=torch.bfloat16), torch.randint(V, (4, 256), device="cuda")
+    run(layer, x, ids)  # warm-up: lazy initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(layer, x, ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
