@@ -28,6 +28,9 @@ class RoutingDecision:
     sequence_length: int | None = None  # tokens are sequences of this length, in order (set by the MoE layer)
     balance_scope: str = "micro_batch"  # micro_batch | sequence | global_batch (set by the MoE layer)
     balance_routes_E: torch.Tensor | None = None  # global_batch: route counts over the whole window (no grad)
+    # Every slot is a route (fixed k: top-k, hash, reference), known without reading active_TK — lets a dispatch
+    # size its buffers without asking the device.
+    all_active: bool = False
 
     @property
     def num_experts(self) -> int:
@@ -46,7 +49,7 @@ class RoutingDecision:
     def rows(self, keep_T: torch.Tensor) -> "RoutingDecision":
         """The decision restricted to some tokens (padding left out of analytics); no losses, no gradient."""
         return RoutingDecision(self.expert_ids_TK[keep_T], self.weights_TK.detach()[keep_T], self.active_TK[keep_T],
-                               self.probs_TE.detach()[keep_T])
+                               self.probs_TE.detach()[keep_T], all_active=self.all_active)
 
     def tokens_per_expert_E(self) -> torch.Tensor:
         return self.expert_mask_TE().sum(dim=0)

@@ -1,14 +1,15 @@
 """E two-layer GELU FFNs (D -> F -> D, the ExpertFFN of the DeepSpeed backend) with weights stacked along the expert
 axis, run on routes already sorted by expert.
 
-Every path takes (x_RD, expert_R, counts_E): R route rows sorted by expert, the first sum(counts_E) of them served
-(expert_R < E), the rest unserved (dropped or inactive routes, kept so that shapes never depend on routing and no
-host read is needed). Served rows get their expert's output; unserved rows are unspecified (the caller masks them).
+Every path takes (x_RD, expert_R, counts_E): R route rows sorted by expert, counts_E of them per expert.
   * `grouped` (CUDA bf16): torch's grouped GEMM, no padding, no per-expert loop, no host synchronisation;
   * `padded` (CUDA, other dtypes): a padded (E, C, D) buffer and batched matmuls (one host read: C);
   * `sliced` (CPU): per-expert 2-D GEMMs on contiguous slices (why: see its docstring).
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -30,25 +31,25 @@ class StackedExperts(nn.Module):
         return self.up_weight_EFD.shape[0]
 
     def grouped(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        offsets_E = counts_E.cumsum(0).to(torch.int32)  # group ends; rows past the last end are left alone
-        last_R = expert_R.clamp(max=self.num_experts - 1)  # unserved rows borrow the last bias (masked anyway)
+        offsets_E = counts_E.cumsum(0).to(torch.int32)  # group ends
         h = torch._grouped_mm(x_RD, self.up_weight_EFD.transpose(1, 2), offs=offsets_E)
-        h = F.gelu(ExpertBias.apply(h, self.up_bias_EF, last_R, offsets_E))
+        if os.environ.get("MOELAB_EXPERIMENT_COMPILED_BIAS_GELU"):
+            h = _compiled_bias_gelu()(h, self.up_bias_EF, expert_R)
+        else:
+            h = F.gelu(ExpertBias.apply(h, self.up_bias_EF, expert_R, offsets_E))
         y = torch._grouped_mm(h, self.down_weight_EDF.transpose(1, 2), offs=offsets_E)
-        return ExpertBias.apply(y, self.down_bias_ED, last_R, offsets_E)
+        return ExpertBias.apply(y, self.down_bias_ED, expert_R, offsets_E)
 
     def padded(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         E, D = self.num_experts, x_RD.shape[-1]
         starts_E = counts_E.cumsum(0) - counts_E
-        served_R = expert_R < E
         capacity = int(counts_E.max()) if len(expert_R) else 0  # the one host read of this path
-        position_R = torch.arange(len(expert_R), device=x_RD.device) - starts_E[expert_R.clamp(max=E - 1)]
-        # Row of each route in the flattened (E*C, D) buffer; unserved routes share a spare row past the end.
-        flat_R = torch.where(served_R, expert_R * capacity + position_R, E * capacity)
-        buffer = x_RD.new_zeros(E * capacity + 1, D).index_copy(0, flat_R, x_RD)[:-1].view(E, capacity, D)
+        position_R = torch.arange(len(expert_R), device=x_RD.device) - starts_E[expert_R]
+        flat_R = expert_R * capacity + position_R  # row of each route in the flattened (E*C, D) buffer
+        buffer = x_RD.new_zeros(E * capacity, D).index_copy(0, flat_R, x_RD).view(E, capacity, D)
         h = F.gelu(torch.baddbmm(self.up_bias_EF.unsqueeze(1), buffer, self.up_weight_EFD.transpose(1, 2)))
         y = torch.baddbmm(self.down_bias_ED.unsqueeze(1), h, self.down_weight_EDF.transpose(1, 2))
-        return torch.cat([y.view(E * capacity, D), y.new_zeros(1, D)]).index_select(0, flat_R)
+        return y.view(E * capacity, D).index_select(0, flat_R)
 
     def sliced(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """CPU: one 2-D GEMM pair per expert on its contiguous slice of the sorted routes. On CPU there is no kernel
@@ -57,17 +58,15 @@ class StackedExperts(nn.Module):
         backward. Weights are unbound once, so the backward stacks their gradients in one allocation."""
         ups, up_biases = self.up_weight_EFD.unbind(0), self.up_bias_EF.unbind(0)
         downs, down_biases = self.down_weight_EDF.unbind(0), self.down_bias_ED.unbind(0)
-        counts = counts_E.tolist()
-        *slices, unserved = x_RD.split(counts + [len(x_RD) - sum(counts)])
         outputs = [F.linear(F.gelu(F.linear(x_e, ups[e], up_biases[e])), downs[e], down_biases[e])
-                   for e, x_e in enumerate(slices) if len(x_e)]
-        return torch.cat(outputs + [torch.zeros_like(unserved)])
+                   for e, x_e in enumerate(x_RD.split(counts_E.tolist())) if len(x_e)]
+        return torch.cat(outputs) if outputs else x_RD.new_zeros(0, x_RD.shape[-1])
 
 
 class ExpertBias(torch.autograd.Function):
     """h_RF + bias_EF[expert_R] for expert-sorted rows. Autograd's own backward of the gather is an atomic
     index_add of R rows into E rows; here the bias gradient is a grouped GEMM (ones^T @ grad per group), the way
-    the weight gradients are computed, and rows past the last group are never read."""
+    the weight gradients are computed."""
 
     @staticmethod
     def forward(ctx, h_RF: torch.Tensor, bias_EF: torch.Tensor, expert_R: torch.Tensor,
@@ -78,12 +77,14 @@ class ExpertBias(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_RF: torch.Tensor):
         expert_R, offsets_E = ctx.saved_tensors
-        R = grad_RF.shape[0]
         if grad_RF.is_cuda:
-            ones_8R = grad_RF.new_ones(R, 8).t()  # column-major (8, R): the operand layout of a weight gradient
+            ones_8R = grad_RF.new_ones(grad_RF.shape[0], 8).t()  # column-major (8, R): a weight gradient's layout
             grad_bias = torch._grouped_mm(ones_8R, grad_RF.contiguous(), offs=offsets_E)[:, 0]
         else:
-            served_R = torch.arange(R, device=grad_RF.device) < offsets_E[-1]
-            grad_bias = grad_RF.new_zeros(len(offsets_E), grad_RF.shape[1]).index_add_(
-                0, expert_R, grad_RF * served_R.unsqueeze(-1))
+            grad_bias = grad_RF.new_zeros(len(offsets_E), grad_RF.shape[1]).index_add_(0, expert_R, grad_RF)
         return grad_RF, grad_bias, None, None
+
+
+@functools.cache
+def _compiled_bias_gelu():
+    return torch.compile(lambda h, bias, expert: F.gelu(h + bias[expert]), dynamic=True)

@@ -71,4 +71,4 @@ class HashRouter(Router):
         probs_TE = torch.zeros(len(token_ids_T), self.ctx.num_experts, device=x_TD.device)
         probs_TE.scatter_(1, expert_ids_TK, 1.0 / k)
         active_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
-        return RoutingDecision(expert_ids_TK, weights_TK, active_TK, probs_TE, logits_TE=None)
+        return RoutingDecision(expert_ids_TK, weights_TK, active_TK, probs_TE, logits_TE=None, all_active=True)

@@ -36,4 +36,4 @@ class ReferenceRouter(Router):
         ids_TK = domain_ids_T.unsqueeze(-1) * B + torch.arange(B, device=x_TD.device)
         weights_TK = torch.full((T, B), 1.0 / B, device=x_TD.device)
         probs_TE = torch.zeros(T, E, device=x_TD.device).scatter_(1, ids_TK, 1.0 / B)
-        return RoutingDecision(ids_TK, weights_TK, torch.ones_like(ids_TK, dtype=torch.bool), probs_TE)
+        return RoutingDecision(ids_TK, weights_TK, torch.ones_like(ids_TK, dtype=torch.bool), probs_TE, all_active=True)

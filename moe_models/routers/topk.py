@@ -82,7 +82,7 @@ class TopKRouter(LinearScoreRouter):
         if opts.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         active_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
-        return RoutingDecision(expert_ids_TK, weights_TK, active_TK, probs_TE, logits_TE)
+        return RoutingDecision(expert_ids_TK, weights_TK, active_TK, probs_TE, logits_TE, all_active=True)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

@@ -182,38 +182,35 @@ def test_grouped_backend_refuses_expert_parallelism_it_does_not_implement():
 def test_grouped_backend_expert_paths_agree():
     """The CPU path (per-expert slices), the padded batched path (CUDA, non-bf16) and torch's grouped GEMM (CUDA bf16;
     forward-only on CPU) compute the same expert outputs, an expert with no routes included; sliced and padded also
-    give the same weight gradients, and leave the unserved rows sorted last (expert id E) at zero."""
+    give the same weight gradients."""
     from moe_models.dispatch.stacked_experts import StackedExperts
 
     torch.manual_seed(0)
     experts = StackedExperts(4, 16, 32)
     counts = torch.tensor([3, 0, 5, 2])
-    expert_R = torch.cat([torch.repeat_interleave(torch.arange(4), counts), torch.tensor([4, 4])])  # 2 unserved
+    expert_R = torch.repeat_interleave(torch.arange(4), counts)
     x = torch.randn(len(expert_R), 16)
-    served = slice(0, int(counts.sum()))
     outputs, grads = {}, {}
     for path in ("sliced", "padded"):
         experts.zero_grad()
         outputs[path] = getattr(experts, path)(x, expert_R, counts)
-        outputs[path][served].square().sum().backward()
+        outputs[path].square().sum().backward()
         grads[path] = [p.grad.clone() for p in experts.parameters()]
-        assert outputs[path].shape == x.shape and (outputs[path][served.stop:] == 0).all()
     torch.testing.assert_close(outputs["padded"], outputs["sliced"], rtol=1e-5, atol=1e-6)
     for a, b in zip(grads["padded"], grads["sliced"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        torch.testing.assert_close(experts.grouped(x, expert_R, counts)[served], outputs["sliced"][served],
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(experts.grouped(x, expert_R, counts), outputs["sliced"], rtol=1e-5, atol=1e-6)
 
 
-def test_expert_bias_gradient_sums_each_group_and_ignores_unserved_rows():
+def test_expert_bias_gradient_sums_each_group():
     from moe_models.dispatch.stacked_experts import ExpertBias
 
     torch.manual_seed(0)
     counts = torch.tensor([2, 0, 3])
-    expert_R = torch.tensor([0, 0, 2, 2, 2, 2])  # the last row is unserved (past the last group end, 5)
-    h, bias = torch.randn(6, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
-    grad = torch.randn(6, 4)
+    expert_R = torch.tensor([0, 0, 2, 2, 2])
+    h, bias = torch.randn(5, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    grad = torch.randn(5, 4)
     out = ExpertBias.apply(h, bias, expert_R, counts.cumsum(0))
     torch.testing.assert_close(out, h + bias[expert_R])
     out.backward(grad)
