@@ -71,6 +71,17 @@ def fwd_bwd(module, x, ids=None):
     return step
 
 
+def kernel_ms(fn, steps: int = 5) -> float:
+    """Device time of the kernels one step launches (torch.profiler, CUDA): its cost when the host runs ahead, as it
+    does inside a model with no host synchronisation — the wall time of a lone small op is mostly launch latency."""
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1e3
+
+
 def print_profile(steps: dict, device: str, rows: int = 18) -> None:
     """Where each contender's time goes: the top kernels of 3 steps (stderr, so stdout stays JSON)."""
     activities = [torch.profiler.ProfilerActivity.CPU] + (
@@ -131,12 +142,15 @@ def bench_shape(shape, backends: list[str], router: str, device: str, dtype, war
     if profile:
         print(f"=== shape {shape} router {router}", file=sys.stderr)
         print_profile(steps, device)
+    gpu_ms = {name: kernel_ms(steps[name]) for name in [*backends, "router"]} if device == "cuda" else {}
     active_flops = 3 * (2 * 2 * T * d * k * f)  # two matmuls of 2*T*d*kF flops forward, backward twice that
     return [{"T": T, "d": d, "f": f, "E": E, "k": k, "backend": backend, "router": router,
              "dense_ms": round(ms["dense"], 3), "moe_ms": round(ms[backend], 3),
              "ratio_vs_dense": round(ms[backend] / ms["dense"], 3),
              **({"ratio_vs_deepspeed": round(ms[backend] / ms["deepspeed"], 3)} if "deepspeed" in ms else {}),
              "router_ms": round(ms["router"], 3), "router_share": round(ms["router"] / ms[backend], 3),
+             **({"moe_kernel_ms": round(gpu_ms[backend], 3), "router_kernel_ms": round(gpu_ms["router"], 3),
+                 "router_kernel_share": round(gpu_ms["router"] / gpu_ms[backend], 3)} if gpu_ms else {}),
              "dense_tflops": round(active_flops / ms["dense"] / 1e9, 3)} for backend in backends]
 
 

@@ -2,18 +2,18 @@
 axis, run on routes already sorted by expert.
 
 Every path takes (x_RD, expert_R, counts_E): R route rows sorted by expert, counts_E of them per expert.
-  * `grouped` (CUDA bf16): torch's grouped GEMM, no padding, no per-expert loop, no host synchronisation;
+  * `grouped` (CUDA bf16): torch's grouped GEMM, no padding, no per-expert loop, no host synchronisation, bias and
+    GELU fused (fused.py);
   * `padded` (CUDA, other dtypes): a padded (E, C, D) buffer and batched matmuls (one host read: C);
   * `sliced` (CPU): per-expert 2-D GEMMs on contiguous slices (why: see its docstring).
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moe_models.dispatch.fused import add_bias, bias_gelu
 
 
 class StackedExperts(nn.Module):
@@ -32,13 +32,10 @@ class StackedExperts(nn.Module):
 
     def grouped(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offsets_E = counts_E.cumsum(0).to(torch.int32)  # group ends
-        h = torch._grouped_mm(x_RD, self.up_weight_EFD.transpose(1, 2), offs=offsets_E)
-        if os.environ.get("MOELAB_EXPERIMENT_COMPILED_BIAS_GELU"):
-            h = _compiled_bias_gelu()(h, self.up_bias_EF, expert_R)
-        else:
-            h = F.gelu(ExpertBias.apply(h, self.up_bias_EF, expert_R, offsets_E))
-        y = torch._grouped_mm(h, self.down_weight_EDF.transpose(1, 2), offs=offsets_E)
-        return ExpertBias.apply(y, self.down_bias_ED, expert_R, offsets_E)
+        h = bias_gelu(torch._grouped_mm(x_RD, self.up_weight_EFD.transpose(1, 2), offs=offsets_E), self.up_bias_EF,
+                      expert_R)
+        return add_bias(torch._grouped_mm(h, self.down_weight_EDF.transpose(1, 2), offs=offsets_E), self.down_bias_ED,
+                        expert_R)
 
     def padded(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         E, D = self.num_experts, x_RD.shape[-1]
@@ -61,30 +58,3 @@ class StackedExperts(nn.Module):
         outputs = [F.linear(F.gelu(F.linear(x_e, ups[e], up_biases[e])), downs[e], down_biases[e])
                    for e, x_e in enumerate(x_RD.split(counts_E.tolist())) if len(x_e)]
         return torch.cat(outputs) if outputs else x_RD.new_zeros(0, x_RD.shape[-1])
-
-
-class ExpertBias(torch.autograd.Function):
-    """h_RF + bias_EF[expert_R] for expert-sorted rows. Autograd's own backward of the gather is an atomic
-    index_add of R rows into E rows; here the bias gradient is a grouped GEMM (ones^T @ grad per group), the way
-    the weight gradients are computed."""
-
-    @staticmethod
-    def forward(ctx, h_RF: torch.Tensor, bias_EF: torch.Tensor, expert_R: torch.Tensor,
-                offsets_E: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(expert_R, offsets_E)
-        return h_RF + bias_EF.index_select(0, expert_R)
-
-    @staticmethod
-    def backward(ctx, grad_RF: torch.Tensor):
-        expert_R, offsets_E = ctx.saved_tensors
-        if grad_RF.is_cuda:
-            ones_8R = grad_RF.new_ones(grad_RF.shape[0], 8).t()  # column-major (8, R): a weight gradient's layout
-            grad_bias = torch._grouped_mm(ones_8R, grad_RF.contiguous(), offs=offsets_E)[:, 0]
-        else:
-            grad_bias = grad_RF.new_zeros(len(offsets_E), grad_RF.shape[1]).index_add_(0, expert_R, grad_RF)
-        return grad_RF, grad_bias, None, None
-
-
-@functools.cache
-def _compiled_bias_gelu():
-    return torch.compile(lambda h, bias, expert: F.gelu(h + bias[expert]), dynamic=True)

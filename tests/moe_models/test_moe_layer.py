@@ -201,18 +201,3 @@ def test_grouped_backend_expert_paths_agree():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(experts.grouped(x, expert_R, counts), outputs["sliced"], rtol=1e-5, atol=1e-6)
-
-
-def test_expert_bias_gradient_sums_each_group():
-    from moe_models.dispatch.stacked_experts import ExpertBias
-
-    torch.manual_seed(0)
-    counts = torch.tensor([2, 0, 3])
-    expert_R = torch.tensor([0, 0, 2, 2, 2])
-    h, bias = torch.randn(5, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
-    grad = torch.randn(5, 4)
-    out = ExpertBias.apply(h, bias, expert_R, counts.cumsum(0))
-    torch.testing.assert_close(out, h + bias[expert_R])
-    out.backward(grad)
-    torch.testing.assert_close(bias.grad, torch.stack([grad[:2].sum(0), torch.zeros(4), grad[2:5].sum(0)]))
-    torch.testing.assert_close(h.grad, grad)
