@@ -13,7 +13,6 @@ from torch import nn
 
 from moe_models.dispatch.base import DISPATCH_BACKENDS, DispatchOutput, DispatchSpec
 from moe_models.dispatch.capacity import assign_slots
-from moe_models.dispatch.fused import weighted_sum
 from moe_models.dispatch.route_plan import collect_slots, dispatch_rows, plan_routes
 from moe_models.dispatch.stacked_experts import StackedExperts
 from moe_models.routing import RoutingDecision
@@ -43,8 +42,8 @@ class GroupedDispatch(nn.Module):
             kept_TK = assign_slots(decision, self.spec.capacity_factor, self.spec.drop_policy).kept_TK
         plan = plan_routes(decision.expert_ids_TK, kept_TK, self.spec.num_experts, decision.all_active and dropless)
         y_RD = self.expert_path(x_TD)(dispatch_rows(x_TD, plan), plan.expert_R, plan.counts_E)
-        y_TD = weighted_sum(collect_slots(y_RD, plan), decision.weights_TK * kept_TK)
-        return DispatchOutput(y_TD, kept_TK)
+        gate_TK1 = (decision.weights_TK * kept_TK).to(y_RD.dtype).unsqueeze(-1)
+        return DispatchOutput((collect_slots(y_RD, plan) * gate_TK1).sum(1), kept_TK)
 
 
 DISPATCH_BACKENDS.register("grouped")(GroupedDispatch)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_models.dispatch.fused import add_bias, bias_gelu
+from moe_models.dispatch.fused import AddBias, BiasGelu
 
 
 class StackedExperts(nn.Module):
@@ -32,10 +32,10 @@ class StackedExperts(nn.Module):
 
     def grouped(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offsets_E = counts_E.cumsum(0).to(torch.int32)  # group ends
-        h = bias_gelu(torch._grouped_mm(x_RD, self.up_weight_EFD.transpose(1, 2), offs=offsets_E), self.up_bias_EF,
-                      expert_R)
-        return add_bias(torch._grouped_mm(h, self.down_weight_EDF.transpose(1, 2), offs=offsets_E), self.down_bias_ED,
-                        expert_R)
+        h = torch._grouped_mm(x_RD, self.up_weight_EFD.transpose(1, 2), offs=offsets_E)
+        h = BiasGelu.apply(h, self.up_bias_EF, expert_R, offsets_E)
+        y = torch._grouped_mm(h, self.down_weight_EDF.transpose(1, 2), offs=offsets_E)
+        return AddBias.apply(y, self.down_bias_ED, expert_R, offsets_E)
 
     def padded(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         E, D = self.num_experts, x_RD.shape[-1]
