@@ -3,8 +3,9 @@
 Consumes the same RoutingDecision and the same capacity rule (`assign_slots`) as the DeepSpeed backend, so every
 router — variable experts per token included — runs on it and drops the same routes. Dropless fixed-k routing
 (top-k, hash) sizes everything from T*K, so the CUDA grouped-GEMM path never reads back to the host; other routing
-reads the served-route count once. Rows move by gathers (route_plan.py), experts run in stacked_experts.py.
-Expert parallelism is not implemented on this backend yet: ep_size > 1 is refused (use `dispatch: deepspeed`).
+reads the served-route count once. Rows move by gathers (route_plan.py), experts run in stacked_experts.py, and
+with ep_size > 1 routes travel to the ranks holding their experts by all-to-all (expert_parallel.py; the container is
+a DeepSpeed MoE layer to the engine, and its checkpoints load into the DeepSpeed backend and back).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from moe_models.dispatch.base import DISPATCH_BACKENDS, DispatchOutput, DispatchSpec
 from moe_models.dispatch.capacity import assign_slots
+from moe_models.dispatch.expert_parallel import StackedMoE, exchange_and_run
 from moe_models.dispatch.route_plan import collect_slots, dispatch_rows, plan_routes
 from moe_models.dispatch.stacked_experts import StackedExperts
 from moe_models.routing import RoutingDecision
@@ -21,11 +23,13 @@ from moe_models.routing import RoutingDecision
 class GroupedDispatch(nn.Module):
     def __init__(self, spec: DispatchSpec):
         super().__init__()
-        if spec.ep_size > 1:
-            raise ValueError(f"dispatch 'grouped' does not do expert parallelism yet (ep_size={spec.ep_size}); "
-                             "use dispatch: deepspeed for ep_size > 1")
         self.spec = spec
-        self.experts = StackedExperts(spec.num_experts, spec.d_model, spec.expert_hidden)
+        self.moe = StackedMoE(spec)
+
+    @property
+    def experts(self) -> StackedExperts:
+        """This rank's experts (all of them without expert parallelism)."""
+        return self.moe.experts
 
     def expert_path(self, x_TD: torch.Tensor):
         if not x_TD.is_cuda:
@@ -41,7 +45,11 @@ class GroupedDispatch(nn.Module):
         else:
             kept_TK = assign_slots(decision, self.spec.capacity_factor, self.spec.drop_policy).kept_TK
         plan = plan_routes(decision.expert_ids_TK, kept_TK, self.spec.num_experts, decision.all_active and dropless)
-        y_RD = self.expert_path(x_TD)(dispatch_rows(x_TD, plan), plan.expert_R, plan.counts_E)
+        x_RD, run = dispatch_rows(x_TD, plan), self.expert_path(x_TD)
+        if self.spec.ep_size == 1:
+            y_RD = run(x_RD, plan.expert_R, plan.counts_E)
+        else:
+            y_RD = exchange_and_run(x_RD, plan.counts_E, self.moe, run)
         gate_TK1 = (decision.weights_TK * kept_TK).to(y_RD.dtype).unsqueeze(-1)
         return DispatchOutput((collect_slots(y_RD, plan) * gate_TK1).sum(1), kept_TK)
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, confloa
 from torch import nn
 
 from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
+from moe_models.dispatch.expert_parallel import StackedMoE
 from moe_models.experts import ExpertFFN
 from moe_models.moe_ffn import MoEAux, MoEFeedForward
 from moe_models.routers import ROUTERS, RouterContext
@@ -89,6 +90,9 @@ def init_parameters(model: nn.Module, seed: int, ep_size: int, std: dict[str, fl
     `std` overrides the standard deviation of named modules (e.g. scaled embeddings)."""
     ep_rank = dist.get_rank() % ep_size if dist.is_available() and dist.is_initialized() else 0
     for module_name, module in model.named_modules():
+        if isinstance(module, StackedMoE):
+            _init_stacked_experts(module_name, module, seed, ep_rank)
+            continue
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             continue
         for kind, param in (("weight", module.weight), ("bias", getattr(module, "bias", None))):
@@ -105,3 +109,17 @@ def init_parameters(model: nn.Module, seed: int, ep_size: int, std: dict[str, fl
                     param.zero_()
                 else:
                     param.copy_(torch.randn(param.shape, generator=gen) * (std or {}).get(module_name, 0.02))
+
+
+def _init_stacked_experts(module_name: str, moe: StackedMoE, seed: int, ep_rank: int) -> None:
+    """The grouped backend's stacked experts get exactly the weights the DeepSpeed backend's ExpertFFNs get: the same
+    generator names, keyed by global expert id (so the two backends start from identical models)."""
+    experts = moe.experts
+    with torch.no_grad():
+        for i in range(moe.num_local_experts):
+            prefix = f"{module_name}.deepspeed_moe.experts.global_expert.{ep_rank * moe.num_local_experts + i}"
+            for sub, weight, bias in (("up", experts.up_weight_EFD, experts.up_bias_EF),
+                                      ("down", experts.down_weight_EDF, experts.down_bias_ED)):
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{prefix}.{sub}.weight".encode()))
+                weight[i].copy_(torch.randn(weight[i].shape, generator=gen) * 0.02)
+                bias[i].zero_()

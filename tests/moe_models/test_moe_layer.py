@@ -174,9 +174,50 @@ def test_grouped_backend_drops_the_same_routes_under_a_capacity_factor(policy):
     torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-6)
 
 
-def test_grouped_backend_refuses_expert_parallelism_it_does_not_implement():
-    with pytest.raises(ValueError, match="use dispatch: deepspeed"):
-        DISPATCH_BACKENDS.get("grouped")(DispatchSpec(D, F, E, 2, None, "position"))
+def gpt_on(dispatch: str, seed: int = 3):
+    from moe_models.models.gpt import GPT, GPTOptions
+    from moe_models.spec import RoutingSpec
+
+    opts = GPTOptions(d_model=D, n_heads=2, num_experts=E, expert_hidden=F, n_layers=2, dispatch=dispatch)
+    return GPT(opts, RoutingSpec("topk", ROUTERS.get("topk").Options(k=2)), V, 16, seed)
+
+
+def test_both_backends_build_the_same_model_with_the_same_state_dict():
+    """Checkpoint interchange: the grouped backend's state dict speaks DeepSpeed's per-expert layout, and both
+    backends initialize experts from the same (seed, name, global expert id) generators."""
+    ds, grouped = gpt_on("deepspeed"), gpt_on("grouped")
+    ds_state, grouped_state = ds.state_dict(), grouped.state_dict()
+    assert ds_state.keys() == grouped_state.keys()
+    assert any(".deepspeed_moe.experts.deepspeed_experts.3.down.bias" in k for k in grouped_state)
+    for key in ds_state:
+        torch.testing.assert_close(grouped_state[key], ds_state[key], rtol=0, atol=0, msg=key)
+    ids = torch.randint(V, (2, 16))
+    torch.testing.assert_close(grouped(ids, ids).loss, ds(ids, ids).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_of_either_backend_loads_into_the_other():
+    ds, grouped = gpt_on("deepspeed", seed=1), gpt_on("grouped", seed=2)
+    with torch.no_grad():
+        for p in ds.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # weights no init would produce
+    ids = torch.randint(V, (2, 16))
+    grouped.load_state_dict(ds.state_dict())
+    torch.testing.assert_close(grouped(ids, ids).loss, ds(ids, ids).loss, rtol=1e-5, atol=1e-6)
+    back = gpt_on("deepspeed", seed=5)
+    back.load_state_dict(grouped.state_dict())
+    torch.testing.assert_close(back(ids, ids).loss, ds(ids, ids).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_expert_parameters_are_marked_for_deepspeed():
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.utils import is_moe_param
+
+    layer = MoEFeedForward(build("topk", k=1).router, DISPATCH_BACKENDS.get("grouped")(DispatchSpec(D, F, E, 2, None,
+                                                                                                    "position")), {})
+    assert isinstance(layer.dispatch.moe, MoE) and layer.dispatch.moe.num_local_experts == E // 2
+    assert layer.dispatch.experts.up_weight_EFD.shape[0] == E // 2
+    assert all(is_moe_param(p) and p.group_name == "ep_size_2" for p in layer.dispatch.experts.parameters())
+    assert not any(is_moe_param(p) for p in layer.router.parameters())
 
 
 def test_grouped_backend_expert_paths_agree():

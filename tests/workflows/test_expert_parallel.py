@@ -1,7 +1,8 @@
 """Expert parallelism through the real stack: 2 Ray Train workers with ep_size=2 (gloo all-to-all, each worker holds
 2 of the 4 experts) against 1 worker holding all 4 with 2 accumulation steps — the same global batches (data order is
-keyed by the global micro-batch index) and the same initial weights (experts initialized by global id), so the two
-loss curves must agree up to floating-point reduction order."""
+keyed by the global micro-batch index) and the same initial weights (experts initialized by global id), so the loss
+curves must agree up to floating-point reduction order. Both dispatch backends: the grouped one's expert parallelism
+(variable-size all-to-all, DeepSpeed's EP groups) must reproduce the DeepSpeed backend's single-worker curve."""
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -19,8 +20,8 @@ BASE = {
 MODEL = {"name": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 64}
 
 
-def loss_curve(tmp_path, name: str, workers: int, accum: int, ep_size: int) -> list[float]:
-    study = dict(BASE, name=name, models=[dict(MODEL, ep_size=ep_size)],
+def loss_curve(tmp_path, name: str, workers: int, accum: int, ep_size: int, dispatch: str = "deepspeed") -> list[float]:
+    study = dict(BASE, name=name, models=[dict(MODEL, ep_size=ep_size, dispatch=dispatch)],
                  training=dict(BASE["training"], grad_accum_steps=accum),
                  resources={"workers_per_cell": workers, "cpus_per_worker": 1, "max_concurrent_cells": 1})
     path = tmp_path / f"{name}.yaml"
@@ -36,6 +37,12 @@ def loss_curve(tmp_path, name: str, workers: int, accum: int, ep_size: int) -> l
 def test_ep2_over_two_workers_matches_one_worker_holding_every_expert(tmp_path, in_process_ray):
     single = loss_curve(tmp_path, "single", workers=1, accum=2, ep_size=1)
     expert_parallel = loss_curve(tmp_path, "ep2", workers=2, accum=1, ep_size=2)
-    assert len(single) == len(expert_parallel) == 8
+    grouped_expert_parallel = loss_curve(tmp_path, "ep2-grouped", workers=2, accum=1, ep_size=2, dispatch="grouped")
+    assert len(single) == len(expert_parallel) == len(grouped_expert_parallel) == 8
     assert expert_parallel == pytest.approx(single, rel=2e-3)
+    assert grouped_expert_parallel == pytest.approx(single, rel=2e-3)
     assert single[-1] < single[0]  # it trained: a curve worth comparing
+    # DeepSpeed saved the grouped layers' experts as its own per-expert shards, each rank its global experts.
+    cells = tmp_path / "work" / "ray_results" / "ep2-grouped"
+    shards = {p.name for p in cells.rglob("layer_*_expert_*_model_states.pt")}
+    assert {f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(4)} <= shards
