@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.moe_layer import device_name, interleaved_medians  # noqa: E402
+from bench.moe_layer import device_name, interleaved_medians, kernel_ms, print_profile  # noqa: E402
 from moe_models.cost import expert_forward_flops_per_route, training_flops_per_token  # noqa: E402
 from moe_models.models.gpt import GPT, GPTOptions  # noqa: E402
 from moe_models.moe_ffn import MoEFeedForward  # noqa: E402
@@ -81,6 +81,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--profile", action="store_true", help="print each contender's top kernels (stderr)")
     p.add_argument("--out")
     args = p.parse_args()
     device = args.device
@@ -113,11 +114,14 @@ def main() -> None:
                       "train_gflops_per_token": round(flops / 1e9, 3)}
     peak = peak_tflops(device, dtype, 8192 if device == "cuda" else 1024)
     ms = interleaved_medians(steps, device, args.warmup, args.repeats)
+    if args.profile:
+        print_profile(steps, device, rows=25)
     for name, step in steps.items():
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             step()
             rows[name]["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            rows[name]["kernel_ms"] = round(kernel_ms(step, steps=3), 2)  # device busy time; step_ms - this = idle
         tokens_per_s = tokens / (ms[name] / 1e3)
         rows[name].update(step_ms=round(ms[name], 2), tokens_per_s=round(tokens_per_s),
                           mfu=round(rows[name]["train_gflops_per_token"] * 1e9 * tokens_per_s / (peak * 1e12), 4))

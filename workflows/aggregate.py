@@ -40,6 +40,8 @@ METRIC_COLUMNS = (
     Column("BERTScore F1", "test/bertscore_f1", 2, 100),
     Column("density", "test/density", 2),
     Column("tokens/s", "summary/tokens_per_s", 0),
+    Column("MFU %", "summary/mfu", 1, 100),
+    Column("router share", "summary/router_latency_share", 3),
     Column("peak MB", "summary/peak_memory_mb", 0),
 )
 ID_HEADERS = ("cell", "router", "model", "dataset", "seed", "status")

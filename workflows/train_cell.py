@@ -30,6 +30,7 @@ from moe_models.optimizer_hooks import after_optimizer_step
 from moe_models.models import MODELS, LMOutput
 from workflows import storage
 from workflows.cells import Cell
+from workflows.cost_metrics import cost_metrics, measure_peak_tflops, router_latency_share
 from workflows.heatmap import expert_usage_heatmap, heatmap
 from workflows.study import TrainingConfig
 from workflows.summarize_cell import generate_summaries, score_and_log
@@ -202,6 +203,24 @@ def train_step(engine, data: PreparedData | PreparedPairs, cell: Cell, step: int
     return metrics
 
 
+def final_cost_metrics(engine, data: PreparedData | PreparedPairs, cell: Cell, tokens_per_s_per_device: float,
+                       latest_eval: dict[str, float], step_seconds: float) -> dict[str, float]:
+    """FLOPs/token, TFLOP/s, MFU against this device's measured peak, router latency share (every rank runs the
+    timed forwards: with expert parallelism they hold collectives)."""
+    model = engine.module
+    param = next(model.parameters())
+    metrics = cost_metrics(model, cell.training.seq_len, tokens_per_s_per_device,
+                           latest_eval.get("eval/moe/expert_flops_per_token", 0.0),
+                           measure_peak_tflops(param.device, param.dtype), step_seconds)
+    t = cell.training
+    batch = data.sample("validation", t.micro_batch_size, torch.Generator().manual_seed(EVAL_SEED), t.seq_len,
+                        t.target_len)
+    engine.eval()
+    share = router_latency_share(model, lambda: engine(*batch.inputs))
+    engine.train()
+    return {**metrics, **({"summary/router_latency_share": share} if share is not None else {})}
+
+
 def peak_memory_mb() -> float:
     """Peak accelerator memory where there is one, else this worker process's peak resident set size."""
     if torch.cuda.is_available():
@@ -332,6 +351,8 @@ def train_cell(config: dict[str, Any]) -> None:
             metrics["summary/train_seconds"] = train_seconds
             metrics["summary/setup_seconds"] = setup_seconds
             metrics["summary/peak_memory_mb"] = peak_memory_mb()
+            metrics.update(final_cost_metrics(engine, data, cell, metrics["summary/tokens_per_s"] / world,
+                                              latest_eval, train_seconds / (step - start)))
             if cell.summarization is not None:
                 metrics.update(summarize_test_split(engine, data, cell, w))
         if w.tracker and (step % t.log_interval == 0 or step % t.eval_interval == 0 or last):

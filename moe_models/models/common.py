@@ -31,7 +31,7 @@ class MoEModelOptions(BaseModel):
     expert_hidden: PositiveInt = 256  # F of each expert; the dense baseline scales it by its active experts
     moe_every: NonNegativeInt = 1  # MoE FFN in blocks where (index+1) % moe_every == 0; 0 = no MoE at all
     ep_size: PositiveInt = 1  # expert-parallel ranks (DeepSpeed ep_size); must divide num_experts
-    dispatch: str = "deepspeed"
+    dispatch: str = "grouped"  # dropless grouped GEMMs (dispatch/grouped.py); "deepspeed" = DeepSpeed's MOELayer
     dropout: confloat(ge=0, lt=1) = 0.0
 
     @model_validator(mode="after")

@@ -71,6 +71,11 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
         else:  # fixed k: nothing to correlate, so no difficulty metric is logged
             assert metrics["eval/moe/experts_per_token"] == pytest.approx(2.0 if tags["router"] == "topk(k=2)" else 1.0)
             assert "eval/moe/difficulty_corr" not in metrics
+        # cost: the FLOPs of the experts tokens actually used, MFU against this machine's measured peak
+        assert metrics["summary/train_gflops_per_token"] > 0 and 0 < metrics["summary/mfu"] < 1
+        assert metrics["summary/tflops_per_device"] == pytest.approx(
+            metrics["summary/train_gflops_per_token"] * metrics["summary/tokens_per_s"] / 1e3, rel=1e-6)
+        assert 0 < metrics["summary/router_latency_share"] < 1 and metrics["summary/step_seconds"] > 0
         saturation = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/moe/saturation")}
         assert set(saturation) == {3, 6} and saturation[6] == 1.0 and 0.0 <= saturation[3] <= 1.0
         assert 0 < metrics["eval/moe/purity"] <= 1 and 0.25 <= metrics["eval/moe/utilization"] <= 1

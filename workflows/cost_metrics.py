@@ -1,0 +1,81 @@
+"""A cell's cost metrics: step time, model FLOPs per token (architecture + the experts tokens actually used), achieved
+TFLOP/s and MFU against the device's peak measured on this worker, and the routers' share of MoE-layer latency.
+
+The peak is measured, not looked up: the best of a few large matmuls in the model's dtype (what the device delivers
+here, the method of ../shared/reference/anchors.md), so CPU cells get a meaningful MFU too.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from moe_models.cost import training_flops_per_token
+from moe_models.moe_ffn import MoEFeedForward
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best of 10 n^3 matmuls after 3 warm-ups (n = 8192 on GPU, 1024 on CPU): ~20 ms on an H100, ~0.3 s on 2 cores."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for i in range(13):
+        _sync(device)
+        began = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i >= 3:
+            best = min(best, time.perf_counter() - began)
+    return 2 * n**3 / best / 1e12
+
+
+def router_latency_share(model: nn.Module, forward: Callable[[], object], repeats: int = 3) -> float | None:
+    """Forward wall time inside the routers / inside the MoE layers (router included), over `repeats` forwards with
+    the device synchronized at each layer boundary. None for a model without MoE layers."""
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    if not layers:
+        return None
+    device = next(model.parameters()).device
+    totals = {"router": 0.0, "layer": 0.0}
+    started: dict[int, float] = {}
+
+    def enter(module, *_):
+        _sync(device)
+        started[id(module)] = time.perf_counter()
+
+    def leave(kind: str):
+        def hook(module, *_):
+            _sync(device)
+            totals[kind] += time.perf_counter() - started.pop(id(module))
+        return hook
+
+    handles = [h for layer in layers for h in (
+        layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave("layer")),
+        layer.router.register_forward_pre_hook(enter), layer.router.register_forward_hook(leave("router")))]
+    try:
+        with torch.no_grad():
+            forward()  # warm-up (lazy initialisation, compiled kernels)
+            totals.update(router=0.0, layer=0.0)
+            for _ in range(repeats):
+                forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return totals["router"] / totals["layer"] if totals["layer"] > 0 else None
+
+
+def cost_metrics(model: nn.Module, seq_len: int, tokens_per_s_per_device: float, expert_flops_per_token: float,
+                 peak_tflops: float, step_seconds: float) -> dict[str, float]:
+    """expert_flops_per_token: forward FLOPs per token in the experts, from the served routes of the last eval."""
+    flops = training_flops_per_token(model, seq_len, expert_flops_per_token)
+    achieved = flops * tokens_per_s_per_device / 1e12
+    return {"summary/step_seconds": step_seconds, "summary/train_gflops_per_token": flops / 1e9,
+            "summary/tflops_per_device": achieved, "summary/peak_tflops": peak_tflops,
+            "summary/mfu": achieved / peak_tflops}
