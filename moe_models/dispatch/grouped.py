@@ -15,7 +15,7 @@ from torch import nn
 from moe_models.dispatch.base import DISPATCH_BACKENDS, DispatchOutput, DispatchSpec
 from moe_models.dispatch.capacity import assign_slots
 from moe_models.dispatch.expert_parallel import StackedMoE, exchange_and_run
-from moe_models.dispatch.route_plan import collect_slots, dispatch_rows, plan_routes
+from moe_models.dispatch.route_plan import combine_rows, dispatch_rows, plan_routes
 from moe_models.dispatch.stacked_experts import StackedExperts
 from moe_models.routing import RoutingDecision
 
@@ -50,8 +50,7 @@ class GroupedDispatch(nn.Module):
             y_RD = run(x_RD, plan.expert_R, plan.counts_E)
         else:
             y_RD = exchange_and_run(x_RD, plan.counts_E, self.moe, run)
-        gate_TK1 = (decision.weights_TK * kept_TK).to(y_RD.dtype).unsqueeze(-1)
-        return DispatchOutput((collect_slots(y_RD, plan) * gate_TK1).sum(1), kept_TK)
+        return DispatchOutput(combine_rows(y_RD, decision.weights_TK * kept_TK, plan), kept_TK)
 
 
 DISPATCH_BACKENDS.register("grouped")(GroupedDispatch)

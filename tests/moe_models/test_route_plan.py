@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_models.dispatch.route_plan import collect_slots, dispatch_rows, plan_routes
+from moe_models.dispatch.route_plan import combine_rows, dispatch_rows, plan_routes
 
 
 @settings(max_examples=40, deadline=None)
@@ -26,7 +26,7 @@ def test_plan_covers_each_served_slot_once_sorted_by_expert(T, K, E, seed, all_s
 @settings(max_examples=25, deadline=None)
 @given(T=st.integers(1, 10), K=st.integers(1, 3), E=st.integers(1, 4), seed=st.integers(0, 10_000),
        all_served=st.booleans())
-def test_dispatch_and_collect_match_plain_indexing_and_its_gradients(T, K, E, seed, all_served):
+def test_dispatch_and_combine_match_plain_indexing_and_its_gradients(T, K, E, seed, all_served):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(E, (T, K), generator=gen)
     kept = torch.ones(T, K, dtype=torch.bool) if all_served else torch.rand(T, K, generator=gen) < 0.6
@@ -36,7 +36,7 @@ def test_dispatch_and_collect_match_plain_indexing_and_its_gradients(T, K, E, se
 
     def ours(x):
         rows = dispatch_rows(x, plan)
-        return (collect_slots(rows.sin() * (1 + plan.expert_R.unsqueeze(-1)), plan) * w).sum(1)
+        return combine_rows(rows.sin() * (1 + plan.expert_R.unsqueeze(-1)), w.squeeze(-1) * kept, plan)
 
     def reference(x):  # token by token: sum over served slots of w * f_e(x_t)
         return torch.stack([sum((w[t, k] * x[t].sin() * (1 + ids[t, k]) for k in range(K) if kept[t, k]),

