@@ -11,7 +11,6 @@ best of a few large matmuls of the same dtype (the anchors' method).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.moe_layer import device_name, interleaved_medians, kernel_ms, print_profile  # noqa: E402
+from bench.moe_layer import device_name, emit, interleaved_medians, kernel_ms, print_profile  # noqa: E402
 from moe_models.cost import expert_forward_flops_per_route, training_flops_per_token  # noqa: E402
 from moe_models.models.gpt import GPT, GPTOptions  # noqa: E402
 from moe_models.moe_ffn import MoEFeedForward  # noqa: E402
@@ -132,10 +131,7 @@ def main() -> None:
               "shape": {k: getattr(args, k) for k in ("layers", "d_model", "heads", "experts", "expert_hidden", "k",
                                                         "batch", "seq")},
               "results": list(rows.values())}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -176,10 +176,15 @@ def main() -> None:
                                       args.profile)]
     report = {"benchmark": "moe_layer_fwd_bwd", "device": device_name(args.device), "dtype": str(dtype),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
+    emit(report, args.out)
+
+
+def emit(report: dict, out: str | None) -> None:
+    """The report as JSON on stdout, and in `out` when given."""
     text = json.dumps(report, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if out:
+        Path(out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

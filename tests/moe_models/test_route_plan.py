@@ -6,14 +6,22 @@ from hypothesis import strategies as st
 from moe_models.dispatch.route_plan import combine_rows, dispatch_rows, plan_routes
 
 
-@settings(max_examples=40, deadline=None)
-@given(T=st.integers(1, 12), K=st.integers(1, 4), E=st.integers(1, 5), seed=st.integers(0, 10_000),
-       all_served=st.booleans())
-def test_plan_covers_each_served_slot_once_sorted_by_expert(T, K, E, seed, all_served):
+ROUTINGS = dict(T=st.integers(1, 12), K=st.integers(1, 4), E=st.integers(1, 5), seed=st.integers(0, 10_000),
+                all_served=st.booleans())
+
+
+def random_routing(T, K, E, seed, all_served):
+    """Expert ids per slot, which slots are served (all, or ~60%), the plan, and the generator for more draws."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(E, (T, K), generator=gen)
     kept = torch.ones(T, K, dtype=torch.bool) if all_served else torch.rand(T, K, generator=gen) < 0.6
-    plan = plan_routes(ids, kept, E, all_served)
+    return ids, kept, plan_routes(ids, kept, E, all_served), gen
+
+
+@settings(max_examples=40, deadline=None)
+@given(**ROUTINGS)
+def test_plan_covers_each_served_slot_once_sorted_by_expert(T, K, E, seed, all_served):
+    ids, kept, plan, _ = random_routing(T, K, E, seed, all_served)
     assert sorted(plan.order_R.tolist()) == kept.reshape(-1).nonzero().squeeze(-1).tolist()  # conservation
     assert (plan.expert_R[1:] >= plan.expert_R[:-1]).all()
     assert torch.equal(plan.expert_R, ids.reshape(-1)[plan.order_R])
@@ -24,13 +32,9 @@ def test_plan_covers_each_served_slot_once_sorted_by_expert(T, K, E, seed, all_s
 
 
 @settings(max_examples=25, deadline=None)
-@given(T=st.integers(1, 10), K=st.integers(1, 3), E=st.integers(1, 4), seed=st.integers(0, 10_000),
-       all_served=st.booleans())
+@given(**ROUTINGS)
 def test_dispatch_and_combine_match_plain_indexing_and_its_gradients(T, K, E, seed, all_served):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(E, (T, K), generator=gen)
-    kept = torch.ones(T, K, dtype=torch.bool) if all_served else torch.rand(T, K, generator=gen) < 0.6
-    plan = plan_routes(ids, kept, E, all_served)
+    ids, kept, plan, gen = random_routing(T, K, E, seed, all_served)
     x = torch.randn(T, 3, generator=gen, dtype=torch.float64)
     w = torch.randn(T, K, 1, generator=gen, dtype=torch.float64)
 
