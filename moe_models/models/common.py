@@ -103,7 +103,7 @@ def init_parameters(model: nn.Module, seed: int, ep_size: int, std: dict[str, fl
             if local:  # DeepSpeed places global experts [r*n, (r+1)*n) on expert-parallel rank r
                 num_local = len(model.get_submodule(name[:local.end() - 1].rsplit(".", 1)[0]))
                 name = _LOCAL_EXPERT.sub(f"global_expert.{ep_rank * num_local + int(local.group(1))}.", name)
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            gen = _named_generator(seed, name)
             with torch.no_grad():
                 if kind == "bias":
                     param.zero_()
@@ -120,6 +120,10 @@ def _init_stacked_experts(module_name: str, moe: StackedMoE, seed: int, ep_rank:
             prefix = f"{module_name}.deepspeed_moe.experts.global_expert.{ep_rank * moe.num_local_experts + i}"
             for sub, weight, bias in (("up", experts.up_weight_EFD, experts.up_bias_EF),
                                       ("down", experts.down_weight_EDF, experts.down_bias_ED)):
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{prefix}.{sub}.weight".encode()))
+                gen = _named_generator(seed, f"{prefix}.{sub}.weight")
                 weight[i].copy_(torch.randn(weight[i].shape, generator=gen) * 0.02)
                 bias[i].zero_()
+
+
+def _named_generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
