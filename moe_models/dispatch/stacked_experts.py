@@ -30,12 +30,33 @@ class StackedExperts(nn.Module):
     def num_experts(self) -> int:
         return self.up_weight_EFD.shape[0]
 
-    def grouped(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def grouped(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor,
+                align: int | None = None) -> torch.Tensor:
+        """align: pad each expert's group to a multiple of this many rows. Under torch.compile the grouped GEMM's
+        backward meets layouts whose kernel needs 16-byte group boundaries (eager's do not: there a row-count
+        alignment would only cost copies), so compiled graphs pad to 8 rows (bf16)."""
+        if align is None:
+            align = 8 if torch.compiler.is_compiling() else 1
+        if align > 1:
+            return self._aligned(x_RD, expert_R, counts_E, align)
         offsets_E = counts_E.cumsum(0).to(torch.int32)  # group ends
         h = torch._grouped_mm(x_RD, self.up_weight_EFD.transpose(1, 2), offs=offsets_E)
         h = BiasGelu.apply(h, self.up_bias_EF, expert_R, offsets_E)
         y = torch._grouped_mm(h, self.down_weight_EDF.transpose(1, 2), offs=offsets_E)
         return AddBias.apply(y, self.down_bias_ED, expert_R, offsets_E)
+
+    def _aligned(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor, align: int) -> torch.Tensor:
+        """The grouped path on a buffer whose groups start at multiples of `align` rows: zero rows pad each group,
+        R + E*(align-1) rows in all (static: no host read); rows past the last group are never read back."""
+        E, R = self.num_experts, len(expert_R)
+        padded_E = (counts_E + align - 1) // align * align
+        ends_E = padded_E.cumsum(0)
+        row_R = (ends_E - padded_E)[expert_R] + torch.arange(R, device=x_RD.device) - (counts_E.cumsum(0) - counts_E)[
+            expert_R]
+        rows = R + E * (align - 1)
+        x_pad = x_RD.new_zeros(rows, x_RD.shape[1]).index_copy(0, row_R, x_RD)
+        expert_pad = torch.searchsorted(ends_E, torch.arange(rows, device=x_RD.device), right=True).clamp(max=E - 1)
+        return self.grouped(x_pad, expert_pad, padded_E, align=1).index_select(0, row_R)
 
     def padded(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         E, D = self.num_experts, x_RD.shape[-1]
