@@ -31,13 +31,20 @@ STUDY = {
 }
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """n ports free now and never handed out before in this session: separate calls used to return the same
+    just-released port twice (once the head's dashboard and its runtime-env agent both got 46111)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT and not 20000 <= port < 22000:  # the nodes' worker port ranges
+            _HANDED_OUT.add(port)
+            ports.append(port)
     return ports
 
 
