@@ -3,7 +3,7 @@ dense model of equal active FLOPs, timed round-robin in one run: tokens/s, MFU, 
 
 MFU = model FLOPs per token (moe_models/cost.py: 6 x non-expert matmul parameters + attention + the experts each
 token actually used, measured on the timed batch) x tokens/s / the device's peak, measured in the same run as the
-best of a few large matmuls of the same dtype (the anchors' method).
+best of a few large matmuls of the same dtype (workflows/cost_metrics.py, what cells use too).
 
   python bench/model_step.py --out bench/results/model_step_h100.json      # GPU: the anchors' shape, bf16
   python bench/model_step.py --layers 2 --d-model 128 --expert-hidden 512 --batch 2 --seq 256   # a CPU smoke run
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from moe_models.models.gpt import GPT, GPTOptions  # noqa: E402
 from moe_models.moe_ffn import MoEFeedForward  # noqa: E402
 from moe_models.routers import ROUTERS  # noqa: E402
 from moe_models.spec import DENSE, RoutingSpec  # noqa: E402
+from workflows.cost_metrics import measure_peak_tflops  # noqa: E402
 
 VOCAB = 32000
 
@@ -36,22 +36,6 @@ def contenders(k: int, backends: list[str]) -> dict[str, tuple[str, RoutingSpec]
     out["top_p/grouped"] = ("grouped", RoutingSpec("top_p", ROUTERS.get("top_p").Options(p=0.25)))
     out["hash/grouped"] = ("grouped", RoutingSpec("hash", ROUTERS.get("hash").Options(k=k)))
     return out
-
-
-def peak_tflops(device: str, dtype: torch.dtype, n: int) -> float:
-    """Best of 10 n x n x n matmuls (after 3 warm-ups): what this device's matmul units deliver here."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for i in range(13):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:
-            best = min(best, time.perf_counter() - began)
-    return 2 * n**3 / best / 1e12
 
 
 def experts_flops_per_token(model: GPT, ids: torch.Tensor) -> float:
@@ -111,7 +95,7 @@ def main() -> None:
                       "experts_per_token": round(expert_flops / (4 * args.d_model * args.expert_hidden * args.layers),
                                                  3),
                       "train_gflops_per_token": round(flops / 1e9, 3)}
-    peak = peak_tflops(device, dtype, 8192 if device == "cuda" else 1024)
+    peak = measure_peak_tflops(torch.device(device), dtype)
     ms = interleaved_medians(steps, device, args.warmup, args.repeats)
     if args.profile:
         print_profile(steps, device, rows=25)
