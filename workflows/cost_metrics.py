@@ -37,8 +37,8 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def router_latency_share(model: nn.Module, forward: Callable[[], object], repeats: int = 3) -> float | None:
-    """Forward wall time inside the routers / inside the MoE layers (router included), over `repeats` forwards with
-    the device synchronized at each layer boundary. None for a model without MoE layers."""
+    """Forward wall time inside the routers / inside the MoE layers (router included), over `repeats` eager forwards
+    with the device synchronized at each layer boundary. None for a model without MoE layers."""
     layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
     if not layers:
         return None
@@ -59,8 +59,10 @@ def router_latency_share(model: nn.Module, forward: Callable[[], object], repeat
     handles = [h for layer in layers for h in (
         layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave("layer")),
         layer.router.register_forward_pre_hook(enter), layer.router.register_forward_hook(leave("router")))]
+    # Eager even in a compiled model: hooks that synchronize and read host clocks are not code to trace, and the
+    # share is a per-layer breakdown, which a fused graph would not have anyway.
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             forward()  # warm-up (lazy initialisation, compiled kernels)
             totals.update(router=0.0, layer=0.0)
             for _ in range(repeats):

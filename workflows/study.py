@@ -182,6 +182,9 @@ class TrainingConfig(_Strict):
     checkpoint_interval: PositiveInt = 50
     zero_stage: Literal[0, 1, 2] = 0  # DeepSpeed MoE layers do not support ZeRO-3
     precision: Literal["fp32", "bf16"] = "fp32"
+    # torch.compile the model (DeepSpeed's engine.compile): on a GPU it fuses the elementwise work and closes launch
+    # gaps (bench/results/model_step_compiled_h100.json); on CPU it seldom pays for its compile time.
+    compile: bool = False
     # Set per cell from the study's `fault_injection` block (tests only): poison the loss with NaN at this step.
     inject_nan_at_step: PositiveInt | None = None
 

@@ -83,6 +83,8 @@ def build_engine(cell: Cell, data: PreparedData | PreparedPairs) -> deepspeed.De
         "steps_per_print": 10**9,
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if t.compile:
+        engine.compile()  # the module's forward only; encode/decode for generation stay eager
     return engine
 
 
@@ -221,6 +223,30 @@ def final_cost_metrics(engine, data: PreparedData | PreparedPairs, cell: Cell, t
     return {**metrics, **({"summary/router_latency_share": share} if share is not None else {})}
 
 
+@dataclass
+class StepTimes:
+    """Wall times of this run's training steps. The first one carries one-off costs (torch.compile, lazy
+    initialisation, allocator warm-up), so throughput is measured over the steps after it when there are any."""
+    first: float | None = None
+    rest: float = 0.0
+    rest_count: int = 0
+
+    def add(self, seconds: float) -> None:
+        if self.first is None:
+            self.first = seconds
+        else:
+            self.rest += seconds
+            self.rest_count += 1
+
+    @property
+    def total(self) -> float:
+        return (self.first or 0.0) + self.rest
+
+    @property
+    def steady_step_seconds(self) -> float:
+        return self.rest / self.rest_count if self.rest_count else self.first
+
+
 def peak_memory_mb() -> float:
     """Peak accelerator memory where there is one, else this worker process's peak resident set size."""
     if torch.cuda.is_available():
@@ -324,7 +350,7 @@ def train_cell(config: dict[str, Any]) -> None:
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * world
     tables: dict = {}
     latest_eval: dict[str, float] = {}
-    train_seconds = 0.0
+    times = StepTimes()
     for step in range(start + 1, t.steps + 1):
         began = time.perf_counter()
         try:
@@ -336,7 +362,7 @@ def train_cell(config: dict[str, Any]) -> None:
                 w.tracker.set_tags(w.run_id, {REASON: str(err)})
             return
         elapsed = time.perf_counter() - began
-        train_seconds += elapsed
+        times.add(elapsed)
         metrics["train/tokens_per_s"] = tokens_per_step / elapsed
         metrics["train/step"] = step
         last = step == t.steps
@@ -346,13 +372,14 @@ def train_cell(config: dict[str, Any]) -> None:
             latest_eval, tables = evaluation.metrics, evaluation.tables
             snapshots[step] = evaluation.routes
             metrics.update(latest_eval)
-        if last:  # throughput over the whole (resumed part of the) run, not one noisy step
-            metrics["summary/tokens_per_s"] = tokens_per_step * (step - start) / train_seconds
-            metrics["summary/train_seconds"] = train_seconds
+        if last:  # throughput over the (resumed part of the) run, not one noisy step
+            metrics["summary/tokens_per_s"] = tokens_per_step / times.steady_step_seconds
+            metrics["summary/train_seconds"] = times.total
+            metrics["summary/first_step_seconds"] = times.first
             metrics["summary/setup_seconds"] = setup_seconds
             metrics["summary/peak_memory_mb"] = peak_memory_mb()
             metrics.update(final_cost_metrics(engine, data, cell, metrics["summary/tokens_per_s"] / world,
-                                              latest_eval, train_seconds / (step - start)))
+                                              latest_eval, times.steady_step_seconds))
             if cell.summarization is not None:
                 metrics.update(summarize_test_split(engine, data, cell, w))
         if w.tracker and (step % t.log_interval == 0 or step % t.eval_interval == 0 or last):

@@ -58,6 +58,9 @@ class StackedExperts(nn.Module):
         expert_pad = torch.searchsorted(ends_E, torch.arange(rows, device=x_RD.device), right=True).clamp(max=E - 1)
         return self.grouped(x_pad, expert_pad, padded_E, align=1).index_select(0, row_R)
 
+    # The host-read paths stay eager under torch.compile: traced, their graphs would specialize on the routing's
+    # counts and recompile as routing changes.
+    @torch.compiler.disable
     def padded(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         E, D = self.num_experts, x_RD.shape[-1]
         starts_E = counts_E.cumsum(0) - counts_E
@@ -69,6 +72,7 @@ class StackedExperts(nn.Module):
         y = torch.baddbmm(self.down_bias_ED.unsqueeze(1), h, self.down_weight_EDF.transpose(1, 2))
         return y.view(E * capacity, D).index_select(0, flat_R)
 
+    @torch.compiler.disable
     def sliced(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """CPU: one 2-D GEMM pair per expert on its contiguous slice of the sorted routes. On CPU there is no kernel
         launch to amortize and no host sync to avoid, 2-D GEMMs run ~30% faster than the padded batched ones (no

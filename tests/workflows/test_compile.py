@@ -1,0 +1,57 @@
+"""`training.compile`: the cell's DeepSpeed engine runs a torch.compile'd model (engine.compile). A compiled cell must
+train the eager cell's curve, evaluate to the same numbers, and still measure its router share (hooks run eagerly)."""
+import pytest
+
+from moe_data.prepare import load_prepared
+from workflows.cells import Cell, expand
+from workflows.runner import Workspace, prepare_datasets
+from workflows.study import parse_study
+from workflows.train_cell import StepTimes, Worker, build_engine, evaluate, final_cost_metrics, train_step
+from workflows.trained_states import _single_process_group
+
+STEPS = 6
+
+
+def cell_and_data(tmp_path, router: dict, compile: bool) -> tuple[Cell, object]:
+    study = parse_study({
+        "name": "compile", "routers": [router],
+        "models": [{"name": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 64}],
+        "datasets": [{"name": "builtin:domains", "vocab_size": 300, "max_chars_per_domain": 20000}],
+        "training": {"steps": STEPS, "micro_batch_size": 4, "seq_len": 32, "warmup_steps": 2, "eval_batches": 2,
+                     "compile": compile}})
+    (cell,) = expand(study)
+    prepared = prepare_datasets(study, Workspace.resolve(tmp_path, None))
+    return cell, load_prepared(prepared[cell.dataset].path)
+
+
+def train_and_evaluate(tmp_path, router: dict, compile: bool):
+    cell, data = cell_and_data(tmp_path, router, compile)
+    _single_process_group()
+    engine = build_engine(cell, data)
+    assert engine.is_compiled == compile
+    worker = Worker(0, 1, None, "")
+    curve = [train_step(engine, data, cell, step, worker)["train/lm_loss"] for step in range(1, STEPS + 1)]
+    evaluation = evaluate(engine, data, cell, worker)
+    return engine, cell, data, curve, evaluation.metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", [{"name": "topk", "k": 2}, {"name": "top_p", "p": 0.5}], ids=["topk", "top_p"])
+def test_compiled_cell_trains_and_evaluates_like_the_eager_cell(tmp_path, router):
+    *_, eager_curve, eager_eval = train_and_evaluate(tmp_path, router, compile=False)
+    engine, cell, data, curve, evaluation = train_and_evaluate(tmp_path, router, compile=True)
+    assert curve[-1] < curve[0]  # it trained
+    assert curve == pytest.approx(eager_curve, rel=1e-4)  # fp32 on CPU: fused kernels reorder a few sums
+    for key in ("eval/loss", "eval/moe/experts_per_token", "eval/moe/load_cv"):
+        assert evaluation[key] == pytest.approx(eager_eval[key], rel=1e-4), key
+    cost = final_cost_metrics(engine, data, cell, 1000.0, evaluation, 0.1)
+    assert 0 < cost["summary/router_latency_share"] < 1  # its timing hooks fired: the forwards ran eagerly
+
+
+def test_throughput_leaves_out_the_first_step():
+    times = StepTimes()
+    times.add(5.0)  # compile, lazy initialisation
+    assert times.steady_step_seconds == 5.0  # a one-step run has nothing else to go on
+    times.add(1.0)
+    times.add(3.0)
+    assert (times.first, times.steady_step_seconds, times.total) == (5.0, 2.0, 9.0)
