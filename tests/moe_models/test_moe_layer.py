@@ -267,3 +267,21 @@ def test_fused_bias_functions_match_autograd_of_the_plain_expressions():
         torch.testing.assert_close(ha.grad, hb.grad)
         torch.testing.assert_close(ba.grad, bb.grad)
         assert (ba.grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("align", [1, 8], ids=["eager-layout", "compiled-layout"])
+@pytest.mark.parametrize("router,options", [("topk", {"k": 2}), ("hash", {"k": 2}), ("mlp", {"k": 2})])
+def test_grouped_gemm_path_of_fixed_k_routing_never_reads_a_tensor_on_the_host(router, options, align, monkeypatch):
+    """The CUDA bf16 path (torch's grouped GEMM, fused bias ops) for dropless fixed-k routing, a training forward and
+    backward with balancing losses, on meta tensors: they have shapes but no values, so any host read (.item(),
+    .tolist(), a shape that depends on data) raises. The CPU-checkable half of the GPU test that runs a step under
+    torch.cuda.set_sync_debug_mode("error")."""
+    layer = grouped_twin(build(router, balancing={"switch_lbl": 0.01, "z_loss": 0.001}, **options))
+    layer = layer.train().to("meta", torch.bfloat16)
+    experts = layer.dispatch.experts
+    monkeypatch.setattr(layer.dispatch, "expert_path", lambda x: lambda *rows: experts.grouped(*rows, align=align))
+    x = torch.randn(2, 64, D, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    y, aux = layer(x, torch.randint(V, (2, 64), device="meta"))
+    (y.float().square().sum() + aux.loss).backward()
+    assert x.grad.shape == x.shape and experts.up_weight_EFD.grad.shape == experts.up_weight_EFD.shape
+    assert experts.up_bias_EF.grad.shape == experts.up_bias_EF.shape
