@@ -8,7 +8,7 @@ import torch
 from pydantic import PositiveInt
 from torch import nn
 
-from moe_models.routers.base import ROUTERS, RouterContext
+from moe_models.routers.base import ROUTERS, RouterContext, in_fp32
 from moe_models.routers.topk import TopKOptions, TopKRouter
 
 
@@ -24,7 +24,7 @@ class ExpertKeyScorer(nn.Module):
         self.scale = 1.0 / math.sqrt(d_key)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.query.float()(x_TD) @ self.keys_ED.float().t() * self.scale
+        return in_fp32(self.query, x_TD) @ self.keys_ED.float().t() * self.scale
 
 
 @ROUTERS.register("attention")

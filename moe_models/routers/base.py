@@ -58,6 +58,18 @@ class Router(nn.Module):
         raise NotImplementedError
 
 
+def in_fp32(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """`module(*inputs)` computed in fp32 whatever the model's dtype, on fp32 casts of its parameters. Not
+    `module.float()`: that converts the parameters in place, replacing the tensors the engine and optimizer hold (bf16
+    views into ZeRO's flat buffers, say) and mutating the model inside its own forward (which torch.compile cannot
+    trace). Gradients flow back through the casts, in each parameter's own dtype."""
+    inputs = tuple(x.float() for x in inputs)
+    params = dict(module.named_parameters())
+    if all(p.dtype == torch.float32 for p in params.values()):
+        return module(*inputs)
+    return torch.func.functional_call(module, {name: p.float() for name, p in params.items()}, inputs)
+
+
 class LinearScoreRouter(Router):
     """Shared by routers that score experts with one bias-free linear map (top-k, top-p, entropy-adaptive)."""
 

@@ -5,7 +5,7 @@ import torch
 from pydantic import PositiveInt
 from torch import nn
 
-from moe_models.routers.base import ROUTERS, RouterContext
+from moe_models.routers.base import ROUTERS, RouterContext, in_fp32
 from moe_models.routers.topk import TopKOptions, TopKRouter
 
 
@@ -28,4 +28,4 @@ class MLPRouter(TopKRouter):
         self.mlp = feature_mlp(ctx.d_model, options.hidden, ctx.num_experts)
 
     def expert_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.mlp.float()(x_TD)
+        return in_fp32(self.mlp, x_TD)

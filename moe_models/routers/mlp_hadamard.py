@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_models.routers.base import ROUTERS, RouterContext
+from moe_models.routers.base import ROUTERS, RouterContext, in_fp32
 from moe_models.routers.mlp import MLPOptions, feature_mlp
 from moe_models.routers.topk import TopKRouter
 
@@ -22,4 +22,4 @@ class MLPHadamardRouter(TopKRouter):
         self.mlp = feature_mlp(ctx.d_model, options.hidden, ctx.d_model)
 
     def expert_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return super().expert_logits(self.mlp.float()(x_TD) * x_TD)
+        return super().expert_logits(in_fp32(self.mlp, x_TD) * x_TD)

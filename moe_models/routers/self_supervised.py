@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt, confloat
 
-from moe_models.routers.base import ROUTERS, RouterContext
+from moe_models.routers.base import ROUTERS, RouterContext, in_fp32
 from moe_models.routers.mlp import feature_mlp
 from moe_models.routers.topk import TopKOptions, TopKRouter
 from moe_models.routing import RoutingDecision
@@ -48,7 +48,7 @@ class SelfSupervisedRouter(TopKRouter):
         self.head = torch.nn.Linear(options.hidden, ctx.num_experts, bias=False)
 
     def expert_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.head.float()(self.features.float()(x_TD.float()))
+        return in_fp32(self.head, in_fp32(self.features, x_TD))
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
         decision = super().forward(x_TD, token_ids_T)
@@ -56,6 +56,6 @@ class SelfSupervisedRouter(TopKRouter):
         if self.training and opts.contrastive_weight > 0 and len(x_TD) > 1:
             sample = torch.randperm(len(x_TD), device=x_TD.device)[:opts.contrastive_tokens]
             x_ND = x_TD[sample].detach().float()
-            views = [self.features.float()(F.dropout(x_ND, opts.view_dropout, training=True)) for _ in range(2)]
+            views = [in_fp32(self.features, F.dropout(x_ND, opts.view_dropout, training=True)) for _ in range(2)]
             decision.router_losses["contrastive"] = opts.contrastive_weight * info_nce(*views, opts.temperature)
         return decision

@@ -260,3 +260,20 @@ def test_self_supervised_router_adds_its_contrastive_loss_only_in_training_and_t
     loss.backward()
     assert router.features[0].weight.grad.abs().sum() > 0 and router.head.weight.grad is None  # pretext: phi only
     assert "contrastive" not in router.eval()(x, ids).router_losses
+
+
+@pytest.mark.parametrize("name", ROUTERS.names())
+def test_router_math_is_fp32_in_a_bf16_model_and_leaves_its_parameters_alone(name):
+    """Routers compute in fp32 (bf16 logits flip choices between ranks), on casts: a router that converted its own
+    modules (`module.float()`) would swap out the tensors DeepSpeed's optimizers hold, mid-forward."""
+    router = make(name).train().bfloat16()
+    before = {n: (p.dtype, p.data_ptr()) for n, p in router.named_parameters()}
+    x, ids = inputs()
+    x = x.bfloat16()
+    decision = router(x, ids, domains()) if router.needs_domains else router(x, ids)
+    assert decision.probs_TE.dtype == decision.weights_TK.dtype == torch.float32
+    loss = decision.weights_TK.square().sum() + sum(decision.router_losses.values(), torch.zeros(()))
+    if loss.requires_grad:
+        loss.backward()
+    assert {n: (p.dtype, p.data_ptr()) for n, p in router.named_parameters()} == before
+    assert all(p.grad is None or p.grad.dtype == torch.bfloat16 for p in router.parameters())
