@@ -54,8 +54,10 @@ class SelfSupervisedRouter(TopKRouter):
         decision = super().forward(x_TD, token_ids_T)
         opts = self.options
         if self.training and opts.contrastive_weight > 0 and len(x_TD) > 1:
-            sample = torch.randperm(len(x_TD), device=x_TD.device)[:opts.contrastive_tokens]
-            x_ND = x_TD[sample].detach().float()
+            x_ND = x_TD.detach().float()
+            if len(x_TD) > opts.contrastive_tokens:  # else all of them: InfoNCE does not depend on the rows' order
+                # (and inductor cannot compile indexing by a full-length randperm, torch 2.13)
+                x_ND = x_ND[torch.randperm(len(x_TD), device=x_TD.device)[:opts.contrastive_tokens]]
             views = [in_fp32(self.features, F.dropout(x_ND, opts.view_dropout, training=True)) for _ in range(2)]
             decision.router_losses["contrastive"] = opts.contrastive_weight * info_nce(*views, opts.temperature)
         return decision
