@@ -51,6 +51,9 @@ class Cell:
         identity["model"].pop("label")
         # Only the worker count changes the result (global batch); CPUs/concurrency/retries do not.
         identity["resources"] = {"workers_per_cell": self.resources.workers_per_cell}
+        # torch.compile changes how a cell runs, not what it trains (a test holds both to the same curve): turning it
+        # on for a study in progress keeps its finished cells.
+        identity["training"].pop("compile")
         for presentation_only in ("baseline", "samples", "pretrained"):  # not what this cell trains or scores
             identity.get("summarization", {}).pop(presentation_only, None)
         blob = json.dumps(identity, sort_keys=True, default=str)

@@ -141,3 +141,5 @@ def test_cell_ids_are_stable_and_track_what_is_trained():
     assert [c.id for c in expand(parse_study(explicit_default))] == ids  # defaults are resolved before hashing
     new_lr = mutate(lambda s: s.update(training={"lr": 0.01}))
     assert not set(c.id for c in expand(parse_study(new_lr))) & set(ids)
+    compiled = mutate(lambda s: s.update(training={**s.get("training", {}), "compile": True}))
+    assert [c.id for c in expand(parse_study(compiled))] == ids  # how a cell runs, not what it trains
