@@ -34,6 +34,8 @@ def contenders(k: int, backends: list[str]) -> dict[str, tuple[str, RoutingSpec]
     for backend in backends:
         out[f"topk/{backend}"] = (backend, RoutingSpec("topk", ROUTERS.get("topk").Options(k=k)))
     out["top_p/grouped"] = ("grouped", RoutingSpec("top_p", ROUTERS.get("top_p").Options(p=0.25)))
+    # capped at 4 experts per token, the plan keeps filler rows instead of reading its route count (route_plan.py)
+    out["top_p_max4/grouped"] = ("grouped", RoutingSpec("top_p", ROUTERS.get("top_p").Options(p=0.25, max_k=4)))
     out["hash/grouped"] = ("grouped", RoutingSpec("hash", ROUTERS.get("hash").Options(k=k)))
     return out
 

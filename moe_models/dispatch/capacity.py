@@ -45,6 +45,7 @@ def assign_slots(decision: RoutingDecision, capacity_factor: float | None, drop_
     if capacity_factor is None:
         capacity = int(onehot_RE.sum(dim=0).max().item()) if onehot_RE.numel() else 0
     else:
-        capacity = max(1, math.ceil(capacity_factor * int(active_R.sum().item()) / E))
+        routes = T * K if decision.all_active else int(active_R.sum().item())  # fixed k: known without the device
+        capacity = max(1, math.ceil(capacity_factor * routes / E))
     kept_R = active_R & (location_R < capacity)
     return SlotAssignment(kept_R.view(K, T).t(), location_R.view(K, T).t(), capacity)

@@ -38,11 +38,14 @@ def _run(fn, *args: torch.Tensor) -> torch.Tensor:
 
 
 def bias_gradient(grad_RX: torch.Tensor, expert_R: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """(E, X): the sum of each expert's rows (rows sorted by expert, offsets = group ends)."""
+    """(E, X): the sum of each expert's rows (rows sorted by expert, offsets = group ends; rows past the last group
+    are filler and add nothing)."""
     if grad_RX.is_cuda:
         ones_8R = grad_RX.new_ones(grad_RX.shape[0], 8).t()  # column-major (8, R): a weight gradient's layout
         return torch._grouped_mm(ones_8R, grad_RX.contiguous(), offs=offsets_E)[:, 0]
-    return grad_RX.new_zeros(len(offsets_E), grad_RX.shape[1]).index_add_(0, expert_R, grad_RX)
+    in_groups_R = torch.arange(grad_RX.shape[0], device=grad_RX.device) < offsets_E[-1]
+    return grad_RX.new_zeros(len(offsets_E), grad_RX.shape[1]).index_add_(
+        0, expert_R, torch.where(in_groups_R.unsqueeze(-1), grad_RX, 0))
 
 
 class BiasGelu(torch.autograd.Function):

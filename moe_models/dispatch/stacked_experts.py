@@ -32,7 +32,8 @@ class StackedExperts(nn.Module):
 
     def grouped(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor,
                 align: int | None = None) -> torch.Tensor:
-        """align: pad each expert's group to a multiple of this many rows. Under torch.compile the grouped GEMM's
+        """Rows past sum(counts_E) are a route plan's filler: the GEMMs skip them and their outputs are undefined.
+        align: pad each expert's group to a multiple of this many rows. Under torch.compile the grouped GEMM's
         backward meets layouts whose kernel needs 16-byte group boundaries (eager's do not: there a row-count
         alignment would only cost copies), so compiled graphs pad to 8 rows (bf16)."""
         if align is None:
@@ -47,7 +48,9 @@ class StackedExperts(nn.Module):
 
     def _aligned(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor, align: int) -> torch.Tensor:
         """The grouped path on a buffer whose groups start at multiples of `align` rows: zero rows pad each group,
-        R + E*(align-1) rows in all (static: no host read); rows past the last group are never read back."""
+        R + E*(align-1) rows in all (static: no host read); rows past the last group are never read back. A route
+        plan's filler rows (route_plan.py: after the served ones, expert = the last) land after the last expert's
+        routes, inside its padding or past it: computed or not, their outputs are undefined by contract."""
         E, R = self.num_experts, len(expert_R)
         padded_E = (counts_E + align - 1) // align * align
         ends_E = padded_E.cumsum(0)

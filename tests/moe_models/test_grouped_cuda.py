@@ -12,8 +12,9 @@ from moe_models.routers import ROUTERS, RouterContext
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 D, F, E, V = 64, 128, 8, 100
-CASES = [("topk", {"k": 2}), ("top_p", {"p": 0.5}), ("top_any", {"init_threshold": -0.05}), ("hash", {"k": 2}),
-         ("expert_choice", {"capacity": 1.5})]
+# top_p over all 8 experts reads its route count; with max_k=4 it plans filler rows instead (route_plan.py).
+CASES = [("topk", {"k": 2}), ("top_p", {"p": 0.5}), ("top_p", {"p": 0.5, "max_k": 4}),
+         ("top_any", {"init_threshold": -0.05}), ("hash", {"k": 2}), ("expert_choice", {"capacity": 1.5})]
 
 
 def layer_on(backend: str, router: str, options: dict, capacity_factor=None) -> MoEFeedForward:
@@ -30,7 +31,7 @@ def run(layer, x, ids):
     return y.float(), x.grad.float(), layer.dispatch.experts.up_weight_EFD.grad.float()
 
 
-@pytest.mark.parametrize("router,options", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("router,options", CASES, ids=[f"{r}{o}" for r, o in CASES])
 def test_grouped_gemm_bf16_matches_the_fp32_cpu_path(router, options):
     # Both sides start from the same bf16-representable weights and inputs, so they route alike.
     cpu = layer_on("grouped", router, options).eval().bfloat16().float()
@@ -61,8 +62,10 @@ def test_padded_cuda_path_matches_deepspeed_in_fp32(capacity_factor):
     torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
 
 
-def test_dropless_grouped_training_step_never_synchronizes_with_the_host():
-    layer = layer_on("grouped", "topk", {"k": 2}).train().cuda().bfloat16()
+@pytest.mark.parametrize("router,options", [("topk", {"k": 2}), ("top_p", {"p": 0.5, "max_k": 4})],
+                         ids=["topk", "top_p-filler"])
+def test_grouped_training_step_never_synchronizes_with_the_host(router, options):
+    layer = layer_on("grouped", router, options).train().cuda().bfloat16()
     x, ids = torch.randn(4, 256, D, device="cuda", dtype=torch.bfloat16), torch.randint(V, (4, 256), device="cuda")
     run(layer, x, ids)  # warm-up: lazy initialisation may synchronise once
     torch.cuda.synchronize()

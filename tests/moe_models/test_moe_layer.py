@@ -1,5 +1,6 @@
 """The MoE FFN on the DeepSpeed dispatch backend against a plain reference computation."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -269,19 +270,54 @@ def test_fused_bias_functions_match_autograd_of_the_plain_expressions():
         assert (ba.grad[1] == 0).all()
 
 
+NO_HOST_READ_CASES = [("topk", {"k": 2}, None), ("hash", {"k": 2}, None), ("mlp", {"k": 2}, None),
+                      ("top_p", {"p": 0.5}, None), ("entropy_adaptive", {"max_k": 3}, None),
+                      ("top_any", {"init_threshold": -0.05}, None), ("expert_choice", {"capacity": 1.5}, None),
+                      ("topk", {"k": 2}, 1.0)]
+
+
 @pytest.mark.parametrize("align", [1, 8], ids=["eager-layout", "compiled-layout"])
-@pytest.mark.parametrize("router,options", [("topk", {"k": 2}), ("hash", {"k": 2}), ("mlp", {"k": 2})])
-def test_grouped_gemm_path_of_fixed_k_routing_never_reads_a_tensor_on_the_host(router, options, align, monkeypatch):
-    """The CUDA bf16 path (torch's grouped GEMM, fused bias ops) for dropless fixed-k routing, a training forward and
-    backward with balancing losses, on meta tensors: they have shapes but no values, so any host read (.item(),
-    .tolist(), a shape that depends on data) raises. The CPU-checkable half of the GPU test that runs a step under
+@pytest.mark.parametrize("router,options,capacity_factor", NO_HOST_READ_CASES,
+                         ids=[f"{r}{o}-cf{c}" for r, o, c in NO_HOST_READ_CASES])
+def test_grouped_gemm_path_never_reads_a_tensor_on_the_host(router, options, capacity_factor, align, monkeypatch):
+    """The CUDA bf16 path (torch's grouped GEMM, fused bias ops), a training forward and backward with balancing
+    losses, on meta tensors: they have shapes but no values, so any host read (.item(), .tolist(), a shape that
+    depends on data) raises. Fixed-k routing sizes its plan exactly; variable-k and capacity-limited routing (K <= 4
+    slots here) with filler rows. The CPU-checkable half of the GPU test that runs under
     torch.cuda.set_sync_debug_mode("error")."""
-    layer = grouped_twin(build(router, balancing={"switch_lbl": 0.01, "z_loss": 0.001}, **options))
+    layer = grouped_twin(build(router, capacity_factor, balancing={"switch_lbl": 0.01, "z_loss": 0.001}, **options))
     layer = layer.train().to("meta", torch.bfloat16)
+    monkeypatch.setattr(layer.dispatch, "grouped_gemm_applies", lambda x: True)  # meta tensors are not CUDA ones
     experts = layer.dispatch.experts
-    monkeypatch.setattr(layer.dispatch, "expert_path", lambda x: lambda *rows: experts.grouped(*rows, align=align))
+    monkeypatch.setattr(experts, "grouped", functools.partial(type(experts).grouped, experts, align=align))
     x = torch.randn(2, 64, D, device="meta", dtype=torch.bfloat16, requires_grad=True)
     y, aux = layer(x, torch.randint(V, (2, 64), device="meta"))
     (y.float().square().sum() + aux.loss).backward()
     assert x.grad.shape == x.shape and experts.up_weight_EFD.grad.shape == experts.up_weight_EFD.shape
     assert experts.up_bias_EF.grad.shape == experts.up_bias_EF.shape
+
+
+FILLER_CASES = [("top_p", {"p": 0.5}, None), ("top_any", {"init_threshold": -0.05}, None), ("topk", {"k": 2}, 0.75)]
+
+
+@pytest.mark.parametrize("router,options,capacity_factor", FILLER_CASES,
+                         ids=[f"{r}{o}-cf{c}" for r, o, c in FILLER_CASES])
+@pytest.mark.parametrize("align", [1, 8], ids=["eager-layout", "compiled-layout"])
+def test_filler_rows_through_torchs_grouped_gemm_give_the_read_plan_outputs(router, options, capacity_factor, align,
+                                                                           monkeypatch):
+    """Variable-k or capacity-limited routing on the grouped-GEMM path (forward: torch's CPU grouped GEMM) plans
+    filler rows instead of reading the route count; its outputs equal the default CPU path's (exact rows,
+    per-expert slices)."""
+    layer = grouped_twin(build(router, capacity_factor, **options)).eval()
+    x, ids = torch.randn(2, 24, D), torch.randint(V, (2, 24))
+    with torch.no_grad():
+        expected, aux = layer(x, ids)
+        monkeypatch.setattr(layer.dispatch, "grouped_gemm_applies", lambda x: True)
+        experts = layer.dispatch.experts
+        monkeypatch.setattr(experts, "grouped", functools.partial(type(experts).grouped, experts, align=align))
+        decision = layer.router(x.reshape(-1, D), ids.reshape(-1))
+        assert layer.dispatch.sizing(x, decision, capacity_factor is None) == "filler"
+        got, aux_filler = layer(x, ids)
+    assert aux.sums["kept_routes"] < 2 * 24 * decision.expert_ids_TK.shape[1]  # some slots are filler
+    assert aux_filler.sums["kept_routes"] == aux.sums["kept_routes"]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
