@@ -4,9 +4,10 @@ Consumes the same RoutingDecision and the same capacity rule (`assign_slots`) as
 router — variable experts per token included — runs on it and drops the same routes. On the CUDA grouped-GEMM path
 nothing reads back to the host: dropless fixed-k routing (top-k, hash) sizes everything from T*K, and variable-k or
 capacity-limited routing with up to MAX_FILLER_SLOTS slots per token keeps all T*K slots, unserved ones as filler
-rows the GEMMs skip; beyond that, and on the other paths, the served-route count is read once. Rows move by gathers (route_plan.py), experts run in stacked_experts.py, and
-with ep_size > 1 routes travel to the ranks holding their experts by all-to-all (expert_parallel.py; the container is
-a DeepSpeed MoE layer to the engine, and its checkpoints load into the DeepSpeed backend and back).
+rows the GEMMs skip; beyond that, and on the other paths, the served-route count is read once. Rows move by gathers
+(route_plan.py), experts run in stacked_experts.py, and with ep_size > 1 routes travel to the ranks holding their
+experts by all-to-all (expert_parallel.py; the container is a DeepSpeed MoE layer to the engine, and its checkpoints
+load into the DeepSpeed backend and back).
 """
 from __future__ import annotations
 

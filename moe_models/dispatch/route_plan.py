@@ -97,9 +97,10 @@ class _Collect(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_TKD: torch.Tensor):
-        # Unserved slots of a filler plan send their (zero: masked forward) gradient to filler rows.
-        grad_TKD = grad_TKD if ctx.plan.served_TK is None else torch.where(ctx.plan.served_TK.unsqueeze(-1), grad_TKD, 0)
-        return grad_TKD.reshape(-1, grad_TKD.shape[-1]).index_select(0, ctx.plan.order_R), None
+        plan = ctx.plan
+        if plan.served_TK is not None:  # a filler plan's unserved slots were zeros: no gradient to their rows
+            grad_TKD = torch.where(plan.served_TK.unsqueeze(-1), grad_TKD, 0)
+        return grad_TKD.reshape(-1, grad_TKD.shape[-1]).index_select(0, plan.order_R), None
 
 
 def dispatch_rows(x_TD: torch.Tensor, plan: RoutePlan) -> torch.Tensor:
