@@ -7,6 +7,7 @@ best of a few large matmuls of the same dtype (workflows/cost_metrics.py, what c
 
   python bench/model_step.py --out bench/results/model_step_h100.json      # GPU: the anchors' shape, bf16
   python bench/model_step.py --layers 2 --d-model 128 --expert-hidden 512 --batch 2 --seq 256   # a CPU smoke run
+  python bench/model_step.py --eager-and-compiled --only dense topk/grouped top_p_max4/grouped   # compile's gain
 """
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ def main() -> None:
     p.add_argument("--backends", nargs="+", default=["grouped", "deepspeed"])
     p.add_argument("--only", nargs="+", help="contender names to run (default: all)")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
+    p.add_argument("--eager-and-compiled", action="store_true",
+                   help="every contender twice in one rotation: eager, and torch.compile'd (name+compiled)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="print each contender's top kernels (stderr)")
@@ -75,15 +78,17 @@ def main() -> None:
     ids = torch.randint(VOCAB, (args.batch, args.seq), device=device)
     tokens = ids.numel()
     steps, rows = {}, {}
-    for name, (backend, routing) in contenders(args.k, args.backends).items():
-        if args.only and name not in args.only:
-            continue
+    variants = [False, True] if args.eager_and_compiled else [args.compile]
+    runs = [(name, spec, compiled) for name, spec in contenders(args.k, args.backends).items()
+            if not args.only or name in args.only for compiled in variants]
+    for base_name, (backend, routing), compiled in runs:
+        name = f"{base_name}+compiled" if compiled and args.eager_and_compiled else base_name
         opts = GPTOptions(d_model=args.d_model, n_heads=args.heads, num_experts=args.experts,
                           expert_hidden=args.expert_hidden, n_layers=args.layers, dispatch=backend)
         model = GPT(opts, routing, VOCAB, args.seq, seed=0).to(device, dtype)
         expert_flops = experts_flops_per_token(model, ids) if not routing.is_dense else 0.0
         flops = training_flops_per_token(model, args.seq, expert_flops)
-        runner = torch.compile(model) if args.compile else model
+        runner = torch.compile(model) if compiled else model
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
 
         def step(runner=runner, optimizer=optimizer):
@@ -92,7 +97,7 @@ def main() -> None:
             optimizer.step()
 
         steps[name] = step
-        rows[name] = {"name": name, "backend": backend, "router": routing.router,
+        rows[name] = {"name": name, "backend": backend, "router": routing.router, "compiled": compiled,
                       "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
                       "experts_per_token": round(expert_flops / (4 * args.d_model * args.expert_hidden * args.layers),
                                                  3),
@@ -113,7 +118,7 @@ def main() -> None:
         if "dense" in ms:
             rows[name]["step_vs_dense"] = round(ms[name] / ms["dense"], 3)
     report = {"benchmark": "model_step", "device": device_name(device), "dtype": str(dtype), "torch": torch.__version__,
-              "peak_tflops_measured": round(peak, 1), "compile": args.compile,
+              "peak_tflops_measured": round(peak, 1), "compile": args.compile or args.eager_and_compiled,
               "shape": {k: getattr(args, k) for k in ("layers", "d_model", "heads", "experts", "expert_hidden", "k",
                                                         "batch", "seq")},
               "results": list(rows.values())}
