@@ -38,7 +38,7 @@ def train_and_evaluate(tmp_path, router: dict, compile: bool):
 @pytest.mark.slow
 @pytest.mark.parametrize("router", [{"name": "topk", "k": 2}, {"name": "top_p", "p": 0.5}], ids=["topk", "top_p"])
 def test_compiled_cell_trains_and_evaluates_like_the_eager_cell(tmp_path, router):
-    *_, eager_curve, eager_eval = train_and_evaluate(tmp_path, router, compile=False)
+    eager, *_, eager_curve, eager_eval = train_and_evaluate(tmp_path, router, compile=False)
     engine, cell, data, curve, evaluation = train_and_evaluate(tmp_path, router, compile=True)
     assert curve[-1] < curve[0]  # it trained
     assert curve == pytest.approx(eager_curve, rel=1e-4)  # fp32 on CPU: fused kernels reorder a few sums
@@ -46,6 +46,11 @@ def test_compiled_cell_trains_and_evaluates_like_the_eager_cell(tmp_path, router
         assert evaluation[key] == pytest.approx(eager_eval[key], rel=1e-4), key
     cost = final_cost_metrics(engine, data, cell, 1000.0, evaluation, 0.1)
     assert 0 < cost["summary/router_latency_share"] < 1  # its timing hooks fired: the forwards ran eagerly
+    # A compiled cell's checkpoint is an eager cell's (same keys): resuming with compile toggled loses nothing.
+    engine.save_checkpoint(tmp_path / "ckpt", tag="compiled")
+    eager.load_checkpoint(tmp_path / "ckpt", tag="compiled")
+    loaded = evaluate(eager, data, cell, Worker(0, 1, None, "")).metrics["eval/loss"]
+    assert loaded == pytest.approx(evaluation["eval/loss"], rel=1e-5)
 
 
 def test_throughput_leaves_out_the_first_step():
