@@ -3,8 +3,9 @@
 A RoutePlan sorts the route slots of a decision by expert, served slots first. How many rows it keeps is its sizing:
   * "exact" (fixed k, dropless): every slot is served, R = T*K, known without asking the device;
   * "filler": all T*K slots, the unserved ones sorted last as filler rows that the experts skip (their grouped-GEMM
-    offsets end at the served routes) and that carry undefined values, masked out in both directions. No host read,
-    at the price of T*K rows where R are served;
+    offsets end at the served routes; torch.nn.functional.grouped_mm documents that rows past offs[-1] are ignored)
+    and that carry undefined values, masked out in both directions. No host read, at the price of T*K rows where R
+    are served;
   * "read": only the R served routes, R read back from the device once.
 When rows cover all slots (exact, filler) rows go token -> route (dispatch) and route -> token slots (combine) by
 index_select, and each backward is again a gather with the inverse index, never autograd's atomic bf16 index_add:
