@@ -17,6 +17,7 @@ from torch import nn
 
 from moe_models.analytics import routing_sums
 from moe_models.balancing import BALANCING_LOSSES
+from moe_models.fp32_state import Fp32Buffers
 from moe_models.routers import Router
 
 
@@ -28,7 +29,9 @@ class MoEAux:
     expert_mask_TE: torch.Tensor | None = None  # bool, each token's selected experts (evaluation only)
 
 
-class MoEFeedForward(nn.Module):
+class MoEFeedForward(Fp32Buffers):
+    fp32_buffers = ("window_routes_E",)  # an accumulator (fp32_state.py)
+
     def __init__(self, router: Router, dispatch: nn.Module, balancing: dict[str, float],
                  balancing_scope: str = "micro_batch"):
         super().__init__()

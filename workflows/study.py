@@ -181,7 +181,11 @@ class TrainingConfig(_Strict):
     eval_batches: PositiveInt = 8
     checkpoint_interval: PositiveInt = 50
     zero_stage: Literal[0, 1, 2] = 0  # DeepSpeed MoE layers do not support ZeRO-3
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # bf16 runs anywhere; fp16 needs GPU workers and ZeRO stage >= 1, and trains under DeepSpeed's dynamic loss
+    # scaling, which skips the optimizer step whenever the scaled gradients overflow (logged: train/loss_scale,
+    # summary/skipped_steps).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    fp16_initial_scale_power: int = Field(default=16, ge=0, le=32)  # fp16: the loss scale starts at 2**this
     # torch.compile the model (DeepSpeed's engine.compile): on a GPU it fuses the elementwise work and closes launch
     # gaps (bench/results/model_step_compiled_h100.json); on CPU it seldom pays for its compile time.
     compile: bool = False
@@ -308,6 +312,8 @@ class Study(_Strict):
             problems.append(f"summarization.pretrained: {dup!r} names two systems; give them distinct `label`s")
         if self.sweep:
             problems.extend(self._sweep_problems(labels))
+        if self.training.precision == "fp16":
+            problems.extend(self._fp16_problems())
         for j, model in enumerate(self.models):
             ep = model.resolved_options().ep_size
             if self.resources.workers_per_cell % ep:
@@ -317,6 +323,16 @@ class Study(_Strict):
             raise ValueError("\n".join(problems))
         return self
 
+
+    def _fp16_problems(self) -> list[str]:
+        problems = []
+        if self.resources.gpus_per_worker == 0:
+            problems.append("training.precision: fp16 needs GPU workers (resources.gpus_per_worker > 0); DeepSpeed "
+                            "runs fp16 on few CPUs (those with AVX512-FP16): use bf16 or fp32 on CPU")
+        if self.training.zero_stage == 0:  # tests/workflows/test_precision.py holds DeepSpeed to this
+            problems.append("training.zero_stage: fp16 needs ZeRO stage 1 or 2; at stage 0 DeepSpeed 0.19.8 never "
+                            "applies the loss scale, yet divides the gradients by it (deepspeedai/DeepSpeed#8393)")
+        return problems
 
     def _sweep_problems(self, labels: list[str]) -> list[str]:
         sweep, problems = self.sweep, []

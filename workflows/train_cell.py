@@ -80,6 +80,8 @@ def build_engine(cell: Cell, data: PreparedData | PreparedPairs) -> deepspeed.De
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0,  # 0: dynamic
+                 "initial_scale_power": t.fp16_initial_scale_power},
         "steps_per_print": 10**9,
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -202,6 +204,9 @@ def train_step(engine, data: PreparedData | PreparedPairs, cell: Cell, step: int
     after_optimizer_step(engine.module)  # expert bias, balancing windows: once per optimizer step
     metrics = {"train/loss": lm + aux, "train/lm_loss": lm, "train/aux_loss": aux, "train/lr": engine.get_lr()[0],
                **aux_loss_metrics("train/moe", unscaled_values, cell.router.balancing)}
+    if t.precision == "fp16":  # dynamic loss scaling: an overflowing step is skipped and the scale halves
+        metrics["train/loss_scale"] = float(engine.optimizer.loss_scale)
+        metrics["train/skipped_steps"] = engine.skipped_steps
     return metrics
 
 
@@ -378,6 +383,8 @@ def train_cell(config: dict[str, Any]) -> None:
             metrics["summary/first_step_seconds"] = times.first
             metrics["summary/setup_seconds"] = setup_seconds
             metrics["summary/peak_memory_mb"] = peak_memory_mb()
+            if t.precision == "fp16":  # optimizer steps lost to overflow (DeepSpeed checkpoints the count)
+                metrics["summary/skipped_steps"] = engine.skipped_steps
             metrics.update(final_cost_metrics(engine, data, cell, metrics["summary/tokens_per_s"] / world,
                                               latest_eval, times.steady_step_seconds))
             if cell.summarization is not None:

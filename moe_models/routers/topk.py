@@ -11,6 +11,7 @@ import torch
 from pydantic import NonNegativeFloat, PositiveInt, field_validator, model_validator
 
 from moe_models.assignment import ASSIGNMENTS
+from moe_models.fp32_state import Fp32Buffers
 from moe_models.routers.base import ROUTERS, LinearScoreRouter, RouterOptions
 from moe_models.routing import RoutingDecision
 
@@ -49,9 +50,10 @@ class TopKOptions(RouterOptions):
 
 
 @ROUTERS.register("topk")
-class TopKRouter(LinearScoreRouter):
+class TopKRouter(LinearScoreRouter, Fp32Buffers):
     Options = TopKOptions
     options: TopKOptions
+    fp32_buffers = ("expert_bias_E", "step_counts_E")  # accumulators (fp32_state.py)
 
     def __init__(self, ctx, options: TopKOptions):
         super().__init__(ctx, options)

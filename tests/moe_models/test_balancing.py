@@ -183,3 +183,45 @@ def test_switch_lbl_equals_hf_load_balancing_loss_divided_by_k(k):
     ours = BALANCING_LOSSES.get("switch_lbl")(decision)
     hf = load_balancing_loss_func((logits,), num_experts=E, top_k=k)
     torch.testing.assert_close(ours * k, hf)
+
+
+def test_routing_state_stays_fp32_in_a_bf16_model_so_the_expert_bias_moves_as_in_fp32():
+    """DeepSpeed's bf16/fp16 engines call module.bfloat16()/.half(), which casts every float buffer. The expert bias
+    and the route counts are accumulators: in bf16, counts above 256 round, and a bias step of u rounds to bf16's
+    spacing near |b| (it vanishes once |b| > 256*u). A bf16 model's router, fed bf16-representable inputs (its math is fp32), must count and move its
+    bias exactly as the fp32 model's does."""
+    from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
+    from moe_models.moe_ffn import MoEFeedForward
+    from moe_models.optimizer_hooks import after_optimizer_step
+    from moe_models.routers import ROUTERS, RouterContext
+
+    E, D, T = 4, 8, 1000
+    cls = ROUTERS.get("topk")
+
+    def layer() -> MoEFeedForward:
+        torch.manual_seed(0)
+        router = cls(RouterContext(D, E, 10, 0, 0), cls.Options(k=1, expert_bias_rate=0.004))
+        with torch.no_grad():
+            router.proj.weight[0, 0] = 6.0  # expert 0 wins nearly every token: the bias must travel far
+        return MoEFeedForward(router, DISPATCH_BACKENDS.get("grouped")(DispatchSpec(D, 16, E, 1, None, "position")),
+                              {"switch_lbl": 0.01}, "global_batch").train()
+
+    fp32, bf16 = layer(), layer().bfloat16()
+    assert bf16.router.proj.weight.dtype == torch.bfloat16  # the model is cast ...
+    for model in (bf16, bf16.router):  # ... its routing state is not
+        assert all(b.dtype == torch.float32 for n, b in model.named_buffers(recurse=False)), model
+    x = torch.randn(1, T, D, generator=torch.Generator().manual_seed(1)).bfloat16()
+    x[..., 0] = 1.0
+    ids = torch.zeros(1, T, dtype=torch.long)
+    for _ in range(150):
+        for model, inputs in ((fp32, x.float()), (bf16, x)):
+            model(inputs, ids)
+            model(inputs, ids)  # two micro-batches per optimizer step: 2000 routes
+            assert model.router.step_counts_E.sum().item() == 2 * T
+            torch.testing.assert_close(model.window_routes_E, model.router.step_counts_E)
+            after_optimizer_step(model)
+        torch.testing.assert_close(bf16.router.expert_bias_E, fp32.router.expert_bias_E, rtol=0, atol=0)
+    assert bf16.router.expert_bias_E.abs().max() > 0.5  # where bf16's spacing is 2**-8 ~ u: a bf16 bias steps wrong
+    # Device and dtype moves still reach the state; a meta copy keeps its fp32 shape.
+    meta = bf16.to("meta")
+    assert meta.router.expert_bias_E.is_meta and meta.router.expert_bias_E.dtype == torch.float32

@@ -65,6 +65,12 @@ BAD = {
                                        ["summarization.baseline", "'top2' is not a router", "valid: topk(k=2)"]),
     "bad generation setting": (lambda s: s.update(summarization={"num_beams": 0}),
                                ["summarization.num_beams", "greater than 0"]),
+    "fp16 on CPU workers": (lambda s: s.update(training={"precision": "fp16", "zero_stage": 1}),
+                            ["training.precision: fp16 needs GPU workers"]),
+    "fp16 at ZeRO stage 0": (lambda s: s.update(training={"precision": "fp16"}, resources={"gpus_per_worker": 1}),
+                             ["training.zero_stage: fp16 needs ZeRO stage 1 or 2", "DeepSpeed#8393"]),
+    "unknown precision": (lambda s: s.update(training={"precision": "fp8"}),
+                          ["training.precision", "'fp32', 'bf16' or 'fp16'"]),
 }
 
 
@@ -143,3 +149,12 @@ def test_cell_ids_are_stable_and_track_what_is_trained():
     assert not set(c.id for c in expand(parse_study(new_lr))) & set(ids)
     compiled = mutate(lambda s: s.update(training={**s.get("training", {}), "compile": True}))
     assert [c.id for c in expand(parse_study(compiled))] == ids  # how a cell runs, not what it trains
+    unused_scale = mutate(lambda s: s.update(training={"fp16_initial_scale_power": 8}))
+    assert [c.id for c in expand(parse_study(unused_scale))] == ids  # a loss scale only fp16 would use
+
+    def fp16_ids(**training) -> list[str]:
+        study = mutate(lambda s: s.update(training={"precision": "fp16", "zero_stage": 1, **training},
+                                          resources={"gpus_per_worker": 1}))
+        return [c.id for c in expand(parse_study(study))]
+
+    assert fp16_ids() != fp16_ids(fp16_initial_scale_power=8)  # ... which it does

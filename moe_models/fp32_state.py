@@ -1,0 +1,27 @@
+"""Routing state that stays fp32 when the model is cast to bf16 or fp16.
+
+DeepSpeed's bf16/fp16 engines call `module.bfloat16()` / `.half()`, which casts every floating-point buffer. The
+expert bias and the route counts are accumulators: bf16 holds integers exactly only up to 256, and an expert-bias step
+of u rounds away once |b| > 256*u. Megatron-Core keeps its expert bias fp32 for the same reason.
+"""
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+
+class Fp32Buffers(nn.Module):
+    """Buffers named in `fp32_buffers` follow the module's device moves but never its dtype casts."""
+
+    fp32_buffers: ClassVar[tuple[str, ...]] = ()
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
+        before = {name: self._buffers[name] for name in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:  # undo the cast from the exact values (a meta tensor has none to keep)
+                self._buffers[name] = new.to(old.dtype) if old.is_meta else old.to(new.device)
+        return self
