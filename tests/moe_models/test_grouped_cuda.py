@@ -31,17 +31,18 @@ def run(layer, x, ids):
     return y.float(), x.grad.float(), layer.dispatch.experts.up_weight_EFD.grad.float()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16-grouped", "fp16-padded"])
 @pytest.mark.parametrize("router,options", CASES, ids=[f"{r}{o}" for r, o in CASES])
-def test_grouped_gemm_bf16_matches_the_fp32_cpu_path(router, options):
-    # Both sides start from the same bf16-representable weights and inputs, so they route alike.
-    cpu = layer_on("grouped", router, options).eval().bfloat16().float()
-    gpu = copy.deepcopy(cpu).cuda().bfloat16()
-    x, ids = torch.randn(4, 256, D).bfloat16().float(), torch.randint(V, (4, 256))
+def test_half_precision_cuda_paths_match_the_fp32_cpu_path(router, options, dtype):
+    # Both sides start from the same half-representable weights and inputs, so they route alike.
+    cpu = layer_on("grouped", router, options).eval().to(dtype).float()
+    gpu = copy.deepcopy(cpu).cuda().to(dtype)
+    x, ids = torch.randn(4, 256, D).to(dtype).float(), torch.randint(V, (4, 256))
     ref = run(cpu, x, ids)
-    got = run(gpu, x.cuda().bfloat16(), ids.cuda())
+    got = run(gpu, x.cuda().to(dtype), ids.cuda())
     for name, a, b in zip(("output", "input grad", "expert grad"), got, ref):
         scale = b.abs().max()
-        assert (a.cpu() - b).abs().max() <= 0.02 * scale, name  # bf16: ~3 significant digits
+        assert (a.cpu() - b).abs().max() <= 0.02 * scale, name  # bf16: ~3 significant digits (fp16: ~4)
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
