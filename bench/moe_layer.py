@@ -5,6 +5,7 @@ Never asserted in tests; targets live in the issues.
 
   python bench/moe_layer.py                       # CPU shapes
   python bench/moe_layer.py --device cuda --dtype bf16 --out bench/results/moe_layer_h100.json
+  python bench/moe_layer.py --device cuda --backends grouped --compile   # every contender torch.compile'd
 """
 from __future__ import annotations
 
@@ -122,12 +123,17 @@ def router_fwd_bwd(router, x, ids):
 
 
 def bench_shape(shape, backends: list[str], router: str, device: str, dtype, warmup: int, repeats: int,
-                profile: bool = False) -> list[dict]:
+                profile: bool = False, compile: bool = False) -> list[dict]:
     T, d, f, E, k = shape
     torch.manual_seed(0)
     x = torch.randn(1, T, d, device=device, dtype=dtype, requires_grad=True)
     ids = torch.randint(32000, (1, T), device=device)
-    steps = {"dense": fwd_bwd(ExpertFFN(d, k * f).to(device, dtype), x)}
+
+    def ready(module):  # on the device; compiled too with --compile (dense and MoE alike: a like-for-like ratio)
+        module = module.to(device, dtype)
+        return torch.compile(module) if compile else module
+
+    steps = {"dense": fwd_bwd(ready(ExpertFFN(d, k * f)), x)}
     cls = ROUTERS.get(router)
     opts = cls.Options(**router_options(router, k))
     ctx = RouterContext(d, E, 32000, 0, 0)
@@ -135,16 +141,16 @@ def bench_shape(shape, backends: list[str], router: str, device: str, dtype, war
         torch.manual_seed(1)  # the same router weights, hence the same routes, for every backend
         moe = MoEFeedForward(cls(ctx, opts), DISPATCH_BACKENDS.get(backend)(DispatchSpec(d, f, E, 1, None, "position")),
                              {})
-        steps[backend] = fwd_bwd(moe.to(device, dtype), x, ids)
+        steps[backend] = fwd_bwd(ready(moe), x, ids)
     torch.manual_seed(1)
-    steps["router"] = router_fwd_bwd(cls(ctx, opts).to(device, dtype), x, ids)
+    steps["router"] = router_fwd_bwd(ready(cls(ctx, opts)), x, ids)
     ms = interleaved_medians(steps, device, warmup, repeats)
     if profile:
         print(f"=== shape {shape} router {router}", file=sys.stderr)
         print_profile(steps, device)
     gpu_ms = {name: kernel_ms(steps[name]) for name in [*backends, "router"]} if device == "cuda" else {}
     active_flops = 3 * (2 * 2 * T * d * k * f)  # two matmuls of 2*T*d*kF flops forward, backward twice that
-    return [{"T": T, "d": d, "f": f, "E": E, "k": k, "backend": backend, "router": router,
+    return [{"T": T, "d": d, "f": f, "E": E, "k": k, "backend": backend, "router": router, "compiled": compile,
              "dense_ms": round(ms["dense"], 3), "moe_ms": round(ms[backend], 3),
              "ratio_vs_dense": round(ms[backend] / ms["dense"], 3),
              **({"ratio_vs_deepspeed": round(ms[backend] / ms["deepspeed"], 3)} if "deepspeed" in ms else {}),
@@ -157,23 +163,24 @@ def bench_shape(shape, backends: list[str], router: str, device: str, dtype, war
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None)
     p.add_argument("--backends", nargs="+", default=DISPATCH_BACKENDS.names())
     p.add_argument("--routers", nargs="+", default=["topk"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--shapes", default=None, help="semicolon-separated T,d,f,E,k tuples")
     p.add_argument("--profile", action="store_true", help="print each contender's top kernels (torch.profiler)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every contender (dense, MoE, router)")
     p.add_argument("--out")
     args = p.parse_args()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes
               else GPU_SHAPES if args.device == "cuda" else CPU_SHAPES)
     if args.device == "cpu":
         torch.set_num_threads(torch.get_num_threads())
     results = [row for s in shapes for router in args.routers
                for row in bench_shape(s, args.backends, router, args.device, dtype, args.warmup, args.repeats,
-                                      args.profile)]
+                                      args.profile, args.compile)]
     report = {"benchmark": "moe_layer_fwd_bwd", "device": device_name(args.device), "dtype": str(dtype),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
     emit(report, args.out)
