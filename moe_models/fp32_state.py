@@ -2,7 +2,8 @@
 
 DeepSpeed's bf16/fp16 engines call `module.bfloat16()` / `.half()`, which casts every floating-point buffer. The
 expert bias and the route counts are accumulators: bf16 holds integers exactly only up to 256, and an expert-bias step
-of u rounds away once |b| > 256*u. Megatron-Core keeps its expert bias fp32 for the same reason.
+of u rounds away once |b| > 256*u. Megatron-Core keeps its expert bias fp32 for the same reason
+(`Router._maintain_float32_expert_bias`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class Fp32Buffers(nn.Module):
 
     fp32_buffers: ClassVar[tuple[str, ...]] = ()
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "Fp32Buffers":
         before = {name: self._buffers[name] for name in self.fp32_buffers}
         super()._apply(fn, recurse)
         for name, old in before.items():

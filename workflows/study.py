@@ -323,7 +323,6 @@ class Study(_Strict):
             raise ValueError("\n".join(problems))
         return self
 
-
     def _fp16_problems(self) -> list[str]:
         problems = []
         if self.resources.gpus_per_worker == 0:
