@@ -20,9 +20,8 @@ from workflows.trained_states import _single_process_group
 ROUTER = {"name": "topk", "k": 2, "expert_bias_rate": 0.01}
 
 
-def train(tmp_path, precision: str, steps: int, unvalidated: dict | None = None,
-          **training) -> tuple[object, list[dict]]:
-    """`steps` training steps of a tiny GPT cell; `unvalidated`: training fields set past the study validator."""
+def build(tmp_path, precision: str, steps: int, unvalidated: dict | None = None, **training):
+    """A tiny GPT cell's engine and data; `unvalidated`: training fields set past the study validator."""
     study = parse_study({
         "name": "precision", "routers": [ROUTER],
         "models": [{"name": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 64}],
@@ -34,7 +33,13 @@ def train(tmp_path, precision: str, steps: int, unvalidated: dict | None = None,
     cell = replace(cell, training=cell.training.model_copy(update=unvalidated or {}))
     data = load_prepared(prepare_datasets(study, Workspace.resolve(tmp_path, None))[cell.dataset].path)
     _single_process_group()
-    engine = build_engine(cell, data)
+    return build_engine(cell, data), cell, data
+
+
+def train(tmp_path, precision: str, steps: int, unvalidated: dict | None = None,
+          **training) -> tuple[object, list[dict]]:
+    """`steps` training steps; the engine and each step's metrics."""
+    engine, cell, data = build(tmp_path, precision, steps, unvalidated, **training)
     worker = Worker(0, 1, None, "")
     return engine, [train_step(engine, data, cell, step, worker) for step in range(1, steps + 1)]
 
@@ -49,7 +54,12 @@ def test_bf16_engine_trains_the_fp32_curve_with_bf16_weights_and_fp32_routing_st
     engine, bf16 = train(tmp_path, "bf16", 8)
     assert next(engine.module.parameters()).dtype == torch.bfloat16
     assert routing_state_dtypes(engine) == {torch.float32}  # the expert bias and counts are accumulators
-    assert engine.module.blocks[0].ffn.router.expert_bias_E.abs().sum() > 0  # and they moved
+    bias = engine.module.blocks[0].ffn.router.expert_bias_E
+    assert bias.abs().sum() > 0  # and it moved
+    engine.save_checkpoint(tmp_path / "ckpt", tag="bf16")  # a resumed bf16 cell gets its fp32 bias back, bit for bit
+    resumed, *_ = build(tmp_path, "bf16", 8)
+    resumed.load_checkpoint(tmp_path / "ckpt", tag="bf16")
+    assert torch.equal(resumed.module.blocks[0].ffn.router.expert_bias_E, bias)
     curve, reference = [m["train/lm_loss"] for m in bf16], [m["train/lm_loss"] for m in fp32]
     assert curve[-1] < curve[0]
     assert curve == pytest.approx(reference, rel=2e-2)  # bf16 keeps ~3 significant digits per op
