@@ -106,7 +106,7 @@ def coactivation(counts_EE: torch.Tensor) -> torch.Tensor:
 def difficulty_sums(experts_per_token_T: torch.Tensor, token_nll_T: torch.Tensor) -> dict[str, torch.Tensor]:
     """Additive sums for the Pearson correlation between experts per token and token loss (input difficulty)."""
     x, y = experts_per_token_T.double(), token_nll_T.double()
-    return {"n": torch.tensor(float(len(x)), dtype=torch.float64), "x": x.sum(), "y": y.sum(), "xx": (x * x).sum(),
+    return {"n": x.new_tensor(float(len(x)), dtype=torch.float64), "x": x.sum(), "y": y.sum(), "xx": (x * x).sum(),
             "yy": (y * y).sum(), "xy": (x * y).sum()}
 
 

@@ -1,9 +1,10 @@
 """Routing state that stays fp32 when the model is cast to bf16 or fp16.
 
-DeepSpeed's bf16/fp16 engines call `module.bfloat16()` / `.half()`, which casts every floating-point buffer. The
-expert bias and the route counts are accumulators: bf16 holds integers exactly only up to 256, and an expert-bias step
-of u rounds away once |b| > 256*u. Megatron-Core keeps its expert bias fp32 for the same reason
-(`Router._maintain_float32_expert_bias`).
+`module.bfloat16()` / `.half()` / `.to(dtype)` cast every floating-point buffer along with the parameters: benchmarks
+and notebooks cast whole models that way, and so do DeepSpeed engines configured with a `buffer_dtype` (0.19.8 casts
+parameters only by default). The expert bias and the route counts are accumulators: bf16 holds integers exactly only up
+to 256, and an expert-bias step of u rounds away once |b| > 256*u. Megatron-Core keeps its expert bias fp32 for the
+same reason (`Router._maintain_float32_expert_bias`).
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def ban_repeated_ngrams(seqs_NT: torch.Tensor, logp_NV: torch.Tensor, n: int) ->
     match = (grams[:, :, :-1] == seqs_NT[:, None, -(n - 1):]).all(-1) if n > 1 else torch.ones_like(grams[..., 0],
                                                                                                    dtype=torch.bool)
     rows, cols = match.nonzero(as_tuple=True)
-    return logp_NV.index_put((rows, grams[rows, cols, -1]), torch.tensor(float("-inf")))
+    return logp_NV.index_put((rows, grams[rows, cols, -1]), logp_NV.new_tensor(float("-inf")))
 
 
 def _next_logp(model, memory, src_valid, seqs, settings: GenerationSettings) -> torch.Tensor:

@@ -70,7 +70,8 @@ def summarize_with(baseline: PretrainedBaseline, documents: list[str], cfg: Summ
 
     tokenizer = AutoTokenizer.from_pretrained(baseline.model)
     causal = baseline.kind == "causal"
-    model = (AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM).from_pretrained(baseline.model).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the Ray task holds the study's gpus_per_worker
+    model = (AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM).from_pretrained(baseline.model).eval().to(device)
     if causal:
         tokenizer.padding_side = "left"  # generation continues every row from its last real token
         if tokenizer.pad_token is None:
@@ -82,7 +83,7 @@ def summarize_with(baseline: PretrainedBaseline, documents: list[str], cfg: Summ
         ids = tokenizer(documents[start:start + cfg.eval_batch_size], truncation=True, max_length=limit,
                         add_special_tokens=False)["input_ids"]
         docs = [baseline.input_text(tokenizer.decode(i, skip_special_tokens=True)) for i in ids]
-        batch = tokenizer(docs, return_tensors="pt", padding=True)
+        batch = tokenizer(docs, return_tensors="pt", padding=True).to(device)
         generated = model.generate(**batch, **_decoding(cfg), pad_token_id=tokenizer.pad_token_id)
         if causal:
             generated = generated[:, batch["input_ids"].shape[1]:]

@@ -26,10 +26,11 @@ def test_documents(data: PreparedPairs, cfg: SummarizationConfig) -> int:
 def generate_summaries(model, data: PreparedPairs, cfg: SummarizationConfig, source_len: int) -> list[str]:
     tokenizer = data.tokenizer()
     n, settings, texts = test_documents(data, cfg), cfg.generation_settings(), []
+    device = next(model.parameters()).device
     model.eval()
     for start in range(0, n, cfg.eval_batch_size):
         src, valid = data.sources(TEST_SPLIT, list(range(start, min(n, start + cfg.eval_batch_size))), source_len)
-        texts += tokenizer.decode_batch(generate(model, src, valid, settings, data.eos_id))
+        texts += tokenizer.decode_batch(generate(model, src.to(device), valid.to(device), settings, data.eos_id))
     model.train()
     return [t.strip() for t in texts]
 

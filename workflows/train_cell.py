@@ -97,7 +97,10 @@ def batch_generator(seed: int, step: int, index: int) -> torch.Generator:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks. NCCL reduces device tensors only: a host tensor goes there and back."""
     if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl" and not t.is_cuda:
+            return all_reduce_sum(t.cuda()).to(t.device)
         dist.all_reduce(t)
     return t
 
@@ -145,7 +148,7 @@ def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) 
     loss_sum, sums, difficulty, routes = torch.zeros(2), {}, None, {}  # routes: block -> per-batch masks
     unscaled: dict[int, dict[str, float]] = {}
     for _ in range(t.eval_batches):
-        batch = data.sample("validation", t.micro_batch_size, gen, t.seq_len, t.target_len)
+        batch = data.sample("validation", t.micro_batch_size, gen, t.seq_len, t.target_len).to(engine.device)
         out: LMOutput = engine(*batch.inputs)
         loss_sum += torch.tensor([out.lm_loss.item() * batch.num_targets, batch.num_targets])
         target_blocks = [i for i in out.moe if out.target_blocks is None or i in out.target_blocks]
@@ -154,7 +157,7 @@ def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) 
             difficulty = add_sums(difficulty, difficulty_sums(experts_T, out.token_nll_BS.flatten()))
         for i, aux in out.moe.items():
             sums[i] = add_sums(sums.get(i), aux.sums)
-            routes.setdefault(i, []).append(aux.expert_mask_TE)
+            routes.setdefault(i, []).append(aux.expert_mask_TE.cpu())  # kept to the end, and checkpointed
             for name, value in aux.unscaled.items():  # rank 0's mean over batches; the load metrics are global
                 layer = unscaled.setdefault(i, {})
                 layer[name] = layer.get(name, 0.0) + value.item() / t.eval_batches
@@ -183,7 +186,8 @@ def train_step(engine, data: PreparedData | PreparedPairs, cell: Cell, step: int
     unscaled: dict[int, dict[str, torch.Tensor]] = {}
     for micro in range(t.grad_accum_steps):
         gen = batch_generator(cell.seed, step, micro * w.world + w.rank)
-        out: LMOutput = engine(*data.sample("train", t.micro_batch_size, gen, t.seq_len, t.target_len).inputs)
+        batch = data.sample("train", t.micro_batch_size, gen, t.seq_len, t.target_len).to(engine.device)
+        out: LMOutput = engine(*batch.inputs)
         loss = out.loss
         if t.inject_nan_at_step == step:
             loss = loss * float("nan")
@@ -221,7 +225,7 @@ def final_cost_metrics(engine, data: PreparedData | PreparedPairs, cell: Cell, t
                            measure_peak_tflops(param.device, param.dtype), step_seconds)
     t = cell.training
     batch = data.sample("validation", t.micro_batch_size, torch.Generator().manual_seed(EVAL_SEED), t.seq_len,
-                        t.target_len)
+                        t.target_len).to(engine.device)
     engine.eval()
     share = router_latency_share(model, lambda: engine(*batch.inputs))
     engine.train()

@@ -68,7 +68,7 @@ def trained_hidden_states(study: Study, ws: Workspace, tokens: int) -> tuple[tor
     t = cell.training
     with torch.no_grad():
         while sum(c[1].numel() for c in captured) < tokens:
-            engine(*data.sample("validation", t.micro_batch_size, gen, t.seq_len, t.target_len).inputs)
+            engine(*data.sample("validation", t.micro_batch_size, gen, t.seq_len, t.target_len).to(engine.device).inputs)
     hook.remove()
     x_TD = torch.cat([c[0].reshape(-1, c[0].shape[-1]) for c in captured])[:tokens].float()
     ids_T = torch.cat([c[1].reshape(-1) for c in captured])[:tokens]

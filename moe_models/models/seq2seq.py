@@ -128,8 +128,11 @@ class Seq2SeqMoE(nn.Module):
 
     def _embed(self, emb: nn.Embedding, ids_BS: torch.Tensor) -> torch.Tensor:
         n = ids_BS.shape[1]
-        pos = self.pos_emb.weight[:n] if self.opts.positions == "learned" else self.pos_table[:n]
-        return self.drop(emb(ids_BS) * self.embed_scale + pos)
+        x = emb(ids_BS) * self.embed_scale
+        # The sinusoid table is a buffer, and DeepSpeed's bf16/fp16 engines keep buffers fp32: cast it, or it would
+        # promote the whole residual stream to fp32 (and LayerNorm refuses fp32 input with bf16 weights).
+        pos = self.pos_emb.weight[:n] if self.opts.positions == "learned" else self.pos_table[:n].to(x.dtype)
+        return self.drop(x + pos)
 
     def encode(self, src_BS: torch.Tensor, src_valid_BS: torch.Tensor) -> tuple[torch.Tensor, dict[int, MoEAux]]:
         x, aux = self._embed(self.enc_emb, src_BS), {}

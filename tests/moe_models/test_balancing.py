@@ -186,8 +186,8 @@ def test_switch_lbl_equals_hf_load_balancing_loss_divided_by_k(k):
 
 
 def test_routing_state_stays_fp32_in_a_bf16_model_so_the_expert_bias_moves_as_in_fp32():
-    """DeepSpeed's bf16/fp16 engines call module.bfloat16()/.half(), which casts every float buffer. The expert bias
-    and the route counts are accumulators: in bf16, counts above 256 round, and a bias step of u rounds to bf16's
+    """module.bfloat16() casts every float buffer (fp32_state.py says who does that). The expert bias and the route
+    counts are accumulators: in bf16, counts above 256 round, and a bias step of u rounds to bf16's
     spacing near |b| (it vanishes once |b| > 256*u). A bf16 model's router, fed bf16-representable inputs (its math is fp32), must count and move its
     bias exactly as the fp32 model's does."""
     from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec

@@ -4,6 +4,7 @@ bf16 runs on DeepSpeed's CPU accelerator. fp16 does too where the CPU has AVX512
 test patches DeepSpeed's capability check (the hardware is what cannot exist here): torch computes fp16 on any CPU,
 and the engine, its FP16 optimizer and its dynamic loss scaler are DeepSpeed's own.
 """
+import math
 from dataclasses import replace
 
 import pytest
@@ -14,20 +15,28 @@ from moe_data.prepare import load_prepared
 from workflows.cells import expand
 from workflows.runner import Workspace, prepare_datasets
 from workflows.study import parse_study
+from workflows.summarize_cell import generate_summaries
+from workflows.summarize_cell import test_documents as documents_to_summarize
 from workflows.train_cell import Worker, build_engine, train_step
 from workflows.trained_states import _single_process_group
 
 ROUTER = {"name": "topk", "k": 2, "expert_bias_rate": 0.01}
 
 
-def build(tmp_path, precision: str, steps: int, unvalidated: dict | None = None, **training):
-    """A tiny GPT cell's engine and data; `unvalidated`: training fields set past the study validator."""
+GPT = {"name": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 64}
+SEQ2SEQ = {"name": "seq2seq", "d_model": 32, "n_heads": 2, "encoder_layers": 1, "decoder_layers": 1,
+           "num_experts": 4, "expert_hidden": 32}
+
+
+def build(tmp_path, precision: str, steps: int, unvalidated: dict | None = None, model: dict = GPT,
+          dataset: str = "builtin:domains", **training):
+    """A tiny cell's engine and data; `unvalidated`: training fields set past the study validator."""
     study = parse_study({
-        "name": "precision", "routers": [ROUTER],
-        "models": [{"name": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 64}],
-        "datasets": [{"name": "builtin:domains", "vocab_size": 300, "max_chars_per_domain": 20000}],
-        "training": {"steps": steps, "micro_batch_size": 4, "seq_len": 32, "warmup_steps": 2, "lr": 3e-3,
-                     "precision": precision, **training},
+        "name": "precision", "routers": [ROUTER], "models": [model],
+        "datasets": [{"name": dataset, "vocab_size": 300, "max_chars_per_domain": 100_000}],
+        "training": {"steps": steps, "micro_batch_size": 4, "seq_len": 32, "target_len": 12, "warmup_steps": 2,
+                     "lr": 3e-3, "precision": precision, **training},
+        "summarization": {"eval_documents": 2, "eval_batch_size": 2, "max_new_tokens": 4, "num_beams": 2},
         "resources": {"gpus_per_worker": 1 if precision == "fp16" else 0}})
     (cell,) = expand(study)
     cell = replace(cell, training=cell.training.model_copy(update=unvalidated or {}))
@@ -37,9 +46,9 @@ def build(tmp_path, precision: str, steps: int, unvalidated: dict | None = None,
 
 
 def train(tmp_path, precision: str, steps: int, unvalidated: dict | None = None,
-          **training) -> tuple[object, list[dict]]:
+          **kwargs) -> tuple[object, list[dict]]:
     """`steps` training steps; the engine and each step's metrics."""
-    engine, cell, data = build(tmp_path, precision, steps, unvalidated, **training)
+    engine, cell, data = build(tmp_path, precision, steps, unvalidated, **kwargs)
     worker = Worker(0, 1, None, "")
     return engine, [train_step(engine, data, cell, step, worker) for step in range(1, steps + 1)]
 
@@ -63,6 +72,23 @@ def test_bf16_engine_trains_the_fp32_curve_with_bf16_weights_and_fp32_routing_st
     curve, reference = [m["train/lm_loss"] for m in bf16], [m["train/lm_loss"] for m in fp32]
     assert curve[-1] < curve[0]
     assert curve == pytest.approx(reference, rel=2e-2)  # bf16 keeps ~3 significant digits per op
+
+
+@pytest.mark.slow
+def test_bf16_summarization_cell_trains_and_decodes_in_bf16(tmp_path):
+    """DeepSpeed's bf16 engine casts parameters, not buffers: the encoder-decoder's fp32 sinusoid table once promoted
+    its residual stream to fp32, and the first LayerNorm (bf16 weights) refused it."""
+    engine, cell, data = build(tmp_path, "bf16", 2, model=SEQ2SEQ, dataset="builtin:docstrings")
+    assert engine.module.pos_table.dtype == torch.float32  # DeepSpeed kept the buffer fp32 ...
+    states = []
+    hook = engine.module.ln_enc.register_forward_hook(lambda _m, args, out: states.append(args[0].dtype))
+    worker = Worker(0, 1, None, "")
+    curve = [train_step(engine, data, cell, step, worker)["train/lm_loss"] for step in (1, 2)]
+    hook.remove()
+    assert states == [torch.bfloat16] * 2  # ... and the residual stream is bf16
+    assert all(math.isfinite(loss) for loss in curve)
+    summaries = generate_summaries(engine.module, data, cell.summarization, cell.training.seq_len)
+    assert len(summaries) == documents_to_summarize(data, cell.summarization) > 0
 
 
 @pytest.fixture
