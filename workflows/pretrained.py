@@ -71,7 +71,8 @@ def summarize_with(baseline: PretrainedBaseline, documents: list[str], cfg: Summ
     tokenizer = AutoTokenizer.from_pretrained(baseline.model)
     causal = baseline.kind == "causal"
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the Ray task holds the study's gpus_per_worker
-    model = (AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM).from_pretrained(baseline.model).eval().to(device)
+    family = AutoModelForCausalLM if causal else AutoModelForSeq2SeqLM
+    model = family.from_pretrained(baseline.model).eval().to(device)
     if causal:
         tokenizer.padding_side = "left"  # generation continues every row from its last real token
         if tokenizer.pad_token is None:

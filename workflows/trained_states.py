@@ -70,7 +70,8 @@ def trained_hidden_states(study: Study, ws: Workspace, tokens: int) -> tuple[tor
         while sum(c[1].numel() for c in captured) < tokens:
             engine(*data.sample("validation", t.micro_batch_size, gen, t.seq_len, t.target_len).to(engine.device).inputs)
     hook.remove()
-    x_TD = torch.cat([c[0].reshape(-1, c[0].shape[-1]) for c in captured])[:tokens].float()
-    ids_T = torch.cat([c[1].reshape(-1) for c in captured])[:tokens]
-    dom_T = torch.cat([c[2].reshape(-1) for c in captured])[:tokens].clamp(min=0)
+    # On the host, where the router profiles run, whichever device the engine used.
+    x_TD = torch.cat([c[0].reshape(-1, c[0].shape[-1]) for c in captured])[:tokens].float().cpu()
+    ids_T = torch.cat([c[1].reshape(-1) for c in captured])[:tokens].cpu()
+    dom_T = torch.cat([c[2].reshape(-1) for c in captured])[:tokens].clamp(min=0).cpu()
     return x_TD, ids_T, dom_T, moe.router.ctx.num_experts, data.vocab_size, cell.title
