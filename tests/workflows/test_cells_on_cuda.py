@@ -4,14 +4,10 @@ GPU cannot exist there. CPU runs of the same code are the rest of the suite."""
 import pytest
 import torch
 
-from moe_data.prepare import load_prepared
-from workflows.cells import expand
-from workflows.runner import Workspace, prepare_datasets
-from workflows.study import parse_study
+from tests.in_process import in_process_cell
 from workflows.summarize_cell import generate_summaries
 from workflows.summarize_cell import test_documents as documents_to_summarize
-from workflows.train_cell import Worker, build_engine, evaluate, final_cost_metrics, train_step
-from workflows.trained_states import _single_process_group
+from workflows.train_cell import Worker, evaluate, final_cost_metrics, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -21,17 +17,13 @@ SEQ2SEQ = {"name": "seq2seq", "d_model": 32, "n_heads": 2, "encoder_layers": 1, 
 
 
 def cell_on_gpu(tmp_path, router: dict, model: dict, dataset: str, **training):
-    study = parse_study({
-        "name": "cuda", "routers": [router], "models": [model],
+    engine, cell, data = in_process_cell(tmp_path, {
+        "routers": [router], "models": [model],
         "datasets": [{"name": dataset, "vocab_size": 400, "max_chars_per_domain": 100_000}],
         "training": {"steps": 4, "micro_batch_size": 4, "seq_len": 48, "target_len": 12, "warmup_steps": 1,
                      "eval_batches": 2, **training},
         "summarization": {"eval_documents": 4, "eval_batch_size": 2, "max_new_tokens": 6, "num_beams": 2},
         "resources": {"gpus_per_worker": 1}})
-    (cell,) = expand(study)
-    data = load_prepared(prepare_datasets(study, Workspace.resolve(tmp_path, None))[cell.dataset].path)
-    _single_process_group()
-    engine = build_engine(cell, data)
     assert engine.device.type == "cuda" and next(engine.module.parameters()).is_cuda
     return engine, cell, data
 

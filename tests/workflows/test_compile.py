@@ -2,32 +2,19 @@
 train the eager cell's curve, evaluate to the same numbers, and still measure its router share (hooks run eagerly)."""
 import pytest
 
-from moe_data.prepare import load_prepared
-from workflows.cells import Cell, expand
-from workflows.runner import Workspace, prepare_datasets
-from workflows.study import parse_study
-from workflows.train_cell import StepTimes, Worker, build_engine, evaluate, final_cost_metrics, train_step
-from workflows.trained_states import _single_process_group
+from tests.in_process import in_process_cell
+from workflows.train_cell import StepTimes, Worker, evaluate, final_cost_metrics, train_step
 
 STEPS = 6
 
 
-def cell_and_data(tmp_path, router: dict, compile: bool) -> tuple[Cell, object]:
-    study = parse_study({
-        "name": "compile", "routers": [router],
+def train_and_evaluate(tmp_path, router: dict, compile: bool):
+    engine, cell, data = in_process_cell(tmp_path, {
+        "routers": [router],
         "models": [{"name": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 64}],
         "datasets": [{"name": "builtin:domains", "vocab_size": 300, "max_chars_per_domain": 20000}],
         "training": {"steps": STEPS, "micro_batch_size": 4, "seq_len": 32, "warmup_steps": 2, "eval_batches": 2,
                      "compile": compile}})
-    (cell,) = expand(study)
-    prepared = prepare_datasets(study, Workspace.resolve(tmp_path, None))
-    return cell, load_prepared(prepared[cell.dataset].path)
-
-
-def train_and_evaluate(tmp_path, router: dict, compile: bool):
-    cell, data = cell_and_data(tmp_path, router, compile)
-    _single_process_group()
-    engine = build_engine(cell, data)
     assert engine.is_compiled == compile
     worker = Worker(0, 1, None, "")
     curve = [train_step(engine, data, cell, step, worker)["train/lm_loss"] for step in range(1, STEPS + 1)]

@@ -5,24 +5,17 @@ test patches DeepSpeed's capability check (the hardware is what cannot exist her
 and the engine, its FP16 optimizer and its dynamic loss scaler are DeepSpeed's own.
 """
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from moe_data.prepare import load_prepared
-from workflows.cells import expand
-from workflows.runner import Workspace, prepare_datasets
-from workflows.study import parse_study
+from tests.in_process import in_process_cell
 from workflows.summarize_cell import generate_summaries
 from workflows.summarize_cell import test_documents as documents_to_summarize
-from workflows.train_cell import Worker, build_engine, train_step
-from workflows.trained_states import _single_process_group
+from workflows.train_cell import Worker, train_step
 
 ROUTER = {"name": "topk", "k": 2, "expert_bias_rate": 0.01}
-
-
 GPT = {"name": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 64}
 SEQ2SEQ = {"name": "seq2seq", "d_model": 32, "n_heads": 2, "encoder_layers": 1, "decoder_layers": 1,
            "num_experts": 4, "expert_hidden": 32}
@@ -30,19 +23,14 @@ SEQ2SEQ = {"name": "seq2seq", "d_model": 32, "n_heads": 2, "encoder_layers": 1, 
 
 def build(tmp_path, precision: str, steps: int, unvalidated: dict | None = None, model: dict = GPT,
           dataset: str = "builtin:domains", **training):
-    """A tiny cell's engine and data; `unvalidated`: training fields set past the study validator."""
-    study = parse_study({
-        "name": "precision", "routers": [ROUTER], "models": [model],
+    """A tiny cell's (engine, cell, data)."""
+    return in_process_cell(tmp_path, {
+        "routers": [ROUTER], "models": [model],
         "datasets": [{"name": dataset, "vocab_size": 300, "max_chars_per_domain": 100_000}],
         "training": {"steps": steps, "micro_batch_size": 4, "seq_len": 32, "target_len": 12, "warmup_steps": 2,
                      "lr": 3e-3, "precision": precision, **training},
         "summarization": {"eval_documents": 2, "eval_batch_size": 2, "max_new_tokens": 4, "num_beams": 2},
-        "resources": {"gpus_per_worker": 1 if precision == "fp16" else 0}})
-    (cell,) = expand(study)
-    cell = replace(cell, training=cell.training.model_copy(update=unvalidated or {}))
-    data = load_prepared(prepare_datasets(study, Workspace.resolve(tmp_path, None))[cell.dataset].path)
-    _single_process_group()
-    return build_engine(cell, data), cell, data
+        "resources": {"gpus_per_worker": 1 if precision == "fp16" else 0}}, unvalidated)
 
 
 def train(tmp_path, precision: str, steps: int, unvalidated: dict | None = None,
