@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import deepspeed
@@ -84,7 +85,11 @@ def build_engine(cell: Cell, data: PreparedData | PreparedPairs) -> deepspeed.De
                  "initial_scale_power": t.fp16_initial_scale_power},
         "steps_per_print": 10**9,
     }
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    # On a GPU, the device Ray Train made current (ray.train.torch.get_device()); DeepSpeed would otherwise take
+    # cuda:LOCAL_RANK, which need not be the GPU Ray assigned to this worker.
+    args = SimpleNamespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None
+    engine, *_ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=ds_config)
     if t.compile:
         engine.compile()  # the module's forward only; encode/decode for generation stay eager
     return engine

@@ -24,7 +24,8 @@ def cell_on_gpu(tmp_path, router: dict, model: dict, dataset: str, **training):
                      "eval_batches": 2, **training},
         "summarization": {"eval_documents": 4, "eval_batch_size": 2, "max_new_tokens": 6, "num_beams": 2},
         "resources": {"gpus_per_worker": 1}})
-    assert engine.device.type == "cuda" and next(engine.module.parameters()).is_cuda
+    assert engine.device == torch.device("cuda", torch.cuda.current_device())  # the GPU Ray Train makes current
+    assert next(engine.module.parameters()).device == engine.device
     return engine, cell, data
 
 
