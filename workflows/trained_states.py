@@ -68,7 +68,8 @@ def trained_hidden_states(study: Study, ws: Workspace, tokens: int) -> tuple[tor
     t = cell.training
     with torch.no_grad():
         while sum(c[1].numel() for c in captured) < tokens:
-            engine(*data.sample("validation", t.micro_batch_size, gen, t.seq_len, t.target_len).to(engine.device).inputs)
+            batch = data.sample("validation", t.micro_batch_size, gen, t.seq_len, t.target_len)
+            engine(*batch.to(engine.device).inputs)
     hook.remove()
     # On the host, where the router profiles run, whichever device the engine used.
     x_TD = torch.cat([c[0].reshape(-1, c[0].shape[-1]) for c in captured])[:tokens].float().cpu()

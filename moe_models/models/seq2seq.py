@@ -164,7 +164,8 @@ class Seq2SeqMoE(nn.Module):
         token_nll = None
         if not self.training:  # input difficulty, an evaluation product: in training a second V-wide cross-entropy
             # and, through the mask, a host read
-            token_nll = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")[valid_BL.flatten()]
+            token_nll = F.cross_entropy(logits.detach(), labels, ignore_index=IGNORE_INDEX,
+                                        reduction="none")[valid_BL.flatten()]
         aux = {**enc_aux, **dec_aux}
         aux_loss = sum((a.loss for a in aux.values()), lm_loss.new_zeros(()))
         return LMOutput(lm_loss, aux_loss, aux, token_nll, target_blocks=tuple(sorted(dec_aux)))
