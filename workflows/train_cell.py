@@ -196,7 +196,8 @@ def train_step(engine, data: PreparedData | PreparedPairs, cell: Cell, step: int
         loss = out.loss
         if t.inject_nan_at_step == step:
             loss = loss * float("nan")
-        bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss) else 1.0]))
+        # Built on the loss's device: one host read (.item()) per micro-batch, and no host round trip under NCCL.
+        bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
         if bad.item() > 0:
             raise NonFiniteLoss(f"non-finite loss at step {step} (lm {out.lm_loss.item():.4g}, "
                                 f"aux {out.aux_loss.item():.4g}) on {int(bad.item())} rank(s)")
