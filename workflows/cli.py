@@ -9,14 +9,16 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import Iterator, TextIO
 
-from workflows import storage
-from workflows.study import StudyError, load_study
+# Nothing heavy at import: torch, DeepSpeed and Ray load inside a command, once stdout is kept for its results.
 
 DEFAULT_WORKDIR = "./moelab-runs"
 
 
 def _study(path: str):
+    from workflows.study import StudyError, load_study
+
     try:
         return load_study(path)
     except StudyError as err:
@@ -24,31 +26,32 @@ def _study(path: str):
         raise SystemExit(2)
 
 
-def cmd_validate(args) -> int:
+def cmd_validate(args, out: TextIO) -> int:
     from workflows.cells import expand
 
     study = _study(args.study)
     print(f"{args.study}: valid — {len(expand(study))} cells "
           f"({len(study.routers)} routers x {len(study.models)} models x {len(study.datasets)} datasets x "
-          f"{len(study.seeds)} seeds)")
+          f"{len(study.seeds)} seeds)", file=out)
     return 0
 
 
-def cmd_run(args) -> int:
+def cmd_run(args, out: TextIO) -> int:
     from workflows.runner import Workspace, run_study
 
     study = _study(args.study)
     ws = Workspace.resolve(args.workdir, args.tracking_uri, args.storage_path)
-    outcome = run_study(study, ws, args.address, verbose=args.verbose)
+    outcome = run_study(study, ws, args.address, echo=lambda line: print(line, file=out, flush=True),
+                        verbose=args.verbose)
     t = outcome.timings
     print(f"\ntable: {outcome.table_path}\n"
           f"MLflow: mlflow ui --backend-store-uri {ws.tracking_uri}  (experiment {study.name!r})\n"
           f"time: {t['total_s']:.1f}s total = {t['prepare_data_s']:.1f}s data + {t['ray_init_s']:.1f}s Ray start + "
-          f"{t['cells_s']:.1f}s cells")
-    print(outcome.table_path.read_text())
+          f"{t['cells_s']:.1f}s cells", file=out)
+    print(outcome.table_path.read_text(), file=out)
     if outcome.summarization_report:
-        print(f"summarization report: {outcome.summarization_report}\n")
-        print(outcome.summarization_report.read_text().split("### Samples")[0])
+        print(f"summarization report: {outcome.summarization_report}\n", file=out)
+        print(outcome.summarization_report.read_text().split("### Samples")[0], file=out)
     return _exit_code("cell", outcome.failed)
 
 
@@ -62,7 +65,7 @@ def _exit_code(kind: str, failed: dict[str, str]) -> int:
     return 1
 
 
-def cmd_tune(args) -> int:
+def cmd_tune(args, out: TextIO) -> int:
     from tuning.runner import tune_study
     from workflows.runner import Workspace
 
@@ -71,9 +74,10 @@ def cmd_tune(args) -> int:
         print(f"{args.study}: invalid study\n  sweep: missing; `moelab tune` needs a sweep section", file=sys.stderr)
         return 2
     ws = Workspace.resolve(args.workdir, args.tracking_uri, args.storage_path)
-    outcome = tune_study(study, ws, args.address, verbose=args.verbose)
+    outcome = tune_study(study, ws, args.address, echo=lambda line: print(line, file=out, flush=True),
+                         verbose=args.verbose)
     print(f"\n{outcome.trials} trials in {outcome.seconds:.1f}s; MLflow: mlflow ui --backend-store-uri "
-          f"{ws.tracking_uri}\n\n{outcome.best_table}")
+          f"{ws.tracking_uri}\n\n{outcome.best_table}", file=out)
     return _exit_code("trial", outcome.failed)
 
 
@@ -87,8 +91,9 @@ def _runs(study, args):
     return tracker, (tracker.cell_runs(found.experiment_id) if found else {}), ws
 
 
-def cmd_status(args) -> int:
+def cmd_status(args, out: TextIO) -> int:
     from workflows.cells import expand
+    from workflows import storage
     from workflows.runner import ray_checkpoints
     from workflows.tracking import REASON
 
@@ -97,7 +102,7 @@ def cmd_status(args) -> int:
     for cell in expand(study):
         run = runs.get(cell.id)
         if run is None:
-            print(f"{cell.id}  {cell.title}  PENDING")
+            print(f"{cell.id}  {cell.title}  PENDING", file=out)
             continue
         history = tracker.metric_history(run.info.run_id, "train/loss")
         step, loss = (history[-1].step, f"{history[-1].value:.4f}") if history else (0, "—")
@@ -105,9 +110,9 @@ def cmd_status(args) -> int:
         checkpoint = "checkpoint" if ray_checkpoints(storage.join(ws.cell_storage(study.name), cell.id)) \
             else "no checkpoint"
         print(f"{cell.id}  {cell.title}  {run.info.status}  step {step}/{study.training.steps}  loss {loss}  "
-              f"{checkpoint}{reason}")
+              f"{checkpoint}{reason}", file=out)
     if study.sweep:
-        _sweep_status(study, tracker, ws)
+        _sweep_status(study, tracker, ws, out)
     return 0
 
 
@@ -116,12 +121,13 @@ def _trial_runs(study, tracker) -> list:
     return tracker.trial_runs(found.experiment_id, study.sweep.name) if found else []
 
 
-def _sweep_status(study, tracker, ws) -> None:
+def _sweep_status(study, tracker, ws, out: TextIO) -> None:
     from tuning.report import trial_rows
+    from workflows import storage
     from workflows.runner import ray_checkpoints
 
     runs = _trial_runs(study, tracker)
-    print(f"sweep {study.sweep.name}: {len(runs)} trial(s)")
+    print(f"sweep {study.sweep.name}: {len(runs)} trial(s)", file=out)
     for row in trial_rows(runs, study.sweep):
         params = " ".join(f"{k}={row[k]}" for k in study.sweep.space)
         metric = row[study.sweep.metric]
@@ -129,10 +135,10 @@ def _sweep_status(study, tracker, ws) -> None:
         print(f"  trial {row['trial']}  {row['router']}  {params}  {row['status']}  step {row['steps']}  "
               f"{study.sweep.metric} {metric if metric is None else f'{metric:.4f}'}  "
               f"{'checkpoint' if checkpoint else 'no checkpoint'}"
-              + (f"  reason: {row['reason']}" if row["reason"] else ""))
+              + (f"  reason: {row['reason']}" if row["reason"] else ""), file=out)
 
 
-def cmd_aggregate(args) -> int:
+def cmd_aggregate(args, out: TextIO) -> int:
     from workflows.aggregate import table_rows, to_csv, to_markdown
     from workflows.cells import expand
 
@@ -155,7 +161,7 @@ def cmd_aggregate(args) -> int:
     if args.out:
         Path(args.out).write_text(text)
     else:
-        sys.stdout.write(text)
+        out.write(text)
     return 0
 
 
@@ -167,19 +173,30 @@ def _sweep_best(study, args) -> str:
 
 
 @contextlib.contextmanager
-def _stdout_to_stderr():
+def _results_only_on_stdout() -> Iterator[TextIO]:
+    """While a command runs, fd 1 and `sys.stdout` lead to stderr: DeepSpeed's logger (a handler on sys.stdout),
+    Ray's banners and C libraries all write there, and `aggregate --format csv > t.csv` must hold the table alone.
+    Yields the stream for the command's own output: the stdout it started with."""
     sys.stdout.flush()
-    saved = os.dup(1)
+    started_with, saved_fd = sys.stdout, os.dup(1)
+    # A caller's own stream (pytest's capture, a StringIO) stays the results stream; fd 1 gets a private duplicate.
+    results = (os.fdopen(os.dup(saved_fd), "w", encoding=started_with.encoding or "utf-8")
+               if started_with is sys.__stdout__ else started_with)
     os.dup2(2, 1)
+    sys.stdout = sys.stderr
     try:
-        yield
+        yield results
     finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+        results.flush()
+        sys.stderr.flush()
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
+        sys.stdout = started_with
+        if results is not started_with:
+            results.close()
 
 
-def cmd_routers(args) -> int:
+def cmd_routers(args, out: TextIO) -> int:
     import json
 
     from moe_models.characterize import profile_all, profile_states
@@ -190,17 +207,16 @@ def cmd_routers(args) -> int:
         from workflows.trained_states import trained_hidden_states
 
         ws = Workspace.resolve(args.workdir, args.tracking_uri, args.storage_path)
-        with _stdout_to_stderr():  # DeepSpeed logs to stdout; keep the table / JSON on stdout clean
-            x, ids, dom, experts, vocab, title = trained_hidden_states(_study(args.study), ws, args.tokens)
+        x, ids, dom, experts, vocab, title = trained_hidden_states(_study(args.study), ws, args.tokens)
         profiles += profile_states(x, ids, dom, experts, vocab, f"trained: {title}")
     rows = [p.as_dict() for p in profiles]
     if args.format == "json":
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2), file=out)
         return 0
     cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|")
+    print("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|", file=out)
     for p in rows:
-        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in p.values()) + " |")
+        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in p.values()) + " |", file=out)
     return 0
 
 
@@ -245,15 +261,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def _dispatch(args, out: TextIO) -> int:
+    from workflows.study import StudyError
+
     try:
-        return args.fn(args)
+        return args.fn(args, out)
     except StudyError as err:  # found after parsing: missing domain labels, a cluster the study cannot use
         print(err, file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    with _results_only_on_stdout() as out:
+        try:
+            return _dispatch(args, out)
+        except KeyboardInterrupt:
+            return 130
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
 """A mini study through the real stack: local Ray, Ray Train TorchTrainer, DeepSpeed engines, MLflow on SQLite."""
+import csv
+import io
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -7,6 +12,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from moe_models.routers import ROUTERS
+from tests.processes import REPO
 from workflows.cli import main
 
 pytestmark = pytest.mark.slow
@@ -137,6 +144,32 @@ def test_status_and_aggregate_read_back_from_mlflow(mini, capsys):
     assert len(out.read_text().splitlines()) == 4
 
 
+def moelab_stdout(*args: str) -> str:
+    """A `moelab` command's stdout as a user's pipe gets it: a fresh process, so import-time library output counts."""
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_machine_readable_output_is_only_the_requested_output(mini):
+    """DeepSpeed's accelerator warning and Ray's banners go to stderr: a CSV reader, json.loads and a line-per-cell
+    parser take stdout whole."""
+    _, study, workdir, _ = mini
+    where = [str(study), "--workdir", str(workdir)]
+    rows = list(csv.DictReader(io.StringIO(moelab_stdout("aggregate", *where, "--format", "csv"))))
+    assert [r["router"] for r in rows] == ["topk(k=2)", "top_p(p=0.51)", "reference"]
+    assert all(r["status"] == "FINISHED" for r in rows)
+    md = moelab_stdout("aggregate", *where, "--format", "md").strip().splitlines()
+    assert md[0].startswith("| cell | router |") and set(md[1]) <= set("|-: ") and len(md) == 2 + 3
+    status = moelab_stdout("status", *where).strip().splitlines()
+    assert len(status) == 3 and all(re.fullmatch(r"[0-9a-f]{12}  .+  FINISHED  step 6/6  loss \d+\.\d{4}  checkpoint",
+                                                 line) for line in status)
+    routers = json.loads(moelab_stdout("routers", "--format", "json", "--tokens", "64", "--d-model", "8",
+                                       "--experts", "4"))
+    assert {r["router"] for r in routers} == set(ROUTERS.names())
+
+
 def test_nan_loss_fails_that_cell_with_reason_and_the_study_goes_on(tmp_path, ray_session, capsys):
     study = dict(TINY, name="poisoned", routers=[TINY["routers"][0], {"name": "hash"}],
                  fault_injection={"nan_at_step": 4, "routers": ["hash"]})
@@ -170,7 +203,7 @@ def test_routers_characterized_on_a_trained_cells_hidden_states(mini, capsys):
     assert main(["routers", "--study", str(study), "--workdir", str(workdir), "--format", "json", "--tokens", "256",
                  "--d-model", "16", "--experts", "4"]) == 0
     out = capsys.readouterr().out
-    rows = json.loads(out[out.index("[\n"):])  # after any library log lines the test process's capture still sees
+    rows = json.loads(out)
     trained = [r for r in rows if r["hidden_states"].startswith("trained: ")]
     random_rows = [r for r in rows if r["hidden_states"] == "random"]
     assert {r["router"] for r in trained} == {r["router"] for r in random_rows}  # the whole registry, twice
