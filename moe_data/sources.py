@@ -19,15 +19,19 @@ _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".tx
 def parse_name(name: str) -> tuple[str, str]:
     scheme, sep, rest = name.partition(":")
     if not sep or scheme not in SCHEMES or not rest:
-        raise ValueError(f"dataset name {name!r} must be one of {', '.join(s + ':...' for s in SCHEMES)}")
+        raise ValueError(f"dataset name {name[:100]!r} must be one of {', '.join(s + ':...' for s in SCHEMES)}")
     if scheme == "builtin" and rest not in BUILTIN:
-        raise ValueError(f"unknown built-in dataset {rest!r}; valid: {', '.join('builtin:' + b for b in BUILTIN)}")
+        raise ValueError(f"unknown built-in dataset {rest[:100]!r}; valid: {', '.join('builtin:' + b for b in BUILTIN)}")
     if scheme == "file":
         path = Path(rest)
         if path.suffix not in _FILE_BUILDERS:
-            raise ValueError(f"file dataset {rest!r}: suffix must be one of {', '.join(_FILE_BUILDERS)}")
-        if not path.exists():
-            raise ValueError(f"file dataset {rest!r} does not exist")
+            raise ValueError(f"file dataset {rest[:100]!r}: suffix must be one of {', '.join(_FILE_BUILDERS)}")
+        try:
+            found = path.is_file()
+        except OSError as err:  # a name longer than the OS allows, and the like
+            raise ValueError(f"file dataset {rest[:100]!r}: {err.strerror or err}") from None
+        if not found:
+            raise ValueError(f"file dataset {rest[:100]!r} does not exist (or is not a file)")
     return scheme, rest
 
 

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
+
+from moe_models.options import NAME_PATTERN, StrictOptions
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 
 
-class Dimension(BaseModel):
+class Dimension(StrictOptions):
     """Exactly one of: loguniform [lo, hi], uniform [lo, hi], randint [lo, hi), choice [...], grid [...]."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     loguniform: tuple[float, float] | None = None
     uniform: tuple[float, float] | None = None
     randint: tuple[int, int] | None = None
@@ -32,7 +33,7 @@ class Dimension(BaseModel):
             raise ValueError(f"{given[0]}: lower bound must be below upper bound, got {list(lo_hi)}")
         if self.loguniform is not None and self.loguniform[0] <= 0:
             raise ValueError("loguniform: bounds must be positive")
-        if (self.choice or self.grid) == []:
+        if self.choice == [] or self.grid == []:
             raise ValueError(f"{given[0]}: needs at least one value")
         return self
 
@@ -48,10 +49,9 @@ class Dimension(BaseModel):
         return [lo, hi - 1] if self.randint else [lo, hi]
 
 
-class SweepConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class SweepConfig(StrictOptions):
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN)
     routers: list[str] = Field(default_factory=list)  # router display names; empty = every non-dense router
     models: list[str] = Field(default_factory=list)  # model display names; empty = all
     datasets: list[str] = Field(default_factory=list)  # dataset names; empty = all

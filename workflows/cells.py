@@ -27,16 +27,9 @@ class Cell:
 
     def resolved(self) -> dict[str, Any]:
         """JSON-ready config with every default filled in: what the id hashes and what MLflow records."""
-        spec = self.router.routing_spec()
         return {
-            "router": {"name": self.router.name, "label": self.router.display(),
-                       **(spec.options.model_dump() if spec.options else {}),
-                       "balancing": dict(sorted(self.router.balancing.items())),
-                       "balancing_scope": self.router.balancing_scope,
-                       "capacity_factor": self.router.capacity_factor, "drop_policy": self.router.drop_policy,
-                       "active_experts": self.router.active_experts},
-            "model": {"name": self.model.name, "label": self.model.display(),
-                      **self.model.resolved_options().model_dump()},
+            "router": self.router.resolved(),
+            "model": self.model.resolved(),
             "dataset": self.dataset.model_dump(),
             "seed": self.seed,
             "training": self.training.model_dump(),

@@ -6,31 +6,54 @@ by the component's pydantic Options: unknown keys are errors, and every message 
 """
 from __future__ import annotations
 
+import re
+import reprlib
+import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                       ValidationError, field_validator, model_validator)
 
 from moe_data.sources import parse_name, task_of
 from tuning.sweep_config import SweepConfig
 from moe_models.balancing import BALANCING_LOSSES
 from moe_models.models import MODELS
+from moe_models.options import NAME_PATTERN, StrictOptions
 from moe_models.routers import ROUTERS
 from moe_models.spec import DENSE, RoutingSpec
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]  # Adam's moment decay rates
+# Ray schedules CPUs and GPUs in units of 1e-4; a cell asking for less could never be placed.
+ResourceAmount = Annotated[float, Field(ge=1e-4, le=1024)]
+_MAX_LINE, _MAX_PROBLEMS = 300, 40  # an error message stays readable whatever the file holds
+
+
+def short(value: Any) -> str:
+    """A value as an error message shows it: bounded, so a YAML alias bomb cannot print megabytes."""
+    return _REPR.repr(value)
 
 
 class StudyError(ValueError):
     """Invalid study input; `problems` are 'field.path: message' lines."""
 
-    def __init__(self, source: str, problems: list[str]):
-        self.problems = problems
-        super().__init__(f"{source}: invalid study\n" + "\n".join(f"  {p}" for p in problems))
+    def __init__(self, source: str, problems: list[str], headline: str = "invalid study"):
+        lines = [p if len(p) <= _MAX_LINE else p[:_MAX_LINE] + " ..." for p in problems[:_MAX_PROBLEMS]]
+        if len(problems) > _MAX_PROBLEMS:
+            lines.append(f"... and {len(problems) - _MAX_PROBLEMS} more")
+        self.problems = lines
+        super().__init__(f"{source[:_MAX_LINE]}: {headline}\n" + "\n".join(f"  {p}" for p in lines))
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_REPR = reprlib.Repr()  # Python 3.11's Repr takes its limits as attributes, not arguments
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 4, 6, 6, 6
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 60, 40
+
+
+class _Strict(StrictOptions):
+    pass
 
 
 def _split_options(data: Any, own_fields: set[str]) -> Any:
@@ -87,6 +110,14 @@ class RouterEntry(_Strict):
         return RoutingSpec(self.name, options, dict(self.balancing), self.capacity_factor, self.drop_policy,
                            self.active_experts, self.balancing_scope)
 
+    def resolved(self) -> dict[str, Any]:
+        """Every option with its default filled in (what a cell records; all but the label is its identity)."""
+        spec = self.routing_spec()
+        return {"name": self.name, "label": self.display(), **(spec.options.model_dump() if spec.options else {}),
+                "balancing": dict(sorted(self.balancing.items())), "balancing_scope": self.balancing_scope,
+                "capacity_factor": self.capacity_factor, "drop_policy": self.drop_policy,
+                "active_experts": self.active_experts}
+
     def flat(self) -> dict[str, Any]:
         """The entry as written in a study file (options inline)."""
         return {**self.model_dump(exclude={"options"}), **self.options}
@@ -97,7 +128,12 @@ class RouterEntry(_Strict):
         for path, value in params.items():
             head, _, leaf = path.partition(".")
             if leaf:
-                flat[head] = {**(flat.get(head) or {}), leaf: value}
+                section = flat.get(head) or {}
+                if not isinstance(section, dict) or "." in leaf:
+                    raise ValueError(f"{path!r} is not a path into this router: {head} is "
+                                     f"{'a value, not a section' if not isinstance(section, dict) else 'a section of values'}"
+                                     "; paths are an option (k), or balancing.<loss>")
+                flat[head] = {**section, leaf: value}
             else:
                 flat[head] = value
         return RouterEntry.model_validate(flat)
@@ -137,6 +173,9 @@ class ModelEntry(_Strict):
     def resolved_options(self):
         return MODELS.get(self.name).Options(**self.options)
 
+    def resolved(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.display(), **self.resolved_options().model_dump()}
+
     def display(self) -> str:
         return self.label or self.name
 
@@ -173,7 +212,7 @@ class TrainingConfig(_Strict):
     warmup_steps: NonNegativeInt = 10
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     weight_decay: NonNegativeFloat = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.95)  # Vaswani et al. / the summarization report used (0.9, 0.98)
+    adam_betas: tuple[Beta, Beta] = (0.9, 0.95)  # Vaswani et al. / the summarization report used (0.9, 0.98)
     adam_eps: PositiveFloat = 1e-8
     grad_clip: NonNegativeFloat = 1.0
     log_interval: PositiveInt = 10
@@ -192,6 +231,19 @@ class TrainingConfig(_Strict):
     # Set per cell from the study's `fault_injection` block (tests only): poison the loss with NaN at this step.
     inject_nan_at_step: PositiveInt | None = None
 
+    @model_validator(mode="after")
+    def _fits_steps(self) -> "TrainingConfig":
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps: {self.warmup_steps} is more than steps={self.steps}; the learning rate "
+                             "would never reach its peak")
+        return self
+
+    def warnings(self) -> list[str]:
+        """Legitimate but likely unintended: the interval only fires at the last step."""
+        return [f"training.{name}: {getattr(self, name)} is more than steps={self.steps}, so it happens only at the "
+                f"last step{' (an interrupted cell restarts from step 0)' if name == 'checkpoint_interval' else ''}"
+                for name in ("eval_interval", "checkpoint_interval") if getattr(self, name) > self.steps]
+
 
 class PretrainedBaseline(_Strict):
     """A pretrained HF model evaluated (not trained) on the same test documents: an eval-only cell."""
@@ -207,15 +259,23 @@ class PretrainedBaseline(_Strict):
     @field_validator("model")
     @classmethod
     def _local_path_exists(cls, model: str) -> str:
-        if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
-            raise ValueError(f"no such folder: {model} (a local model path; hub names have no leading / or .)")
+        if model.startswith(("/", "./", "../", "~")) and not _is_dir(model):
+            raise ValueError(f"no such folder: {short(model)} (a local model path; hub names have no leading / or .)")
         return model
 
     @field_validator("prompt")
     @classmethod
     def _has_slot(cls, prompt: str | None) -> str | None:
-        if prompt is not None and "{document}" not in prompt:
-            raise ValueError("must contain {document}")
+        if prompt is None:
+            return prompt
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(prompt) if f is not None]
+        except ValueError as err:  # a lone { or }
+            raise ValueError(f"not a valid template ({err}); write literal braces as {{{{ and }}}}") from None
+        if "document" not in fields or set(fields) != {"document"}:
+            others = sorted(set(fields) - {"document"})
+            raise ValueError("must contain {document} and no other placeholder"
+                             + (f"; found {', '.join('{' + short(f)[1:-1] + '}' for f in others)}" if others else ""))
         return prompt
 
     def display(self) -> str:
@@ -224,6 +284,13 @@ class PretrainedBaseline(_Strict):
     def input_text(self, document: str) -> str:
         default = "{document}\nTL;DR:" if self.kind == "causal" else "{document}"
         return (self.prompt or default).format(document=document)
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return Path(path).expanduser().is_dir()
+    except (OSError, RuntimeError):  # a name too long for the OS, ~nosuchuser
+        return False
 
 
 class SummarizationConfig(_Strict):
@@ -249,11 +316,18 @@ class SummarizationConfig(_Strict):
 
 
 class ResourcesConfig(_Strict):
-    workers_per_cell: PositiveInt = 1
-    cpus_per_worker: PositiveFloat = 1
-    gpus_per_worker: NonNegativeFloat = 0
+    workers_per_cell: int = Field(default=1, ge=1, le=4096)
+    cpus_per_worker: ResourceAmount = 1
+    gpus_per_worker: NonNegativeFloat = Field(default=0, le=64)
     max_concurrent_cells: PositiveInt = 2
     max_failures: NonNegativeInt = 1  # Ray Train restarts of a cell from its latest checkpoint
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _placeable(cls, gpus: float) -> float:
+        if 0 < gpus < 1e-4:
+            raise ValueError(f"{gpus} is below Ray's resource granularity (1e-4); use 0 or at least 0.0001")
+        return gpus
 
 
 class FaultInjection(_Strict):
@@ -264,7 +338,7 @@ class FaultInjection(_Strict):
 
 
 class Study(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     seeds: list[NonNegativeInt] = Field(default=[0], min_length=1)
     routers: list[RouterEntry] = Field(min_length=1)
@@ -319,9 +393,35 @@ class Study(_Strict):
             if self.resources.workers_per_cell % ep:
                 problems.append(f"models[{j}].ep_size: {ep} must divide resources.workers_per_cell="
                                 f"{self.resources.workers_per_cell}")
+        problems.extend(self._duplicate_problems())
+        problems.extend(self._moe_block_problems())
         if problems:
-            raise ValueError("\n".join(problems))
+            raise ValueError("\n".join(dict.fromkeys(problems)))  # each once, in order
         return self
+
+    def _duplicate_problems(self) -> list[str]:
+        """Entries that would make the same cell twice (same id: one would overwrite the other's run)."""
+        problems = [f"seeds: {seed} is listed more than once" for seed in sorted({s for s in self.seeds
+                                                                                 if self.seeds.count(s) > 1})]
+        for field, keys in (("routers", [{**r.resolved(), "label": None} for r in self.routers]),
+                            ("models", [{**m.resolved(), "label": None} for m in self.models]),
+                            ("datasets", [d.model_dump() for d in self.datasets])):
+            for i, key in enumerate(keys):
+                if key in keys[:i]:
+                    problems.append(f"{field}[{i}]: trains the same as {field}[{keys.index(key)}] (labels aside); "
+                                    "remove one, or change an option")
+        return problems
+
+    def _moe_block_problems(self) -> list[str]:
+        routed = [i for i, r in enumerate(self.routers) if r.name != DENSE]
+        return [f"models[{j}].moe_every: {m.resolved_options().moe_every} leaves {m.display()} without an MoE block, "
+                f"yet routers[{routed[0]}] ({self.routers[routed[0]].display()}) routes; set moe_every between 1 and "
+                "the number of layers" for j, m in enumerate(self.models)
+                if routed and not m.resolved_options().moe_blocks()]
+
+    def warnings(self) -> list[str]:
+        """What validates but is probably not meant; `moelab validate` and `run` print these to stderr."""
+        return self.training.warnings()
 
     def _fp16_problems(self) -> list[str]:
         problems = []
@@ -349,11 +449,14 @@ class Study(_Strict):
                         swept = router.with_overrides({path: value})
                     except ValidationError as err:
                         msg = "; ".join(p.split(": ", 1)[-1] for p in _problems(err))
-                        problems.append(f"sweep.space.{path}: value {value!r} is invalid for router "
+                        problems.append(f"sweep.space.{path}: value {short(value)} is invalid for router "
                                         f"{router.display()!r}: {msg}")
                         continue
+                    except ValueError as err:  # the path itself leads nowhere: one message, not one per value
+                        problems.append(f"sweep.space.{path}: {err}")
+                        break
                     if swept.max_experts_per_token(min_experts) > min_experts:
-                        problems.append(f"sweep.space.{path}: value {value!r} routes up to "
+                        problems.append(f"sweep.space.{path}: value {short(value)} routes up to "
                                         f"{swept.max_experts_per_token(min_experts)} experts per token; allowed: at most "
                                         f"num_experts={min_experts}")
         return problems
@@ -370,6 +473,8 @@ def _loc(loc: tuple) -> str:
     for part in loc:
         if part == "options" or (isinstance(part, str) and part.startswith("function-")):
             continue
+        if isinstance(part, str) and not re.fullmatch(r"[A-Za-z_][\w-]*", part):
+            part = short(part)  # an odd key (from an unknown-key error): quoted, so the path stays readable
         out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
     return out or "study"
 
@@ -396,12 +501,50 @@ def parse_study(data: Any, source: str = "study") -> Study:
         raise StudyError(source, _problems(err)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping is an error (not: the last one wins)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the base loader reports it
+                continue
+            if earlier is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {short(key)} appears twice in one mapping (line {earlier.start_mark.line + 1} "
+                    f"and line {key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (YAML's own message spans several, with an excerpt of the file)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(str(part) for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part)
+    return (where + (what or str(err))).replace("\n", " ")
+
+
 def load_study(path: str | Path) -> Study:
-    path = Path(path)
-    if not path.is_file():
-        raise StudyError(str(path), [f"study file not found: {path}"])
+    source = str(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise StudyError(source, [f"study file not found: {short(source)[1:-1]}"]) from None
+    except (OSError, RuntimeError) as err:  # a folder, no permission, a name the OS refuses
+        raise StudyError(source, [f"cannot read the study file: {err.strerror or err}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise StudyError(source, [f"not UTF-8 text: byte 0x{raw[err.start]:02x} at offset {err.start} (line {line}); "
+                                  "save the file as UTF-8"]) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        return parse_study(data, source)
     except yaml.YAMLError as err:
-        raise StudyError(str(path), [f"not valid YAML: {err}"]) from None
-    return parse_study(data, str(path))
+        raise StudyError(source, [f"not valid YAML: {_yaml_problem(err)}"]) from None
+    except RecursionError:
+        raise StudyError(source, ["study: nested too deeply to be a study file"]) from None

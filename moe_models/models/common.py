@@ -11,19 +11,19 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, confloat, model_validator
+from pydantic import NonNegativeInt, PositiveInt, confloat, model_validator
 from torch import nn
 
 from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
 from moe_models.dispatch.expert_parallel import StackedMoE
 from moe_models.experts import ExpertFFN
 from moe_models.moe_ffn import MoEAux, MoEFeedForward
+from moe_models.options import StrictOptions
 from moe_models.routers import ROUTERS, RouterContext
 from moe_models.spec import RoutingSpec
 
 
-class MoEModelOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class MoEModelOptions(StrictOptions):
 
     d_model: PositiveInt = 128
     n_heads: PositiveInt = 4
@@ -43,6 +43,13 @@ class MoEModelOptions(BaseModel):
         if self.dispatch not in DISPATCH_BACKENDS:
             raise ValueError(f"dispatch={self.dispatch!r} unknown; valid: {', '.join(DISPATCH_BACKENDS.names())}")
         return self
+
+    def stack_depths(self) -> tuple[int, ...]:
+        """Blocks per stack (one stack for a decoder; encoder and decoder for seq2seq): each family says."""
+        raise NotImplementedError
+
+    def moe_blocks(self) -> int:
+        return sum(self.is_moe_block(i) for depth in self.stack_depths() for i in range(depth))
 
     def is_moe_block(self, index: int) -> bool:
         """index counts the blocks of one stack (encoder and decoder separately)."""

@@ -18,6 +18,9 @@ from moe_models.spec import RoutingSpec
 class GPTOptions(MoEModelOptions):
     n_layers: PositiveInt = 2
 
+    def stack_depths(self) -> tuple[int, ...]:
+        return (self.n_layers,)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float):

@@ -29,6 +29,9 @@ class Seq2SeqOptions(MoEModelOptions):
     positions: Literal["sinusoidal", "learned"] = "sinusoidal"
     label_smoothing: confloat(ge=0, lt=1) = 0.0
 
+    def stack_depths(self) -> tuple[int, ...]:
+        return (self.encoder_layers, self.decoder_layers)
+
 
 def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
     """(length, D) fixed encodings, Vaswani et al. 2017 section 3.5."""

@@ -11,15 +11,14 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from moe_models.options import StrictOptions
 from moe_models.registry import Registry
 from moe_models.routing import RoutingDecision
 
 
-class RouterOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class RouterOptions(StrictOptions):
 
     def max_experts_per_token(self, num_experts: int) -> int:
         """Upper bound on experts per token in a layer of `num_experts`; the study validator checks it fits."""

@@ -71,6 +71,58 @@ BAD = {
                              ["training.zero_stage: fp16 needs ZeRO stage 1 or 2", "DeepSpeed#8393"]),
     "unknown precision": (lambda s: s.update(training={"precision": "fp8"}),
                           ["training.precision", "'fp32', 'bf16' or 'fp16'"]),
+    # Meaningless values pydantic's lax mode would take
+    "infinite lr": (lambda s: s.update(training={"lr": float("inf")}), ["training.lr", "finite number"]),
+    "infinite alpha": (lambda s: s["routers"][0]["balancing"].update(switch_lbl=float("inf")),
+                       ["routers[0].balancing.switch_lbl", "finite number"]),
+    "infinite capacity": (lambda s: s["routers"][0].update(capacity_factor=float("inf")),
+                          ["routers[0].capacity_factor", "finite number"]),
+    "NaN router option": (lambda s: s["routers"][0].update(jitter=float("nan")), ["routers[0].jitter", "finite"]),
+    "adam betas outside [0, 1)": (lambda s: s.update(training={"adam_betas": [2, -1]}),
+                                  ["training.adam_betas[0]", "less than 1", "training.adam_betas[1]"]),
+    "boolean steps": (lambda s: s.update(training={"steps": True}), ["training.steps", "a boolean (True)"]),
+    "boolean router option": (lambda s: s["routers"][0].update(k=True), ["routers[0].k", "a boolean"]),
+    "warmup longer than training": (lambda s: s.update(training={"steps": 20, "warmup_steps": 30}),
+                                    ["training", "warmup_steps: 30 is more than steps=20"]),
+    "empty choice": (lambda s: s.update(sweep={"name": "s", "space": {"k": {"choice": []}}}),
+                     ["sweep.space.k", "choice: needs at least one value"]),
+    "sweep path through a value": (lambda s: s.update(sweep={"name": "s", "space": {"k.x": {"choice": [1]}}}),
+                                   ["sweep.space.k.x", "'k.x' is not a path into this router"]),
+    "no MoE block": (lambda s: s["models"][0].update(moe_every=0),
+                     ["models[0].moe_every", "without an MoE block", "routers[0] (topk(k=2)) routes"]),
+    "MoE every 3rd of 2 layers": (lambda s: s["models"][0].update(moe_every=3, n_layers=2),
+                                  ["models[0].moe_every: 3 leaves gpt without an MoE block"]),
+    "a million workers": (lambda s: s.update(resources={"workers_per_cell": 1_000_000}),
+                          ["resources.workers_per_cell", "less than or equal to 4096"]),
+    "unplaceable CPUs": (lambda s: s.update(resources={"cpus_per_worker": 1e-300}),
+                         ["resources.cpus_per_worker", "greater than or equal to 0.0001"]),
+    "unplaceable GPUs": (lambda s: s.update(resources={"gpus_per_worker": 1e-9}),
+                         ["resources.gpus_per_worker", "resource granularity"]),
+    "name that is a path": (lambda s: s.update(name=".."), ["name: String should match pattern"]),
+    "name with a slash": (lambda s: s.update(name="a/b"), ["name: String should match pattern"]),
+    "prompt without its slot": (lambda s: s.update(summarization={"pretrained": [{"model": "t5", "prompt": "x"}]}),
+                                ["summarization.pretrained[0].prompt", "must contain {document}"]),
+    "prompt with another slot": (lambda s: s.update(summarization={"pretrained": [
+                                     {"model": "t5", "prompt": "{document} {title}"}]}),
+                                 ["summarization.pretrained[0].prompt", "no other placeholder", "{title}"]),
+    "prompt with a lone brace": (lambda s: s.update(summarization={"pretrained": [
+                                     {"model": "t5", "prompt": "{document} }"}]}),
+                                 ["summarization.pretrained[0].prompt", "not a valid template"]),
+    "pretrained path of an unknown user": (lambda s: s.update(summarization={"pretrained": [
+                                               {"model": "~nosuchuser_moelab/x"}]}),
+                                           ["summarization.pretrained[0].model", "no such folder"]),
+    "pretrained path too long": (lambda s: s.update(summarization={"pretrained": [{"model": "/" + "a" * 300}]}),
+                                 ["summarization.pretrained[0].model", "no such folder"]),
+    "dataset path too long": (lambda s: s.update(datasets=[{"name": f"file:/tmp/{'a' * 300}.jsonl"}]),
+                              ["datasets[0].name", "name too long"]),
+    # Duplicate cells: the same id twice
+    "repeated seed": (lambda s: s.update(seeds=[0, 0]), ["seeds: 0 is listed more than once"]),
+    "repeated model": (lambda s: s["models"].append({"name": "gpt", "num_experts": 4, "label": "again"}),
+                       ["models[1]: trains the same as models[0]"]),
+    "repeated dataset": (lambda s: s["datasets"].append({"name": "builtin:domains"}),
+                         ["datasets[1]: trains the same as datasets[0]"]),
+    "routers equal but for their label": (lambda s: s["routers"].append({"name": "hash", "k": 1, "label": "h2"}),
+                                          ["routers[3]: trains the same as routers[1] (labels aside)"]),
 }
 
 
@@ -158,3 +210,52 @@ def test_cell_ids_are_stable_and_track_what_is_trained():
         return [c.id for c in expand(parse_study(study))]
 
     assert fp16_ids() != fp16_ids(fp16_initial_scale_power=8)  # ... which it does
+
+
+def write_and_validate(tmp_path, capsys, text: str | bytes) -> tuple[int, str]:
+    path = tmp_path / "study.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    try:
+        code = main(["validate", str(path)])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+TEXTUAL = {
+    "Latin-1 bytes": ("description: caf\xe9\n".encode("latin-1") + yaml.safe_dump(GOOD).encode(),
+                      ["not UTF-8 text: byte 0xe9 at offset 16 (line 1)"]),
+    "nested hundreds deep": ("name: " + "[" * 600 + "]" * 600 + "\n", ["nested too deeply"]),
+    "duplicate key": (yaml.safe_dump(GOOD) + "name: other\n", ["key 'name' appears twice", "keep one"]),
+    "duplicate nested key": ("name: t\nrouters: [{name: topk, k: 1, k: 2}]\nmodels: [{name: gpt}]\n"
+                             "datasets: [{name: 'builtin:domains'}]\n", ["key 'k' appears twice"]),
+}
+
+
+@pytest.mark.parametrize("case", TEXTUAL, ids=list(TEXTUAL))
+def test_textual_damage_is_a_field_named_error(case, tmp_path, capsys):
+    text, expected = TEXTUAL[case]
+    code, err = write_and_validate(tmp_path, capsys, text)
+    assert code == 2, err
+    assert "Traceback" not in err and len(err) < 2000
+    for fragment in expected:
+        assert fragment in err, (fragment, err)
+
+
+def test_an_alias_bomb_in_a_sweep_prints_a_bounded_message(tmp_path, capsys):
+    """A 9^5-element list from a few hundred bytes of YAML aliases: the message names the field, briefly."""
+    bomb = "&a0 [x, x, x, x, x, x, x, x, x]"
+    for i in range(1, 6):  # each level: the previous one, then 8 more references to it
+        bomb = f"&a{i} [{bomb}, {', '.join([f'*a{i - 1}'] * 8)}]"
+    text = yaml.safe_dump(GOOD) + f"sweep: {{name: s, space: {{k: {{choice: [{bomb}, *a5]}}}}}}\n"
+    assert len(text) < 1000
+    code, err = write_and_validate(tmp_path, capsys, text)
+    assert code == 2 and "sweep.space.k" in err and len(err) < 3000, err[:3000]
+
+
+def test_intervals_past_the_last_step_validate_with_a_warning(tmp_path, capsys):
+    study = mutate(lambda s: s.update(training={"steps": 20, "eval_interval": 50, "checkpoint_interval": 50}))
+    code, err = write_and_validate(tmp_path, capsys, yaml.safe_dump(study))
+    assert code == 0
+    assert "warning: training.eval_interval: 50 is more than steps=20" in err
+    assert "warning: training.checkpoint_interval: 50 is more than steps=20" in err
