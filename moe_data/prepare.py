@@ -80,7 +80,9 @@ def prepare(name: str, vocab_size: int, max_chars_per_domain: int, cache_dir: Pa
 
 
 def load_prepared(path: str | Path) -> PreparedData | PreparedPairs:
-    fields = torch.load(path, weights_only=False)
+    # Prepared files may sit in a shared cache or bucket others write to: tensors, numbers and text only, never
+    # pickled objects that would run code on load.
+    fields = torch.load(path, weights_only=True)
     return PreparedPairs(**{k: v for k, v in fields.items() if k != "kind"}) if fields.get("kind") == "pairs" \
         else PreparedData(**fields)
 

@@ -20,10 +20,13 @@ def _study(path: str):
     from workflows.study import StudyError, load_study
 
     try:
-        return load_study(path)
+        study = load_study(path)
     except StudyError as err:
         print(err, file=sys.stderr)
         raise SystemExit(2)
+    for warning in study.warnings():
+        print(f"{path}: warning: {warning}", file=sys.stderr)
+    return study
 
 
 def cmd_validate(args, out: TextIO) -> int:
@@ -36,11 +39,31 @@ def cmd_validate(args, out: TextIO) -> int:
     return 0
 
 
+def _workspace(args, study=None):
+    """The study's workspace, once its tracking store can be used. With `study` (read-only commands) the study
+    must already be there: they never create a workdir, a database or an experiment."""
+    from workflows.runner import Workspace
+    from workflows.study import StudyError
+    from workflows.tracking import unreachable
+
+    ws = Workspace.resolve(args.workdir, getattr(args, "tracking_uri", None), getattr(args, "storage_path", None))
+    if why := unreachable(ws.tracking_uri):
+        raise StudyError("--tracking-uri", [f"MLflow tracking server {ws.tracking_uri} is unreachable: {why}"],
+                         "cannot track the study")
+    if study is not None and ws.is_local_tracking:
+        database = Path(ws.tracking_uri.removeprefix("sqlite:///"))
+        if ws.tracking_uri.startswith("sqlite:///") and not database.is_file():
+            raise StudyError("--workdir", [f"no study {study.name!r} here: {ws.root} holds no MLflow database "
+                                           f"({database}); run `moelab run {args.study} --workdir {args.workdir}` "
+                                           "first, or pass the workdir it ran in"], "nothing to read")
+    return ws
+
+
 def cmd_run(args, out: TextIO) -> int:
-    from workflows.runner import Workspace, run_study
+    from workflows.runner import run_study
 
     study = _study(args.study)
-    ws = Workspace.resolve(args.workdir, args.tracking_uri, args.storage_path)
+    ws = _workspace(args)
     outcome = run_study(study, ws, args.address, echo=lambda line: print(line, file=out, flush=True),
                         verbose=args.verbose)
     t = outcome.timings
@@ -67,13 +90,12 @@ def _exit_code(kind: str, failed: dict[str, str]) -> int:
 
 def cmd_tune(args, out: TextIO) -> int:
     from tuning.runner import tune_study
-    from workflows.runner import Workspace
 
     study = _study(args.study)
     if study.sweep is None:
         print(f"{args.study}: invalid study\n  sweep: missing; `moelab tune` needs a sweep section", file=sys.stderr)
         return 2
-    ws = Workspace.resolve(args.workdir, args.tracking_uri, args.storage_path)
+    ws = _workspace(args)
     outcome = tune_study(study, ws, args.address, echo=lambda line: print(line, file=out, flush=True),
                          verbose=args.verbose)
     print(f"\n{outcome.trials} trials in {outcome.seconds:.1f}s; MLflow: mlflow ui --backend-store-uri "
@@ -82,13 +104,18 @@ def cmd_tune(args, out: TextIO) -> int:
 
 
 def _runs(study, args):
-    from workflows.runner import Workspace
+    """(tracker, cell id -> run, workspace) of a study that has run here; a clear error when it has not."""
+    from workflows.study import StudyError
     from workflows.tracking import Tracker
 
-    ws = Workspace.resolve(args.workdir, getattr(args, "tracking_uri", None), getattr(args, "storage_path", None))
+    ws = _workspace(args, study)
     tracker = Tracker(ws.tracking_uri)
     found = tracker.client.get_experiment_by_name(study.name)
-    return tracker, (tracker.cell_runs(found.experiment_id) if found else {}), ws
+    if found is None:
+        raise StudyError("--workdir", [f"no study {study.name!r} in {ws.tracking_uri}: no MLflow experiment of that "
+                                       f"name; run `moelab run {args.study}` with this workdir / tracking URI first"],
+                         "nothing to read")
+    return tracker, tracker.cell_runs(found.experiment_id), ws
 
 
 def cmd_status(args, out: TextIO) -> int:
@@ -203,11 +230,11 @@ def cmd_routers(args, out: TextIO) -> int:
 
     profiles = profile_all(args.tokens, args.d_model, args.experts)
     if args.study:  # also on a trained cell's real hidden states (the report's "routers in a pretrained model")
-        from workflows.runner import Workspace
         from workflows.trained_states import trained_hidden_states
 
-        ws = Workspace.resolve(args.workdir, args.tracking_uri, args.storage_path)
-        x, ids, dom, experts, vocab, title = trained_hidden_states(_study(args.study), ws, args.tokens)
+        study = _study(args.study)
+        ws = _workspace(args, study)
+        x, ids, dom, experts, vocab, title = trained_hidden_states(study, ws, args.tokens)
         profiles += profile_states(x, ids, dom, experts, vocab, f"trained: {title}")
     rows = [p.as_dict() for p in profiles]
     if args.format == "json":

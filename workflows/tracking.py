@@ -47,6 +47,27 @@ def _retry(fn, *args, attempts: int = 8, **kwargs):
             time.sleep(0.2 * 2**i)
 
 
+def unreachable(tracking_uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why an HTTP tracking server cannot be used (None when it answers, or the URI is not HTTP). MLflow's own
+    client retries for minutes before it gives up; this asks the server's /health once, with a short timeout."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    import urllib.error
+    import urllib.request
+
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (http(s) only, checked above)
+            if response.status == 200:
+                return None
+            return f"GET {url} answered HTTP {response.status}"
+    except urllib.error.HTTPError as err:
+        return f"GET {url} answered HTTP {err.code}; is this an MLflow tracking server?"
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        return f"GET {url} failed within {timeout_s:.0f}s: {reason}"
+
+
 class Tracker:
     def __init__(self, tracking_uri: str):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps CLI output (and JSON) clean
@@ -148,6 +169,10 @@ class Tracker:
 
     def metric_history(self, run_id: str, key: str) -> list[Metric]:
         return self.client.get_metric_history(run_id, key)
+
+    def last_logged_step(self, run_id: str, key: str) -> int:
+        """The latest step `key` was logged at in this run (0 if never)."""
+        return max((m.step for m in _retry(self.metric_history, run_id, key)), default=0)
 
     def _search(self, experiment_id: str, filter_string: str) -> list[Run]:
         runs: list[Run] = []
