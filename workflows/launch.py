@@ -1,6 +1,7 @@
 """One cell = one Ray Train run: a TorchTrainer over `train_cell`, named by the cell id so a re-run resumes it."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -8,6 +9,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from workflows import storage
 from workflows.study import ResourcesConfig
 from workflows.train_cell import train_cell
 
@@ -38,7 +40,39 @@ def make_trainer(name: str, payload: dict[str, Any], resources: ResourcesConfig,
     )
 
 
+# Ray Train V2's record of the checkpoints its controller registered, in the run's folder.
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def registered_checkpoints(run_location: str) -> set[str] | None:
+    """Names of the checkpoint folders Ray Train registered; None when its record cannot be read (then nothing is
+    known to be an orphan)."""
+    snapshot = storage.join(run_location, RAY_TRAIN_SNAPSHOT)
+    if not storage.exists(snapshot):
+        return set()
+    try:
+        state = json.loads(storage.read_text(snapshot))
+        results = [*state["checkpoint_results"], *state.get("pending_training_results", []),
+                   state.get("latest_checkpoint_result") or {}]
+        return {r["checkpoint_dir_name"] for r in results if r}
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def prune_orphaned_checkpoints(run_location: str) -> list[str]:
+    """Delete checkpoint folders Ray Train never registered. A kill between a worker persisting a checkpoint and the
+    controller recording it leaves one, which Ray neither resumes from nor removes. Returns the names deleted."""
+    registered = registered_checkpoints(run_location)
+    if registered is None:
+        return []
+    orphans = [name for name in storage.subdirectories(run_location, "checkpoint_") if name not in registered]
+    for name in orphans:
+        storage.delete_dir(storage.join(run_location, name))
+    return orphans
+
+
 def fit_cell(cell_id: str, payload: dict[str, Any], resources: ResourcesConfig, storage_path: str) -> CellResult:
+    prune_orphaned_checkpoints(storage.join(storage_path, cell_id))  # before Ray Train looks at the folder
     try:
         result = make_trainer(cell_id, payload, resources, storage_path).fit()
     except Exception as err:  # TrainingFailedError and friends: the cell failed, the study goes on

@@ -97,3 +97,8 @@ def subdirectories(location: str, prefix: str) -> list[str]:
         return []
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
     return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(prefix))
+
+
+def delete_dir(location: str) -> None:
+    fs, path = _fs(location)
+    fs.delete_dir(path)

@@ -357,6 +357,9 @@ def train_cell(config: dict[str, Any]) -> None:
     w = Worker(rank, world, Tracker(config["tracking_uri"]) if rank == 0 else None, config["run_id"])
     engine = build_engine(cell, data)
     start, snapshots = resume(engine)
+    # A resume replays the steps since its checkpoint, and a restart from an unregistered checkpoint replays from 0:
+    # those steps are in the run's history already (same values: data order is a function of the step).
+    logged_through = w.tracker.last_logged_step(w.run_id, "train/step") if w.tracker else 0
     setup_seconds = time.perf_counter() - entered  # data load + model + DeepSpeed engine + checkpoint restore
     if w.tracker:  # where it ran (multi-node studies), and from which step
         w.tracker.set_tags(w.run_id, {"moelab.node_id": ray.get_runtime_context().get_node_id(),
@@ -399,11 +402,12 @@ def train_cell(config: dict[str, Any]) -> None:
                                               latest_eval, times.steady_step_seconds))
             if cell.summarization is not None:
                 metrics.update(summarize_test_split(engine, data, cell, w))
-        if w.tracker and (step % t.log_interval == 0 or step % t.eval_interval == 0 or last):
-            w.tracker.log_metrics(w.run_id, metrics, step)
-        if last and w.tracker:
+        if last and w.tracker:  # before the last step's metrics: a logged last step means all of this is there too
             log_final_artifacts(w, cell, tables, data.domains)
-            for earlier, routes in sorted(snapshots.items()):  # saturation curve, at the steps it describes
-                w.tracker.log_metrics(w.run_id, saturation_metrics(routes, snapshots[step]), earlier)
+            if step > logged_through:
+                for earlier, routes in sorted(snapshots.items()):  # saturation curve, at the steps it describes
+                    w.tracker.log_metrics(w.run_id, saturation_metrics(routes, snapshots[step]), earlier)
+        if w.tracker and step > logged_through and (step % t.log_interval == 0 or step % t.eval_interval == 0 or last):
+            w.tracker.log_metrics(w.run_id, metrics, step)
         if evaluating or checkpointing:  # every report carries the latest eval, for Tune's schedulers
             save_and_report(engine, step, {**latest_eval, **metrics}, checkpointing, snapshots)

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.processes import moelab_process
 from workflows.cells import expand
+from workflows.launch import RAY_TRAIN_SNAPSHOT, registered_checkpoints
 from workflows.study import parse_study
 
 pytestmark = pytest.mark.slow
@@ -45,6 +46,13 @@ def wait_until_logged(proc: subprocess.Popen, workdir: Path, study: str, cell_id
     pytest.fail(f"cell {cell_id} never reached step {step}")
 
 
+def assert_one_point_per_step(client: MlflowClient, run) -> None:
+    """A resumed run's history reads as one run: every metric has at most one point per step."""
+    for key in run.data.metrics:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key}: steps logged twice: {sorted(steps)}"
+
+
 def test_sigkill_then_rerun_resumes_without_retraining_or_duplicates(tmp_path):
     path, workdir = tmp_path / "resume.yaml", tmp_path / "work"
     path.write_text(yaml.safe_dump(STUDY))
@@ -68,10 +76,37 @@ def test_sigkill_then_rerun_resumes_without_retraining_or_duplicates(tmp_path):
     assert resumed_from >= 20 and resumed_from % 20 == 0
     history = sorted(client.get_metric_history(after[second].info.run_id, "train/loss"), key=lambda m: m.timestamp)
     steps = [m.step for m in history]
-    assert steps[-1] == 100
-    # The curve never restarts: after the resume, logging goes on from the checkpoint, not from step 0.
-    assert steps.count(10) == 1
-    assert all(b > a or b > resumed_from for a, b in zip(steps, steps[1:]))
+    assert steps == list(range(10, 101, 10))  # the steps replayed since the checkpoint were not logged again
+    assert_one_point_per_step(client, after[second])
+
+
+def test_kill_before_ray_registered_the_checkpoint_restarts_without_repeating_steps(tmp_path):
+    """A kill between a checkpoint folder appearing and Ray Train registering it: Ray does not know the folder, so
+    the cell restarts from step 0. Reproduced exactly by removing Ray Train's record of its checkpoints after a kill
+    past the first one. The restarted cell logs no step twice, and the unregistered folder is pruned."""
+    study = dict(STUDY, name="orphan", routers=[{"name": "topk", "k": 2}])
+    path, workdir = tmp_path / "orphan.yaml", tmp_path / "work"
+    path.write_text(yaml.safe_dump(study))
+    (cell,) = [c.id for c in expand(parse_study(study))]
+    proc = moelab_run(path, workdir)
+    wait_until_logged(proc, workdir, "orphan", cell, 30)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_dir = workdir / "ray_results" / "orphan" / cell
+    orphans = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert orphans, "no checkpoint folder to orphan"
+    (run_dir / RAY_TRAIN_SNAPSHOT).unlink()  # the state a kill before the first registration leaves
+
+    assert moelab_run(path, workdir).wait(timeout=600) == 0
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("orphan")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'")
+    assert run.info.status == "FINISHED" and "moelab.resumed_from_step" not in run.data.tags  # restarted from 0
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(10, 101, 10))
+    assert_one_point_per_step(client, run)
+    left = {p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()}
+    assert not left & set(orphans)  # pruned
+    assert left == registered_checkpoints(str(run_dir)) and len(left) == 2  # what Ray keeps (num_to_keep)
 
 
 def test_killed_train_worker_restarts_the_cell_from_its_checkpoint(tmp_path):
@@ -93,4 +128,5 @@ def test_killed_train_worker_restarts_the_cell_from_its_checkpoint(tmp_path):
     assert run.info.status == "FINISHED"
     assert int(run.data.tags["moelab.resumed_from_step"]) >= 20  # restarted from the checkpoint, not from 0
     steps = [m.step for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.timestamp)]
-    assert steps.count(10) == 1 and steps[-1] == 100
+    assert steps == list(range(10, 101, 10))
+    assert_one_point_per_step(client, run)
