@@ -190,6 +190,9 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     # Workers must import moelab's packages; a cluster gets them through `ray job submit --working-dir`.
     # The dashboard stays on: Ray Train's PlacementGroupCleaner needs the State API to free the workers of a
     # trial that Tune stopped early (without it, ASHA-stopped trials leak their CPUs).
+    # No address and no RAY_ADDRESS: a Ray of our own ("local"), never one left running on this machine, which
+    # `ray.init()` would otherwise find through /tmp/ray and join.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose,
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
 

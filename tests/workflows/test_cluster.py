@@ -3,14 +3,19 @@
 driver-local tracking and storage on a multi-node cluster. Everything started here is stopped here."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -76,35 +81,81 @@ def wait_alive_nodes(ray: str, address: str, env: dict, count: int, tries: int =
     pytest.fail(f"the cluster never had {count} alive nodes")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Head (1 CPU, dashboard + job server) and a worker node (1 CPU), both on 127.0.0.1; an MLflow server."""
-    root = tmp_path_factory.mktemp("cluster")
+def run_checked(cmd: list[str], env: dict) -> None:
+    """A setup command that must succeed; on failure the test says which, with its stderr."""
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{' '.join(cmd[:3])} ... hung for 300 s:\n{(err.stderr or b'')[-3000:]!r}")
+    if proc.returncode:
+        pytest.fail(f"{' '.join(cmd[:3])} ... exited {proc.returncode}:\n{proc.stderr[-3000:]}{proc.stdout[-1000:]}")
+
+
+def ray_processes(temp_dir: Path) -> list[str]:
+    """Ray processes of the cluster whose root temp dir this is (their command lines name its session dir)."""
+    found = subprocess.run(["pgrep", "-af", str(temp_dir)], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in found if "pgrep" not in line]
+
+
+@contextlib.contextmanager
+def two_node_cluster(root: Path, worker_args: tuple[str, ...] = ()) -> Iterator[dict]:
+    """Head (1 CPU, dashboard + job server) and a worker node (1 CPU), both on 127.0.0.1; an MLflow server.
+
+    Every node has this cluster's own Ray temp dir, so nothing else (a later `ray.init()`) finds and joins it, and
+    whatever step fails, everything started so far is stopped. `worker_args` go to the worker node's `ray start`
+    (the hygiene test makes that step fail)."""
     gcs, dashboard, mlflow_port = free_ports(3)
     # Ray 2.60 clusters authenticate with a token; every process of this cluster (nodes, job submission, moelab)
     # gets the same one through the environment, as a real deployment would through a secret.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     ray = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
-    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    *node_ports((20000, 20999))], env=env, check=True, capture_output=True)
-    subprocess.run([ray, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                    *node_ports((21000, 21999))], env=env, check=True, capture_output=True)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "server-artifacts"), "--host", "127.0.0.1", "--port", str(mlflow_port),
-         "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    server = None
     try:
+        run_checked([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
+                     f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={dashboard}", *node_ports((20000, 20999))], env)
+        run_checked([ray, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                     f"--temp-dir={temp_dir}", *node_ports((21000, 21999)), *worker_args], env)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+             "--artifacts-destination", str(root / "server-artifacts"), "--host", "127.0.0.1", "--port",
+             str(mlflow_port), "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
         wait_http(f"http://127.0.0.1:{mlflow_port}/health")
         wait_alive_nodes(ray, f"127.0.0.1:{gcs}", env, 2)
         yield {"root": root, "env": env, "gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dashboard}",
-               "mlflow": f"http://127.0.0.1:{mlflow_port}", "ray": ray}
+               "mlflow": f"http://127.0.0.1:{mlflow_port}", "ray": ray, "temp_dir": temp_dir}
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+        # Stops this machine's Ray nodes (tests run one at a time, so they are this cluster's); then anything of this
+        # cluster that survived.
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for line in ray_processes(temp_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert ray_processes(temp_dir) == [], "a process of the test cluster outlived it"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with two_node_cluster(tmp_path_factory.mktemp("cluster")) as started:
+        yield started
+
+
+def test_a_cluster_that_fails_to_start_leaves_no_ray_process(tmp_path):
+    """The worker node's `ray start` fails (a bad argument, as fast a failure as any): the head that already started
+    is stopped, and the failure shows that command's stderr."""
+    with pytest.raises(pytest.fail.Exception) as failed:
+        with two_node_cluster(tmp_path, worker_args=("--num-cpus=many",)) as started:
+            pytest.fail(f"the cluster started although its worker node could not join: {started}")
+    message = str(failed.value)
+    assert "ray start --address" in message and "exited" in message and "'many' is not a valid integer" in message
+    assert ray_processes(Path("/tmp/ray-")) == []  # no process of any cluster of this module (none other runs now)
 
 
 def test_submitted_study_runs_cells_on_both_nodes_and_logs_to_the_mlflow_server(cluster):
@@ -146,3 +197,4 @@ def test_multi_node_cluster_refuses_driver_local_tracking_or_storage(cluster, ex
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert field in proc.stderr and ("other 1 node(s)" in proc.stderr or "2-node cluster" in proc.stderr)
     assert not (root / "w2" / "mlflow.db").exists()  # refused before anything was written
+
