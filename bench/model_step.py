@@ -3,7 +3,7 @@ dense model of equal active FLOPs, timed round-robin in one run: tokens/s, MFU, 
 
 MFU = model FLOPs per token (moe_models/cost.py: 6 x non-expert matmul parameters + attention + the experts each
 token actually used, measured on the timed batch) x tokens/s / the device's peak, measured in the same run as the
-best of a few large matmuls of the same dtype (workflows/cost_metrics.py, what cells use too).
+best of a few large matmuls of the same dtype (workflows/cell/cost_metrics.py, what cells use too).
 
   python bench/model_step.py --out bench/results/model_step_h100.json      # GPU: the anchors' shape, bf16
   python bench/model_step.py --layers 2 --d-model 128 --expert-hidden 512 --batch 2 --seq 256   # a CPU smoke run
@@ -18,13 +18,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.moe_layer import device_name, emit, interleaved_medians, kernel_ms, print_profile  # noqa: E402
+from bench.moe_layer import (  # noqa: E402
+    device_name,
+    emit,
+    interleaved_medians,
+    kernel_ms,
+    print_profile,
+)
 from moe_models.cost import expert_forward_flops_per_route, training_flops_per_token  # noqa: E402
 from moe_models.models.gpt import GPT, GPTOptions  # noqa: E402
 from moe_models.moe_ffn import MoEFeedForward  # noqa: E402
 from moe_models.routers import ROUTERS  # noqa: E402
 from moe_models.spec import DENSE, RoutingSpec  # noqa: E402
-from workflows.cost_metrics import measure_peak_tflops  # noqa: E402
+from workflows.cell.cost_metrics import measure_peak_tflops  # noqa: E402
 
 VOCAB = 32000
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 from moe_data.prepare import load_prepared
-from workflows.cells import Cell, expand
-from workflows.runner import Workspace, prepare_datasets
-from workflows.study import parse_study
-from workflows.train_cell import build_engine
-from workflows.trained_states import _single_process_group
+from workflows.cell.engine import build_engine
+from workflows.driver.data import prepare_datasets
+from workflows.driver.workspace import Workspace
+from workflows.driver.trained_states import _single_process_group
+from workflows.study.cells import Cell, expand
+from workflows.study.loading import parse_study
 
 
 def in_process_cell(tmp_path, study: dict, unvalidated: dict | None = None) -> tuple[object, Cell, object]:

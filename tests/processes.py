@@ -10,5 +10,5 @@ REPO = Path(__file__).resolve().parents[1]
 
 def moelab_process(command: str, study: Path, workdir: Path) -> subprocess.Popen:
     """`moelab COMMAND STUDY --workdir DIR` in its own session: os.killpg kills it with its local Ray cluster."""
-    return subprocess.Popen([sys.executable, "-m", "workflows.cli", command, str(study), "--workdir", str(workdir)],
+    return subprocess.Popen([sys.executable, "-m", "workflows.driver.cli", command, str(study), "--workdir", str(workdir)],
                             cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

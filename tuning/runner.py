@@ -20,10 +20,13 @@ from tuning.report import best_table, markdown, plot_metric_vs_params, trial_row
 from tuning.search import num_samples, param_space, scheduler, search_algorithm, tune_metric
 from tuning.trainable import SweepContext, run_trial
 from workflows import storage
-from workflows.cells import Cell, expand
+from workflows.driver.data import prepare_datasets
+from workflows.driver.ray_cluster import connect_if_remote, init_ray
+from workflows.driver.runner import cell_tags
+from workflows.driver.workspace import Workspace
 from workflows.provenance import git_commit
-from workflows.runner import Workspace, cell_tags, connect_if_remote, init_ray, prepare_datasets
-from workflows.study import Study
+from workflows.study.cells import Cell, expand
+from workflows.study.schema import Study
 from workflows.tracking import REASON, TRIAL, Tracker
 
 

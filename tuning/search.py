@@ -9,11 +9,11 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tuning.asha import ResumableASHA
 from tuning.sweep_config import Dimension, SweepConfig
-from workflows.study import TrainingConfig
+from workflows.study.sections import TrainingConfig
 
 
 def tune_metric(metric: str) -> str:
-    """Reports reach Tune with '/' replaced by '_' (see workflows.train_cell.report_metrics)."""
+    """Reports reach Tune with '/' replaced by '_' (see workflows.cell.engine.report_metrics)."""
     return metric.replace("/", "_")
 
 

@@ -1,4 +1,4 @@
-"""One Tune trial = one Ray Train run of the same per-worker function the grid cells use (workflows.train_cell).
+"""One Tune trial = one Ray Train run of the same per-worker function the grid cells use (workflows.cell.train_cell).
 
 With Ray 2.60's Train V2 a trial is a function trainable that launches a TorchTrainer named after the trial id and
 forwards its reports to Tune through TuneReportCallback. The trial's MLflow run is found again by its trial-id tag,
@@ -13,9 +13,9 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from tuning.asha import stopped_trials
-from workflows.cells import Cell
-from workflows.launch import make_trainer
-from workflows.study import ResourcesConfig
+from workflows.driver.launch import make_trainer
+from workflows.study.cells import Cell
+from workflows.study.sections import ResourcesConfig
 from workflows.tracking import ROLE, SWEEP, TRIAL, Tracker, flatten
 
 

@@ -5,7 +5,7 @@ the average experts per token). Load is balanced by construction; a token may ge
 
 Non-causal: whether a token is picked depends on every other token of the batch, future positions included, so in an
 autoregressive decoder it leaks the future. The study refuses it in such a model unless the router entry says
-`allow_non_causal: true` (workflows/study.py).
+`allow_non_causal: true` (workflows/study/schema.py).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ import pytest
 
 from moe_models.characterize import profile_all
 from moe_models.routers import ROUTERS
-from workflows.cli import main
+from workflows.driver.cli import main
 
 
 def test_profiles_cover_every_router_with_consistent_values():

@@ -8,7 +8,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.processes import moelab_process
-from workflows.cli import main
+from workflows.driver.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from tests.in_process import in_process_cell
-from workflows.summarize_cell import generate_summaries
-from workflows.summarize_cell import test_documents as documents_to_summarize
-from workflows.train_cell import Worker, evaluate, final_cost_metrics, train_step
+from workflows.cell.summarize import generate_summaries
+from workflows.cell.summarize import test_documents as documents_to_summarize
+from workflows.cell.evaluation import evaluate, final_cost_metrics
+from workflows.cell.loop import train_step
+from workflows.cell.worker import Worker
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

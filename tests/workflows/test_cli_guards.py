@@ -20,7 +20,7 @@ QUICKSTART = REPO / "studies" / "quickstart.yaml"
 
 def moelab(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """`moelab ...` as a user runs it; `timeout` only guards against a hang."""
-    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "workflows.driver.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -60,7 +60,7 @@ def test_a_workdir_of_another_study_is_not_this_study(tmp_path, capsys):
     """The database exists (another study ran there): still nothing of this study, and no experiment created."""
     from mlflow.tracking import MlflowClient
 
-    from workflows.cli import main
+    from workflows.driver.cli import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(uri).create_experiment("other")

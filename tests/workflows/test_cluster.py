@@ -164,7 +164,7 @@ def test_submitted_study_runs_cells_on_both_nodes_and_logs_to_the_mlflow_server(
     study.write_text(yaml.safe_dump(STUDY))
     job = subprocess.run(
         [cluster["ray"], "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO), "--",
-         "python", "-m", "workflows.cli", "run", str(study), "--workdir", str(root / "work"),
+         "python", "-m", "workflows.driver.cli", "run", str(study), "--workdir", str(root / "work"),
          "--tracking-uri", cluster["mlflow"], "--storage-path", str(root / "shared")],
         env=cluster["env"], capture_output=True, text=True, timeout=900)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
@@ -191,7 +191,7 @@ def test_multi_node_cluster_refuses_driver_local_tracking_or_storage(cluster, ex
     study = root / "refused.yaml"
     study.write_text(yaml.safe_dump(dict(STUDY, name="refused")))
     extra = [{"SHARED": str(root / "shared"), "MLFLOW": cluster["mlflow"]}.get(a, a) for a in extra]
-    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "run", str(study), "--workdir", str(root / "w2"),
+    proc = subprocess.run([sys.executable, "-m", "workflows.driver.cli", "run", str(study), "--workdir", str(root / "w2"),
                            "--address", cluster["gcs"], *extra], cwd=REPO, env=cluster["env"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -3,7 +3,9 @@ train the eager cell's curve, evaluate to the same numbers, and still measure it
 import pytest
 
 from tests.in_process import in_process_cell
-from workflows.train_cell import StepTimes, Worker, evaluate, final_cost_metrics, train_step
+from workflows.cell.evaluation import evaluate, final_cost_metrics
+from workflows.cell.loop import StepTimes, train_step
+from workflows.cell.worker import Worker
 
 STEPS = 6
 

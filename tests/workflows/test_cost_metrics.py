@@ -5,7 +5,7 @@ import torch
 from moe_models.models.gpt import GPT, GPTOptions
 from moe_models.routers import ROUTERS
 from moe_models.spec import DENSE, RoutingSpec
-from workflows.cost_metrics import cost_metrics, measure_peak_tflops, router_latency_share
+from workflows.cell.cost_metrics import cost_metrics, measure_peak_tflops, router_latency_share
 
 
 def gpt(routing):

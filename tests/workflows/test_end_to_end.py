@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from moe_models.routers import ROUTERS
 from tests.processes import REPO
-from workflows.cli import main
+from workflows.driver.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +146,7 @@ def test_status_and_aggregate_read_back_from_mlflow(mini, capsys):
 
 def moelab_stdout(*args: str) -> str:
     """A `moelab` command's stdout as a user's pipe gets it: a fresh process, so import-time library output counts."""
-    proc = subprocess.run([sys.executable, "-m", "workflows.cli", *args], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "workflows.driver.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

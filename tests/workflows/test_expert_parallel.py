@@ -7,7 +7,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from workflows.cli import main
+from workflows.driver.cli import main
 
 pytestmark = pytest.mark.slow
 

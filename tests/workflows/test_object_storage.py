@@ -17,8 +17,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from workflows import storage
-from workflows.cli import main
-from workflows.runner import ray_checkpoints
+from workflows.driver.cli import main
+from workflows.driver.workspace import ray_checkpoints
 
 pytestmark = pytest.mark.slow
 

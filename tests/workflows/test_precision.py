@@ -11,9 +11,10 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from tests.in_process import in_process_cell
-from workflows.summarize_cell import generate_summaries
-from workflows.summarize_cell import test_documents as documents_to_summarize
-from workflows.train_cell import Worker, train_step
+from workflows.cell.summarize import generate_summaries
+from workflows.cell.summarize import test_documents as documents_to_summarize
+from workflows.cell.loop import train_step
+from workflows.cell.worker import Worker
 
 ROUTER = {"name": "topk", "k": 2, "expert_bias_rate": 0.01}
 GPT = {"name": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 64}
@@ -104,7 +105,7 @@ def test_fp16_engine_scales_its_loss_skips_overflowing_steps_and_then_trains(tmp
 
 @pytest.mark.slow
 def test_deepspeed_still_leaves_the_fp16_loss_unscaled_at_zero_stage_0(tmp_path, fp16_capable):
-    """Why study.py refuses fp16 with zero_stage 0 (deepspeedai/DeepSpeed#8393): the engine's backward scales the
+    """Why the study schema refuses fp16 with zero_stage 0 (deepspeedai/DeepSpeed#8393): the engine's backward scales the
     loss only for ZeRO optimizers, while FP16_Optimizer's step divides the gradients by the scale. A 2**30 scale
     would overflow every fp16 gradient; here nothing overflows because nothing was scaled. When this test fails,
     DeepSpeed has fixed it: lift the restriction in Study._fp16_problems."""

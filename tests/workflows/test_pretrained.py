@@ -3,8 +3,10 @@ documents with the study's settings."""
 import pytest
 
 from tests.hf_tiny import tiny_bart, tiny_gpt2
-from workflows.pretrained import PretrainedCell, summarize_with
-from workflows.study import DatasetEntry, PretrainedBaseline, SummarizationConfig
+from workflows.cell.pretrained import summarize_with
+from workflows.study.cells import PretrainedCell
+from workflows.study.entries import DatasetEntry
+from workflows.study.sections import PretrainedBaseline, SummarizationConfig
 
 DOCS = ["def add(a, b):\n    return a + b", "Return the value of the thing. " * 100, "x"]  # 2nd: > 256 positions
 CFG = SummarizationConfig(num_beams=2, max_new_tokens=6, eval_batch_size=2)

@@ -10,9 +10,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.processes import moelab_process
-from workflows.cells import expand
-from workflows.launch import RAY_TRAIN_SNAPSHOT, registered_checkpoints
-from workflows.study import parse_study
+from workflows.driver.launch import RAY_TRAIN_SNAPSHOT, registered_checkpoints
+from workflows.study.cells import expand
+from workflows.study.loading import parse_study
 
 pytestmark = pytest.mark.slow
 

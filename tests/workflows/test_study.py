@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from moe_models.routers import ROUTERS
-from workflows.cells import expand
-from workflows.cli import main
-from workflows.study import parse_study
+from workflows.driver.cli import main
+from workflows.study.cells import expand
+from workflows.study.loading import parse_study
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = {
@@ -163,19 +163,19 @@ def test_missing_study_file_and_bad_yaml(tmp_path, capsys):
 def test_console_script_exit_code(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(mutate(lambda s: s.update(seeds=[-1]))))
-    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "validate", str(path)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "workflows.driver.cli", "validate", str(path)], capture_output=True,
                           text=True, cwd=REPO)
     assert proc.returncode == 2 and "seeds[0]" in proc.stderr
 
 
 def test_quickstart_study_is_valid():
-    from workflows.study import load_study
+    from workflows.study.loading import load_study
 
     assert len(expand(load_study(REPO / "studies" / "quickstart.yaml"))) == 4
 
 
 def test_summarization_study_expands_to_evaluated_cells_whose_ids_ignore_presentation():
-    from workflows.study import load_study
+    from workflows.study.loading import load_study
 
     study = load_study(REPO / "studies" / "summarization.yaml")
     cells = expand(study)

@@ -10,7 +10,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.hf_tiny import tiny_bart
-from workflows.cli import main
+from workflows.driver.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
-"""Expand a study into cells (router x model x dataset x seed), each with a stable id.
+"""Expand a study into cells (router x model x dataset x seed), each with a stable id; and its pretrained baselines
+into evaluation-only cells.
 
 The id is a hash of the cell's fully resolved config (defaults filled in), so re-running a study finds the same
 cells, and changing anything that affects training — a router option, the lr, the number of workers — makes a new cell.
@@ -11,8 +12,9 @@ from dataclasses import dataclass
 from itertools import product
 from typing import Any
 
-from workflows.study import (DatasetEntry, ModelEntry, ResourcesConfig, RouterEntry, Study, SummarizationConfig,
-                             TrainingConfig)
+from workflows.study.entries import DatasetEntry, ModelEntry, RouterEntry
+from workflows.study.schema import Study
+from workflows.study.sections import PretrainedBaseline, ResourcesConfig, SummarizationConfig, TrainingConfig
 
 
 @dataclass(frozen=True)
@@ -80,3 +82,30 @@ def expand(study: Study) -> list[Cell]:
     return [Cell(r, m, d, s, _training_for(study, r), study.resources,
                  study.summarization if d.task == "summarization" else None)
             for d, m, r, s in product(study.datasets, study.models, study.routers, study.seeds)]
+
+
+@dataclass(frozen=True)
+class PretrainedCell:
+    baseline: PretrainedBaseline
+    dataset: DatasetEntry
+    summarization: SummarizationConfig
+
+    def resolved(self) -> dict:
+        cfg = self.summarization.model_dump(exclude={"baseline", "samples", "pretrained"})
+        return {"pretrained": self.baseline.model_dump(), "dataset": self.dataset.model_dump(), "summarization": cfg}
+
+    @property
+    def id(self) -> str:
+        blob = json.dumps({**self.resolved(), "pretrained": self.baseline.model_dump(exclude={"label"})},
+                          sort_keys=True)
+        return "pt-" + hashlib.sha256(blob.encode()).hexdigest()[:9]
+
+    @property
+    def title(self) -> str:
+        return f"{self.baseline.display()} (pretrained) / {self.dataset.name}"
+
+
+def pretrained_cells(study) -> list[PretrainedCell]:
+    """Every pretrained baseline on every summarization dataset of the study."""
+    return [PretrainedCell(baseline, dataset, study.summarization) for dataset in study.datasets
+            if dataset.task == "summarization" for baseline in study.summarization.pretrained]

@@ -10,8 +10,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from workflows import storage
-from workflows.study import ResourcesConfig
-from workflows.train_cell import train_cell
+from workflows.cell.train_cell import train_cell
+from workflows.study.sections import ResourcesConfig
 
 
 @dataclass

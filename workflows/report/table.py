@@ -4,12 +4,13 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Run
 
-from workflows.cells import Cell
-from workflows.tracking import REASON
+from workflows.study.cells import Cell
+from workflows.tracking import REASON, Tracker
 
 
 @dataclass(frozen=True)
@@ -93,3 +94,13 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
+
+
+def write_table(rows: list[dict], stem: Path, tracker: Tracker | None = None, parent_run_id: str | None = None) -> Path:
+    md, csv_path = stem.with_name(stem.name + "_table.md"), stem.with_name(stem.name + "_table.csv")
+    md.write_text(to_markdown(rows))
+    csv_path.write_text(to_csv(rows))
+    if tracker and parent_run_id:
+        tracker.log_artifact(parent_run_id, md, "tables")
+        tracker.log_artifact(parent_run_id, csv_path, "tables")
+    return md

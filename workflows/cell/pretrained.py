@@ -7,44 +7,16 @@ evaluates: a finished one is not run again.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from dataclasses import dataclass
 
 import torch
 
 from workflows import storage
-from workflows.study import DatasetEntry, PretrainedBaseline, SummarizationConfig
-from workflows.summarize_cell import score_and_log, test_documents
+from workflows.cell.summarize import score_and_log, test_documents
+from workflows.study.entries import DatasetEntry
+from workflows.study.sections import PretrainedBaseline, SummarizationConfig
+from workflows.study.cells import PretrainedCell
 from workflows.tracking import Tracker
-
-
-@dataclass(frozen=True)
-class PretrainedCell:
-    baseline: PretrainedBaseline
-    dataset: DatasetEntry
-    summarization: SummarizationConfig
-
-    def resolved(self) -> dict:
-        cfg = self.summarization.model_dump(exclude={"baseline", "samples", "pretrained"})
-        return {"pretrained": self.baseline.model_dump(), "dataset": self.dataset.model_dump(), "summarization": cfg}
-
-    @property
-    def id(self) -> str:
-        blob = json.dumps({**self.resolved(), "pretrained": self.baseline.model_dump(exclude={"label"})},
-                          sort_keys=True)
-        return "pt-" + hashlib.sha256(blob.encode()).hexdigest()[:9]
-
-    @property
-    def title(self) -> str:
-        return f"{self.baseline.display()} (pretrained) / {self.dataset.name}"
-
-
-def pretrained_cells(study) -> list[PretrainedCell]:
-    """Every pretrained baseline on every summarization dataset of the study."""
-    return [PretrainedCell(baseline, dataset, study.summarization) for dataset in study.datasets
-            if dataset.task == "summarization" for baseline in study.summarization.pretrained]
 
 
 def _decoding(cfg: SummarizationConfig) -> dict:

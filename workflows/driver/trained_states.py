@@ -12,9 +12,11 @@ import socket
 import torch
 
 from workflows import storage
-from workflows.cells import Cell, expand
-from workflows.runner import Workspace, prepare_datasets, ray_checkpoints
-from workflows.study import Study, StudyError
+from workflows.driver.data import prepare_datasets
+from workflows.driver.workspace import ray_checkpoints, Workspace
+from workflows.study.cells import Cell, expand
+from workflows.study.errors import StudyError
+from workflows.study.schema import Study
 from workflows.tracking import Tracker
 
 
@@ -46,7 +48,7 @@ def trained_hidden_states(study: Study, ws: Workspace, tokens: int) -> tuple[tor
     """(x_TD, token_ids_T, domain_ids_T, num_experts, vocab_size, cell title) at the first MoE block's input."""
     from moe_data.prepare import load_prepared
     from moe_models.moe_ffn import MoEFeedForward
-    from workflows.train_cell import build_engine
+    from workflows.cell.engine import build_engine
 
     cell, checkpoint = finished_cell_with_checkpoint(study, ws)
     data = load_prepared(storage.local_copy(prepare_datasets(study, ws)[cell.dataset].path))

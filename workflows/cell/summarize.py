@@ -12,10 +12,9 @@ from moe_data.prepared_pairs import PreparedPairs
 from moe_eval.bootstrap import percentile_ci, resamples
 from moe_eval.score_sheet import ScoreSheet, score_summaries
 from moe_models.generation import generate
-from workflows.study import SummarizationConfig
+from workflows.study.sections import SummarizationConfig
+from workflows.tracking import BLEU_SIGNATURE_TAG, PREDICTIONS_ARTIFACT
 
-PREDICTIONS_ARTIFACT = "summaries/test_predictions.jsonl"
-BLEU_SIGNATURE_TAG = "moelab.bleu_signature"
 TEST_SPLIT = "test"
 
 

@@ -18,11 +18,9 @@ from pathlib import Path
 
 from moe_eval.bootstrap import paired_p_value, t_interval
 from moe_eval.score_sheet import BLEU, ScoreSheet
-from workflows.cells import Cell
-from workflows.pretrained import pretrained_cells
-from workflows.summarize_cell import BLEU_SIGNATURE_TAG, PREDICTIONS_ARTIFACT
-from workflows.study import Study
-from workflows.tracking import Tracker
+from workflows.study.cells import Cell, pretrained_cells
+from workflows.study.schema import Study
+from workflows.tracking import BLEU_SIGNATURE_TAG, PREDICTIONS_ARTIFACT, Tracker
 
 # (header, metric, scale): ROUGE and BERTScore shown x100, as papers report them.
 REPORT_METRICS = (("ROUGE-1", "rouge1", 100), ("ROUGE-2", "rouge2", 100), ("ROUGE-L", "rougeL", 100),

@@ -1,0 +1,109 @@
+"""Evaluation of a cell on fixed validation windows: loss and every routing metric per MoE block, router
+saturation, and at the end the cost metrics (FLOPs, MFU, router latency share) and peak memory."""
+from __future__ import annotations
+
+import math
+import resource
+from dataclasses import dataclass
+
+import torch
+
+from moe_data.prepare import PreparedData
+from moe_data.prepared_pairs import PreparedPairs
+from moe_models.analytics import NON_SCALAR, add_sums, difficulty_sums, pearson, saturation, summarize
+from moe_models.models import LMOutput
+from workflows.cell.cost_metrics import cost_metrics, measure_peak_tflops, router_latency_share
+from workflows.cell.loop import aux_loss_metrics
+from workflows.cell.worker import Worker, all_reduce_sum
+from workflows.study.cells import Cell
+
+EVAL_SEED = 1234  # every cell and every eval sees the same validation windows
+
+
+def layer_metrics(prefix: str, moe: dict[int, dict[str, torch.Tensor]]) -> tuple[dict[str, float], dict]:
+    """Per-layer routing metrics plus their mean over MoE layers; returns (metrics, per-layer tables), the tables
+    being analytics.NON_SCALAR entries (expert fractions, experts-per-token histogram, co-activation)."""
+    metrics: dict[str, float] = {}
+    tables: dict[int, dict[str, list]] = {}
+    per_layer = {i: summarize({k: all_reduce_sum(v) for k, v in sums.items()}) for i, sums in sorted(moe.items())}
+    for i, summary in per_layer.items():
+        tables[i] = {key: summary.pop(key) for key in NON_SCALAR if key in summary}
+        metrics.update({f"{prefix}/block{i}/{k}": v for k, v in summary.items()})
+        metrics.update({f"{prefix}/block{i}/expert{e}_fraction": f
+                        for e, f in enumerate(tables[i]["expert_fraction"])})
+    for key in per_layer[next(iter(per_layer))] if per_layer else []:
+        metrics[f"{prefix}/{key}"] = sum(s[key] for s in per_layer.values()) / len(per_layer)
+    if per_layer and "expert_flops_per_token" in next(iter(per_layer.values())):  # the model's total, not a mean
+        metrics[f"{prefix}/expert_flops_per_token"] = sum(s["expert_flops_per_token"] for s in per_layer.values())
+    return metrics, tables
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    tables: dict[int, dict[str, list]]  # per MoE block: expert fractions, experts-per-token histogram, co-activation
+    routes: dict[int, torch.Tensor]  # per MoE block: this rank's bool (T, E) choices on the fixed eval tokens
+
+
+@torch.no_grad()
+def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) -> Evaluation:
+    t = cell.training
+    engine.eval()
+    gen = torch.Generator().manual_seed(EVAL_SEED + w.rank)
+    loss_sum, sums, difficulty, routes = torch.zeros(2), {}, None, {}  # routes: block -> per-batch masks
+    unscaled: dict[int, dict[str, float]] = {}
+    for _ in range(t.eval_batches):
+        batch = data.sample("validation", t.micro_batch_size, gen, t.seq_len, t.target_len).to(engine.device)
+        out: LMOutput = engine(*batch.inputs)
+        loss_sum += torch.tensor([out.lm_loss.item() * batch.num_targets, batch.num_targets])
+        target_blocks = [i for i in out.moe if out.target_blocks is None or i in out.target_blocks]
+        if target_blocks:  # experts per token, averaged over the MoE layers the loss's tokens pass, against its loss
+            experts_T = torch.stack([out.moe[i].expert_mask_TE.sum(-1) for i in target_blocks]).float().mean(0)
+            difficulty = add_sums(difficulty, difficulty_sums(experts_T, out.token_nll_BS.flatten()))
+        for i, aux in out.moe.items():
+            sums[i] = add_sums(sums.get(i), aux.sums)
+            routes.setdefault(i, []).append(aux.expert_mask_TE.cpu())  # kept to the end, and checkpointed
+            for name, value in aux.unscaled.items():  # rank 0's mean over batches; the load metrics are global
+                layer = unscaled.setdefault(i, {})
+                layer[name] = layer.get(name, 0.0) + value.item() / t.eval_batches
+    engine.train()
+    total = all_reduce_sum(loss_sum)
+    loss = float(total[0] / total[1])
+    metrics, tables = layer_metrics("eval/moe", sums)
+    metrics.update(aux_loss_metrics("eval/moe", unscaled, cell.router.balancing))
+    metrics.update({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))})
+    if difficulty is not None:  # Pearson r; NaN (not logged) for fixed-k routers
+        metrics["eval/moe/difficulty_corr"] = pearson({k: all_reduce_sum(v) for k, v in difficulty.items()})
+    return Evaluation(metrics, tables, {i: torch.cat(masks) for i, masks in routes.items()})
+
+
+def saturation_metrics(snapshot: dict[int, torch.Tensor], final: dict[int, torch.Tensor]) -> dict[str, float]:
+    """Router saturation of an earlier evaluation against the final one, per MoE block and mean (rank 0's tokens)."""
+    per_block = {i: saturation(snapshot[i], final[i]) for i in final}
+    return {**{f"eval/moe/block{i}/saturation": v for i, v in per_block.items()},
+            "eval/moe/saturation": sum(per_block.values()) / len(per_block)} if per_block else {}
+
+
+def final_cost_metrics(engine, data: PreparedData | PreparedPairs, cell: Cell, tokens_per_s_per_device: float,
+                       latest_eval: dict[str, float], step_seconds: float) -> dict[str, float]:
+    """FLOPs/token, TFLOP/s, MFU against this device's measured peak, router latency share (every rank runs the
+    timed forwards: with expert parallelism they hold collectives)."""
+    model = engine.module
+    param = next(model.parameters())
+    metrics = cost_metrics(model, cell.training.seq_len, tokens_per_s_per_device,
+                           latest_eval.get("eval/moe/expert_flops_per_token", 0.0),
+                           measure_peak_tflops(param.device, param.dtype), step_seconds)
+    t = cell.training
+    batch = data.sample("validation", t.micro_batch_size, torch.Generator().manual_seed(EVAL_SEED), t.seq_len,
+                        t.target_len).to(engine.device)
+    engine.eval()
+    share = router_latency_share(model, lambda: engine(*batch.inputs))
+    engine.train()
+    return {**metrics, **({"summary/router_latency_share": share} if share is not None else {})}
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory where there is one, else this worker process's peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

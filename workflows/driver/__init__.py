@@ -1,0 +1,2 @@
+"""What runs in `moelab`'s own process: the CLI, and the runner that turns a study into prepared data, MLflow runs
+and one Ray Train run per cell."""

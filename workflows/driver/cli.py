@@ -1,0 +1,105 @@
+"""`moelab`: run, validate, inspect and aggregate routing studies.
+
+Exit codes: 0 all cells finished, 1 some cells failed, 2 invalid input.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from typing import Iterator, TextIO
+
+# Nothing heavy at import: torch, DeepSpeed and Ray load inside a command, once stdout is kept for its results.
+from workflows.driver.commands import cmd_run, cmd_tune, cmd_validate
+from workflows.driver.readback import cmd_aggregate, cmd_routers, cmd_status
+
+DEFAULT_WORKDIR = "./moelab-runs"
+
+
+@contextlib.contextmanager
+def _results_only_on_stdout() -> Iterator[TextIO]:
+    """While a command runs, fd 1 and `sys.stdout` lead to stderr: DeepSpeed's logger (a handler on sys.stdout),
+    Ray's banners and C libraries all write there, and `aggregate --format csv > t.csv` must hold the table alone.
+    Yields the stream for the command's own output: the stdout it started with."""
+    sys.stdout.flush()
+    started_with, saved_fd = sys.stdout, os.dup(1)
+    # A caller's own stream (pytest's capture, a StringIO) stays the results stream; fd 1 gets a private duplicate.
+    results = (os.fdopen(os.dup(saved_fd), "w", encoding=started_with.encoding or "utf-8")
+               if started_with is sys.__stdout__ else started_with)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield results
+    finally:
+        results.flush()
+        sys.stderr.flush()
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
+        sys.stdout = started_with
+        if results is not started_with:
+            results.close()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moelab", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, fn, help: str, workdir: bool = True) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("study", help="study YAML file")
+        if workdir:
+            c.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"state directory (default {DEFAULT_WORKDIR})")
+            c.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<workdir>/mlflow.db)")
+            c.add_argument("--storage-path", help="where checkpoints and prepared data go: a shared filesystem path or "
+                                                  "an object-store URI such as s3://bucket/dir (required on a "
+                                                  "multi-node cluster; default <workdir>)")
+        c.set_defaults(fn=fn)
+        return c
+
+    run = command("run", cmd_run, "run (or resume) a study")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--verbose", action="store_true", help="stream Ray worker logs to the terminal")
+    tune_cmd = command("tune", cmd_tune, "run (or resume) the study's sweep with Ray Tune")
+    tune_cmd.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    tune_cmd.add_argument("--verbose", action="store_true", help="stream Ray worker logs to the terminal")
+    command("validate", cmd_validate, "validate a study file only", workdir=False)
+    routers = sub.add_parser("routers", help="the router registry, characterized on random hidden states (and, "
+                                              "with --study, on a trained cell's)")
+    routers.add_argument("--format", choices=("table", "json"), default="table")
+    routers.add_argument("--study", help="a study with a finished MoE cell: also route its trained hidden states")
+    routers.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    routers.add_argument("--tracking-uri")
+    routers.add_argument("--storage-path")
+    routers.add_argument("--tokens", type=int, default=4096)
+    routers.add_argument("--d-model", type=int, default=256)
+    routers.add_argument("--experts", type=int, default=8)
+    routers.set_defaults(fn=cmd_routers)
+    command("status", cmd_status, "one line per cell: state, step, loss")
+    agg = command("aggregate", cmd_aggregate, "print or write the comparison table")
+    agg.add_argument("--format", choices=("md", "csv"), default="md")
+    agg.add_argument("--out", help="write to this file instead of stdout")
+    return p
+
+
+def _dispatch(args, out: TextIO) -> int:
+    from workflows.study.errors import StudyError
+
+    try:
+        return args.fn(args, out)
+    except StudyError as err:  # found after parsing: missing domain labels, a cluster the study cannot use
+        print(err, file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    with _results_only_on_stdout() as out:
+        try:
+            return _dispatch(args, out)
+        except KeyboardInterrupt:
+            return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

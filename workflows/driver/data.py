@@ -1,0 +1,65 @@
+"""Datasets prepared once on the driver (cached by content, published to object storage when the workers read
+there), and the checks that need the prepared data."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workflows import storage
+from workflows.driver.workspace import Workspace
+from workflows.study.cells import Cell
+from workflows.study.entries import DatasetEntry
+from workflows.study.errors import StudyError
+from workflows.study.schema import Study
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    path: str
+    fingerprint: str
+    vocab_size: int
+    domains: tuple[str, ...]
+
+
+def prepare_datasets(study: Study, ws: Workspace) -> dict[DatasetEntry, PreparedDataset]:
+    """Prepare every dataset once (cached by content); with object-store storage, publish the files there for the
+    workers (PreparedDataset.path is then a URI that `storage.local_copy` fetches)."""
+    from moe_data.prepare import load_prepared, prepare
+
+    prepared = {}
+    for entry in study.datasets:
+        path = prepare(entry.name, entry.vocab_size, entry.max_chars_per_domain, ws.cache_dir,
+                       text_column=entry.text_column, domain_column=entry.domain_column, hf_config=entry.hf_config,
+                       summary_column=entry.summary_column)
+        data = load_prepared(path)
+        location = str(path)
+        if ws.published_cache:
+            location = storage.join(ws.published_cache, path.name)
+            storage.upload(path, location)
+        prepared[entry] = PreparedDataset(location, data.fingerprint, data.vocab_size, tuple(data.domains))
+    return prepared
+
+
+def summarization_texts(prepared: dict[DatasetEntry, PreparedDataset]) -> dict[str, tuple[list[str], list[str]]]:
+    """dataset name -> test (documents, reference summaries), for the samples table and the rating sheet."""
+    from moe_data.prepare import load_prepared
+
+    texts = {}
+    for entry, dataset in prepared.items():
+        if entry.task == "summarization":
+            data = load_prepared(storage.local_copy(dataset.path))
+            texts[entry.name] = (data.documents["test"], data.summaries["test"])
+    return texts
+
+
+def check_domain_labels(cells: list[Cell], prepared: dict[DatasetEntry, PreparedDataset]) -> None:
+    """Routers that route by domain label need labelled data: say so before anything launches."""
+    from moe_models.routers import ROUTERS
+
+    problems = []
+    for cell in cells:
+        if cell.router.name in ROUTERS and ROUTERS.get(cell.router.name).needs_domains:
+            if not prepared[cell.dataset].domains:
+                problems.append(f"router {cell.router.display()!r} routes by domain label, but dataset "
+                                f"{cell.dataset.name!r} has none (set datasets[].domain_column or use builtin:domains)")
+    if problems:
+        raise StudyError("study", sorted(set(problems)))

@@ -1,0 +1,53 @@
+"""The Ray the driver uses: a local one of its own, or a cluster (--address / RAY_ADDRESS) checked before anything
+is written."""
+from __future__ import annotations
+
+import logging
+import os
+
+from workflows.driver.workspace import Workspace
+from workflows.study.errors import StudyError
+
+
+def check_cluster(ws: Workspace) -> None:
+    """A multi-node cluster cannot use the driver's disk: refuse local tracking and node-local storage up front."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    problems = []
+    if ws.is_local_tracking:
+        problems.append(f"--tracking-uri: {ws.tracking_uri} is a file on the driver's disk, which workers on the "
+                        f"other {len(nodes) - 1} node(s) cannot write; start `mlflow server --backend-store-uri ... "
+                        "--artifacts-destination ... --host 0.0.0.0` and pass --tracking-uri http://HOST:5000")
+    if ws.shared_storage is None:
+        problems.append(f"--storage-path: checkpoints and prepared data would go to {ws.root}, node-local on a "
+                        f"{len(nodes)}-node cluster; pass --storage-path on storage every node reaches: an NFS/EFS mount "
+                        "or an object-store URI (s3://bucket/dir, gs://...)")
+    if problems:
+        raise StudyError("cluster", problems)
+
+
+def connect_if_remote(ws: Workspace, address: str | None, verbose: bool) -> None:
+    """Join an existing cluster (--address or RAY_ADDRESS, as under `ray job submit`) and check it can run the
+    study before anything is written; a local Ray (no address) is started lazily, only if cells remain."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        init_ray(address, verbose)
+        check_cluster(ws)
+
+
+def init_ray(address: str | None, verbose: bool = False) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Worker logs stay in Ray's session logs unless asked for: a failed cell's error reaches the driver anyway.
+    # Workers must import moelab's packages; a cluster gets them through `ray job submit --working-dir`.
+    # The dashboard stays on: Ray Train's PlacementGroupCleaner needs the State API to free the workers of a
+    # trial that Tune stopped early (without it, ASHA-stopped trials leak their CPUs).
+    # No address and no RAY_ADDRESS: a Ray of our own ("local"), never one left running on this machine, which
+    # `ray.init()` would otherwise find through /tmp/ray and join.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose,
+             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})

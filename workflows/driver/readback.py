@@ -1,0 +1,128 @@
+"""The read-only commands: `status`, `aggregate`, `routers`. They read what a study left in MLflow and on storage,
+and never create a workdir, a database or an experiment."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TextIO
+
+from workflows.driver.commands import study_or_exit, usable_workspace
+
+
+def _runs(study, args):
+    """(tracker, cell id -> run, workspace) of a study that has run here; a clear error when it has not."""
+    from workflows.study.errors import StudyError
+    from workflows.tracking import Tracker
+
+    ws = usable_workspace(args, study)
+    tracker = Tracker(ws.tracking_uri)
+    found = tracker.client.get_experiment_by_name(study.name)
+    if found is None:
+        raise StudyError("--workdir", [f"no study {study.name!r} in {ws.tracking_uri}: no MLflow experiment of that "
+                                       f"name; run `moelab run {args.study}` with this workdir / tracking URI first"],
+                         "nothing to read")
+    return tracker, tracker.cell_runs(found.experiment_id), ws
+
+
+def cmd_status(args, out: TextIO) -> int:
+    from workflows import storage
+    from workflows.driver.workspace import ray_checkpoints
+    from workflows.study.cells import expand
+    from workflows.tracking import REASON
+
+    study = study_or_exit(args.study)
+    tracker, runs, ws = _runs(study, args)
+    for cell in expand(study):
+        run = runs.get(cell.id)
+        if run is None:
+            print(f"{cell.id}  {cell.title}  PENDING", file=out)
+            continue
+        history = tracker.metric_history(run.info.run_id, "train/loss")
+        step, loss = (history[-1].step, f"{history[-1].value:.4f}") if history else (0, "—")
+        reason = f"  reason: {run.data.tags[REASON]}" if REASON in run.data.tags else ""
+        checkpoint = "checkpoint" if ray_checkpoints(storage.join(ws.cell_storage(study.name), cell.id)) \
+            else "no checkpoint"
+        print(f"{cell.id}  {cell.title}  {run.info.status}  step {step}/{study.training.steps}  loss {loss}  "
+              f"{checkpoint}{reason}", file=out)
+    if study.sweep:
+        _sweep_status(study, tracker, ws, out)
+    return 0
+
+
+def _trial_runs(study, tracker) -> list:
+    found = tracker.client.get_experiment_by_name(study.name)
+    return tracker.trial_runs(found.experiment_id, study.sweep.name) if found else []
+
+
+def _sweep_status(study, tracker, ws, out: TextIO) -> None:
+    from tuning.report import trial_rows
+    from workflows import storage
+    from workflows.driver.workspace import ray_checkpoints
+
+    runs = _trial_runs(study, tracker)
+    print(f"sweep {study.sweep.name}: {len(runs)} trial(s)", file=out)
+    for row in trial_rows(runs, study.sweep):
+        params = " ".join(f"{k}={row[k]}" for k in study.sweep.space)
+        metric = row[study.sweep.metric]
+        checkpoint = ray_checkpoints(storage.join(ws.storage_path, f"train-trial_id={row['trial']}"))
+        print(f"  trial {row['trial']}  {row['router']}  {params}  {row['status']}  step {row['steps']}  "
+              f"{study.sweep.metric} {metric if metric is None else f'{metric:.4f}'}  "
+              f"{'checkpoint' if checkpoint else 'no checkpoint'}"
+              + (f"  reason: {row['reason']}" if row["reason"] else ""), file=out)
+
+
+def cmd_aggregate(args, out: TextIO) -> int:
+    from workflows.report.table import table_rows, to_csv, to_markdown
+    from workflows.study.cells import expand
+
+    study = study_or_exit(args.study)
+    tracker, runs, ws = _runs(study, args)
+    cells = expand(study)
+    rows = table_rows(cells, runs)
+    text = to_markdown(rows) if args.format == "md" else to_csv(rows)
+    if study.sweep and args.format == "md":
+        text += "\n" + _sweep_best(study, args)
+    if args.format == "md" and any(cell.summarization for cell in cells):
+        from workflows.driver.data import prepare_datasets, summarization_texts
+        from workflows.report.summarization import write_summarization_report
+
+        texts = summarization_texts(prepare_datasets(study, ws))
+        found = tracker.client.get_experiment_by_name(study.name)
+        pretrained = tracker.cell_runs(found.experiment_id, role="pretrained") if found else {}
+        report = write_summarization_report(study, cells, runs, tracker, texts, ws.root, None, pretrained)
+        text += "\n" + (report.read_text() if report else "(no finished summarization cells)\n")
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        out.write(text)
+    return 0
+
+
+def _sweep_best(study, args) -> str:
+    from tuning.report import best_table, trial_rows
+
+    tracker, _, _ = _runs(study, args)
+    return best_table(trial_rows(_trial_runs(study, tracker), study.sweep), study.sweep)
+
+
+def cmd_routers(args, out: TextIO) -> int:
+    import json
+
+    from moe_models.characterize import profile_all, profile_states
+
+    profiles = profile_all(args.tokens, args.d_model, args.experts)
+    if args.study:  # also on a trained cell's real hidden states (the report's "routers in a pretrained model")
+        from workflows.driver.trained_states import trained_hidden_states
+
+        study = study_or_exit(args.study)
+        ws = usable_workspace(args, study)
+        x, ids, dom, experts, vocab, title = trained_hidden_states(study, ws, args.tokens)
+        profiles += profile_states(x, ids, dom, experts, vocab, f"trained: {title}")
+    rows = [p.as_dict() for p in profiles]
+    if args.format == "json":
+        print(json.dumps(rows, indent=2), file=out)
+        return 0
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|", file=out)
+    for p in rows:
+        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in p.values()) + " |", file=out)
+    return 0

@@ -1,0 +1,1 @@
+"""Comparison tables and reports, built from what MLflow holds (never from worker memory)."""

@@ -1,0 +1,170 @@
+"""The grid's axes as a study file writes them: router, model and dataset entries.
+
+Router and model entries are a registry name plus that component's own options, written flat (`{name: topk, k: 2}`)
+and validated by the component's pydantic Options: unknown keys are errors, every message names the field and the
+allowed values.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+from moe_data.sources import parse_name, task_of
+from moe_models.balancing import BALANCING_LOSSES
+from moe_models.models import MODELS
+from moe_models.options import StrictOptions
+from moe_models.routers import ROUTERS
+from moe_models.spec import DENSE, RoutingSpec
+
+
+def _split_options(data: Any, own_fields: set[str]) -> Any:
+    """Move every key that is not one of the entry's own fields into `options` (the component's Options)."""
+    if not isinstance(data, dict):
+        return data
+    own = {k: v for k, v in data.items() if k in own_fields}
+    own["options"] = {k: v for k, v in data.items() if k not in own_fields}
+    return own
+
+
+class RouterEntry(StrictOptions):
+    name: str
+    label: str | None = None  # display name in tables; defaults to name + options
+    balancing: dict[str, NonNegativeFloat] = Field(default_factory=dict)  # loss name -> coefficient
+    # Over which tokens switch_lbl counts expert load: this micro-batch, each sequence, or the global batch
+    # (all data-parallel ranks and all micro-batches of an optimizer step).
+    balancing_scope: Literal["micro_batch", "sequence", "global_batch"] = "micro_batch"
+    capacity_factor: PositiveFloat | None = None  # None = dropless
+    drop_policy: Literal["position", "probs"] = "position"
+    active_experts: PositiveInt = 1  # dense baseline only: FFN hidden = active_experts * expert_hidden
+    # A non-causal router (expert choice) in an autoregressive model sees future tokens; it runs there only if the
+    # study says so here.
+    allow_non_causal: bool = False
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    _split = model_validator(mode="before")(lambda data: _split_options(data, set(RouterEntry.model_fields) - {"options"}))
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name != DENSE and name not in ROUTERS:
+            raise ValueError(f"unknown router {name!r}; valid: {', '.join(ROUTERS.names() + [DENSE])}")
+        return name
+
+    @field_validator("balancing")
+    @classmethod
+    def _known_losses(cls, balancing: dict[str, float]) -> dict[str, float]:
+        for loss in balancing:
+            BALANCING_LOSSES.get(loss)  # raises with the valid names
+        return balancing
+
+    @model_validator(mode="after")
+    def _options(self) -> "RouterEntry":
+        if self.name == DENSE:
+            if self.options:
+                raise ValueError(f"the dense baseline takes no router options, got: {', '.join(self.options)}")
+        else:
+            ROUTERS.get(self.name).Options(**self.options)
+        return self
+
+    def routing_spec(self) -> RoutingSpec:
+        options = None if self.name == DENSE else ROUTERS.get(self.name).Options(**self.options)
+        return RoutingSpec(self.name, options, dict(self.balancing), self.capacity_factor, self.drop_policy,
+                           self.active_experts, self.balancing_scope)
+
+    def resolved(self) -> dict[str, Any]:
+        """Every option with its default filled in (what a cell records; all but the label is its identity)."""
+        spec = self.routing_spec()
+        return {"name": self.name, "label": self.display(), **(spec.options.model_dump() if spec.options else {}),
+                "balancing": dict(sorted(self.balancing.items())), "balancing_scope": self.balancing_scope,
+                "capacity_factor": self.capacity_factor, "drop_policy": self.drop_policy,
+                "active_experts": self.active_experts}
+
+    def flat(self) -> dict[str, Any]:
+        """The entry as written in a study file (options inline)."""
+        return {**self.model_dump(exclude={"options"}), **self.options}
+
+    def with_overrides(self, params: dict[str, Any]) -> "RouterEntry":
+        """A copy with sweep values set by path (`k`, `capacity_factor`, `balancing.switch_lbl`), re-validated."""
+        flat = self.flat()
+        for path, value in params.items():
+            head, _, leaf = path.partition(".")
+            if leaf:
+                section = flat.get(head) or {}
+                if not isinstance(section, dict) or "." in leaf:
+                    raise ValueError(f"{path!r} is not a path into this router: {head} is "
+                                     f"{'a value, not a section' if not isinstance(section, dict) else 'a section of values'}"
+                                     "; paths are an option (k), or balancing.<loss>")
+                flat[head] = {**section, leaf: value}
+            else:
+                flat[head] = value
+        return RouterEntry.model_validate(flat)
+
+    def max_experts_per_token(self, num_experts: int) -> int:
+        if self.name == DENSE:
+            return self.active_experts
+        return self.routing_spec().options.max_experts_per_token(num_experts)
+
+    def display(self) -> str:
+        if self.label:
+            return self.label
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        if self.name == DENSE and self.active_experts != 1:
+            opts = f"active_experts={self.active_experts}"
+        return f"{self.name}({opts})" if opts else self.name
+
+
+class ModelEntry(StrictOptions):
+    name: str
+    label: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    _split = model_validator(mode="before")(lambda data: _split_options(data, {"name", "label"}))
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        MODELS.get(name)
+        return name
+
+    @model_validator(mode="after")
+    def _options(self) -> "ModelEntry":
+        MODELS.get(self.name).Options(**self.options)
+        return self
+
+    def resolved_options(self):
+        return MODELS.get(self.name).Options(**self.options)
+
+    def resolved(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.display(), **self.resolved_options().model_dump()}
+
+    def display(self) -> str:
+        return self.label or self.name
+
+
+class DatasetEntry(StrictOptions):
+    name: str  # builtin:domains | builtin:docstrings | hf:<hub name> | file:<path>
+    vocab_size: int = Field(default=2048, ge=260, le=65536)  # >= 256 byte symbols + specials
+    max_chars_per_domain: PositiveInt = 400_000
+    text_column: str = "text"  # the document column of a summarization dataset
+    domain_column: str | None = "domain"
+    # Set for (document, summary) datasets such as hf:xsum (text_column: document, summary_column: summary).
+    summary_column: str | None = None
+    hf_config: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _parse(cls, name: str) -> str:
+        parse_name(name)
+        return name
+
+    @property
+    def task(self) -> str:
+        return task_of(self.name, self.summary_column)

