@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec  # noqa: E402
-from moe_models.experts import ExpertFFN  # noqa: E402
+from moe_models.experts import ACTIVATIONS, ExpertFFN, matmuls_per_token  # noqa: E402
 from moe_models.moe_ffn import MoEFeedForward  # noqa: E402
 from moe_models.routers import ROUTERS, RouterContext  # noqa: E402
 
@@ -123,7 +123,7 @@ def router_fwd_bwd(router, x, ids):
 
 
 def bench_shape(shape, backends: list[str], router: str, device: str, dtype, warmup: int, repeats: int,
-                profile: bool = False, compile: bool = False) -> list[dict]:
+                profile: bool = False, compile: bool = False, activation: str = "gelu") -> list[dict]:
     T, d, f, E, k = shape
     torch.manual_seed(0)
     x = torch.randn(1, T, d, device=device, dtype=dtype, requires_grad=True)
@@ -133,13 +133,14 @@ def bench_shape(shape, backends: list[str], router: str, device: str, dtype, war
         module = module.to(device, dtype)
         return torch.compile(module) if compile else module
 
-    steps = {"dense": fwd_bwd(ready(ExpertFFN(d, k * f)), x)}
+    steps = {"dense": fwd_bwd(ready(ExpertFFN(d, k * f, activation)), x)}
     cls = ROUTERS.get(router)
     opts = cls.Options(**router_options(router, k))
     ctx = RouterContext(d, E, 32000, 0, 0)
     for backend in backends:
         torch.manual_seed(1)  # the same router weights, hence the same routes, for every backend
-        moe = MoEFeedForward(cls(ctx, opts), DISPATCH_BACKENDS.get(backend)(DispatchSpec(d, f, E, 1, None, "position")),
+        moe = MoEFeedForward(cls(ctx, opts), DISPATCH_BACKENDS.get(backend)(DispatchSpec(d, f, E, 1, None, "position",
+                                                                                          activation)),
                              {})
         steps[backend] = fwd_bwd(ready(moe), x, ids)
     torch.manual_seed(1)
@@ -149,8 +150,10 @@ def bench_shape(shape, backends: list[str], router: str, device: str, dtype, war
         print(f"=== shape {shape} router {router}", file=sys.stderr)
         print_profile(steps, device)
     gpu_ms = {name: kernel_ms(steps[name]) for name in [*backends, "router"]} if device == "cuda" else {}
-    active_flops = 3 * (2 * 2 * T * d * k * f)  # two matmuls of 2*T*d*kF flops forward, backward twice that
+    # the expert matmuls (two, SwiGLU three) of 2*T*d*kF flops forward each, backward twice that
+    active_flops = 3 * (matmuls_per_token(activation) * 2 * T * d * k * f)
     return [{"T": T, "d": d, "f": f, "E": E, "k": k, "backend": backend, "router": router, "compiled": compile,
+             "activation": activation,
              "dense_ms": round(ms["dense"], 3), "moe_ms": round(ms[backend], 3),
              "ratio_vs_dense": round(ms[backend] / ms["dense"], 3),
              **({"ratio_vs_deepspeed": round(ms[backend] / ms["deepspeed"], 3)} if "deepspeed" in ms else {}),
@@ -171,6 +174,7 @@ def main() -> None:
     p.add_argument("--shapes", default=None, help="semicolon-separated T,d,f,E,k tuples")
     p.add_argument("--profile", action="store_true", help="print each contender's top kernels (torch.profiler)")
     p.add_argument("--compile", action="store_true", help="torch.compile every contender (dense, MoE, router)")
+    p.add_argument("--activation", choices=ACTIVATIONS, default="gelu", help="expert (and dense twin) activation")
     p.add_argument("--out")
     args = p.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
@@ -180,7 +184,7 @@ def main() -> None:
         torch.set_num_threads(torch.get_num_threads())
     results = [row for s in shapes for router in args.routers
                for row in bench_shape(s, args.backends, router, args.device, dtype, args.warmup, args.repeats,
-                                      args.profile, args.compile)]
+                                      args.profile, args.compile, args.activation)]
     report = {"benchmark": "moe_layer_fwd_bwd", "device": device_name(args.device), "dtype": str(dtype),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}
     emit(report, args.out)

@@ -22,9 +22,8 @@ def dense_forward_flops_per_token(model: nn.Module, seq_len: int) -> float:
 
 
 def expert_forward_flops_per_route(layer: MoEFeedForward) -> float:
-    """One token through one expert: two matmuls D -> F -> D."""
-    spec = layer.dispatch.spec
-    return 2.0 * 2 * spec.d_model * spec.expert_hidden
+    """One token through one routed expert (shared experts run for every token: they count with the linears)."""
+    return layer.dispatch.spec.flops_per_route
 
 
 def training_flops_per_token(model: nn.Module, seq_len: int, expert_forward_flops_per_token: float) -> float:

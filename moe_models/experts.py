@@ -1,15 +1,46 @@
-"""The expert: a two-layer GELU FFN (D -> F -> D), the same shape as the dense baseline's FFN."""
+"""The expert: a feed-forward D -> F -> D, the same shape as the dense baseline's FFN, in one of two activations.
+
+  gelu:   down(gelu(up(x))), with biases (GPT-2, the original MoE papers);
+  swiglu: down(silu(gate(x)) * up(x)), no biases (Shazeer 2020, "GLU Variants Improve Transformer"; Llama, Mixtral,
+          Qwen-MoE, DeepSeek-MoE, OLMoE). `up` holds gate and up stacked, [gate; up] = (2F, D): the layout of one
+          expert of transformers' MixtralExperts.gate_up_proj, so its weights copy in unchanged.
+"""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+Activation = Literal["gelu", "swiglu"]
+ACTIVATIONS: tuple[str, ...] = ("gelu", "swiglu")
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """(..., 2F) stacked [gate, up] -> (..., F)."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def up_width(hidden: int, activation: Activation) -> int:
+    """Rows of the up projection: F, or 2F for SwiGLU's stacked gate and up."""
+    return 2 * hidden if activation == "swiglu" else hidden
+
+
+def matmuls_per_token(activation: Activation) -> int:
+    """D x F matmuls per token through one expert: up and down, plus SwiGLU's gate."""
+    return 3 if activation == "swiglu" else 2
 
 
 class ExpertFFN(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, activation: Activation = "gelu"):
         super().__init__()
-        self.up = nn.Linear(d_model, hidden)
-        self.down = nn.Linear(hidden, d_model)
+        self.activation = activation
+        bias = activation == "gelu"
+        self.up = nn.Linear(d_model, up_width(hidden, activation), bias=bias)
+        self.down = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(nn.functional.gelu(self.up(x)))
+        h = self.up(x)
+        return self.down(swiglu(h) if self.activation == "swiglu" else F.gelu(h))

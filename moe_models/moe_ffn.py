@@ -33,10 +33,15 @@ class MoEFeedForward(Fp32Buffers):
     fp32_buffers = ("window_routes_E",)  # an accumulator (fp32_state.py)
 
     def __init__(self, router: Router, dispatch: nn.Module, balancing: dict[str, float],
-                 balancing_scope: str = "micro_batch"):
+                 balancing_scope: str = "micro_batch", shared_experts: nn.Module | None = None,
+                 shared_expert_gate: bool = False):
         super().__init__()
         self.router = router
         self.dispatch = dispatch
+        # Always-on experts added to the routed output (DeepSeekMoE, Qwen-MoE); with a gate, each token scales theirs
+        # by sigmoid(w . x) (Qwen2-MoE's shared_expert_gate). Routing and its metrics never see them.
+        self.shared_experts = shared_experts
+        self.shared_expert_gate = nn.Linear(router.ctx.d_model, 1, bias=False) if shared_expert_gate else None
         self.balancing = {name: (BALANCING_LOSSES.get(name), coef) for name, coef in balancing.items()}
         self.balancing_scope = balancing_scope
         self.analytics = True  # evaluation analytics; decoding turns them off (see routing_analytics_off)
@@ -63,6 +68,12 @@ class MoEFeedForward(Fp32Buffers):
         loss = sum((coef * unscaled[name] for name, (_, coef) in self.balancing.items()), x_TD.new_zeros(()).float())
         loss = loss + sum(decision.router_losses.values(), x_TD.new_zeros(()).float())
         out = self.dispatch(x_TD, decision)
+        y_TD = out.y_TD.reshape_as(x_TD)
+        if self.shared_experts is not None:
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
         aux = MoEAux(loss, {k: v.detach() for k, v in unscaled.items()})
         if not self.training and self.analytics:  # an evaluation product: no per-step cost in training or decoding
             kept_TK = out.kept_TK
@@ -71,10 +82,10 @@ class MoEFeedForward(Fp32Buffers):
                 decision, kept_TK = decision.rows(valid_T), kept_TK[valid_T]
                 domain_ids_T = None if domain_ids_T is None else domain_ids_T[valid_T]
             aux.sums = routing_sums(decision, kept_TK, domain_ids_T, self.router.ctx.num_domains)
-            spec = self.dispatch.spec  # served routes x 4*D*F (2 matmuls, 2 FLOPs per multiply-add)
-            aux.sums["expert_flops"] = kept_TK.sum().float() * 4 * spec.d_model * spec.expert_hidden
+            # Routed experts only: served routes x FLOPs per route (shared experts count with the dense linears).
+            aux.sums["expert_flops"] = kept_TK.sum().float() * self.dispatch.spec.flops_per_route
             aux.expert_mask_TE = decision.expert_mask_TE().bool()
-        return out.y_TD.view_as(x_BSD), aux
+        return y_TD.view_as(x_BSD), aux
 
     def _accumulate_window(self, routes_E: torch.Tensor) -> torch.Tensor:
         routes_E = routes_E.clone()

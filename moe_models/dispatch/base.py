@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from moe_models.dispatch.capacity import DropPolicy
+from moe_models.experts import Activation, matmuls_per_token
 from moe_models.registry import Registry
 
 
@@ -23,6 +24,12 @@ class DispatchSpec:
     ep_size: int
     capacity_factor: float | None  # None = dropless
     drop_policy: DropPolicy
+    activation: Activation = "gelu"
+
+    @property
+    def flops_per_route(self) -> float:
+        """One token through one expert: its D x F matmuls, 2 FLOPs per multiply-add."""
+        return 2.0 * matmuls_per_token(self.activation) * self.d_model * self.expert_hidden
 
 
 @dataclass

@@ -55,7 +55,7 @@ class DeepSpeedMoEDispatch(nn.Module):
         self.spec = spec
         self.moe = MoE(
             hidden_size=spec.d_model,
-            expert=ExpertFFN(spec.d_model, spec.expert_hidden),
+            expert=ExpertFFN(spec.d_model, spec.expert_hidden, spec.activation),
             num_experts=spec.num_experts,
             ep_size=spec.ep_size,
         )

@@ -51,7 +51,8 @@ class StackedMoE(MoE):
         self.num_local_experts = spec.num_experts // spec.ep_size
         self.enable_expert_tensor_parallelism = False
         self.use_residual = False
-        self.deepspeed_moe = _LocalExperts(StackedExperts(self.num_local_experts, spec.d_model, spec.expert_hidden))
+        self.deepspeed_moe = _LocalExperts(StackedExperts(self.num_local_experts, spec.d_model, spec.expert_hidden,
+                                                          spec.activation))
         for param in self.experts.parameters():  # what deepspeed.moe.experts.Experts marks on its experts
             param.allreduce = False
             param.group_name = self.expert_group_name
@@ -72,6 +73,8 @@ class StackedMoE(MoE):
 
 def _split_experts(module: StackedMoE, state_dict: dict, prefix: str, _metadata) -> None:
     for name, key in _PER_EXPERT_KEYS.items():
+        if f"{prefix}deepspeed_moe.experts.{name}" not in state_dict:  # SwiGLU experts have no biases
+            continue
         stacked = state_dict.pop(f"{prefix}deepspeed_moe.experts.{name}")
         for i, tensor in enumerate(stacked.unbind(0)):
             state_dict[f"{prefix}{_DS_EXPERTS}.{i}.{key}"] = tensor

@@ -1,4 +1,4 @@
-"""The grouped backend's per-route bias and GELU, fused on CUDA.
+"""The grouped backend's per-route bias and GELU (or SwiGLU), fused on CUDA.
 
 Eager, `gelu(h + bias[expert])` materializes an (R, F) gather of the bias, makes three passes over (R, F), and its
 backward scatters R rows into E with atomics. Here the forward is one fused pass and the backward another (kernels
@@ -13,6 +13,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from moe_models.experts import swiglu
 
 
 def _bias_gelu(h_RF: torch.Tensor, bias_EF: torch.Tensor, expert_R: torch.Tensor) -> torch.Tensor:
@@ -75,3 +77,9 @@ class AddBias(torch.autograd.Function):
     def backward(ctx, grad_RD):
         expert_R, offsets_E = ctx.saved_tensors
         return grad_RD, bias_gradient(grad_RD, expert_R, offsets_E), None, None
+
+
+def fused_swiglu(h_RX: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of stacked [gate, up] rows: one fused pass on CUDA (torch.compile differentiates it: no bias
+    gather, so no atomics in its backward), eager elsewhere."""
+    return _run(swiglu, h_RX)

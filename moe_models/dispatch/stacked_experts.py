@@ -1,9 +1,9 @@
-"""E two-layer GELU FFNs (D -> F -> D, the ExpertFFN of the DeepSpeed backend) with weights stacked along the expert
-axis, run on routes already sorted by expert.
+"""E experts (D -> F -> D, the ExpertFFN of the DeepSpeed backend, GELU with biases or SwiGLU without) with weights
+stacked along the expert axis, run on routes already sorted by expert.
 
 Every path takes (x_RD, expert_R, counts_E): R route rows sorted by expert, counts_E of them per expert.
   * `grouped` (CUDA bf16): torch's grouped GEMM, no padding, no per-expert loop, no host synchronisation, bias and
-    GELU fused (fused.py);
+    GELU (or SwiGLU) fused (fused.py);
   * `padded` (CUDA, other dtypes): a padded (E, C, D) buffer and batched matmuls (one host read: C);
   * `sliced` (CPU): per-expert 2-D GEMMs on contiguous slices (why: see its docstring).
 """
@@ -13,18 +13,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_models.dispatch.fused import AddBias, BiasGelu
+from moe_models.dispatch.fused import AddBias, BiasGelu, fused_swiglu
+from moe_models.experts import Activation, swiglu, up_width
 
 
 class StackedExperts(nn.Module):
-    """nn.Linear layout per expert: up (E, F, D) + (E, F), down (E, D, F) + (E, D)."""
+    """nn.Linear layout per expert. GELU: up (E, F, D) + (E, F), down (E, D, F) + (E, D). SwiGLU: up (E, 2F, D)
+    holding [gate; up], down (E, D, F), no biases: exactly transformers' MixtralExperts (gate_up_proj, down_proj)."""
 
-    def __init__(self, num_experts: int, d_model: int, hidden: int):
+    def __init__(self, num_experts: int, d_model: int, hidden: int, activation: Activation = "gelu"):
         super().__init__()
-        self.up_weight_EFD = nn.Parameter(torch.randn(num_experts, hidden, d_model) * 0.02)
-        self.up_bias_EF = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.activation = activation
+        self.up_weight_EFD = nn.Parameter(torch.randn(num_experts, up_width(hidden, activation), d_model) * 0.02)
         self.down_weight_EDF = nn.Parameter(torch.randn(num_experts, d_model, hidden) * 0.02)
-        self.down_bias_ED = nn.Parameter(torch.zeros(num_experts, d_model))
+        biased = activation == "gelu"
+        self.up_bias_EF = nn.Parameter(torch.zeros(num_experts, hidden)) if biased else None
+        self.down_bias_ED = nn.Parameter(torch.zeros(num_experts, d_model)) if biased else None
+
+    @torch.no_grad()
+    def load_gate_up_down(self, gate_up_EXD: torch.Tensor, down_EDF: torch.Tensor) -> None:
+        """SwiGLU weights in transformers' stacked layout (MixtralExperts, Qwen2MoeExperts, OlmoeExperts)."""
+        if self.activation != "swiglu":
+            raise ValueError("gate/up/down weights are SwiGLU experts'; these experts are GELU")
+        self.up_weight_EFD.copy_(gate_up_EXD)
+        self.down_weight_EDF.copy_(down_EDF)
+
+    def _activate(self, h_RX: torch.Tensor) -> torch.Tensor:
+        return swiglu(h_RX) if self.activation == "swiglu" else F.gelu(h_RX)
 
     @property
     def num_experts(self) -> int:
@@ -42,9 +57,12 @@ class StackedExperts(nn.Module):
             return self._aligned(x_RD, expert_R, counts_E, align)
         offsets_E = counts_E.cumsum(0).to(torch.int32)  # group ends
         h = torch._grouped_mm(x_RD, self.up_weight_EFD.transpose(1, 2), offs=offsets_E)
-        h = BiasGelu.apply(h, self.up_bias_EF, expert_R, offsets_E)
+        if self.activation == "swiglu":
+            h = fused_swiglu(h)
+        else:
+            h = BiasGelu.apply(h, self.up_bias_EF, expert_R, offsets_E)
         y = torch._grouped_mm(h, self.down_weight_EDF.transpose(1, 2), offs=offsets_E)
-        return AddBias.apply(y, self.down_bias_ED, expert_R, offsets_E)
+        return y if self.down_bias_ED is None else AddBias.apply(y, self.down_bias_ED, expert_R, offsets_E)
 
     def _aligned(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor, align: int) -> torch.Tensor:
         """The grouped path on a buffer whose groups start at multiples of `align` rows: zero rows pad each group,
@@ -71,8 +89,10 @@ class StackedExperts(nn.Module):
         position_R = torch.arange(len(expert_R), device=x_RD.device) - starts_E[expert_R]
         flat_R = expert_R * capacity + position_R  # row of each route in the flattened (E*C, D) buffer
         buffer = x_RD.new_zeros(E * capacity, D).index_copy(0, flat_R, x_RD).view(E, capacity, D)
-        h = F.gelu(torch.baddbmm(self.up_bias_EF.unsqueeze(1), buffer, self.up_weight_EFD.transpose(1, 2)))
-        y = torch.baddbmm(self.down_bias_ED.unsqueeze(1), h, self.down_weight_EDF.transpose(1, 2))
+        h = torch.bmm(buffer, self.up_weight_EFD.transpose(1, 2))
+        h = self._activate(h if self.up_bias_EF is None else h + self.up_bias_EF.unsqueeze(1))
+        y = torch.bmm(h, self.down_weight_EDF.transpose(1, 2))
+        y = y if self.down_bias_ED is None else y + self.down_bias_ED.unsqueeze(1)
         return y.view(E * capacity, D).index_select(0, flat_R)
 
     @torch.compiler.disable
@@ -81,8 +101,10 @@ class StackedExperts(nn.Module):
         launch to amortize and no host sync to avoid, 2-D GEMMs run ~30% faster than the padded batched ones (no
         padding, better blocking: 26 vs 36 ms for 8 x (1100x256 @ 256x1024) here), and torch's CPU grouped GEMM has no
         backward. Weights are unbound once, so the backward stacks their gradients in one allocation."""
-        ups, up_biases = self.up_weight_EFD.unbind(0), self.up_bias_EF.unbind(0)
-        downs, down_biases = self.down_weight_EDF.unbind(0), self.down_bias_ED.unbind(0)
-        outputs = [F.linear(F.gelu(F.linear(x_e, ups[e], up_biases[e])), downs[e], down_biases[e])
+        E = self.num_experts
+        ups, downs = self.up_weight_EFD.unbind(0), self.down_weight_EDF.unbind(0)
+        up_biases = self.up_bias_EF.unbind(0) if self.up_bias_EF is not None else [None] * E
+        down_biases = self.down_bias_ED.unbind(0) if self.down_bias_ED is not None else [None] * E
+        outputs = [F.linear(self._activate(F.linear(x_e, ups[e], up_biases[e])), downs[e], down_biases[e])
                    for e, x_e in enumerate(x_RD.split(counts_E.tolist())) if len(x_e)]
         return torch.cat(outputs) if outputs else x_RD.new_zeros(0, x_RD.shape[-1])

@@ -16,7 +16,7 @@ from torch import nn
 
 from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
 from moe_models.dispatch.expert_parallel import StackedMoE
-from moe_models.experts import ExpertFFN
+from moe_models.experts import Activation, ExpertFFN
 from moe_models.moe_ffn import MoEAux, MoEFeedForward
 from moe_models.options import StrictOptions
 from moe_models.routers import ROUTERS, RouterContext
@@ -33,6 +33,11 @@ class MoEModelOptions(StrictOptions):
     ep_size: PositiveInt = 1  # expert-parallel ranks (DeepSpeed ep_size); must divide num_experts
     dispatch: str = "grouped"  # dropless grouped GEMMs (dispatch/grouped.py); "deepspeed" = DeepSpeed's MOELayer
     dropout: confloat(ge=0, lt=1) = 0.0
+    expert_activation: Activation = "gelu"  # every FFN of the model: experts, shared experts, dense blocks
+    # Always-on experts of expert_hidden each beside the routed ones (DeepSeekMoE, Qwen-MoE), optionally gated per
+    # token (Qwen2-MoE). The dense baseline of "equal active FLOPs" counts them: its FFN is (active + shared) wide.
+    num_shared_experts: NonNegativeInt = 0
+    shared_expert_gate: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "MoEModelOptions":
@@ -42,7 +47,14 @@ class MoEModelOptions(StrictOptions):
             raise ValueError(f"ep_size={self.ep_size} must divide num_experts={self.num_experts}")
         if self.dispatch not in DISPATCH_BACKENDS:
             raise ValueError(f"dispatch={self.dispatch!r} unknown; valid: {', '.join(DISPATCH_BACKENDS.names())}")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError("shared_expert_gate: gates the shared experts, and num_shared_experts is 0")
         return self
+
+    def dense_width(self, active_experts: int) -> int:
+        """FFN hidden width of a dense baseline with the active FLOPs of `active_experts` routed experts per token
+        plus the shared ones."""
+        return (active_experts + self.num_shared_experts) * self.expert_hidden
 
     def stack_depths(self) -> tuple[int, ...]:
         """Blocks per stack (one stack for a decoder; encoder and decoder for seq2seq): each family says."""
@@ -74,17 +86,21 @@ def build_ffn(opts: MoEModelOptions, stack_index: int, layer_index: int, routing
               seed: int, num_domains: int = 0, token_counts_V: torch.Tensor | None = None) -> nn.Module:
     """The FFN of one block: dense (baseline, or a non-MoE block), or an MoE FFN whose router is unique per
     `layer_index` (the block's index over the whole model)."""
+    activation = opts.expert_activation
     if routing.is_dense:
-        return ExpertFFN(opts.d_model, routing.dense_active_experts * opts.expert_hidden)
+        return ExpertFFN(opts.d_model, opts.dense_width(routing.dense_active_experts), activation)
     if not opts.is_moe_block(stack_index):
-        return ExpertFFN(opts.d_model, opts.expert_hidden)
+        return ExpertFFN(opts.d_model, opts.expert_hidden, activation)
     ctx = RouterContext(opts.d_model, opts.num_experts, vocab_size, layer_index, seed, num_domains, token_counts_V)
     router_cls = ROUTERS.get(routing.router)
     router = router_cls(ctx, routing.options or router_cls.Options())
     spec = DispatchSpec(opts.d_model, opts.expert_hidden, opts.num_experts, opts.ep_size,
-                        routing.capacity_factor, routing.drop_policy)
+                        routing.capacity_factor, routing.drop_policy, activation)
+    # N shared experts of width F add up to one FFN of width N*F (their hidden units side by side).
+    shared = ExpertFFN(opts.d_model, opts.num_shared_experts * opts.expert_hidden, activation) \
+        if opts.num_shared_experts else None
     return MoEFeedForward(router, DISPATCH_BACKENDS.get(opts.dispatch)(spec), routing.balancing,
-                          routing.balancing_scope)
+                          routing.balancing_scope, shared, opts.shared_expert_gate)
 
 
 _LOCAL_EXPERT = re.compile(r"deepspeed_experts\.(\d+)\.")
@@ -129,7 +145,8 @@ def _init_stacked_experts(module_name: str, moe: StackedMoE, seed: int, ep_rank:
                                       ("down", experts.down_weight_EDF, experts.down_bias_ED)):
                 gen = _named_generator(seed, f"{prefix}.{sub}.weight")
                 weight[i].copy_(torch.randn(weight[i].shape, generator=gen) * 0.02)
-                bias[i].zero_()
+                if bias is not None:  # SwiGLU experts have none
+                    bias[i].zero_()
 
 
 def _named_generator(seed: int, name: str) -> torch.Generator:

@@ -11,8 +11,8 @@ from moe_models.spec import DENSE, RoutingSpec
 D, H, E, F, V, S, L, K = 16, 2, 4, 32, 50, 8, 2, 2
 
 
-def gpt(routing: RoutingSpec) -> GPT:
-    opts = GPTOptions(d_model=D, n_heads=H, num_experts=E, expert_hidden=F, n_layers=L)
+def gpt(routing: RoutingSpec, **extra) -> GPT:
+    opts = GPTOptions(d_model=D, n_heads=H, num_experts=E, expert_hidden=F, n_layers=L, **extra)
     return GPT(opts, routing, V, S, seed=0)
 
 
@@ -40,3 +40,30 @@ def test_served_routes_from_evaluation_match_the_architecture_count():
     out = model(ids, ids)
     measured = sum(float(aux.sums["expert_flops"]) / ids.numel() for aux in out.moe.values())
     assert measured == pytest.approx(L * K * 4 * D * F)
+
+
+SWIGLU_SHARED = {"expert_activation": "swiglu", "num_shared_experts": 1, "shared_expert_gate": True}
+
+
+def test_swiglu_experts_cost_three_matmuls_and_shared_experts_count_for_every_token():
+    """A SwiGLU expert is three D x F matmuls (gate, up, down); the shared expert and its gate run for every token, so
+    they count with the dense linears, and the routed experts with the served routes."""
+    moe = gpt(RoutingSpec("topk", ROUTERS.get("topk").Options(k=K)), **SWIGLU_SHARED)
+    layer = next(m for m in moe.modules() if isinstance(m, MoEFeedForward))
+    assert expert_forward_flops_per_route(layer) == 6 * D * F
+    plain = gpt(RoutingSpec("topk", ROUTERS.get("topk").Options(k=K)), expert_activation="swiglu")
+    shared_per_block = 6 * D * F + 2 * D  # one shared expert of width F, plus its gate (D -> 1)
+    assert dense_forward_flops_per_token(moe, S) - dense_forward_flops_per_token(plain, S) == L * shared_per_block
+    ids = torch.randint(V, (2, S))
+    out = moe.eval()(ids, ids)
+    measured = sum(float(aux.sums["expert_flops"]) / ids.numel() for aux in out.moe.values())
+    assert measured == pytest.approx(L * K * 6 * D * F)  # routed experts only
+
+
+def test_the_equal_active_flops_dense_twin_includes_the_shared_experts():
+    moe = gpt(RoutingSpec("topk", ROUTERS.get("topk").Options(k=K)), **SWIGLU_SHARED)
+    dense = gpt(RoutingSpec(DENSE, dense_active_experts=K), **SWIGLU_SHARED)
+    assert all(block.ffn.down.in_features == (K + 1) * F for block in dense.blocks)  # K routed + 1 shared
+    moe_flops = training_flops_per_token(moe, S, L * K * 6 * D * F)
+    dense_flops = training_flops_per_token(dense, S, 0.0)
+    assert moe_flops - dense_flops == pytest.approx(3 * L * (2 * D * E + 2 * D))  # routers and the shared gate

@@ -1,5 +1,6 @@
 """Whole models on the meta device, in bf16 the way DeepSpeed 0.19.8's half-precision engines cast them (parameters
-only; buffers keep their dtype), one training step each: every router on both model families.
+only; buffers keep their dtype), one training step each: every router on every model family (GPT with GELU experts
+and with SwiGLU plus a gated shared expert, llama, seq2seq).
 
 Meta tensors stand in for a GPU's, which cannot exist here. A tensor the model creates on the host (a factory without
 device=), a buffer's fp32 leaking into bf16 activations, or a host read (.item(), a shape that depends on values)
@@ -19,9 +20,17 @@ ROUTER_OPTIONS = {"topk": {"k": 2}, "hash": {"k": 2}, "top_p": {"p": 0.5, "max_k
                   "expert_choice": {"capacity": 1.5}, "mlp": {"k": 2}, "mlp_hadamard": {"k": 2},
                   "attention": {"k": 2}, "hybrid": {"k": 2}, "self_supervised": {"k": 2, "contrastive_tokens": 16}}
 READS_THE_HOST = {"reference": "checks for unlabelled domain ids on the host (the testbed's upper bound)"}
-MODEL_OPTIONS = {"gpt": {"d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 64},
-                 "seq2seq": {"d_model": 32, "n_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "num_experts": 4,
-                             "expert_hidden": 64}}
+_DECODER = {"d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 64}
+MODEL_CASES = {"gpt": ("gpt", _DECODER),
+               "gpt-swiglu-shared": ("gpt", {**_DECODER, "expert_activation": "swiglu", "num_shared_experts": 1,
+                                             "shared_expert_gate": True}),
+               "llama": ("llama", {**_DECODER, "n_heads": 4, "n_kv_heads": 2}),
+               "seq2seq": ("seq2seq", {"d_model": 32, "n_heads": 2, "encoder_layers": 1, "decoder_layers": 1,
+                                       "num_experts": 4, "expert_hidden": 64})}
+
+
+def test_every_model_family_has_a_case():
+    assert {family for family, _ in MODEL_CASES.values()} == set(MODELS.names())
 
 
 def test_every_router_has_a_case():
@@ -38,21 +47,22 @@ def meta_ids(*shape: int) -> torch.Tensor:
     return torch.randint(V, shape, device="meta")
 
 
-def training_step(name: str, model: torch.nn.Module) -> LMOutput:
-    if name == "gpt":
+def training_step(family: str, model: torch.nn.Module) -> LMOutput:
+    if MODELS.get(family).task == "lm":
         return model(meta_ids(2, 32), meta_ids(2, 32))
     src_valid = torch.ones(2, 16, dtype=torch.bool, device="meta")
     return model(meta_ids(2, 16), src_valid, meta_ids(2, 8), meta_ids(2, 8))
 
 
-@pytest.mark.parametrize("model_name", list(MODEL_OPTIONS))
+@pytest.mark.parametrize("model_case", list(MODEL_CASES))
 @pytest.mark.parametrize("router", list(ROUTER_OPTIONS))
-def test_a_bf16_training_step_stays_on_the_models_device(router, model_name, monkeypatch):
+def test_a_bf16_training_step_stays_on_the_models_device(router, model_case, monkeypatch):
     monkeypatch.setattr(GroupedDispatch, "grouped_gemm_applies", lambda self, x: True)  # the CUDA bf16 path
+    model_name, model_options = MODEL_CASES[model_case]
     family = MODELS.get(model_name)
     routing = RoutingSpec(router, ROUTERS.get(router).Options(**ROUTER_OPTIONS[router]),
                           {"switch_lbl": 0.01, "z_loss": 0.001})
-    model = half_precision_on_meta(family.build(family.Options(**MODEL_OPTIONS[model_name]), routing, V, 64, 0))
+    model = half_precision_on_meta(family.build(family.Options(**model_options), routing, V, 64, 0))
     out = training_step(model_name, model)
     assert out.loss.device.type == "meta" and out.loss.dtype == torch.float32
     out.loss.backward()

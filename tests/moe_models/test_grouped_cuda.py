@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
+from moe_models.experts import ACTIVATIONS
 from moe_models.moe_ffn import MoEFeedForward
 from moe_models.routers import ROUTERS, RouterContext
 
@@ -17,11 +18,12 @@ CASES = [("topk", {"k": 2}), ("top_p", {"p": 0.5}), ("top_p", {"p": 0.5, "max_k"
          ("top_any", {"init_threshold": -0.05}), ("hash", {"k": 2}), ("expert_choice", {"capacity": 1.5})]
 
 
-def layer_on(backend: str, router: str, options: dict, capacity_factor=None) -> MoEFeedForward:
+def layer_on(backend: str, router: str, options: dict, capacity_factor=None, activation="gelu") -> MoEFeedForward:
     torch.manual_seed(0)
     cls = ROUTERS.get(router)
     r = cls(RouterContext(D, E, V, 0, 0), cls.Options(**options))
-    return MoEFeedForward(r, DISPATCH_BACKENDS.get(backend)(DispatchSpec(D, F, E, 1, capacity_factor, "position")), {})
+    spec = DispatchSpec(D, F, E, 1, capacity_factor, "position", activation)
+    return MoEFeedForward(r, DISPATCH_BACKENDS.get(backend)(spec), {})
 
 
 def run(layer, x, ids):
@@ -31,11 +33,12 @@ def run(layer, x, ids):
     return y.float(), x.grad.float(), layer.dispatch.experts.up_weight_EFD.grad.float()
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16-grouped", "fp16-padded"])
 @pytest.mark.parametrize("router,options", CASES, ids=[f"{r}{o}" for r, o in CASES])
-def test_half_precision_cuda_paths_match_the_fp32_cpu_path(router, options, dtype):
+def test_half_precision_cuda_paths_match_the_fp32_cpu_path(router, options, dtype, activation):
     # Both sides start from the same half-representable weights and inputs, so they route alike.
-    cpu = layer_on("grouped", router, options).eval().to(dtype).float()
+    cpu = layer_on("grouped", router, options, activation=activation).eval().to(dtype).float()
     gpu = copy.deepcopy(cpu).cuda().to(dtype)
     x, ids = torch.randn(4, 256, D).to(dtype).float(), torch.randint(V, (4, 256))
     ref = run(cpu, x, ids)
@@ -63,10 +66,11 @@ def test_padded_cuda_path_matches_deepspeed_in_fp32(capacity_factor):
     torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("router,options", [("topk", {"k": 2}), ("top_p", {"p": 0.5, "max_k": 4})],
                          ids=["topk", "top_p-filler"])
-def test_grouped_training_step_never_synchronizes_with_the_host(router, options):
-    layer = layer_on("grouped", router, options).train().cuda().bfloat16()
+def test_grouped_training_step_never_synchronizes_with_the_host(router, options, activation):
+    layer = layer_on("grouped", router, options, activation=activation).train().cuda().bfloat16()
     x, ids = torch.randn(4, 256, D, device="cuda", dtype=torch.bfloat16), torch.randint(V, (4, 256), device="cuda")
     run(layer, x, ids)  # warm-up: lazy initialisation may synchronise once
     torch.cuda.synchronize()

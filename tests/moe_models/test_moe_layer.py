@@ -1,4 +1,5 @@
-"""The MoE FFN on the DeepSpeed dispatch backend against a plain reference computation."""
+"""The MoE FFN on the DeepSpeed dispatch backend against a plain reference computation, and the grouped backend
+against the DeepSpeed backend; for GELU experts (with biases) and SwiGLU experts (without) alike."""
 import copy
 import functools
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
-from moe_models.experts import ExpertFFN
+from moe_models.experts import ACTIVATIONS, ExpertFFN
 from moe_models.moe_ffn import MoEFeedForward
 from moe_models.routers import ROUTERS, RouterContext
 
@@ -16,12 +17,12 @@ D, F, E, V = 16, 32, 4, 40
 DOMAINS = 2
 
 
-def build(router="topk", capacity_factor=None, balancing=None, num_experts=E, **options):
+def build(router="topk", capacity_factor=None, balancing=None, num_experts=E, activation="gelu", **options):
     torch.manual_seed(0)
     cls = ROUTERS.get(router)
     ctx = RouterContext(D, num_experts, V, 0, 0, num_domains=DOMAINS, token_counts_V=torch.arange(V).float())
     r = cls(ctx, cls.Options(**options))
-    spec = DispatchSpec(D, F, num_experts, 1, capacity_factor, "position")
+    spec = DispatchSpec(D, F, num_experts, 1, capacity_factor, "position", activation)
     return MoEFeedForward(r, DISPATCH_BACKENDS.get("deepspeed")(spec), balancing or {})
 
 
@@ -57,9 +58,10 @@ def test_every_registered_router_is_covered():
     assert {name for name, _ in ROUTER_CASES} == set(ROUTERS.names())
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("router,options", ROUTER_CASES, ids=[f"{n}{o}" for n, o in ROUTER_CASES])
-def test_dropless_dispatch_conserves_every_token(router, options):
-    layer = build(router, **options).eval()  # eval: no jitter, so the reference sees the same decision
+def test_dropless_dispatch_conserves_every_token(router, options, activation):
+    layer = build(router, activation=activation, **options).eval()  # eval: no jitter, so the reference sees the same decision
     x, ids, dom = torch.randn(2, 24, D), torch.randint(V, (2, 24)), torch.randint(DOMAINS, (2, 24))
     y, aux = layer(x, ids, dom)
     flat = (x.reshape(-1, D), ids.reshape(-1), dom.reshape(-1))
@@ -134,15 +136,17 @@ def grouped_twin(layer: MoEFeedForward) -> MoEFeedForward:
     with torch.no_grad():
         for e, expert in enumerate(experts_of(layer)):
             stacked.up_weight_EFD[e].copy_(expert.up.weight)
-            stacked.up_bias_EF[e].copy_(expert.up.bias)
             stacked.down_weight_EDF[e].copy_(expert.down.weight)
-            stacked.down_bias_ED[e].copy_(expert.down.bias)
+            if expert.up.bias is not None:  # GELU experts; SwiGLU ones have no biases
+                stacked.up_bias_EF[e].copy_(expert.up.bias)
+                stacked.down_bias_ED[e].copy_(expert.down.bias)
     return twin.train(layer.training)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("router,options", ROUTER_CASES, ids=[f"{n}{o}" for n, o in ROUTER_CASES])
-def test_grouped_backend_matches_deepspeed_outputs_and_gradients(router, options):
-    layer = build(router, **options).eval()
+def test_grouped_backend_matches_deepspeed_outputs_and_gradients(router, options, activation):
+    layer = build(router, activation=activation, **options).eval()
     twin = grouped_twin(layer)
     x, ids, dom = torch.randn(2, 24, D), torch.randint(V, (2, 24)), torch.randint(DOMAINS, (2, 24))
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -159,12 +163,13 @@ def test_grouped_backend_matches_deepspeed_outputs_and_gradients(router, options
     torch.testing.assert_close(twin.dispatch.experts.up_weight_EFD.grad, up_grads, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("policy", ["position", "probs"])
-def test_grouped_backend_drops_the_same_routes_under_a_capacity_factor(policy):
+def test_grouped_backend_drops_the_same_routes_under_a_capacity_factor(policy, activation):
     torch.manual_seed(0)
     cls = ROUTERS.get("topk")
     router = cls(RouterContext(D, E, V, 0, 0), cls.Options(k=2))
-    spec = DispatchSpec(D, F, E, 1, 0.5, policy)
+    spec = DispatchSpec(D, F, E, 1, 0.5, policy, activation)
     layer = MoEFeedForward(router, DISPATCH_BACKENDS.get("deepspeed")(spec), {}).eval()
     twin = grouped_twin(layer)
     x, ids = torch.randn(1, 40, D), torch.randint(V, (1, 40))
@@ -175,36 +180,47 @@ def test_grouped_backend_drops_the_same_routes_under_a_capacity_factor(policy):
     torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-6)
 
 
-def gpt_on(dispatch: str, seed: int = 3):
-    from moe_models.models.gpt import GPT, GPTOptions
+MODEL_CASES = {"gpt-gelu": ("gpt", {}), "gpt-swiglu-shared": ("gpt", {"expert_activation": "swiglu",
+                                                                       "num_shared_experts": 1,
+                                                                       "shared_expert_gate": True}),
+               "llama": ("llama", {})}
+
+
+def model_on(dispatch: str, case: str = "gpt-gelu", seed: int = 3):
+    from moe_models.models import MODELS
     from moe_models.spec import RoutingSpec
 
-    opts = GPTOptions(d_model=D, n_heads=2, num_experts=E, expert_hidden=F, n_layers=2, dispatch=dispatch)
-    return GPT(opts, RoutingSpec("topk", ROUTERS.get("topk").Options(k=2)), V, 16, seed)
+    name, extra = MODEL_CASES[case]
+    family = MODELS.get(name)
+    opts = family.Options(d_model=D, n_heads=2, num_experts=E, expert_hidden=F, n_layers=2, dispatch=dispatch, **extra)
+    return family.build(opts, RoutingSpec("topk", ROUTERS.get("topk").Options(k=2)), V, 16, seed)
 
 
-def test_both_backends_build_the_same_model_with_the_same_state_dict():
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_both_backends_build_the_same_model_with_the_same_state_dict(case):
     """Checkpoint interchange: the grouped backend's state dict speaks DeepSpeed's per-expert layout, and both
     backends initialize experts from the same (seed, name, global expert id) generators."""
-    ds, grouped = gpt_on("deepspeed"), gpt_on("grouped")
+    ds, grouped = model_on("deepspeed", case), model_on("grouped", case)
     ds_state, grouped_state = ds.state_dict(), grouped.state_dict()
     assert ds_state.keys() == grouped_state.keys()
-    assert any(".deepspeed_moe.experts.deepspeed_experts.3.down.bias" in k for k in grouped_state)
+    biased = ds.opts.expert_activation == "gelu"  # SwiGLU experts have no biases
+    assert any(".deepspeed_moe.experts.deepspeed_experts.3.down.bias" in k for k in grouped_state) == biased
     for key in ds_state:
         torch.testing.assert_close(grouped_state[key], ds_state[key], rtol=0, atol=0, msg=key)
     ids = torch.randint(V, (2, 16))
     torch.testing.assert_close(grouped(ids, ids).loss, ds(ids, ids).loss, rtol=1e-5, atol=1e-6)
 
 
-def test_a_checkpoint_of_either_backend_loads_into_the_other():
-    ds, grouped = gpt_on("deepspeed", seed=1), gpt_on("grouped", seed=2)
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_a_checkpoint_of_either_backend_loads_into_the_other(case):
+    ds, grouped = model_on("deepspeed", case, seed=1), model_on("grouped", case, seed=2)
     with torch.no_grad():
         for p in ds.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # weights no init would produce
     ids = torch.randint(V, (2, 16))
     grouped.load_state_dict(ds.state_dict())
     torch.testing.assert_close(grouped(ids, ids).loss, ds(ids, ids).loss, rtol=1e-5, atol=1e-6)
-    back = gpt_on("deepspeed", seed=5)
+    back = model_on("deepspeed", case, seed=5)
     back.load_state_dict(grouped.state_dict())
     torch.testing.assert_close(back(ids, ids).loss, ds(ids, ids).loss, rtol=1e-5, atol=1e-6)
 
@@ -221,14 +237,15 @@ def test_grouped_expert_parameters_are_marked_for_deepspeed():
     assert not any(is_moe_param(p) for p in layer.router.parameters())
 
 
-def test_grouped_backend_expert_paths_agree():
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_grouped_backend_expert_paths_agree(activation):
     """The CPU path (per-expert slices), the padded batched path (CUDA, non-bf16) and torch's grouped GEMM (CUDA bf16;
     forward-only on CPU) compute the same expert outputs, an expert with no routes included; sliced and padded also
     give the same weight gradients."""
     from moe_models.dispatch.stacked_experts import StackedExperts
 
     torch.manual_seed(0)
-    experts = StackedExperts(4, 16, 32)
+    experts = StackedExperts(4, 16, 32, activation)
     counts = torch.tensor([3, 0, 5, 2])
     expert_R = torch.repeat_interleave(torch.arange(4), counts)
     x = torch.randn(len(expert_R), 16)
@@ -276,16 +293,19 @@ NO_HOST_READ_CASES = [("topk", {"k": 2}, None), ("hash", {"k": 2}, None), ("mlp"
                       ("topk", {"k": 2}, 1.0)]
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("align", [1, 8], ids=["eager-layout", "compiled-layout"])
 @pytest.mark.parametrize("router,options,capacity_factor", NO_HOST_READ_CASES,
                          ids=[f"{r}{o}-cf{c}" for r, o, c in NO_HOST_READ_CASES])
-def test_grouped_gemm_path_never_reads_a_tensor_on_the_host(router, options, capacity_factor, align, monkeypatch):
+def test_grouped_gemm_path_never_reads_a_tensor_on_the_host(router, options, capacity_factor, align, activation,
+                                                           monkeypatch):
     """The CUDA bf16 path (torch's grouped GEMM, fused bias ops), a training forward and backward with balancing
     losses, on meta tensors: they have shapes but no values, so any host read (.item(), .tolist(), a shape that
     depends on data) raises. Fixed-k routing sizes its plan exactly; variable-k and capacity-limited routing (K <= 4
     slots here) with filler rows. The CPU-checkable half of the GPU test that runs under
     torch.cuda.set_sync_debug_mode("error")."""
-    layer = grouped_twin(build(router, capacity_factor, balancing={"switch_lbl": 0.01, "z_loss": 0.001}, **options))
+    layer = grouped_twin(build(router, capacity_factor, balancing={"switch_lbl": 0.01, "z_loss": 0.001},
+                               activation=activation, **options))
     layer = layer.train().to("meta", torch.bfloat16)
     monkeypatch.setattr(layer.dispatch, "grouped_gemm_applies", lambda x: True)  # meta tensors are not CUDA ones
     experts = layer.dispatch.experts
@@ -294,7 +314,8 @@ def test_grouped_gemm_path_never_reads_a_tensor_on_the_host(router, options, cap
     y, aux = layer(x, torch.randint(V, (2, 64), device="meta"))
     (y.float().square().sum() + aux.loss).backward()
     assert x.grad.shape == x.shape and experts.up_weight_EFD.grad.shape == experts.up_weight_EFD.shape
-    assert experts.up_bias_EF.grad.shape == experts.up_bias_EF.shape
+    if activation == "gelu":
+        assert experts.up_bias_EF.grad.shape == experts.up_bias_EF.shape
 
 
 FILLER_CASES = [("top_p", {"p": 0.5}, None), ("top_any", {"init_threshold": -0.05}, None), ("topk", {"k": 2}, 0.75)]
@@ -302,13 +323,14 @@ FILLER_CASES = [("top_p", {"p": 0.5}, None), ("top_any", {"init_threshold": -0.0
 
 @pytest.mark.parametrize("router,options,capacity_factor", FILLER_CASES,
                          ids=[f"{r}{o}-cf{c}" for r, o, c in FILLER_CASES])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("align", [1, 8], ids=["eager-layout", "compiled-layout"])
 def test_filler_rows_through_torchs_grouped_gemm_give_the_read_plan_outputs(router, options, capacity_factor, align,
-                                                                           monkeypatch):
+                                                                           activation, monkeypatch):
     """Variable-k or capacity-limited routing on the grouped-GEMM path (forward: torch's CPU grouped GEMM) plans
     filler rows instead of reading the route count; its outputs equal the default CPU path's (exact rows,
     per-expert slices)."""
-    layer = grouped_twin(build(router, capacity_factor, **options)).eval()
+    layer = grouped_twin(build(router, capacity_factor, activation=activation, **options)).eval()
     x, ids = torch.randn(2, 24, D), torch.randint(V, (2, 24))
     with torch.no_grad():
         expected, aux = layer(x, ids)

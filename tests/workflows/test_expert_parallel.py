@@ -2,7 +2,8 @@
 2 of the 4 experts) against 1 worker holding all 4 with 2 accumulation steps — the same global batches (data order is
 keyed by the global micro-batch index) and the same initial weights (experts initialized by global id), so the loss
 curves must agree up to floating-point reduction order. Both dispatch backends: the grouped one's expert parallelism
-(variable-size all-to-all, DeepSpeed's EP groups) must reproduce the DeepSpeed backend's single-worker curve."""
+(variable-size all-to-all, DeepSpeed's EP groups) must reproduce the DeepSpeed backend's single-worker curve, for GELU
+experts (gpt) and SwiGLU experts with a gated shared expert (llama) alike."""
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -18,10 +19,14 @@ BASE = {
                  "eval_interval": 8, "eval_batches": 1, "checkpoint_interval": 8},
 }
 MODEL = {"name": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 64}
+LLAMA = {"name": "llama", "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "num_experts": 4,
+         "expert_hidden": 32, "num_shared_experts": 1, "shared_expert_gate": True}
 
 
-def loss_curve(tmp_path, name: str, workers: int, accum: int, ep_size: int, dispatch: str = "deepspeed") -> list[float]:
-    study = dict(BASE, name=name, models=[dict(MODEL, ep_size=ep_size, dispatch=dispatch)],
+def loss_curves(tmp_path, name: str, workers: int, accum: int, ep_size: int, dispatch: str = "deepspeed",
+                models: tuple[dict, ...] = (MODEL,)) -> dict[str, list[float]]:
+    """model name -> its cell's train/lm_loss curve."""
+    study = dict(BASE, name=name, models=[dict(m, ep_size=ep_size, dispatch=dispatch) for m in models],
                  training=dict(BASE["training"], grad_accum_steps=accum),
                  resources={"workers_per_cell": workers, "cpus_per_worker": 1, "max_concurrent_cells": 1})
     path = tmp_path / f"{name}.yaml"
@@ -29,19 +34,23 @@ def loss_curve(tmp_path, name: str, workers: int, accum: int, ep_size: int, disp
     assert main(["run", str(path), "--workdir", str(tmp_path / "work")]) == 0
     client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
     exp = client.get_experiment_by_name(name)
-    (run,) = client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'")
-    history = sorted(client.get_metric_history(run.info.run_id, "train/lm_loss"), key=lambda m: m.step)
-    return [m.value for m in history]
+    curves = {}
+    for run in client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'"):
+        history = sorted(client.get_metric_history(run.info.run_id, "train/lm_loss"), key=lambda m: m.step)
+        curves[run.data.tags["model"]] = [m.value for m in history]
+    return curves
 
 
 def test_ep2_over_two_workers_matches_one_worker_holding_every_expert(tmp_path, in_process_ray):
-    single = loss_curve(tmp_path, "single", workers=1, accum=2, ep_size=1)
-    expert_parallel = loss_curve(tmp_path, "ep2", workers=2, accum=1, ep_size=2)
-    grouped_expert_parallel = loss_curve(tmp_path, "ep2-grouped", workers=2, accum=1, ep_size=2, dispatch="grouped")
-    assert len(single) == len(expert_parallel) == len(grouped_expert_parallel) == 8
-    assert expert_parallel == pytest.approx(single, rel=2e-3)
-    assert grouped_expert_parallel == pytest.approx(single, rel=2e-3)
-    assert single[-1] < single[0]  # it trained: a curve worth comparing
+    single = loss_curves(tmp_path, "single", workers=1, accum=2, ep_size=1, models=(MODEL, LLAMA))
+    expert_parallel = loss_curves(tmp_path, "ep2", workers=2, accum=1, ep_size=2)["gpt"]
+    grouped_expert_parallel = loss_curves(tmp_path, "ep2-grouped", workers=2, accum=1, ep_size=2, dispatch="grouped",
+                                          models=(MODEL, LLAMA))
+    assert len(single["gpt"]) == len(expert_parallel) == len(grouped_expert_parallel["gpt"]) == 8
+    assert expert_parallel == pytest.approx(single["gpt"], rel=2e-3)
+    for family in ("gpt", "llama"):
+        assert grouped_expert_parallel[family] == pytest.approx(single[family], rel=2e-3), family
+        assert single[family][-1] < single[family][0]  # it trained: a curve worth comparing
     # DeepSpeed saved the grouped layers' experts as its own per-expert shards, each rank its global experts.
     cells = tmp_path / "work" / "ray_results" / "ep2-grouped"
     shards = {p.name for p in cells.rglob("layer_*_expert_*_model_states.pt")}

@@ -1,0 +1,131 @@
+"""Llama-style decoder LM (Touvron et al. 2023): pre-norm RMSNorm, rotary position embeddings (Su et al. 2021),
+SwiGLU FFNs, no biases, optional grouped-query attention and tied embeddings; the FFN is an MoE block every
+`moe_every` blocks, as in Mixtral, Qwen-MoE and OLMoE.
+
+Module names follow transformers' LlamaDecoderLayer (input_layernorm, self_attn.{q,k,v,o}_proj,
+post_attention_layernorm, mlp), so a checkpoint's attention and norms map one to one. Shapes: B batch, S sequence,
+D model dim, H heads, G key/value heads, V vocab.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import PositiveFloat, PositiveInt, model_validator
+from torch import nn
+
+from moe_models.experts import Activation
+from moe_models.models.common import LMOutput, MoEModelOptions, build_ffn, init_parameters
+from moe_models.moe_ffn import MoEAux, MoEFeedForward
+from moe_models.spec import RoutingSpec
+
+
+class LlamaOptions(MoEModelOptions):
+    n_layers: PositiveInt = 2
+    n_kv_heads: PositiveInt | None = None  # grouped-query attention (Ainslie et al. 2023); None = n_heads
+    rope_theta: PositiveFloat = 10_000.0
+    rms_norm_eps: PositiveFloat = 1e-6
+    tie_embeddings: bool = False
+    expert_activation: Activation = "swiglu"
+
+    @model_validator(mode="after")
+    def _heads(self) -> "LlamaOptions":
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even (rotary pairs)")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def stack_depths(self) -> tuple[int, ...]:
+        return (self.n_layers,)
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, head_dim) cos and sin, frequencies repeated over both halves (transformers' rotate_half convention)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x_BHSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+    first, second = x_BHSd.chunk(2, dim=-1)
+    return x_BHSd * cos_Sd + torch.cat([-second, first], dim=-1) * sin_Sd
+
+
+class Attention(nn.Module):
+    def __init__(self, opts: LlamaOptions):
+        super().__init__()
+        self.n_heads, self.kv_heads = opts.n_heads, opts.kv_heads  # n_heads: cost.py counts attention layers by it
+        self.head_dim, self.dropout = opts.d_model // opts.n_heads, opts.dropout
+        self.q_proj = nn.Linear(opts.d_model, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(opts.d_model, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(opts.d_model, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, opts.d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BSD).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BSD).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos_Sd, sin_Sd = cos_Sd.to(q.dtype), sin_Sd.to(q.dtype)  # fp32 tables; DeepSpeed casts parameters only
+        q, k = rotate(q, cos_Sd, sin_Sd), rotate(k, cos_Sd, sin_Sd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, opts: LlamaOptions, ffn: nn.Module):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(opts.d_model, eps=opts.rms_norm_eps)
+        self.self_attn = Attention(opts)
+        self.post_attention_layernorm = nn.RMSNorm(opts.d_model, eps=opts.rms_norm_eps)
+        self.mlp = ffn
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, token_ids: torch.Tensor,
+                domain_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        if isinstance(self.mlp, MoEFeedForward):
+            y, aux = self.mlp(self.post_attention_layernorm(x), token_ids, domain_ids)
+            return x + y, aux
+        return x + self.mlp(self.post_attention_layernorm(x)), None
+
+
+class Llama(nn.Module):
+    def __init__(self, opts: LlamaOptions, routing: RoutingSpec, vocab_size: int, max_seq_len: int, seed: int,
+                 num_domains: int = 0, token_counts_V: torch.Tensor | None = None):
+        super().__init__()
+        self.opts = opts
+        self.embed_tokens = nn.Embedding(vocab_size, opts.d_model)
+        self.blocks = nn.ModuleList(
+            Block(opts, build_ffn(opts, i, i, routing, vocab_size, seed, num_domains, token_counts_V))
+            for i in range(opts.n_layers))
+        self.norm = nn.RMSNorm(opts.d_model, eps=opts.rms_norm_eps)
+        self.lm_head = nn.Linear(opts.d_model, vocab_size, bias=False)
+        if opts.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rotary_tables(max_seq_len, opts.d_model // opts.n_heads, opts.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        init_parameters(self, seed, opts.ep_size)
+
+    def forward(self, input_ids_BS: torch.Tensor, targets_BS: torch.Tensor,
+                domain_ids_BS: torch.Tensor | None = None) -> LMOutput:
+        """domain_ids_BS (optional): each token's document domain, for domain analytics and the reference router."""
+        S = input_ids_BS.shape[1]
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        x = self.embed_tokens(input_ids_BS)
+        aux: dict[int, MoEAux] = {}
+        for i, block in enumerate(self.blocks):
+            x, layer_aux = block(x, cos, sin, input_ids_BS, domain_ids_BS)
+            if layer_aux is not None:
+                aux[i] = layer_aux
+        logits_BSV = self.lm_head(self.norm(x))
+        token_nll = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten(), reduction="none")
+        lm_loss = token_nll.mean()
+        aux_loss = sum((a.loss for a in aux.values()), lm_loss.new_zeros(()))
+        return LMOutput(lm_loss, aux_loss, aux, token_nll.detach().view_as(targets_BS))
