@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from pydantic import NonNegativeInt, PositiveInt, confloat, model_validator
 from torch import nn
 
@@ -80,6 +81,14 @@ class LMOutput:
     @property
     def loss(self) -> torch.Tensor:
         return self.lm_loss + self.aux_loss
+
+
+def next_token_output(logits_BSV: torch.Tensor, targets_BS: torch.Tensor, aux: dict[int, MoEAux]) -> LMOutput:
+    """A decoder LM's output: mean next-token cross-entropy (fp32), per-token NLL, and its MoE layers' aux losses."""
+    token_nll = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten(), reduction="none")
+    lm_loss = token_nll.mean()
+    aux_loss = sum((a.loss for a in aux.values()), lm_loss.new_zeros(()))
+    return LMOutput(lm_loss, aux_loss, aux, token_nll.detach().view_as(targets_BS))
 
 
 def build_ffn(opts: MoEModelOptions, stack_index: int, layer_index: int, routing: RoutingSpec, vocab_size: int,

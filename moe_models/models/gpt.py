@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pydantic import PositiveInt
 from torch import nn
 
-from moe_models.models.common import LMOutput, MoEModelOptions, build_ffn, init_parameters
+from moe_models.models.common import LMOutput, MoEModelOptions, build_ffn, init_parameters, next_token_output
 from moe_models.moe_ffn import MoEAux, MoEFeedForward
 from moe_models.spec import RoutingSpec
 
@@ -83,7 +83,4 @@ class GPT(nn.Module):
             if layer_aux is not None:
                 aux[i] = layer_aux
         logits_BSV = self.lm_head(self.ln_f(x))
-        token_nll = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten(), reduction="none")
-        lm_loss = token_nll.mean()
-        aux_loss = sum((a.loss for a in aux.values()), lm_loss.new_zeros(()))
-        return LMOutput(lm_loss, aux_loss, aux, token_nll.detach().view_as(targets_BS))
+        return next_token_output(logits_BSV, targets_BS, aux)
