@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -160,8 +161,16 @@ def test_machine_readable_output_is_only_the_requested_output(mini):
     rows = list(csv.DictReader(io.StringIO(moelab_stdout("aggregate", *where, "--format", "csv"))))
     assert [r["router"] for r in rows] == ["topk(k=2)", "top_p(p=0.51)", "reference"]
     assert all(r["status"] == "FINISHED" for r in rows)
-    md = moelab_stdout("aggregate", *where, "--format", "md").strip().splitlines()
+    cells_md, pooled_md = moelab_stdout("aggregate", *where, "--format", "md").split("\n### Seeds pooled\n")
+    md = cells_md.strip().splitlines()
     assert md[0].startswith("| cell | router |") and set(md[1]) <= set("|-: ") and len(md) == 2 + 3
+    pooled = [line for line in pooled_md.strip().splitlines() if line.startswith("| ")]
+    assert pooled[0].startswith("| router | model | dataset | seeds |") and len(pooled) == 1 + 3
+    assert "Regime check: not possible" in pooled_md  # mini has no dense baselines
+    (frame,) = pd.read_html(io.StringIO(moelab_stdout("aggregate", *where, "--format", "html")))
+    assert list(frame["router"]) == ["topk(k=2)", "top_p(p=0.51)", "reference"]
+    latex = moelab_stdout("aggregate", *where, "--format", "latex")
+    assert latex.startswith(r"\begin{tabular}") and latex.rstrip().endswith(r"\end{tabular}")
     status = moelab_stdout("status", *where).strip().splitlines()
     assert len(status) == 3 and all(re.fullmatch(r"[0-9a-f]{12}  .+  FINISHED  step 6/6  loss \d+\.\d{4}  checkpoint",
                                                  line) for line in status)

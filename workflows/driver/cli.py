@@ -77,7 +77,8 @@ def parser() -> argparse.ArgumentParser:
     routers.set_defaults(fn=cmd_routers)
     command("status", cmd_status, "one line per cell: state, step, loss")
     agg = command("aggregate", cmd_aggregate, "print or write the comparison table")
-    agg.add_argument("--format", choices=("md", "csv"), default="md")
+    agg.add_argument("--format", choices=("md", "csv", "latex", "html"), default="md",
+                     help="md: every cell, then seeds pooled; csv: one row per cell; latex, html: the pooled table")
     agg.add_argument("--out", help="write to this file instead of stdout")
     return p
 

@@ -64,6 +64,7 @@ def cmd_run(args, out: TextIO) -> int:
           f"time: {t['total_s']:.1f}s total = {t['prepare_data_s']:.1f}s data + {t['ray_init_s']:.1f}s Ray start + "
           f"{t['cells_s']:.1f}s cells", file=out)
     print(outcome.table_path.read_text(), file=out)
+    print(f"seeds pooled: {outcome.pooled_path}\n\n{outcome.pooled_path.read_text()}", file=out)
     if outcome.summarization_report:
         print(f"summarization report: {outcome.summarization_report}\n", file=out)
         print(outcome.summarization_report.read_text().split("### Samples")[0], file=out)

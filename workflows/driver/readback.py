@@ -71,6 +71,9 @@ def _sweep_status(study, tracker, ws, out: TextIO) -> None:
 
 
 def cmd_aggregate(args, out: TextIO) -> int:
+    """md: every cell, then the seeds pooled (with the regime check); csv: one row per cell (raw, for analysis);
+    latex and html: the pooled table, ready for a paper or a page."""
+    from workflows.report.exports import pooled_report
     from workflows.report.table import table_rows, to_csv, to_markdown
     from workflows.study.cells import expand
 
@@ -78,7 +81,12 @@ def cmd_aggregate(args, out: TextIO) -> int:
     tracker, runs, ws = _runs(study, args)
     cells = expand(study)
     rows = table_rows(cells, runs)
-    text = to_markdown(rows) if args.format == "md" else to_csv(rows)
+    if args.format in ("latex", "html"):
+        text = pooled_report(cells, runs, study.baseline, args.format)
+    elif args.format == "csv":
+        text = to_csv(rows)
+    else:
+        text = to_markdown(rows) + "\n### Seeds pooled\n\n" + pooled_report(cells, runs, study.baseline)
     if study.sweep and args.format == "md":
         text += "\n" + _sweep_best(study, args)
     if args.format == "md" and any(cell.summarization for cell in cells):

@@ -15,6 +15,7 @@ from workflows.driver.data import PreparedDataset, check_domain_labels, prepare_
 from workflows.driver.ray_cluster import connect_if_remote, init_ray
 from workflows.driver.workspace import Workspace
 from workflows.provenance import git_commit, package_versions
+from workflows.report.exports import write_pooled_report
 from workflows.report.summarization import write_summarization_report
 from workflows.report.table import table_rows, write_table
 from workflows.study.cells import Cell, PretrainedCell, expand, pretrained_cells
@@ -31,6 +32,7 @@ class StudyOutcome:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # cell id -> reason
     table_path: Path | None = None
+    pooled_path: Path | None = None  # seeds pooled, with the baseline test and the regime check
     summarization_report: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -100,6 +102,7 @@ def run_study(study: Study, ws: Workspace, address: str | None = None,
 
     runs = tracker.cell_runs(experiment_id)
     outcome.table_path = write_table(table_rows(cells, runs), ws.root / study.name, tracker, parent)
+    outcome.pooled_path = write_pooled_report(cells, runs, study.baseline, ws.root / study.name, tracker, parent)
     outcome.summarization_report = write_summarization_report(
         study, cells, runs, tracker, summarization_texts(prepared), ws.root, parent,
         tracker.cell_runs(experiment_id, role="pretrained"))

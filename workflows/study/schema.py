@@ -17,6 +17,8 @@ from workflows.study.sections import FaultInjection, ResourcesConfig, Summarizat
 class Study(StrictOptions):
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
+    # The router label every other router is tested against in the pooled report (paired over seeds).
+    baseline: str | None = None
     seeds: list[NonNegativeInt] = Field(default=[0], min_length=1)
     routers: list[RouterEntry] = Field(min_length=1)
     models: list[ModelEntry] = Field(min_length=1)
@@ -55,6 +57,8 @@ class Study(StrictOptions):
                                     f"({model.name}) trains on {MODELS.get(model.name).task} data; valid model "
                                     f"families: {', '.join(n for n in MODELS.names() if MODELS.get(n).task == dataset.task)}")
         systems = labels + [p.display() for p in self.summarization.pretrained]
+        if self.baseline is not None and self.baseline not in labels:
+            problems.append(f"baseline: {short(self.baseline)} is not a router of this study; valid: {', '.join(labels)}")
         baseline = self.summarization.baseline
         if baseline is not None and baseline not in systems:
             problems.append(f"summarization.baseline: {baseline!r} is not a router or pretrained baseline of this "
@@ -98,7 +102,14 @@ class Study(StrictOptions):
 
     def warnings(self) -> list[str]:
         """What validates but is probably not meant; `moelab validate` and `run` print these to stderr."""
-        return self.training.warnings()
+        warnings = self.training.warnings()
+        routed = [r for r in self.routers if r.name != DENSE]
+        dense_widths = {r.active_experts for r in self.routers if r.name == DENSE}
+        if len(routed) >= 2 and len(dense_widths) < 2:
+            warnings.append("routers: compared on quality without dense baselines of two widths ({name: dense} with "
+                            "active_experts of the routed experts per token, and of num_experts): the report cannot "
+                            "tell whether expert capacity matters at this size")
+        return warnings
 
     def _fp16_problems(self) -> list[str]:
         problems = []

@@ -1,0 +1,75 @@
+"""The pooled comparison as Markdown (with the regime check in words), CSV, LaTeX (booktabs, for a paper) and HTML,
+and the files a finished study leaves in its workdir and on its MLflow run."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Run
+
+from workflows.report.pooled import MIN_SEEDS_FOR_INTERVAL, frame_rows, pooled_rows, regime_verdicts
+from workflows.study.cells import Cell
+from workflows.tracking import Tracker
+
+FORMATS = ("md", "csv", "latex", "html")
+
+
+def markdown(headers: list[str], rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(row[h]) for h in headers) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render(headers: list[str], rows: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "md":
+        return markdown(headers, rows)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=headers)
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue()
+    import pandas as pd  # through MLflow's dependencies; only these two formats need it
+
+    frame = pd.DataFrame(rows, columns=headers)
+    if fmt == "latex":  # booktabs rules (\toprule, \midrule, \bottomrule), special characters escaped
+        styler = frame.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+        return styler.to_latex(hrules=True, column_format="l" * len(headers)).replace(
+            "±", r"$\pm$").replace("Δ", r"$\Delta$")
+    if fmt == "html":
+        return frame.to_html(index=False, border=0)
+    raise ValueError(f"format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+def pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str | None, fmt: str = "md") -> str:
+    """The pooled table in `fmt`; Markdown adds the regime check and how to read the intervals."""
+    rows = pooled_rows(cells, runs, baseline)
+    headers, cells_text = frame_rows(rows, baseline)
+    table = render(headers, cells_text, fmt)
+    if fmt != "md":
+        return table
+    notes = [f"Mean ± 95% Student-t half-width across seeds (no interval below {MIN_SEEDS_FOR_INTERVAL} seeds)."]
+    if baseline is not None:
+        notes.append(f"Δ: paired over the seeds both routers ran (same initialization and data order); "
+                     "'within noise' when its interval contains 0.")
+    verdicts = regime_verdicts(cells, rows)
+    notes += [f"Regime check: {v.sentence()}" for v in verdicts] or [
+        "Regime check: not possible — the study has no dense baselines of two widths (equal active FLOPs and equal "
+        "parameters), so it cannot say whether expert capacity matters at this size."]
+    return table + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def write_pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str | None, stem: Path,
+                        tracker: Tracker | None = None, parent_run_id: str | None = None) -> Path:
+    """<study>_pooled.{md,csv,tex,html} in the workdir, and on the study's run under tables/."""
+    paths = []
+    for fmt, suffix in (("md", "md"), ("csv", "csv"), ("latex", "tex"), ("html", "html")):
+        path = stem.with_name(f"{stem.name}_pooled.{suffix}")
+        path.write_text(pooled_report(cells, runs, baseline, fmt))
+        paths.append(path)
+    if tracker and parent_run_id:
+        for path in paths:
+            tracker.log_artifact(parent_run_id, path, "tables")
+    return paths[0]

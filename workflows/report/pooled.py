@@ -1,0 +1,198 @@
+"""The comparison a study's question needs: seeds pooled per router x model x dataset, with intervals, the difference
+to the study's baseline router tested across seeds, compute next to quality, and the regime check.
+
+- Each metric column: mean and 95% Student-t half-width across seeds; with fewer than 3 seeds the interval is not
+  printed (two points give an interval too wide to mean anything) and the row says so.
+- Against `baseline:` (a router label), per model and dataset: the mean paired difference over the seeds both have
+  (cells with the same seed share initialization and data order), its t-interval, and a two-sided paired t-test.
+- Regime check: when a study holds dense baselines of two widths (equal active FLOPs and equal parameters), does the
+  wider one beat the narrower beyond the interval? If not, expert capacity does not matter at this size, and quality
+  differences between routers are not evidence of better routing (the report says so in words).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from mlflow.entities import Run
+from scipy import stats
+
+from moe_eval.bootstrap import t_interval
+from moe_models.spec import DENSE
+from workflows.report.table import METRIC_COLUMNS, Column
+from workflows.study.cells import Cell
+
+MIN_SEEDS_FOR_INTERVAL = 3
+QUALITY = Column("eval loss", "eval/loss", 4)  # what the baseline test and the regime check compare (lower is better)
+COMPUTE_COLUMNS = (Column("train MFLOP/token", "summary/train_gflops_per_token", 2, 1e3),)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    mean: float
+    half_width: float  # NaN: not enough seeds for an interval
+    n: int
+
+    def text(self, digits: int) -> str:
+        if math.isnan(self.mean):
+            return "—"
+        if self.n < MIN_SEEDS_FOR_INTERVAL or math.isnan(self.half_width):
+            return f"{self.mean:,.{digits}f}"
+        return f"{self.mean:,.{digits}f} ± {self.half_width:,.{digits}f}"
+
+
+@dataclass(frozen=True)
+class Difference:
+    """system - baseline over paired seeds."""
+
+    estimate: Estimate
+    p_value: float  # NaN below two pairs
+
+    @property
+    def resolved(self) -> bool:
+        """The interval excludes zero (only with enough seeds to have one)."""
+        e = self.estimate
+        return e.n >= MIN_SEEDS_FOR_INTERVAL and not math.isnan(e.half_width) and abs(e.mean) > e.half_width
+
+
+@dataclass
+class PooledRow:
+    router: str
+    model: str
+    dataset: str
+    seeds: list[int]
+    values: dict[str, Estimate]  # column header -> estimate
+    vs_baseline: Difference | None = None
+    per_seed: dict[str, dict[int, float]] = field(default_factory=dict)  # metric -> seed -> value
+
+
+def estimate(values: list[float]) -> Estimate:
+    if not values:
+        return Estimate(math.nan, math.nan, 0)
+    mean, half = t_interval(values)
+    return Estimate(mean, half, len(values))
+
+
+def paired_difference(system: dict[int, float], baseline: dict[int, float]) -> Difference | None:
+    seeds = sorted(set(system) & set(baseline))
+    if not seeds:
+        return None
+    diffs = [system[s] - baseline[s] for s in seeds]
+    p = math.nan
+    if len(seeds) >= 2:
+        if np.ptp(diffs) == 0:  # the same difference at every seed: no spread to test against
+            p = 1.0 if diffs[0] == 0 else 0.0
+        else:
+            p = float(stats.ttest_1samp(diffs, 0.0).pvalue)  # = scipy.stats.ttest_rel(system, baseline)
+    return Difference(estimate(diffs), p)
+
+
+def pooled_rows(cells: list[Cell], runs: dict[str, Run], baseline: str | None = None) -> list[PooledRow]:
+    """One row per router x model x dataset, in study order, over its FINISHED cells."""
+    columns = (*METRIC_COLUMNS, *COMPUTE_COLUMNS)
+    groups: dict[tuple[str, str, str], dict[int, dict[str, float]]] = defaultdict(dict)
+    for cell in cells:
+        key = (cell.router.display(), cell.model.display(), cell.dataset.name)
+        groups.setdefault(key, {})
+        run = runs.get(cell.id)
+        if run is not None and run.info.status == "FINISHED":
+            groups[key][cell.seed] = run.data.metrics
+    rows = []
+    for (router, model, dataset), by_seed in groups.items():
+        per_seed = {c.metric: {s: m[c.metric] * c.scale for s, m in by_seed.items() if c.metric in m} for c in columns}
+        values = {c.header: estimate(list(per_seed[c.metric].values())) for c in columns if per_seed[c.metric]}
+        rows.append(PooledRow(router, model, dataset, sorted(by_seed), values, per_seed=per_seed))
+    if baseline is not None:
+        reference = {(r.model, r.dataset): r for r in rows if r.router == baseline}
+        for row in rows:
+            base = reference.get((row.model, row.dataset))
+            if base is not None and row is not base:
+                row.vs_baseline = paired_difference(row.per_seed[QUALITY.metric], base.per_seed[QUALITY.metric])
+    return rows
+
+
+@dataclass(frozen=True)
+class RegimeVerdict:
+    model: str
+    dataset: str
+    narrow: str  # the dense baseline of equal active FLOPs
+    wide: str  # the wider one (equal parameters)
+    difference: Difference | None  # wide - narrow eval loss
+
+    @property
+    def capacity_matters(self) -> bool:
+        return self.difference is not None and self.difference.resolved and self.difference.estimate.mean < 0
+
+    def sentence(self) -> str:
+        d = self.difference
+        where = f"{self.model} / {self.dataset}"
+        if d is None:
+            return f"{where}: no seed has both dense baselines finished; the regime is unknown."
+        shown = d.estimate.text(4)
+        if d.estimate.n < MIN_SEEDS_FOR_INTERVAL:
+            return (f"{where}: the wider dense model ({self.wide}) minus the narrower ({self.narrow}) is {shown} nats "
+                    f"over {d.estimate.n} seed(s), too few for an interval; whether expert capacity matters here is "
+                    "not established, and quality differences between routers are not evidence.")
+        if self.capacity_matters:
+            return (f"{where}: the wider dense model ({self.wide}) beats the narrower ({self.narrow}) by {shown} nats "
+                    f"(95% CI over {d.estimate.n} seeds, p = {d.p_value:.3g}): capacity matters in this regime, so "
+                    "routers can differ on quality through their experts.")
+        return (f"{where}: the wider dense model ({self.wide}) does not beat the narrower ({self.narrow}) beyond the "
+                f"interval ({shown} nats, {d.estimate.n} seeds): expert capacity does not matter in this regime, and "
+                "quality differences between routers are not evidence of better routing.")
+
+
+def regime_verdicts(cells: list[Cell], rows: list[PooledRow]) -> list[RegimeVerdict]:
+    """Per model and dataset with dense baselines of two or more widths: the narrowest against the widest."""
+    widths: dict[str, int] = {c.router.display(): c.router.active_experts for c in cells if c.router.name == DENSE}
+    verdicts = []
+    by_place: dict[tuple[str, str], list[PooledRow]] = defaultdict(list)
+    for row in rows:
+        if row.router in widths:
+            by_place[(row.model, row.dataset)].append(row)
+    for (model, dataset), dense in by_place.items():
+        if len({widths[r.router] for r in dense}) < 2:
+            continue
+        narrow = min(dense, key=lambda r: widths[r.router])
+        wide = max(dense, key=lambda r: widths[r.router])
+        verdicts.append(RegimeVerdict(model, dataset, narrow.router, wide.router,
+                                      paired_difference(wide.per_seed[QUALITY.metric],
+                                                        narrow.per_seed[QUALITY.metric])))
+    return verdicts
+
+
+def shown_headers(rows: list[PooledRow]) -> list[str]:
+    headers = [c.header for c in (*METRIC_COLUMNS, *COMPUTE_COLUMNS) if any(c.header in r.values for r in rows)]
+    return headers
+
+
+def frame_rows(rows: list[PooledRow], baseline: str | None) -> tuple[list[str], list[dict[str, Any]]]:
+    """(headers, text cells) of the pooled table: what every export renders."""
+    digits = {c.header: c.digits for c in (*METRIC_COLUMNS, *COMPUTE_COLUMNS)}
+    metric_headers = shown_headers(rows)
+    headers = ["router", "model", "dataset", "seeds", *metric_headers]
+    if baseline is not None:
+        headers += [f"Δ eval loss vs {baseline}", "p (paired t)"]
+    out = []
+    for row in rows:
+        n = len(row.seeds)
+        cells: dict[str, Any] = {"router": row.router, "model": row.model, "dataset": row.dataset,
+                                 "seeds": f"{n}" + ("" if n >= MIN_SEEDS_FOR_INTERVAL else " (no CI: < 3 seeds)")}
+        for header in metric_headers:
+            cells[header] = row.values[header].text(digits[header]) if header in row.values else "—"
+        if baseline is not None:
+            d = row.vs_baseline
+            if row.router == baseline:
+                cells[headers[-2]], cells[headers[-1]] = "baseline", ""
+            elif d is None:
+                cells[headers[-2]], cells[headers[-1]] = "—", ""
+            else:
+                verdict = "" if d.estimate.n < MIN_SEEDS_FOR_INTERVAL else (" (resolved)" if d.resolved
+                                                                            else " (within noise)")
+                cells[headers[-2]] = f"{d.estimate.text(4)}{verdict}"
+                cells[headers[-1]] = "—" if math.isnan(d.p_value) else f"{d.p_value:.3g}"
+        out.append(cells)
+    return headers, out
