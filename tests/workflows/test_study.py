@@ -225,7 +225,10 @@ def write_and_validate(tmp_path, capsys, text: str | bytes) -> tuple[int, str]:
 TEXTUAL = {
     "Latin-1 bytes": ("description: caf\xe9\n".encode("latin-1") + yaml.safe_dump(GOOD).encode(),
                       ["not UTF-8 text: byte 0xe9 at offset 16 (line 1)"]),
-    "nested hundreds deep": ("name: " + "[" * 600 + "]" * 600 + "\n", ["nested too deeply"]),
+    "nested hundreds deep": ("name: " + "[" * 600 + "]" * 600 + "\n", ["study: nested 601 levels deep", "at most 64"]),
+    "nested by aliases": ("a: &a [1]\n" + "".join(f"a{i}: &a{i} [*{'a' if i == 0 else f'a{i - 1}'}]\n"
+                                                   for i in range(3000)) + "name: *a2999\n",
+                          ["unknown key (not allowed here)", "name: Input should be a valid string", " more"]),  # 3000 levels via aliases
     "duplicate key": (yaml.safe_dump(GOOD) + "name: other\n", ["key 'name' appears twice", "keep one"]),
     "duplicate nested key": ("name: t\nrouters: [{name: topk, k: 1, k: 2}]\nmodels: [{name: gpt}]\n"
                              "datasets: [{name: 'builtin:domains'}]\n", ["key 'k' appears twice"]),

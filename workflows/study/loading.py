@@ -47,6 +47,22 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return (where + (what or str(err))).replace("\n", " ")
 
 
+MAX_NESTING = 64
+
+
+def _nesting(text: str) -> int:
+    """How deep the file's collections nest, from YAML's event stream (the parser iterates; composing recurses, and
+    how deep it may recurse depends on the interpreter's limit at the time)."""
+    depth = deepest = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return deepest
+
+
 def load_study(path: str | Path) -> Study:
     source = str(path)
     try:
@@ -62,6 +78,9 @@ def load_study(path: str | Path) -> Study:
         raise StudyError(source, [f"not UTF-8 text: byte 0x{raw[err.start]:02x} at offset {err.start} (line {line}); "
                                   "save the file as UTF-8"]) from None
     try:
+        if (depth := _nesting(text)) > MAX_NESTING:
+            raise StudyError(source, [f"study: nested {depth} levels deep; a study file needs a few (at most "
+                                      f"{MAX_NESTING})"])
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
         return parse_study(data, source)
     except yaml.YAMLError as err:
