@@ -9,7 +9,7 @@ from typing import Any
 
 from mlflow.entities import Run
 
-from workflows.report.pooled import MIN_SEEDS_FOR_INTERVAL, frame_rows, pooled_rows, regime_verdicts
+from workflows.report.pooled import MIN_SEEDS_FOR_INTERVAL, PooledRow, frame_rows, pooled_rows, regime_verdicts
 from workflows.study.cells import Cell
 from workflows.tracking import Tracker
 
@@ -43,9 +43,11 @@ def render(headers: list[str], rows: list[dict[str, Any]], fmt: str) -> str:
     raise ValueError(f"format {fmt!r}; valid: {', '.join(FORMATS)}")
 
 
-def pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str | None, fmt: str = "md") -> str:
-    """The pooled table in `fmt`; Markdown adds the regime check and how to read the intervals."""
-    rows = pooled_rows(cells, runs, baseline)
+def pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str | None, fmt: str = "md",
+                  rows: list[PooledRow] | None = None) -> str:
+    """The pooled table in `fmt`; Markdown adds the regime check and how to read the intervals. `rows`: already
+    pooled (one pooling for several formats)."""
+    rows = pooled_rows(cells, runs, baseline) if rows is None else rows
     headers, cells_text = frame_rows(rows, baseline)
     table = render(headers, cells_text, fmt)
     if fmt != "md":
@@ -64,10 +66,10 @@ def pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str | None,
 def write_pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str | None, stem: Path,
                         tracker: Tracker | None = None, parent_run_id: str | None = None) -> Path:
     """<study>_pooled.{md,csv,tex,html} in the workdir, and on the study's run under tables/."""
-    paths = []
+    paths, rows = [], pooled_rows(cells, runs, baseline)
     for fmt, suffix in (("md", "md"), ("csv", "csv"), ("latex", "tex"), ("html", "html")):
         path = stem.with_name(f"{stem.name}_pooled.{suffix}")
-        path.write_text(pooled_report(cells, runs, baseline, fmt))
+        path.write_text(pooled_report(cells, runs, baseline, fmt, rows))
         paths.append(path)
     if tracker and parent_run_id:
         for path in paths:

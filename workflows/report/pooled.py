@@ -165,8 +165,7 @@ def regime_verdicts(cells: list[Cell], rows: list[PooledRow]) -> list[RegimeVerd
 
 
 def shown_headers(rows: list[PooledRow]) -> list[str]:
-    headers = [c.header for c in (*METRIC_COLUMNS, *COMPUTE_COLUMNS) if any(c.header in r.values for r in rows)]
-    return headers
+    return [c.header for c in (*METRIC_COLUMNS, *COMPUTE_COLUMNS) if any(c.header in r.values for r in rows)]
 
 
 def frame_rows(rows: list[PooledRow], baseline: str | None) -> tuple[list[str], list[dict[str, Any]]]:
