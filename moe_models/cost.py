@@ -15,10 +15,23 @@ def dense_forward_flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Forward FLOPs per token of everything but the experts: linears (routers included) plus attention."""
     experts = {id(m) for layer in model.modules() if isinstance(layer, MoEFeedForward)
                for m in layer.dispatch.modules()}
-    linears = sum(2 * m.in_features * m.out_features for m in model.modules()
-                  if isinstance(m, nn.Linear) and id(m) not in experts)
-    attention_layers = sum(1 for m in model.modules() if hasattr(m, "n_heads") and not isinstance(m, MoEFeedForward))
-    return float(linears + attention_layers * 2 * 2 * seq_len * _d_model(model))
+    linears = sum(_matmul_flops(m) for m in model.modules() if id(m) not in experts)
+    return float(linears + _attention_layers(model) * 2 * 2 * seq_len * _d_model(model))
+
+
+def _matmul_flops(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return 2 * module.in_features * module.out_features
+    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 projections: a Linear with its weight transposed
+        return 2 * module.weight.numel()
+    return 0
+
+
+def _attention_layers(model: nn.Module) -> int:
+    """A wrapped checkpoint says how many it has (moe_models/models/hf.py); our families' carry n_heads."""
+    if hasattr(model, "attention_layers"):
+        return model.attention_layers
+    return sum(1 for m in model.modules() if hasattr(m, "n_heads") and not isinstance(m, MoEFeedForward))
 
 
 def expert_forward_flops_per_route(layer: MoEFeedForward) -> float:
@@ -32,6 +45,8 @@ def training_flops_per_token(model: nn.Module, seq_len: int, expert_forward_flop
 
 
 def _d_model(model: nn.Module) -> int:
+    if hasattr(model, "d_model"):
+        return model.d_model
     opts = getattr(model, "opts", None)
     if opts is None:
         raise ValueError(f"{type(model).__name__} has no `opts` with d_model; cannot count attention FLOPs")

@@ -1,6 +1,8 @@
 """The expert: a feed-forward D -> F -> D, the same shape as the dense baseline's FFN, in one of two activations.
 
-  gelu:   down(gelu(up(x))), with biases (GPT-2, the original MoE papers);
+  gelu:   down(gelu(up(x))), with biases (the original MoE papers);
+  gelu_tanh: the same with GELU's tanh approximation (Hendrycks & Gimpel 2016; GPT-2's `gelu_new`), so an upcycled
+          GPT-2 computes exactly its dense MLP;
   swiglu: down(silu(gate(x)) * up(x)), no biases (Shazeer 2020, "GLU Variants Improve Transformer"; Llama, Mixtral,
           Qwen-MoE, DeepSeek-MoE, OLMoE). `up` holds gate and up stacked, [gate; up] = (2F, D): the layout of one
           expert of transformers' MixtralExperts.gate_up_proj, so its weights copy in unchanged.
@@ -13,14 +15,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Activation = Literal["gelu", "swiglu"]
-ACTIVATIONS: tuple[str, ...] = ("gelu", "swiglu")
+Activation = Literal["gelu", "gelu_tanh", "swiglu"]
+ACTIVATIONS: tuple[str, ...] = ("gelu", "gelu_tanh", "swiglu")
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     """(..., 2F) stacked [gate, up] -> (..., F)."""
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def activate(h: torch.Tensor, activation: Activation) -> torch.Tensor:
+    """The expert's nonlinearity on its up projection's output."""
+    if activation == "swiglu":
+        return swiglu(h)
+    return F.gelu(h, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def has_biases(activation: Activation) -> bool:
+    """GELU experts carry biases (GPT-2's MLP); SwiGLU experts have none (Llama's)."""
+    return activation != "swiglu"
 
 
 def up_width(hidden: int, activation: Activation) -> int:
@@ -37,10 +51,10 @@ class ExpertFFN(nn.Module):
     def __init__(self, d_model: int, hidden: int, activation: Activation = "gelu"):
         super().__init__()
         self.activation = activation
-        bias = activation == "gelu"
+        bias = has_biases(activation)
         self.up = nn.Linear(d_model, up_width(hidden, activation), bias=bias)
         self.down = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
-        return self.down(swiglu(h) if self.activation == "swiglu" else F.gelu(h))
+        return self.down(activate(h, self.activation))

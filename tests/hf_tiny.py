@@ -42,3 +42,31 @@ def tiny_gpt2(folder: Path) -> Path:
                         eos_token_id=eos, pad_token_id=eos)
     GPT2LMHeadModel(config).save_pretrained(folder)
     return folder
+
+
+def tiny_causal_lm(kind: str, folder: Path, vocab_size: int = 96, layers: int = 2) -> Path:
+    """A randomly initialised causal LM of transformers' own classes, saved with save_pretrained (fp32)."""
+    import torch
+    import transformers as T
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    configs = {
+        "gpt2": lambda: T.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=layers, n_head=4, n_positions=256,
+                                     bos_token_id=0, eos_token_id=0),
+        "llama": lambda: T.LlamaConfig(**common, intermediate_size=48),
+        "qwen2": lambda: T.Qwen2Config(**common, intermediate_size=48),
+        "mixtral": lambda: T.MixtralConfig(**common, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(**common, intermediate_size=48, moe_intermediate_size=24,
+                                              shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
+                                              norm_topk_prob=False),
+        "olmoe": lambda: T.OlmoeConfig(**common, intermediate_size=24, num_experts=4, num_experts_per_tok=2),
+    }
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(configs[kind]())
+    with torch.no_grad():  # transformers' init leaves some weights tiny or zero; these make every path matter
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    return folder

@@ -27,6 +27,10 @@ PREDICTIONS_ARTIFACT, BLEU_SIGNATURE_TAG = "summaries/test_predictions.jsonl", "
 _BATCH = 900  # log_batch accepts at most 1000 metrics per call
 
 
+# A cell that is another cell's `pretrained: cell:...` source logs its final model here (save_pretrained layout).
+CHECKPOINT_ARTIFACT = "hf_model"
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -168,6 +172,13 @@ class Tracker:
         """An artifact's text, through the tracking server's artifact API (works for remote stores too)."""
         with tempfile.TemporaryDirectory() as tmp:
             return Path(_retry(self.client.download_artifacts, run_id, artifact_file, tmp)).read_text()
+
+    def log_folder(self, run_id: str, folder: str | Path, artifact_path: str) -> None:
+        _retry(self.client.log_artifacts, run_id, str(folder), artifact_path)
+
+    def download_folder(self, run_id: str, artifact_path: str, into: str | Path) -> Path:
+        """A folder artifact (e.g. an exported checkpoint) copied to `into`, through the artifact API."""
+        return Path(_retry(self.client.download_artifacts, run_id, artifact_path, str(into)))
 
     def metric_history(self, run_id: str, key: str) -> list[Metric]:
         return self.client.get_metric_history(run_id, key)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_models.dispatch.fused import AddBias, BiasGelu, fused_swiglu
-from moe_models.experts import Activation, swiglu, up_width
+from moe_models.experts import Activation, activate, has_biases, up_width
 
 
 class StackedExperts(nn.Module):
@@ -26,7 +26,7 @@ class StackedExperts(nn.Module):
         self.activation = activation
         self.up_weight_EFD = nn.Parameter(torch.randn(num_experts, up_width(hidden, activation), d_model) * 0.02)
         self.down_weight_EDF = nn.Parameter(torch.randn(num_experts, d_model, hidden) * 0.02)
-        biased = activation == "gelu"
+        biased = has_biases(activation)
         self.up_bias_EF = nn.Parameter(torch.zeros(num_experts, hidden)) if biased else None
         self.down_bias_ED = nn.Parameter(torch.zeros(num_experts, d_model)) if biased else None
 
@@ -39,7 +39,7 @@ class StackedExperts(nn.Module):
         self.down_weight_EDF.copy_(down_EDF)
 
     def _activate(self, h_RX: torch.Tensor) -> torch.Tensor:
-        return swiglu(h_RX) if self.activation == "swiglu" else F.gelu(h_RX)
+        return activate(h_RX, self.activation)
 
     @property
     def num_experts(self) -> int:
@@ -59,6 +59,8 @@ class StackedExperts(nn.Module):
         h = torch._grouped_mm(x_RD, self.up_weight_EFD.transpose(1, 2), offs=offsets_E)
         if self.activation == "swiglu":
             h = fused_swiglu(h)
+        elif self.activation == "gelu_tanh":  # no fused kernel for the tanh approximation: the eager gather
+            h = F.gelu(h + self.up_bias_EF[expert_R], approximate="tanh")
         else:
             h = BiasGelu.apply(h, self.up_bias_EF, expert_R, offsets_E)
         y = torch._grouped_mm(h, self.down_weight_EDF.transpose(1, 2), offs=offsets_E)

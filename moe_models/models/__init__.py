@@ -9,6 +9,7 @@ from torch import nn
 
 from moe_models.models.common import LMOutput
 from moe_models.models.gpt import GPT, GPTOptions
+from moe_models.models.hf import HFCausalLM, HFOptions
 from moe_models.models.llama import Llama, LlamaOptions
 from moe_models.models.seq2seq import Seq2SeqMoE, Seq2SeqOptions
 from moe_models.registry import Registry
@@ -26,6 +27,7 @@ class ModelFamily:
 MODELS: Registry[ModelFamily] = Registry("model")
 MODELS.register("gpt")(ModelFamily(GPTOptions, GPT))
 MODELS.register("llama")(ModelFamily(LlamaOptions, Llama))
+MODELS.register("hf")(ModelFamily(HFOptions, HFCausalLM))
 MODELS.register("seq2seq")(ModelFamily(Seq2SeqOptions, Seq2SeqMoE, task="summarization"))
 
 __all__ = ["MODELS", "ModelFamily", "GPT", "GPTOptions", "Llama", "LlamaOptions", "LMOutput", "Seq2SeqMoE", "Seq2SeqOptions"]

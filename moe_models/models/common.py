@@ -100,16 +100,32 @@ def build_ffn(opts: MoEModelOptions, stack_index: int, layer_index: int, routing
         return ExpertFFN(opts.d_model, opts.dense_width(routing.dense_active_experts), activation)
     if not opts.is_moe_block(stack_index):
         return ExpertFFN(opts.d_model, opts.expert_hidden, activation)
-    ctx = RouterContext(opts.d_model, opts.num_experts, vocab_size, layer_index, seed, num_domains, token_counts_V)
+    shared = ExpertFFN(opts.d_model, opts.num_shared_experts * opts.expert_hidden, activation) \
+        if opts.num_shared_experts else None  # N shared experts of width F add up to one FFN of width N*F
+    return moe_block(LayerShape(opts.d_model, opts.expert_hidden, opts.num_experts, activation), opts.ep_size,
+                     opts.dispatch, routing, RouterContext(opts.d_model, opts.num_experts, vocab_size, layer_index,
+                                                           seed, num_domains, token_counts_V),
+                     shared, opts.shared_expert_gate)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    d_model: int
+    expert_hidden: int
+    num_experts: int
+    activation: Activation
+
+
+def moe_block(shape: LayerShape, ep_size: int, dispatch: str, routing: RoutingSpec, ctx: RouterContext,
+              shared_experts: nn.Module | None = None, shared_expert_gate: bool = False) -> MoEFeedForward:
+    """An MoE FFN: the study's router (unique per ctx.layer_index), a dispatch backend, optional shared experts.
+    Our model families and the surgery on pretrained checkpoints (moe_models/pretrained/) both build it here."""
     router_cls = ROUTERS.get(routing.router)
     router = router_cls(ctx, routing.options or router_cls.Options())
-    spec = DispatchSpec(opts.d_model, opts.expert_hidden, opts.num_experts, opts.ep_size,
-                        routing.capacity_factor, routing.drop_policy, activation)
-    # N shared experts of width F add up to one FFN of width N*F (their hidden units side by side).
-    shared = ExpertFFN(opts.d_model, opts.num_shared_experts * opts.expert_hidden, activation) \
-        if opts.num_shared_experts else None
-    return MoEFeedForward(router, DISPATCH_BACKENDS.get(opts.dispatch)(spec), routing.balancing,
-                          routing.balancing_scope, shared, opts.shared_expert_gate)
+    spec = DispatchSpec(shape.d_model, shape.expert_hidden, shape.num_experts, ep_size, routing.capacity_factor,
+                        routing.drop_policy, shape.activation)
+    return MoEFeedForward(router, DISPATCH_BACKENDS.get(dispatch)(spec), routing.balancing,
+                          routing.balancing_scope, shared_experts, shared_expert_gate)
 
 
 _LOCAL_EXPERT = re.compile(r"deepspeed_experts\.(\d+)\.")
@@ -156,6 +172,17 @@ def _init_stacked_experts(module_name: str, moe: StackedMoE, seed: int, ep_rank:
                 weight[i].copy_(torch.randn(weight[i].shape, generator=gen) * 0.02)
                 if bias is not None:  # SwiGLU experts have none
                     bias[i].zero_()
+
+
+def init_fresh(module: nn.Module, seed: int, prefix: str) -> None:
+    """N(0, 0.02) weights and zero biases for a module added to a pretrained model (a new router), keyed by
+    (seed, prefix + parameter name) as init_parameters keys ours, leaving the checkpoint's weights alone."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=_named_generator(seed, f"{prefix}.{name}")) * 0.02)
 
 
 def _named_generator(seed: int, name: str) -> torch.Generator:

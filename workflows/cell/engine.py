@@ -13,6 +13,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 
 from moe_data.prepare import PreparedData
 from moe_data.prepared_pairs import PreparedPairs
+from moe_models.lora import apply_lora
 from moe_models.models import MODELS
 from workflows.study.cells import Cell
 from workflows.study.sections import TrainingConfig
@@ -29,15 +30,23 @@ def lr_factor(step: int, t: TrainingConfig) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
 
 
-def build_engine(cell: Cell, data: PreparedData | PreparedPairs) -> deepspeed.DeepSpeedEngine:
+def build_engine(cell: Cell, data: PreparedData | PreparedPairs,
+                 pretrained_path: str | None = None) -> deepspeed.DeepSpeedEngine:
+    """pretrained_path: where the source cell's checkpoint was fetched to (its `pretrained: cell:...` stands in)."""
     torch.manual_seed(cell.seed)  # identical init on every rank
     family = MODELS.get(cell.model.name)
     t = cell.training
-    model = family.build(cell.model.resolved_options(), cell.router.routing_spec(), data.vocab_size,
+    options = cell.model.resolved_options()
+    if pretrained_path:
+        options = options.model_copy(update={"pretrained": pretrained_path})
+    model = family.build(options, cell.router.routing_spec(), data.vocab_size,
                          max(t.seq_len, t.target_len), cell.seed, num_domains=len(data.domains),
                          token_counts_V=data.train_token_counts())
+    if t.lora:
+        apply_lora(model, t.lora)
+    # Frozen parameters (LoRA) stay out of the optimizer: AdamW state only for what trains.
     groups = split_params_into_different_moe_groups_for_optimizer(
-        {"params": list(model.parameters()), "name": "parameters"})
+        {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"})
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))

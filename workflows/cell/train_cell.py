@@ -8,7 +8,9 @@ Sweeps (tuning/) reuse this same function.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -16,11 +18,13 @@ import ray.train
 import torch
 
 from moe_data.prepare import load_prepared
+from moe_models.lora import parameter_counts
 from moe_data.prepared_pairs import PreparedPairs
 from workflows import storage
 from workflows.cell.artifacts import log_final_artifacts
 from workflows.cell.engine import build_engine, resume, save_and_report
 from workflows.cell.evaluation import evaluate, final_cost_metrics, peak_memory_mb, saturation_metrics
+from workflows.cell.handoff import fetch_source_checkpoint, log_final_checkpoint
 from workflows.cell.loop import NonFiniteLoss, StepTimes, train_step
 from workflows.cell.summarize import generate_summaries, score_and_log
 from workflows.cell.worker import Worker
@@ -47,7 +51,8 @@ def train_cell(config: dict[str, Any]) -> None:
     t = cell.training
     data = load_prepared(storage.local_copy(config["data_path"]))  # a path, or a URI fetched once per node
     w = Worker(rank, world, Tracker(config["tracking_uri"]) if rank == 0 else None, config["run_id"])
-    engine = build_engine(cell, data)
+    with tempfile.TemporaryDirectory() as source_dir:  # the source cell's checkpoint, when this cell has one
+        engine = build_engine(cell, data, fetch_source_checkpoint(config, Path(source_dir)))
     start, snapshots = resume(engine)
     # A resume replays the steps since its checkpoint, and a restart from an unregistered checkpoint replays from 0:
     # those steps are in the run's history already (same values: data order is a function of the step).
@@ -88,6 +93,7 @@ def train_cell(config: dict[str, Any]) -> None:
             metrics["summary/first_step_seconds"] = times.first
             metrics["summary/setup_seconds"] = setup_seconds
             metrics["summary/peak_memory_mb"] = peak_memory_mb()
+            metrics.update(parameter_counts(engine.module))
             if t.precision == "fp16":  # optimizer steps lost to overflow (DeepSpeed checkpoints the count)
                 metrics["summary/skipped_steps"] = engine.skipped_steps
             metrics.update(final_cost_metrics(engine, data, cell, metrics["summary/tokens_per_s"] / world,
@@ -96,6 +102,8 @@ def train_cell(config: dict[str, Any]) -> None:
                 metrics.update(summarize_test_split(engine, data, cell, w))
         if last and w.tracker:  # before the last step's metrics: a logged last step means all of this is there too
             log_final_artifacts(w, cell, tables, data.domains)
+            if config.get("export_checkpoint"):  # another cell of the study starts from this one
+                log_final_checkpoint(engine.module, cell, data.vocab_size, w)
             if step > logged_through:
                 for earlier, routes in sorted(snapshots.items()):  # saturation curve, at the steps it describes
                     w.tracker.log_metrics(w.run_id, saturation_metrics(routes, snapshots[step]), earlier)

@@ -65,11 +65,13 @@ def run_study(study: Study, ws: Workspace, address: str | None = None,
     check_domain_labels(cells, prepared)
     existing = tracker.cell_runs(experiment_id)
     todo: list[tuple[Cell, str]] = []
+    run_ids = {cell_id: run.info.run_id for cell_id, run in existing.items()}  # a finished source's too
     for cell in cells:
         run_id = _open_run(tracker, existing.get(cell.id), outcome, cell.id, lambda cell=cell: _new_cell_run(
             tracker, experiment_id, parent, cell, prepared[cell.dataset]))
         if run_id:
             todo.append((cell, run_id))
+            run_ids[cell.id] = run_id
     existing = tracker.cell_runs(experiment_id, role="pretrained")
     pretrained: list[tuple[PretrainedCell, str]] = []
     for cell in pretrained_cells(study):
@@ -88,7 +90,7 @@ def run_study(study: Study, ws: Workspace, address: str | None = None,
     outcome.timings["ray_init_s"] = time.perf_counter() - t_ray
     t_cells = time.perf_counter()
     try:
-        _run_cells(todo, study, ws, prepared, tracker, outcome, echo)
+        _run_cells(todo, study, ws, prepared, tracker, outcome, echo, run_ids, {c.source_id for c in cells})
         _run_pretrained(pretrained, study, ws, prepared, tracker, outcome, echo)
     except KeyboardInterrupt:
         # Unfinished cells keep their checkpoints and MLflow runs; the same command resumes them.
@@ -157,8 +159,24 @@ def _run_pretrained(pending: list[tuple[PretrainedCell, str]], study: Study, ws:
             echo(f"  FAILED   {cell.id}  {cell.title}: {result['reason']}")
 
 
+def _next_startable(queue: list[tuple[Cell, str]], outcome: StudyOutcome
+                    ) -> tuple[tuple[Cell, str] | None, list[tuple[Cell, str]]]:
+    """(the first queued cell whose source, if it has one, has finished; the queued cells whose source failed),
+    both taken off the queue."""
+    done = set(outcome.finished) | set(outcome.skipped)
+    orphans = [item for item in queue if item[0].source_id in outcome.failed]
+    for item in orphans:
+        queue.remove(item)
+    for item in queue:
+        if item[0].source_id is None or item[0].source_id in done:
+            queue.remove(item)
+            return item, orphans
+    return None, orphans
+
+
 def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepared: dict[DatasetEntry, PreparedDataset],
-               tracker: Tracker, outcome: StudyOutcome, echo: Callable[[str], None]) -> None:
+               tracker: Tracker, outcome: StudyOutcome, echo: Callable[[str], None], run_ids: dict[str, str],
+               sources: set[str | None]) -> None:
     import ray
 
     from workflows.driver.launch import CellResult, fit_cell_remote
@@ -166,13 +184,27 @@ def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepar
     queue = list(todo)
     running: dict = {}  # ray ObjectRef -> (cell, run_id, start time)
     while queue or running:
-        while queue and len(running) < study.resources.max_concurrent_cells:
-            cell, run_id = queue.pop(0)
+        while len(running) < study.resources.max_concurrent_cells:
+            item, orphans = _next_startable(queue, outcome)
+            for cell, run_id in orphans:
+                outcome.failed[cell.id] = f"its source cell {cell.source_id} failed"
+                tracker.finish(run_id, "FAILED", outcome.failed[cell.id])
+                echo(f"  FAILED   {cell.id}  {cell.title}: {outcome.failed[cell.id]}")
+            if item is None:
+                break
+            cell, run_id = item
             payload = {"cell": cell.resolved(), "data_path": prepared[cell.dataset].path,
-                       "tracking_uri": ws.tracking_uri, "run_id": run_id}
+                       "tracking_uri": ws.tracking_uri, "run_id": run_id, "export_checkpoint": cell.id in sources,
+                       "source_run_id": run_ids.get(cell.source_id) if cell.source_id else None}
             ref = fit_cell_remote.remote(cell.id, payload, study.resources, ws.cell_storage(study.name))
             running[ref] = (cell, run_id, time.perf_counter())
             echo(f"  started  {cell.id}  {cell.title}")
+        if not running:  # nothing left can start: cells whose source is missing from this run
+            for cell, run_id in queue:
+                outcome.failed[cell.id] = f"its source cell {cell.source_id} did not run"
+                tracker.finish(run_id, "FAILED", outcome.failed[cell.id])
+            queue.clear()
+            continue
         done, _ = ray.wait(list(running), num_returns=1)
         cell, run_id, started = running.pop(done[0])
         result = ray.get(done[0])

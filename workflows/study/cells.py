@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from typing import Any
 
+from moe_models.pretrained.source import cell_source
 from workflows.study.entries import DatasetEntry, ModelEntry, RouterEntry
 from workflows.study.schema import Study
 from workflows.study.sections import PretrainedBaseline, ResourcesConfig, SummarizationConfig, TrainingConfig
@@ -26,6 +27,9 @@ class Cell:
     training: TrainingConfig
     resources: ResourcesConfig
     summarization: SummarizationConfig | None = None  # how a summarization cell is evaluated (None for LM cells)
+    # The id of the cell whose final model this one starts from (`pretrained: cell:<model>/<router>`): part of this
+    # cell's identity, so retraining the source retrains what starts from it.
+    source_id: str | None = None
 
     def resolved(self) -> dict[str, Any]:
         """JSON-ready config with every default filled in: what the id hashes and what MLflow records."""
@@ -37,6 +41,7 @@ class Cell:
             "training": self.training.model_dump(),
             "resources": self.resources.model_dump(),
             **({"summarization": self.summarization.model_dump()} if self.summarization else {}),
+            **({"source_cell": self.source_id} if self.source_id else {}),
         }
 
     @property
@@ -68,7 +73,8 @@ class Cell:
                    DatasetEntry.model_validate(resolved["dataset"]), int(resolved["seed"]),
                    TrainingConfig.model_validate(resolved["training"]),
                    ResourcesConfig.model_validate(resolved["resources"]),
-                   SummarizationConfig.model_validate(resolved["summarization"]) if "summarization" in resolved else None)
+                   SummarizationConfig.model_validate(resolved["summarization"]) if "summarization" in resolved else None,
+                   resolved.get("source_cell"))
 
 
 def _training_for(study: Study, router: RouterEntry) -> TrainingConfig:
@@ -79,9 +85,19 @@ def _training_for(study: Study, router: RouterEntry) -> TrainingConfig:
 
 
 def expand(study: Study) -> list[Cell]:
-    return [Cell(r, m, d, s, _training_for(study, r), study.resources,
-                 study.summarization if d.task == "summarization" else None)
-            for d, m, r, s in product(study.datasets, study.models, study.routers, study.seeds)]
+    """Every cell, sources before the cells that start from them (a source is never itself an `hf` cell)."""
+    cells = [Cell(r, m, d, s, _training_for(study, r), study.resources,
+                  study.summarization if d.task == "summarization" else None)
+             for d, m, r, s in product(study.datasets, study.models, study.routers, study.seeds)]
+    by_key = {(c.model.display(), c.router.display(), c.dataset, c.seed): c for c in cells}
+    linked = []
+    for cell in cells:
+        source = cell_source(cell.model.options["pretrained"]) if cell.model.name == "hf" else None
+        if source:
+            cell = replace(cell, source_id=by_key[(source.model_label, source.router_label, cell.dataset,
+                                                   cell.seed)].id)
+        linked.append(cell)
+    return sorted(linked, key=lambda c: c.source_id is not None)  # stable: the study's order otherwise
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from moe_models.spec import DENSE
 from tuning.sweep_config import SweepConfig
 from workflows.study.entries import DatasetEntry, ModelEntry, RouterEntry
 from workflows.study.errors import problems_of, short
+from workflows.study.pretrained_sources import experts_and_moe_layers, hf_problems
 from workflows.study.sections import FaultInjection, ResourcesConfig, SummarizationConfig, TrainingConfig
 
 
@@ -39,9 +40,18 @@ class Study(StrictOptions):
                                 f"valid: {', '.join(labels)}")
         for dup in sorted({x for x in labels if labels.count(x) > 1}):
             problems.append(f"routers: two entries display as {dup!r}; give them distinct `label`s")
+        shapes = [experts_and_moe_layers(self, j) for j in range(len(self.models))]
+        for j, model in enumerate(self.models):
+            if model.name == "hf":
+                problems.extend(hf_problems(self, j))
+            elif self.training.lora:
+                problems.append(f"training.lora: LoRA fine-tunes a pretrained checkpoint, and models[{j}] "
+                                f"({model.display()}) trains from scratch; use LoRA with hf models only")
         for i, router in enumerate(self.routers):
             for j, model in enumerate(self.models):
-                experts = model.resolved_options().num_experts
+                if shapes[j] is None or not shapes[j][0]:  # its source is the problem, reported above
+                    continue
+                experts = shapes[j][0]
                 if router.name != DENSE and router.max_experts_per_token(experts) > experts:
                     problems.append(f"routers[{i}]: routes up to {router.max_experts_per_token(experts)} experts per token; "
                                     f"allowed: at most models[{j}].num_experts={experts}")
@@ -75,7 +85,7 @@ class Study(StrictOptions):
                 problems.append(f"models[{j}].ep_size: {ep} must divide resources.workers_per_cell="
                                 f"{self.resources.workers_per_cell}")
         problems.extend(self._duplicate_problems())
-        problems.extend(self._moe_block_problems())
+        problems.extend(self._moe_block_problems(shapes))
         if problems:
             raise ValueError("\n".join(dict.fromkeys(problems)))  # each once, in order
         return self
@@ -93,12 +103,21 @@ class Study(StrictOptions):
                                     "remove one, or change an option")
         return problems
 
-    def _moe_block_problems(self) -> list[str]:
+    def _moe_block_problems(self, shapes: list[tuple[int, int] | None]) -> list[str]:
         routed = [i for i, r in enumerate(self.routers) if r.name != DENSE]
-        return [f"models[{j}].moe_every: {m.resolved_options().moe_every} leaves {m.display()} without an MoE block, "
-                f"yet routers[{routed[0]}] ({self.routers[routed[0]].display()}) routes; set moe_every between 1 and "
-                "the number of layers" for j, m in enumerate(self.models)
-                if routed and not m.resolved_options().moe_blocks()]
+        if not routed:
+            return []
+        problems = []
+        for j, model in enumerate(self.models):
+            if shapes[j] is None or not shapes[j][0] or shapes[j][1]:
+                continue  # unreadable (reported), dense (reported), or it has MoE blocks
+            opts = model.resolved_options()
+            field, every = ("upcycle.moe_every", opts.upcycle.moe_every) if model.name == "hf" \
+                else ("moe_every", opts.moe_every)
+            problems.append(f"models[{j}].{field}: {every} leaves {model.display()} without an MoE block, yet "
+                            f"routers[{routed[0]}] ({self.routers[routed[0]].display()}) routes; set {field} "
+                            "between 1 and the number of layers")
+        return problems
 
     def warnings(self) -> list[str]:
         """What validates but is probably not meant; `moelab validate` and `run` print these to stderr."""
@@ -129,7 +148,8 @@ class Study(StrictOptions):
             for name in chosen:
                 if name not in valid:
                     problems.append(f"sweep.{field}: {name!r} is not in the study; valid: {', '.join(valid)}")
-        min_experts = min(m.resolved_options().num_experts for m in self.models)
+        min_experts = min((shape[0] for j in range(len(self.models))
+                           if (shape := experts_and_moe_layers(self, j)) and shape[0]), default=1)
         for router in self.sweep_routers():
             for path, dim in sweep.space.items():
                 for value in dim.probe_values():

@@ -1,0 +1,174 @@
+"""The `hf` model family: any transformers causal LM, by hub name, local folder, or a finished cell of the same study
+(`cell:<model>/<router>`), trained in the same Ray Train + DeepSpeed cell as our own models.
+
+Attention, norms and embeddings stay transformers' own modules; only the MLP slots change (modules are replaced, no
+modeling code is copied):
+  * an MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): every MoE block becomes our MoEFeedForward with the
+    study's router (router_swap.py);
+  * a dense checkpoint (GPT-2, Llama, Qwen2, Mistral) with `upcycle:`: every moe_every-th MLP becomes one whose
+    experts are its copies (upcycle.py);
+  * the dense baseline (`router: dense`) of a dense checkpoint trains it unchanged.
+Our MoE layers need each token's id (hash routing) and domain label (the reference router), which transformers'
+decoder layers do not pass to `mlp`: the model hands them to its routed MLPs through a shared RoutingInputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import Field, PositiveInt, model_validator
+from torch import nn
+
+from moe_models.models.common import LMOutput, next_token_output
+from moe_models.moe_ffn import MoEAux, MoEFeedForward
+from moe_models.options import StrictOptions
+from moe_models.pretrained.architecture import Architecture
+from moe_models.pretrained.upcycle import UpcycleOptions
+from moe_models.routers import RouterContext
+from moe_models.spec import RoutingSpec
+
+
+class HFOptions(StrictOptions):
+    pretrained: str = Field(min_length=1)  # hub name | local folder | cell:<model label>/<router label>
+    upcycle: UpcycleOptions | None = None  # dense checkpoints only
+    # MoE checkpoints: the swapped-in router starts from the checkpoint's gate (a linear router), or fresh.
+    init_router: Literal["pretrained", "random"] = "random"
+    dispatch: str = "grouped"
+    ep_size: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _check(self) -> "HFOptions":
+        from moe_models.dispatch import DISPATCH_BACKENDS
+        from moe_models.pretrained.source import cell_source
+
+        if self.dispatch not in DISPATCH_BACKENDS:
+            raise ValueError(f"dispatch={self.dispatch!r} unknown; valid: {', '.join(DISPATCH_BACKENDS.names())}")
+        cell_source(self.pretrained)  # a malformed cell: source is named here
+        if self.upcycle and self.upcycle.num_experts % self.ep_size:
+            raise ValueError(f"ep_size={self.ep_size} must divide upcycle.num_experts={self.upcycle.num_experts}")
+        return self
+
+
+@dataclass
+class RoutingInputs:
+    """What the routed MLPs of one forward pass need beyond hidden states, and the aux they return."""
+    token_ids_BS: torch.Tensor | None = None
+    domain_ids_BS: torch.Tensor | None = None
+    aux: dict[int, MoEAux] = field(default_factory=dict)
+
+
+class RoutedMLP(nn.Module):
+    """Stands where a checkpoint's MLP stood: `mlp(hidden_states) -> hidden_states`, through our MoE layer."""
+
+    def __init__(self, moe: MoEFeedForward, layer_index: int, inputs: RoutingInputs):
+        super().__init__()
+        self.moe, self.layer_index = moe, layer_index
+        self._inputs = inputs  # shared with the model; a plain object, not a submodule
+
+    def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
+        y, aux = self.moe(hidden_BSD, self._inputs.token_ids_BS, self._inputs.domain_ids_BS)
+        self._inputs.aux[self.layer_index] = aux
+        return y
+
+
+def decoder_layers(hf: nn.Module) -> nn.ModuleList:
+    base = hf.get_base_model() if hasattr(hf, "get_base_model") else hf
+    for path in ("model.layers", "transformer.h"):
+        try:
+            return base.get_submodule(path)
+        except AttributeError:
+            continue
+    raise ValueError(f"{type(base).__name__}: no decoder layers at model.layers or transformer.h")
+
+
+class HFCausalLM(nn.Module):
+    def __init__(self, opts: HFOptions, routing: RoutingSpec, vocab_size: int, max_seq_len: int, seed: int,
+                 num_domains: int = 0, token_counts_V: torch.Tensor | None = None):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        self.opts = opts
+        self.hf = AutoModelForCausalLM.from_pretrained(opts.pretrained, dtype=torch.float32)
+        self.hf.config.use_cache = False
+        arch = Architecture.from_config(self.hf.config.to_dict())
+        self.d_model, self.attention_layers = arch.hidden_size, arch.num_layers  # for cost.py's FLOPs
+        _check_fits(arch, routing, opts, vocab_size, max_seq_len)
+        self.inputs = RoutingInputs()
+        ep_rank = dist.get_rank() % opts.ep_size if dist.is_available() and dist.is_initialized() else 0
+        for i, layer in enumerate(decoder_layers(self.hf)):
+            ctx = RouterContext(arch.hidden_size, 0, vocab_size, i, seed, num_domains, token_counts_V)
+            moe = self._routed(layer.mlp, i, arch, routing, ctx, ep_rank)
+            if moe is not None:
+                layer.mlp = RoutedMLP(moe, i, self.inputs)
+
+    def _routed(self, mlp: nn.Module, index: int, arch: Architecture, routing: RoutingSpec, ctx: RouterContext,
+                ep_rank: int) -> MoEFeedForward | None:
+        from dataclasses import replace
+
+        from moe_models.pretrained.router_swap import is_moe_block, swap_in
+        from moe_models.pretrained.upcycle import upcycle
+
+        if routing.is_dense:
+            return None
+        if arch.is_moe:
+            if not is_moe_block(mlp):
+                return None  # a Qwen-MoE layer kept dense (mlp_only_layers)
+            return swap_in(mlp, routing, replace(ctx, num_experts=arch.num_experts), self.opts.dispatch,
+                           self.opts.ep_size, ep_rank, self.opts.init_router)
+        up = self.opts.upcycle
+        if not up.is_moe_layer(index):
+            return None
+        return upcycle(mlp, self.hf.config, up, routing, replace(ctx, num_experts=up.num_experts),
+                       self.opts.dispatch, self.opts.ep_size, ep_rank)
+
+    def logits(self, input_ids_BS: torch.Tensor,
+               domain_ids_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, MoEAux]]:
+        self.inputs.token_ids_BS, self.inputs.domain_ids_BS, self.inputs.aux = input_ids_BS, domain_ids_BS, {}
+        logits_BSV = self.hf(input_ids=input_ids_BS).logits
+        aux, self.inputs.aux = self.inputs.aux, {}
+        return logits_BSV, dict(sorted(aux.items()))
+
+    def forward(self, input_ids_BS: torch.Tensor, targets_BS: torch.Tensor,
+                domain_ids_BS: torch.Tensor | None = None) -> LMOutput:
+        logits_BSV, aux = self.logits(input_ids_BS, domain_ids_BS)
+        return next_token_output(logits_BSV, targets_BS, aux)
+
+
+def _check_fits(arch: Architecture, routing: RoutingSpec, opts: HFOptions, vocab_size: int, max_seq_len: int) -> None:
+    """What the study validator checks too, repeated where the checkpoint is finally loaded."""
+    if vocab_size > arch.vocab_size:
+        raise ValueError(f"the dataset's vocabulary ({vocab_size}) is larger than the checkpoint's "
+                         f"({arch.vocab_size}): tokenize it with the checkpoint's tokenizer")
+    if arch.max_positions and max_seq_len > arch.max_positions:
+        raise ValueError(f"seq_len {max_seq_len} exceeds the checkpoint's {arch.max_positions} positions")
+    problem = routing_problem(arch, opts, routing.is_dense)
+    if problem:
+        raise ValueError(problem)
+
+
+def routing_problem(arch: Architecture, opts: HFOptions, dense_router: bool) -> str | None:
+    """Why a (checkpoint, options, router) combination cannot be built, or None."""
+    if arch.is_moe and opts.upcycle:
+        return (f"upcycle: the checkpoint is already an MoE ({arch.model_type}, {arch.num_experts} experts); "
+                "upcycling takes a dense checkpoint, router swap needs no upcycle")
+    if arch.is_moe and dense_router:
+        return (f"router dense on an MoE checkpoint ({arch.model_type}) has no dense FFN to train; for the "
+                "checkpoint's own routing use {name: topk, k: <its k>} with init_router: pretrained")
+    if not arch.is_moe and not dense_router and not opts.upcycle:
+        return (f"a routed router on a dense checkpoint ({arch.model_type}) needs upcycle: {{num_experts: ...}} "
+                "(router swap needs an MoE checkpoint)")
+    if not arch.is_moe and opts.init_router == "pretrained":
+        return "init_router: pretrained copies an MoE checkpoint's gate, and this checkpoint is dense"
+    return None
+
+
+def num_experts(arch: Architecture, opts: HFOptions) -> int:
+    return opts.upcycle.num_experts if opts.upcycle else arch.num_experts
+
+
+def moe_layers(arch: Architecture, opts: HFOptions) -> int:
+    if opts.upcycle:
+        return sum(opts.upcycle.is_moe_layer(i) for i in range(arch.num_layers))
+    return len(arch.moe_layers)

@@ -1,0 +1,79 @@
+"""Router swap: a pretrained MoE checkpoint's MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: `layer.mlp` with a
+`gate` and stacked SwiGLU `experts`) becomes our MoEFeedForward, with the study's router and our dispatch, and the
+checkpoint's experts (and Qwen2-MoE's gated shared expert) loaded into it. The router-architectures report swaps its
+routers into a pretrained Qwen1.5-MoE this way; `init_router: pretrained` copies the checkpoint's gate into a
+linear router, so a topk router with the checkpoint's k and renormalization computes the original model."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_models.experts import ExpertFFN
+from moe_models.models.common import LayerShape, init_fresh, moe_block
+from moe_models.moe_ffn import MoEFeedForward
+from moe_models.routers import RouterContext
+from moe_models.spec import RoutingSpec
+
+LOCAL_EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts"  # both backends' per-expert state-dict layout
+
+
+def is_moe_block(mlp: nn.Module) -> bool:
+    experts = getattr(mlp, "experts", None)
+    return hasattr(mlp, "gate") and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj")
+
+
+def load_experts(layer: MoEFeedForward, up_EXD: torch.Tensor, down_EDF: torch.Tensor, ep_rank: int = 0,
+                 up_bias_EF: torch.Tensor | None = None, down_bias_ED: torch.Tensor | None = None) -> None:
+    """Global experts' weights (nn.Linear layout, stacked on dim 0) into this rank's local experts (DeepSpeed places
+    global experts [r*n, (r+1)*n) on expert-parallel rank r), through the state dict both backends speak."""
+    n = layer.dispatch.spec.num_experts // layer.dispatch.spec.ep_size
+    state = {}
+    for local in range(n):
+        e = ep_rank * n + local
+        state[f"{LOCAL_EXPERTS}.{local}.up.weight"] = up_EXD[e]
+        state[f"{LOCAL_EXPERTS}.{local}.down.weight"] = down_EDF[e]
+        if up_bias_EF is not None:
+            state[f"{LOCAL_EXPERTS}.{local}.up.bias"] = up_bias_EF[e]
+            state[f"{LOCAL_EXPERTS}.{local}.down.bias"] = down_bias_ED[e]
+    missing, unexpected = layer.dispatch.load_state_dict(state, strict=False)
+    left = [k for k in missing if "experts" in k]
+    if unexpected or left:
+        raise ValueError(f"expert weights do not fit the MoE layer: unexpected {unexpected}, missing {left}")
+
+
+def swap_in(mlp: nn.Module, routing: RoutingSpec, ctx: RouterContext, dispatch: str, ep_size: int, ep_rank: int,
+            init_router: str) -> MoEFeedForward:
+    """Our MoE FFN computing what `mlp` computed, up to the router (the study's, fresh or from the gate)."""
+    experts = mlp.experts
+    act = type(getattr(experts, "act_fn", None)).__name__
+    if act not in ("SiLU", "SiLUActivation"):
+        raise ValueError(f"layer {ctx.layer_index}: experts use {act}; router swap knows SwiGLU (SiLU) experts")
+    E, _, D = experts.gate_up_proj.shape
+    hidden = experts.down_proj.shape[-1]
+    shared, gated = None, False
+    if getattr(mlp, "shared_expert", None) is not None:  # Qwen2-MoE: one always-on expert, gated per token
+        s = mlp.shared_expert
+        shared = ExpertFFN(D, s.down_proj.weight.shape[1], "swiglu")
+        with torch.no_grad():
+            shared.up.weight.copy_(torch.cat([s.gate_proj.weight, s.up_proj.weight]))
+            shared.down.weight.copy_(s.down_proj.weight)
+        gated = getattr(mlp, "shared_expert_gate", None) is not None
+    layer = moe_block(LayerShape(D, hidden, E, "swiglu"), ep_size, dispatch, routing, ctx, shared, gated)
+    if gated:
+        with torch.no_grad():
+            layer.shared_expert_gate.weight.copy_(mlp.shared_expert_gate.weight)
+    load_experts(layer, experts.gate_up_proj.detach(), experts.down_proj.detach(), ep_rank)
+    init_fresh(layer.router, ctx.seed, f"layers.{ctx.layer_index}.router")
+    if init_router == "pretrained":
+        copy_gate(layer, mlp.gate.weight, ctx.layer_index)
+    return layer
+
+
+def copy_gate(layer: MoEFeedForward, gate_ED: torch.Tensor, layer_index: int) -> None:
+    proj = getattr(layer.router, "proj", None)
+    if not isinstance(proj, nn.Linear) or proj.weight.shape != gate_ED.shape:
+        raise ValueError(f"layer {layer_index}: init_router: pretrained copies the checkpoint's linear gate "
+                         f"{tuple(gate_ED.shape)}, and router {type(layer.router).__name__} has no linear scorer of "
+                         "that shape; use init_router: random")
+    with torch.no_grad():
+        proj.weight.copy_(gate_ED)

@@ -1,0 +1,67 @@
+"""Where a `pretrained:` checkpoint comes from, and its config.json, without loading a weight:
+  * `cell:<model label>/<router label>`: a finished cell of the same study (same dataset and seed), which the driver
+    exports to the Hugging Face format and runs first;
+  * a local folder holding a `save_pretrained` checkpoint;
+  * a hub name, read from the local Hugging Face cache, or downloaded when the hub is reachable.
+A hub name with no network fails at once, with what to do, instead of timing out inside a worker."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CELL_PREFIX = "cell:"
+HUB_HOST = ("huggingface.co", 443)
+
+
+@dataclass(frozen=True)
+class CellSource:
+    """A cell of the same study: the (model, router) pair whose finished checkpoint this model starts from."""
+    model_label: str
+    router_label: str
+
+
+def cell_source(pretrained: str) -> CellSource | None:
+    if not pretrained.startswith(CELL_PREFIX):
+        return None
+    model, sep, router = pretrained[len(CELL_PREFIX):].partition("/")
+    if not sep or not model or not router:
+        raise ValueError(f"{pretrained!r}: a cell source is cell:<model label>/<router label>, e.g. cell:llama/dense")
+    return CellSource(model, router)
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def read_config(pretrained: str) -> dict[str, Any]:
+    """config.json of a local folder or hub name (cache first); a clear ValueError when there is none."""
+    folder = Path(pretrained).expanduser()
+    if folder.is_dir():
+        config = folder / "config.json"
+        if not config.is_file():
+            raise ValueError(f"{pretrained!r} is a folder without config.json: not a save_pretrained checkpoint")
+        return json.loads(config.read_text())
+    if pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1:
+        raise ValueError(f"{pretrained!r}: no such folder")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(pretrained, "config.json")
+    if isinstance(cached, str):
+        return json.loads(Path(cached).read_text())
+    if not hub_reachable():
+        raise ValueError(f"{pretrained!r} is not a local folder, not in the Hugging Face cache, and the hub "
+                         f"({HUB_HOST[0]}) is unreachable from here: download it where there is a network "
+                         "(huggingface-cli download <name>) or give a local path")
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(pretrained, "config.json")).read_text())

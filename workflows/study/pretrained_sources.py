@@ -1,0 +1,80 @@
+"""The study checks of `hf` models, before anything launches: where each checkpoint comes from (a folder, the hub,
+or a `cell:` of this study, which must exist and be exportable), what it is (read from config.json alone), and
+whether each router of the study can be built on it (upcycle only on dense checkpoints, router swap only on MoE
+ones)."""
+from __future__ import annotations
+
+from moe_models.models.hf import moe_layers, num_experts, routing_problem
+from moe_models.pretrained.architecture import Architecture
+from moe_models.pretrained.export import export_problem, hf_config
+from moe_models.pretrained.source import cell_source, read_config
+from moe_models.spec import DENSE
+
+
+def source_config(study, j: int) -> dict:
+    """config.json of models[j]'s checkpoint (for a cell: source, the one its export will write); ValueError when
+    it cannot be had."""
+    pretrained = study.models[j].resolved_options().pretrained
+    source = cell_source(pretrained)
+    return _cell_config(study, source) if source else read_config(pretrained)
+
+
+def hf_problems(study, j: int) -> list[str]:
+    """Every problem of models[j] (an `hf` entry): its source, the study's routers on it, the LoRA targets."""
+    model = study.models[j]
+    opts = model.resolved_options()
+    try:
+        config = source_config(study, j)
+        arch = Architecture.from_config(config)
+    except ValueError as err:
+        return [f"models[{j}].pretrained: {err}"]
+    problems = [f"routers[{i}] on models[{j}] ({model.display()}): {p}" for i, r in enumerate(study.routers)
+                if (p := routing_problem(arch, opts, r.name == DENSE))]
+    if study.training.lora:
+        problems.extend(lora_problems(study.training.lora.target_modules, config, j))
+    return problems
+
+
+def lora_problems(targets: list[str], config: dict, j: int) -> list[str]:
+    """LoRA targets that name no linear of the checkpoint (its modules built on the meta device: no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version")}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
+    return [f"training.lora.target_modules: {t!r} is no linear of models[{j}]'s checkpoint; valid: "
+            f"{', '.join(linears)}" for t in targets if t not in linears]
+
+
+def _cell_config(study, source) -> dict:
+    models = {m.display(): m for m in study.models}
+    routers = {r.display(): r for r in study.routers}
+    if source.model_label not in models:
+        raise ValueError(f"cell source model {source.model_label!r} is not a model of this study; valid: "
+                         f"{', '.join(models)}")
+    if source.router_label not in routers:
+        raise ValueError(f"cell source router {source.router_label!r} is not a router of this study; valid: "
+                         f"{', '.join(routers)}")
+    model, routing = models[source.model_label], routers[source.router_label].routing_spec()
+    problem = export_problem(model.name, model.resolved_options(), routing)
+    if problem:
+        raise ValueError(f"cell source {source.model_label}/{source.router_label}: {problem}")
+    t = study.training
+    vocab = min(d.vocab_size for d in study.datasets)
+    return hf_config(model.resolved_options(), routing, vocab, max(t.seq_len, t.target_len))
+
+
+def experts_and_moe_layers(study, j: int) -> tuple[int, int] | None:
+    """(routed experts per MoE layer, MoE layers) of models[j], or None when its source cannot be read."""
+    model = study.models[j]
+    opts = model.resolved_options()
+    if model.name != "hf":
+        return opts.num_experts, opts.moe_blocks()
+    try:
+        arch = Architecture.from_config(source_config(study, j))
+    except ValueError:
+        return None
+    return num_experts(arch, opts), moe_layers(arch, opts)
