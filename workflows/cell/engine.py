@@ -42,7 +42,7 @@ def build_engine(cell: Cell, data: PreparedData | PreparedPairs,
     model = family.build(options, cell.router.routing_spec(), data.vocab_size,
                          max(t.seq_len, t.target_len), cell.seed, num_domains=len(data.domains),
                          token_counts_V=data.train_token_counts())
-    if t.lora:
+    if t.lora and cell.model.name == "hf":  # from-scratch models (a cell: source among them) train in full
         apply_lora(model, t.lora)
     # Frozen parameters (LoRA) stay out of the optimizer: AdamW state only for what trains.
     groups = split_params_into_different_moe_groups_for_optimizer(

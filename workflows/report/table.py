@@ -40,6 +40,8 @@ METRIC_COLUMNS = (
     Column("BLEU", "test/bleu", 2),
     Column("BERTScore F1", "test/bertscore_f1", 2, 100),
     Column("density", "test/density", 2),
+    Column("params (M)", "summary/params_total", 3, 1e-6),
+    Column("trainable (M)", "summary/params_trainable", 3, 1e-6),
     Column("tokens/s", "summary/tokens_per_s", 0),
     Column("MFU %", "summary/mfu", 1, 100),
     Column("router share", "summary/router_latency_share", 3),

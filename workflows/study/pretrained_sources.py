@@ -30,9 +30,32 @@ def hf_problems(study, j: int) -> list[str]:
         return [f"models[{j}].pretrained: {err}"]
     problems = [f"routers[{i}] on models[{j}] ({model.display()}): {p}" for i, r in enumerate(study.routers)
                 if (p := routing_problem(arch, opts, r.name == DENSE))]
+    if opts.init_router == "pretrained" and arch.is_moe:
+        problems.extend(f"routers[{i}] on models[{j}] ({model.display()}): init_router: pretrained copies the "
+                        f"checkpoint's linear gate, and {r.display()} has no linear scorer to copy it into; use "
+                        "init_router: random, or a linear router (topk, top_p, ...)"
+                        for i, r in enumerate(study.routers) if r.name != DENSE and not _has_linear_gate(r, arch))
     if study.training.lora:
         problems.extend(lora_problems(study.training.lora.target_modules, config, j))
     return problems
+
+
+def _has_linear_gate(router, arch: Architecture) -> bool:
+    """Does this router score with one Linear(d_model, num_experts), as the checkpoint's gate does? (Built on the
+    meta device: no memory, no init cost.)"""
+    import torch
+
+    from moe_models.routers import ROUTERS, RouterContext
+
+    cls = ROUTERS.get(router.name)
+    try:
+        with torch.device("meta"):
+            built = cls(RouterContext(arch.hidden_size, arch.num_experts, arch.vocab_size, 0, 0),
+                        router.routing_spec().options)
+    except Exception:  # a router that cannot even be built this way has no gate to copy into
+        return False
+    proj = getattr(built, "proj", None)
+    return isinstance(proj, torch.nn.Linear) and tuple(proj.weight.shape) == (arch.num_experts, arch.hidden_size)
 
 
 def lora_problems(targets: list[str], config: dict, j: int) -> list[str]:

@@ -44,9 +44,6 @@ class Study(StrictOptions):
         for j, model in enumerate(self.models):
             if model.name == "hf":
                 problems.extend(hf_problems(self, j))
-            elif self.training.lora:
-                problems.append(f"training.lora: LoRA fine-tunes a pretrained checkpoint, and models[{j}] "
-                                f"({model.display()}) trains from scratch; use LoRA with hf models only")
         for i, router in enumerate(self.routers):
             for j, model in enumerate(self.models):
                 if shapes[j] is None or not shapes[j][0]:  # its source is the problem, reported above

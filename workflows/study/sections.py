@@ -52,7 +52,8 @@ class TrainingConfig(StrictOptions):
     # torch.compile the model (DeepSpeed's engine.compile): on a GPU it fuses the elementwise work and closes launch
     # gaps (bench/results/model_step_compiled_h100.json); on CPU it seldom pays for its compile time.
     compile: bool = False
-    # LoRA adapters (through PEFT) instead of full fine-tuning; routers stay fully trainable. `hf` models only.
+    # LoRA adapters (through PEFT) instead of full fine-tuning, for `hf` models (pretrained checkpoints); routers stay
+    # fully trainable. Models trained from scratch (a cell: source among them) train in full.
     lora: LoRAOptions | None = None
     # Set per cell from the study's `fault_injection` block (tests only): poison the loss with NaN at this step.
     inject_nan_at_step: PositiveInt | None = None
