@@ -60,7 +60,10 @@ def tiny_causal_lm(kind: str, folder: Path, vocab_size: int = 96, layers: int = 
         "qwen2_moe": lambda: T.Qwen2MoeConfig(**common, intermediate_size=48, moe_intermediate_size=24,
                                               shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
                                               norm_topk_prob=False),
-        "olmoe": lambda: T.OlmoeConfig(**common, intermediate_size=24, num_experts=4, num_experts_per_tok=2),
+        "olmoe": lambda: T.OlmoeConfig(**common, intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                                       eos_token_id=0, pad_token_id=0, bos_token_id=0),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(**common, intermediate_size=48, moe_intermediate_size=24, num_experts=4,
+                                              num_experts_per_tok=2, head_dim=8),
     }
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(configs[kind]())

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# model_type -> the config key holding its routed-expert count (transformers' names).
-EXPERT_COUNT_KEYS = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_experts",
-                     "olmoe": "num_experts"}
+# MoE model types whose blocks router swap knows; their routed-expert count is under one of these config keys
+# (transformers' names, which some configs alias: Qwen3-MoE writes num_local_experts).
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")
 # Dense decoders whose MLP upcycling knows: GPT-2's (c_fc, c_proj; GELU) and the gated one (gate/up/down; SiLU).
 DENSE_MLPS = {"gpt2": "gpt2", "llama": "gated", "qwen2": "gated", "mistral": "gated", "qwen3": "gated"}
 
@@ -36,15 +37,18 @@ class Architecture:
         positions = config.get("max_position_embeddings") or config.get("n_positions")
         common = dict(model_type=model_type, num_layers=layers, hidden_size=hidden,
                       vocab_size=int(config.get("vocab_size", 0)), max_positions=positions)
-        if model_type in EXPERT_COUNT_KEYS:
-            return cls(**common, num_experts=int(config[EXPERT_COUNT_KEYS[model_type]]),
+        if model_type in MOE_TYPES:
+            count = next((config[k] for k in EXPERT_COUNT_KEYS if config.get(k)), None)
+            if not count:
+                raise ValueError(f"{model_type} config without an expert count ({' or '.join(EXPERT_COUNT_KEYS)})")
+            return cls(**common, num_experts=int(count),
                        moe_layers=_moe_layers(model_type, config, layers),
                        experts_per_token=int(config.get("num_experts_per_tok", 0)),
                        norm_topk_prob=model_type == "mixtral" or bool(config.get("norm_topk_prob", False)))
         if model_type in DENSE_MLPS:
             return cls(**common, num_experts=0, moe_layers=())
         raise ValueError(f"model_type {model_type!r} is neither an MoE moelab can swap routers in "
-                         f"({', '.join(EXPERT_COUNT_KEYS)}) nor a dense decoder it can upcycle ({', '.join(DENSE_MLPS)})")
+                         f"({', '.join(MOE_TYPES)}) nor a dense decoder it can upcycle ({', '.join(DENSE_MLPS)})")
 
 
 def _moe_layers(model_type: str, config: dict[str, Any], layers: int) -> tuple[int, ...]:

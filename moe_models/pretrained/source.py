@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 CELL_PREFIX = "cell:"
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")  # huggingface_hub's repo ids
 HUB_HOST = ("huggingface.co", 443)
 
 
@@ -29,8 +31,12 @@ def cell_source(pretrained: str) -> CellSource | None:
         return None
     model, sep, router = pretrained[len(CELL_PREFIX):].partition("/")
     if not sep or not model or not router:
-        raise ValueError(f"{pretrained!r}: a cell source is cell:<model label>/<router label>, e.g. cell:llama/dense")
+        raise ValueError(f"{_shown(pretrained)}: a cell source is cell:<model label>/<router label>, e.g. cell:llama/dense")
     return CellSource(model, router)
+
+
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= 80 else name[:80] + "...")
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -45,21 +51,28 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
 
 def read_config(pretrained: str) -> dict[str, Any]:
     """config.json of a local folder or hub name (cache first); a clear ValueError when there is none."""
-    folder = Path(pretrained).expanduser()
-    if folder.is_dir():
+    try:
+        folder = Path(pretrained).expanduser()
+        is_folder = folder.is_dir()
+    except (OSError, RuntimeError, ValueError) as err:  # a name the OS refuses, an unknown ~user, a NUL byte
+        raise ValueError(f"{_shown(pretrained)} is not a usable path: {getattr(err, 'strerror', None) or err}") \
+            from None
+    if is_folder:
         config = folder / "config.json"
         if not config.is_file():
-            raise ValueError(f"{pretrained!r} is a folder without config.json: not a save_pretrained checkpoint")
+            raise ValueError(f"{_shown(pretrained)} is a folder without config.json: not a save_pretrained checkpoint")
         return json.loads(config.read_text())
     if pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1:
-        raise ValueError(f"{pretrained!r}: no such folder")
+        raise ValueError(f"{_shown(pretrained)}: no such folder")
+    if not HUB_NAME.fullmatch(pretrained):
+        raise ValueError(f"{_shown(pretrained)} is neither a folder nor a hub name (<org>/<name>)")
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(pretrained, "config.json")
     if isinstance(cached, str):
         return json.loads(Path(cached).read_text())
     if not hub_reachable():
-        raise ValueError(f"{pretrained!r} is not a local folder, not in the Hugging Face cache, and the hub "
+        raise ValueError(f"{_shown(pretrained)} is not a local folder, not in the Hugging Face cache, and the hub "
                          f"({HUB_HOST[0]}) is unreachable from here: download it where there is a network "
                          "(huggingface-cli download <name>) or give a local path")
     from huggingface_hub import hf_hub_download

@@ -45,9 +45,10 @@ def cmd_validate(args, out: TextIO) -> int:
     from workflows.study.cells import expand
 
     study = study_or_exit(args.study)
+    filtered = ", less the pairs models[].routers leaves out" if any(m.routers for m in study.models) else ""
     print(f"{args.study}: valid — {len(expand(study))} cells "
           f"({len(study.routers)} routers x {len(study.models)} models x {len(study.datasets)} datasets x "
-          f"{len(study.seeds)} seeds)", file=out)
+          f"{len(study.seeds)} seeds{filtered})", file=out)
     return 0
 
 

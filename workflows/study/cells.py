@@ -88,7 +88,7 @@ def expand(study: Study) -> list[Cell]:
     """Every cell, sources before the cells that start from them (a source is never itself an `hf` cell)."""
     cells = [Cell(r, m, d, s, _training_for(study, r), study.resources,
                   study.summarization if d.task == "summarization" else None)
-             for d, m, r, s in product(study.datasets, study.models, study.routers, study.seeds)]
+             for d, m, r, s in product(study.datasets, study.models, study.routers, study.seeds) if m.crossed_with(r)]
     by_key = {(c.model.display(), c.router.display(), c.dataset, c.seed): c for c in cells}
     linked = []
     for cell in cells:

@@ -124,9 +124,12 @@ class RouterEntry(StrictOptions):
 class ModelEntry(StrictOptions):
     name: str
     label: str | None = None
+    # The router labels this model is crossed with (default: every router of the study). A pretrained source
+    # trains under one router; an upcycled checkpoint's dense baseline is the checkpoint itself, once.
+    routers: list[str] | None = Field(default=None, min_length=1)
     options: dict[str, Any] = Field(default_factory=dict)
 
-    _split = model_validator(mode="before")(lambda data: _split_options(data, {"name", "label"}))
+    _split = model_validator(mode="before")(lambda data: _split_options(data, {"name", "label", "routers"}))
 
     @field_validator("name")
     @classmethod
@@ -147,6 +150,9 @@ class ModelEntry(StrictOptions):
 
     def display(self) -> str:
         return self.label or self.name
+
+    def crossed_with(self, router: RouterEntry) -> bool:
+        return self.routers is None or router.display() in self.routers
 
 
 class DatasetEntry(StrictOptions):

@@ -28,13 +28,14 @@ def hf_problems(study, j: int) -> list[str]:
         arch = Architecture.from_config(config)
     except ValueError as err:
         return [f"models[{j}].pretrained: {err}"]
-    problems = [f"routers[{i}] on models[{j}] ({model.display()}): {p}" for i, r in enumerate(study.routers)
+    routers = [(i, r) for i, r in enumerate(study.routers) if model.crossed_with(r)]
+    problems = [f"routers[{i}] on models[{j}] ({model.display()}): {p}" for i, r in routers
                 if (p := routing_problem(arch, opts, r.name == DENSE))]
     if opts.init_router == "pretrained" and arch.is_moe:
         problems.extend(f"routers[{i}] on models[{j}] ({model.display()}): init_router: pretrained copies the "
                         f"checkpoint's linear gate, and {r.display()} has no linear scorer to copy it into; use "
                         "init_router: random, or a linear router (topk, top_p, ...)"
-                        for i, r in enumerate(study.routers) if r.name != DENSE and not _has_linear_gate(r, arch))
+                        for i, r in routers if r.name != DENSE and not _has_linear_gate(r, arch))
     if study.training.lora:
         problems.extend(lora_problems(study.training.lora.target_modules, config, j))
     return problems
@@ -81,7 +82,14 @@ def _cell_config(study, source) -> dict:
     if source.router_label not in routers:
         raise ValueError(f"cell source router {source.router_label!r} is not a router of this study; valid: "
                          f"{', '.join(routers)}")
-    model, routing = models[source.model_label], routers[source.router_label].routing_spec()
+    model, router = models[source.model_label], routers[source.router_label]
+    if not model.crossed_with(router):
+        raise ValueError(f"cell source {source.model_label}/{source.router_label}: models' routers leave out "
+                         f"{source.router_label!r}, so that cell does not exist")
+    if model.name == "hf":
+        raise ValueError(f"cell source {source.model_label}/{source.router_label}: a source is one of moelab's own "
+                         "models trained from scratch, not another hf model")
+    routing = router.routing_spec()
     problem = export_problem(model.name, model.resolved_options(), routing)
     if problem:
         raise ValueError(f"cell source {source.model_label}/{source.router_label}: {problem}")

@@ -44,10 +44,15 @@ class Study(StrictOptions):
         for j, model in enumerate(self.models):
             if model.name == "hf":
                 problems.extend(hf_problems(self, j))
+        for j, model in enumerate(self.models):
+            for name in model.routers or []:
+                if name not in labels:
+                    problems.append(f"models[{j}].routers: {short(name)} is not a router of this study; valid: "
+                                    f"{', '.join(labels)}")
         for i, router in enumerate(self.routers):
             for j, model in enumerate(self.models):
-                if shapes[j] is None or not shapes[j][0]:  # its source is the problem, reported above
-                    continue
+                if shapes[j] is None or not shapes[j][0] or not model.crossed_with(router):
+                    continue  # an unreadable source is reported above
                 experts = shapes[j][0]
                 if router.name != DENSE and router.max_experts_per_token(experts) > experts:
                     problems.append(f"routers[{i}]: routes up to {router.max_experts_per_token(experts)} experts per token; "
@@ -109,10 +114,13 @@ class Study(StrictOptions):
             if shapes[j] is None or not shapes[j][0] or shapes[j][1]:
                 continue  # unreadable (reported), dense (reported), or it has MoE blocks
             opts = model.resolved_options()
+            crossed = [i for i in routed if model.crossed_with(self.routers[i])]
+            if not crossed:
+                continue
             field, every = ("upcycle.moe_every", opts.upcycle.moe_every) if model.name == "hf" \
                 else ("moe_every", opts.moe_every)
             problems.append(f"models[{j}].{field}: {every} leaves {model.display()} without an MoE block, yet "
-                            f"routers[{routed[0]}] ({self.routers[routed[0]].display()}) routes; set {field} "
+                            f"routers[{crossed[0]}] ({self.routers[crossed[0]].display()}) routes; set {field} "
                             "between 1 and the number of layers")
         return problems
 
