@@ -1,6 +1,7 @@
 """Whole models on the meta device, in bf16 the way DeepSpeed 0.19.8's half-precision engines cast them (parameters
 only; buffers keep their dtype), one training step each: every router on every model family (GPT with GELU experts
-and with SwiGLU plus a gated shared expert, llama, seq2seq).
+and with SwiGLU plus a gated shared expert, llama, seq2seq, transformers' Mixtral with our layer swapped in and
+GPT-2 upcycled).
 
 Meta tensors stand in for a GPU's, which cannot exist here. A tensor the model creates on the host (a factory without
 device=), a buffer's fp32 leaking into bf16 activations, or a host read (.item(), a shape that depends on values)
@@ -26,7 +27,18 @@ MODEL_CASES = {"gpt": ("gpt", _DECODER),
                                              "shared_expert_gate": True}),
                "llama": ("llama", {**_DECODER, "n_heads": 4, "n_kv_heads": 2}),
                "seq2seq": ("seq2seq", {"d_model": 32, "n_heads": 2, "encoder_layers": 1, "decoder_layers": 1,
-                                       "num_experts": 4, "expert_hidden": 64})}
+                                       "num_experts": 4, "expert_hidden": 64}),
+               # transformers' own models with our MoE layer swapped in / upcycled (checkpoints written per session)
+               "hf-swapped-mixtral": ("hf", {"pretrained": "<mixtral>"}),
+               "hf-upcycled-gpt2": ("hf", {"pretrained": "<gpt2>", "upcycle": {"num_experts": 4}})}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    from tests.hf_tiny import tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {f"<{kind}>": str(tiny_causal_lm(kind, root / kind, vocab_size=V)) for kind in ("mixtral", "gpt2")}
 
 
 def test_every_model_family_has_a_case():
@@ -56,9 +68,16 @@ def training_step(family: str, model: torch.nn.Module) -> LMOutput:
 
 @pytest.mark.parametrize("model_case", list(MODEL_CASES))
 @pytest.mark.parametrize("router", list(ROUTER_OPTIONS))
-def test_a_bf16_training_step_stays_on_the_models_device(router, model_case, monkeypatch):
+def test_a_bf16_training_step_stays_on_the_models_device(router, model_case, monkeypatch, checkpoints):
     monkeypatch.setattr(GroupedDispatch, "grouped_gemm_applies", lambda self, x: True)  # the CUDA bf16 path
     model_name, model_options = MODEL_CASES[model_case]
+    if "pretrained" in model_options:
+        model_options = {**model_options, "pretrained": checkpoints[model_options["pretrained"]]}
+        # transformers' own mask preparation reads the host once per forward (its packed-sequence check, skipped
+        # while tracing): pretend to trace, so what is checked here is our layers inside its model.
+        import transformers.masking_utils as masking
+
+        monkeypatch.setattr(masking, "is_tracing", lambda *_: True)
     family = MODELS.get(model_name)
     routing = RoutingSpec(router, ROUTERS.get(router).Options(**ROUTER_OPTIONS[router]),
                           {"switch_lbl": 0.01, "z_loss": 0.001})

@@ -34,8 +34,10 @@ def study_run(tmp_path_factory):
     import ray
 
     root = tmp_path_factory.mktemp("sum")
+    bart = str(tiny_bart(root / "tiny-bart"))
     study = {**MINI, "summarization": {**MINI["summarization"], "pretrained": [
-        {"model": str(tiny_bart(root / "tiny-bart")), "kind": "seq2seq", "label": "tiny-bart"}]}}
+        {"model": bart, "kind": "seq2seq", "label": "tiny-bart"},
+        {"model": bart, "kind": "seq2seq", "finetune": {"method": "lora", "steps": 20, "batch_size": 2}}]}}
     path = root / "mini_sum.yaml"
     path.write_text(yaml.safe_dump(study))
     code = main(["run", str(path), "--workdir", str(root / "work")])
@@ -66,8 +68,14 @@ def test_cells_log_summary_metrics_with_confidence_intervals(study_run):
 
 def test_pretrained_baseline_is_an_evaluation_only_run_scored_like_the_cells(study_run):
     _, workdir, client, exp = study_run
-    runs = client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'pretrained'")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["router"] == "tiny-bart"
+    runs = {r.data.tags["router"]: r for r in
+            client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'pretrained'")}
+    assert set(runs) == {"tiny-bart", "tiny-bart+LoRA"} and all(r.info.status == "FINISHED" for r in runs.values())
+    tuned = runs["tiny-bart+LoRA"]  # LoRA-tuned on the training pairs, then scored alike
+    assert [m.step for m in client.get_metric_history(tuned.info.run_id, "finetune/loss")] == [10, 20]
+    assert 0 < tuned.data.metrics["summary/params_trainable"] < tuned.data.metrics["summary/params_total"]
+    assert tuned.data.metrics["test/rouge1_ci_low"] <= tuned.data.metrics["test/rouge1"]
+    runs = [runs["tiny-bart"]]
     m = runs[0].data.metrics
     assert m["test/rouge1_ci_low"] <= m["test/rouge1"] <= m["test/rouge1_ci_high"]
     assert runs[0].data.tags["dataset_fingerprint"] and runs[0].data.tags["version.transformers"]

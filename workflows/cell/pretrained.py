@@ -1,5 +1,5 @@
-"""Pretrained baselines as evaluation-only cells: an HF seq2seq or causal LM (hub name or local path) summarizes the
-same test documents with the study's decoding settings and is scored exactly like a trained cell (same per-document
+"""Pretrained baselines as cells of their own: an HF seq2seq or causal LM (hub name or local path), as it is or after
+LoRA fine-tuning on the training pairs (baseline_finetune.py), summarizes the same test documents with the study's decoding settings and is scored exactly like a trained cell (same per-document
 predictions artifact), so the report compares it side by side and tests it against the baseline.
 
 Each baseline runs as one Ray task with its own MLflow run (role 'pretrained'), identified by a hash of what it
@@ -8,10 +8,12 @@ evaluates: a finished one is not run again.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
 from workflows import storage
+from workflows.cell.baseline_finetune import finetune_lora, truncated_documents
 from workflows.cell.summarize import score_and_log, test_documents
 from workflows.study.entries import DatasetEntry
 from workflows.study.sections import PretrainedBaseline, SummarizationConfig
@@ -36,8 +38,10 @@ def _source_limit(model, baseline: PretrainedBaseline, cfg: SummarizationConfig)
     return max(1, min(baseline.source_tokens, positions))
 
 
-@torch.no_grad()
-def summarize_with(baseline: PretrainedBaseline, documents: list[str], cfg: SummarizationConfig) -> list[str]:
+def summarize_with(baseline: PretrainedBaseline, documents: list[str], cfg: SummarizationConfig,
+                   train_pairs: tuple[list[str], list[str]] | None = None,
+                   log: Callable[[dict[str, float], int], None] = lambda metrics, step: None) -> list[str]:
+    """train_pairs: (documents, summaries) a `finetune:` baseline is LoRA-tuned on before it decodes."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(baseline.model)
@@ -50,12 +54,22 @@ def summarize_with(baseline: PretrainedBaseline, documents: list[str], cfg: Summ
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     limit = _source_limit(model, baseline, cfg)
+    if baseline.finetune:
+        if train_pairs is None:
+            raise ValueError(f"{baseline.display()}: fine-tuning needs the training pairs")
+        model = finetune_lora(model, tokenizer, baseline, *train_pairs, limit, cfg.max_new_tokens, log)
+    return _decode(model, tokenizer, baseline, documents, cfg, limit, device)
+
+
+@torch.no_grad()
+def _decode(model, tokenizer, baseline: PretrainedBaseline, documents: list[str], cfg: SummarizationConfig,
+            limit: int, device: str) -> list[str]:
+    causal = baseline.kind == "causal"
     outputs: list[str] = []
     for start in range(0, len(documents), cfg.eval_batch_size):
         # Truncate the document, not the instruction around it.
-        ids = tokenizer(documents[start:start + cfg.eval_batch_size], truncation=True, max_length=limit,
-                        add_special_tokens=False)["input_ids"]
-        docs = [baseline.input_text(tokenizer.decode(i, skip_special_tokens=True)) for i in ids]
+        docs = [baseline.input_text(d) for d in
+                truncated_documents(tokenizer, documents[start:start + cfg.eval_batch_size], limit)]
         batch = tokenizer(docs, return_tensors="pt", padding=True).to(device)
         generated = model.generate(**batch, **_decoding(cfg), pad_token_id=tokenizer.pad_token_id)
         if causal:
@@ -77,7 +91,9 @@ def evaluate_pretrained(payload: dict) -> dict:
         data = load_prepared(storage.local_copy(payload["data_path"]))
         began = time.perf_counter()
         documents = data.documents["test"][:test_documents(data, cell.summarization)]
-        predictions = summarize_with(cell.baseline, documents, cell.summarization)
+        train = (data.documents["train"], data.summaries["train"]) if cell.baseline.finetune else None
+        predictions = summarize_with(cell.baseline, documents, cell.summarization, train,
+                                     lambda metrics, step: tracker.log_metrics(run_id, metrics, step))
         seconds = time.perf_counter() - began
         metrics = {**score_and_log(tracker, run_id, predictions, data, cell.summarization),
                    "summary/generate_seconds": seconds}

@@ -72,12 +72,33 @@ class TrainingConfig(StrictOptions):
                 for name in ("eval_interval", "checkpoint_interval") if getattr(self, name) > self.steps]
 
 
+class BaselineFinetune(StrictOptions):
+    """LoRA fine-tuning (through PEFT) of a pretrained summarization baseline on the study's training pairs before it
+    is scored: the summarization report's LoRA-tuned T5 and Llama baselines. `finetune: lora` takes these defaults."""
+
+    method: Literal["lora"] = "lora"
+    steps: PositiveInt = 200
+    lr: PositiveFloat = 3e-4
+    batch_size: PositiveInt = 8
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(default=None, min_length=1)  # None: PEFT's default for the model type
+    seed: NonNegativeInt = 0
+
+
 class PretrainedBaseline(StrictOptions):
-    """A pretrained HF model evaluated (not trained) on the same test documents: an eval-only cell."""
+    """A pretrained HF model scored on the same test documents: evaluated as it is, or after LoRA fine-tuning."""
 
     model: str  # hub name (needs a network) or local path
     kind: Literal["seq2seq", "causal"] = "seq2seq"
-    label: str | None = None  # defaults to the model's name
+    label: str | None = None  # defaults to the model's name (+LoRA when fine-tuned)
+    finetune: BaselineFinetune | None = None
+
+    @field_validator("finetune", mode="before")
+    @classmethod
+    def _shorthand(cls, value):
+        return {"method": value} if isinstance(value, str) and value == "lora" else value
     # The model's input around the (truncated) document: "summarize: {document}" for T5; for a causal LM the summary is
     # what follows the prompt, up to the first newline. Default: the document alone, or "{document}\nTL;DR:" (causal).
     prompt: str | None = None
@@ -106,7 +127,8 @@ class PretrainedBaseline(StrictOptions):
         return prompt
 
     def display(self) -> str:
-        return self.label or self.model.rstrip("/").rsplit("/", 1)[-1]
+        name = self.model.rstrip("/").rsplit("/", 1)[-1] + ("+LoRA" if self.finetune else "")
+        return self.label or name
 
     def input_text(self, document: str) -> str:
         default = "{document}\nTL;DR:" if self.kind == "causal" else "{document}"
