@@ -8,6 +8,7 @@ workers on other processes and tests can all write to the same runs.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -120,6 +121,33 @@ class Tracker:
         run = _retry(self.client.create_run, experiment_id, run_name=run_name, tags={PARENT: parent_run_id, **tags})
         self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def log_dataset(self, run_id: str, name: str, fingerprint: str, source: str, context: str = "training") -> None:
+        """The run's dataset as an MLflow dataset input (the UI's Dataset column and filter): its content
+        fingerprint is the digest, so runs on the same data group together whatever they call it."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=fingerprint[:36], source_type="moelab", source=source)
+        _retry(self.client.log_inputs, run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+    def system_metrics(self, run_id: str, sampling_interval_s: float = 5.0):
+        """MLflow's system-metrics monitor (CPU, memory, GPU where there is one) logging to this run: start() and
+        finish() it around the work it describes."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines are noise
+
+        class WithLastSample(SystemMetricsMonitor):
+            """MLflow's monitor drops the sample it is collecting when it stops, so a cell shorter than one
+            interval would log none: publish one more at the end."""
+
+            def finish(self) -> None:
+                super().finish()
+                self.collect_metrics()
+                self.publish_metrics(self.aggregate_metrics())
+                self.mlflow_logger.flush()
+
+        return WithLastSample(run_id, sampling_interval=sampling_interval_s, tracking_uri=self.uri, resume_logging=True)
 
     def sweep_run(self, experiment_id: str, study_run_id: str, sweep_name: str, tags: dict[str, str]) -> str:
         """The parent run of a sweep, a child of the study's run; reopened when the sweep resumes."""

@@ -113,6 +113,17 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
             run_id=run.info.run_id, artifact_path="config/resolved_config.json",
             tracking_uri=client._tracking_client.tracking_uri)).read_text())
         assert config["seed"] == 0 and config["router"]["label"] == tags["router"]
+        # The UI's Dataset column: the dataset input, its content fingerprint as the digest
+        (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+        assert dataset.name == "builtin:domains" and dataset.digest == tags["dataset_fingerprint"]
+        assert any(k.startswith("system/cpu_utilization") for k in metrics)  # MLflow's system metrics
+        assert 0 < metrics["summary/eval_seconds"] and 0 < metrics["summary/setup_seconds"]
+        assert metrics["summary/params_trainable"] == metrics["summary/params_total"] > 0  # trained in full
+    headline = parents[0].data.metrics  # the study's own row: each router's best cell
+    assert {k for k in headline if k.startswith("best_eval_loss/")} == {
+        "best_eval_loss/topk_k_2_", "best_eval_loss/top_p_p_0.51_", "best_eval_loss/reference"}
+    assert headline["best_eval_loss/reference"] == next(
+        r.data.metrics["eval/loss"] for r in runs if r.data.tags["router"] == "reference")
     # Artifacts live under the workdir, not the test process's cwd.
     assert (workdir / "mlartifacts").is_dir()
 

@@ -97,7 +97,7 @@ def test_table_report_and_blind_rating_sheet(study_run):
     assert report.count("| reference |") == 3  # three sample documents
     sheet_path = next(workdir.glob("mini_sum_*_rating_sheet.csv"))
     sheet = list(csv.DictReader(io.StringIO(sheet_path.read_text())))
-    assert len(sheet) == 3 * 3 and {r["system_id"] for r in sheet} == {"S1", "S2", "S3"}
+    assert len(sheet) == 3 * 4 and {r["system_id"] for r in sheet} == {"S1", "S2", "S3", "S4"}  # + the LoRA-tuned one
     assert not any(label in sheet_path.read_text() for label in ("top2", "hash", "tiny-bart"))  # blind
     key = dict(list(csv.reader(io.StringIO(next(workdir.glob("mini_sum_*_rating_key.csv")).read_text())))[1:])
     assert sorted(key.values()) == ["hash", "tiny-bart", "top2"]

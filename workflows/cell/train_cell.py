@@ -48,7 +48,6 @@ def train_cell(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     cell = Cell.from_resolved(config["cell"])
-    t = cell.training
     data = load_prepared(storage.local_copy(config["data_path"]))  # a path, or a URI fetched once per node
     w = Worker(rank, world, Tracker(config["tracking_uri"]) if rank == 0 else None, config["run_id"])
     with tempfile.TemporaryDirectory() as source_dir:  # the source cell's checkpoint, when this cell has one
@@ -62,10 +61,24 @@ def train_cell(config: dict[str, Any]) -> None:
         w.tracker.set_tags(w.run_id, {"moelab.node_id": ray.get_runtime_context().get_node_id(),
                                       "moelab.node_ip": ray.util.get_node_ip_address(),
                                       **({"moelab.resumed_from_step": str(start)} if start else {})})
+    monitor = w.tracker.system_metrics(w.run_id) if w.tracker else None  # CPU, memory (GPU) beside the curves
+    if monitor:
+        monitor.start()
+    try:
+        _train(engine, data, cell, config, w, start, snapshots, logged_through, setup_seconds)
+    finally:
+        if monitor:
+            monitor.finish()
+
+
+def _train(engine, data, cell: Cell, config: dict[str, Any], w: Worker, start: int, snapshots: dict,
+           logged_through: int, setup_seconds: float) -> None:
+    t, world = cell.training, w.world
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * world
     tables: dict = {}
     latest_eval: dict[str, float] = {}
     times = StepTimes()
+    eval_seconds = 0.0
     for step in range(start + 1, t.steps + 1):
         began = time.perf_counter()
         try:
@@ -83,7 +96,9 @@ def train_cell(config: dict[str, Any]) -> None:
         last = step == t.steps
         evaluating, checkpointing = step % t.eval_interval == 0 or last, step % t.checkpoint_interval == 0 or last
         if evaluating:
+            eval_began = time.perf_counter()
             evaluation = evaluate(engine, data, cell, w)
+            eval_seconds += time.perf_counter() - eval_began
             latest_eval, tables = evaluation.metrics, evaluation.tables
             snapshots[step] = evaluation.routes
             metrics.update(latest_eval)
@@ -92,6 +107,7 @@ def train_cell(config: dict[str, Any]) -> None:
             metrics["summary/train_seconds"] = times.total
             metrics["summary/first_step_seconds"] = times.first
             metrics["summary/setup_seconds"] = setup_seconds
+            metrics["summary/eval_seconds"] = eval_seconds  # periodic evaluations of this (resumed part of the) run
             metrics["summary/peak_memory_mb"] = peak_memory_mb()
             metrics.update(parameter_counts(engine.module))
             if t.precision == "fp16":  # optimizer steps lost to overflow (DeepSpeed checkpoints the count)

@@ -6,6 +6,7 @@ run and their Ray Train run (same name and storage path) continues from its late
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,7 @@ def run_study(study: Study, ws: Workspace, address: str | None = None,
     outcome.timings["cells_s"] = time.perf_counter() - t_cells
 
     runs = tracker.cell_runs(experiment_id)
+    tracker.log_metrics(parent, headline_metrics(cells, runs), 0)
     outcome.table_path = write_table(table_rows(cells, runs), ws.root / study.name, tracker, parent)
     outcome.pooled_path = write_pooled_report(cells, runs, study.baseline, ws.root / study.name, tracker, parent)
     outcome.summarization_report = write_summarization_report(
@@ -111,6 +113,26 @@ def run_study(study: Study, ws: Workspace, address: str | None = None,
     tracker.finish(parent, "FAILED" if outcome.failed else "FINISHED")
     outcome.timings["total_s"] = time.perf_counter() - began
     return outcome
+
+
+def headline_metrics(cells: list[Cell], runs: dict) -> dict[str, float]:
+    """The study run's own row in the MLflow UI: per router, the eval loss of its best finished cell and that
+    cell's tokens/s, so the parent row says something before it is expanded."""
+    best: dict[str, tuple[float, float]] = {}
+    for cell in cells:
+        run = runs.get(cell.id)
+        if run is None or run.info.status != "FINISHED" or "eval/loss" not in run.data.metrics:
+            continue
+        loss, speed = run.data.metrics["eval/loss"], run.data.metrics.get("summary/tokens_per_s", float("nan"))
+        label = cell.router.display() if len({c.model.display() for c in cells}) == 1 \
+            else f"{cell.router.display()} / {cell.model.display()}"
+        if label not in best or loss < best[label][0]:
+            best[label] = (loss, speed)
+    out = {}
+    for label, (loss, speed) in best.items():
+        key = re.sub(r"[^\w\-. /]", "_", label)  # MLflow's metric-name alphabet
+        out[f"best_eval_loss/{key}"], out[f"best_tokens_per_s/{key}"] = loss, speed
+    return out
 
 
 def _open_run(tracker: Tracker, run, outcome: StudyOutcome, cell_id: str, create: Callable[[], str]) -> str | None:
@@ -128,6 +150,7 @@ def _new_cell_run(tracker: Tracker, experiment_id: str, parent: str, cell: Cell,
     run_id = tracker.create_cell_run(experiment_id, parent, cell.id, f"{cell.router.display()}-s{cell.seed}",
                                      cell_tags(cell, data), flatten(cell.resolved()))
     tracker.log_text(run_id, json.dumps(cell.resolved(), indent=2), "config/resolved_config.json")
+    tracker.log_dataset(run_id, cell.dataset.name, data.fingerprint, data.path)
     return run_id
 
 
@@ -210,8 +233,10 @@ def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepar
         result = ray.get(done[0])
         if result.status == "FINISHED" and (reason := tracker.failure_reason(run_id)):
             result = CellResult("FAILED", reason, result.metrics)  # the cell stopped itself (e.g. NaN loss)
-        tracker.finish(run_id, result.status, result.reason)
         seconds = time.perf_counter() - started
+        # Launch to result, as the driver saw it: minus the cell's setup, train and eval seconds, its overhead.
+        tracker.log_metrics(run_id, {"summary/cell_wall_seconds": seconds}, cell.training.steps)
+        tracker.finish(run_id, result.status, result.reason)
         if result.status == "FINISHED":
             outcome.finished.append(cell.id)
             echo(f"  finished {cell.id}  {cell.title}  ({seconds:.1f}s, eval loss {result.metrics.get('eval_loss', float('nan')):.4f})")

@@ -153,6 +153,12 @@ class Study(StrictOptions):
             for name in chosen:
                 if name not in valid:
                     problems.append(f"sweep.{field}: {name!r} is not in the study; valid: {', '.join(valid)}")
+        swept = [m for m in self.models if not sweep.models or m.display() in sweep.models]
+        for model in swept:
+            if model.name == "hf" and str(model.options.get("pretrained", "")).startswith("cell:"):
+                problems.append(f"sweep.models: {model.display()!r} starts from a cell: source, which sweeps do not "
+                                "run first; sweep a model with a folder or hub checkpoint, or list others in "
+                                "sweep.models")
         min_experts = min((shape[0] for j in range(len(self.models))
                            if (shape := experts_and_moe_layers(self, j)) and shape[0]), default=1)
         for router in self.sweep_routers():
