@@ -9,6 +9,7 @@ be sampled at any offset and still know each token's domain.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from moe_data.corpus import SPLITS
 from moe_data.pairs import PairCorpus
 from moe_data.prepared_pairs import PreparedPairs, prepare_pairs
 from moe_data.sources import load_corpus
-from moe_data.tokenizer import EOS, train_or_load_tokenizer
+from moe_data.tokenizer import EOS, pretrained_tokenizer, train_or_load_tokenizer
 
 NO_DOMAIN = -1
 
@@ -48,17 +49,25 @@ class PreparedData:
         return torch.bincount(self.tokens["train"], minlength=self.vocab_size)
 
 
-def prepare(name: str, vocab_size: int, max_chars_per_domain: int, cache_dir: Path, **source_kwargs) -> Path:
-    """Build (or find) the prepared file for a dataset spec; returns its path."""
+def prepare(name: str, vocab_size: int, max_chars_per_domain: int, cache_dir: Path, tokenizer: str | None = None,
+            **source_kwargs) -> Path:
+    """Build (or find) the prepared file for a dataset spec; returns its path. `tokenizer`: a pretrained checkpoint's
+    tokenizer (folder or hub name) instead of a BPE trained on the corpus (vocab_size then does not apply)."""
     corpus = load_corpus(name, max_chars_per_domain, **source_kwargs)
-    path = cache_dir / f"data-{corpus.fingerprint}-{vocab_size}.pt"
+    vocab_key = vocab_size if tokenizer is None else hashlib.sha256(tokenizer.encode()).hexdigest()[:12]
+    path = cache_dir / f"data-{corpus.fingerprint}-{vocab_key}.pt"
     if path.exists():
         return path
     if isinstance(corpus, PairCorpus):
+        if tokenizer is not None:
+            raise ValueError("datasets[].tokenizer: summarization pairs are tokenized by a BPE trained on them")
         prepare_pairs(corpus, vocab_size, path, cache_dir)
         return path
-    tok, tok_path = train_or_load_tokenizer(corpus, vocab_size, cache_dir)
-    eos = tok.token_to_id(EOS)
+    if tokenizer is None:
+        tok, tok_path = train_or_load_tokenizer(corpus, vocab_size, cache_dir)
+        eos = tok.token_to_id(EOS)
+    else:
+        (tok, eos), tok_path = pretrained_tokenizer(tokenizer), tokenizer
     domains = corpus.domains
     tokens, domain_ids = {}, {}
     for split in SPLITS:
@@ -73,6 +82,7 @@ def prepare(name: str, vocab_size: int, max_chars_per_domain: int, cache_dir: Pa
         tokens[split], domain_ids[split] = torch.tensor(ids), torch.tensor(dom)
     data = PreparedData(tokens, domain_ids, domains, tok.get_vocab_size(), corpus.fingerprint, str(tok_path),
                         corpus.source)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(data.to_dict(), tmp)
     tmp.replace(path)

@@ -1,4 +1,5 @@
-"""Byte-level BPE trained with HF `tokenizers` on the training split, cached by corpus fingerprint."""
+"""Byte-level BPE trained with HF `tokenizers` on the training split, cached by corpus fingerprint; or a pretrained
+checkpoint's own tokenizer (`datasets[].tokenizer`), so its token ids mean what the checkpoint learned."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,3 +27,17 @@ def train_or_load_tokenizer(corpus: Corpus | PairCorpus, vocab_size: int, cache_
     tok.save(str(tmp))
     tmp.replace(path)  # atomic: concurrent preparers never read half a file
     return tok, path
+
+
+def pretrained_tokenizer(name: str) -> tuple[Tokenizer, int]:
+    """(the fast tokenizer, its EOS id) of a local folder or hub name (cache first; the hub only with a network)."""
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(name)
+    backend = getattr(auto, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"tokenizer {name!r} has no fast (tokenizers) version")
+    eos = auto.eos_token_id if auto.eos_token_id is not None else auto.sep_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {name!r} has no EOS token to separate documents with")
+    return backend, int(eos)

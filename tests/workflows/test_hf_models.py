@@ -155,3 +155,22 @@ def test_upcycled_and_swapped_checkpoints_train_with_lora_killed_and_resumed_wit
     for cell in cells:
         if cell.router.name == "topk":
             assert runs[cell.id].data.metrics["eval/moe/experts_per_token"] == pytest.approx(2.0), cell.title
+
+
+def test_a_checkpoints_own_tokenizer_tokenizes_its_lm_data(tmp_path, folders):
+    from tests.hf_tiny import _tokenizer
+
+    from moe_data.prepare import load_prepared, prepare
+
+    tokenizer = _tokenizer(tmp_path / "tok")
+    data = load_prepared(prepare("builtin:domains", 300, 20_000, tmp_path / "cache", tokenizer=str(tmp_path / "tok")))
+    assert data.vocab_size == len(tokenizer) and data.tokenizer_path == str(tmp_path / "tok")
+    first = data.tokens["train"][:6].tolist()
+    assert tokenizer.decode(first) and first == tokenizer(tokenizer.decode(first))["input_ids"][:6]
+    assert (data.tokens["train"] == tokenizer.eos_token_id).sum() > 0  # documents separated by its EOS
+    swap = with_model({"name": "hf", "pretrained": folders["mixtral"]}, [{"name": "topk", "k": 2}])
+    assert any("set datasets[].tokenizer to the checkpoint" in w for w in parse_study(swap).warnings())
+    swap["datasets"][0]["tokenizer"] = str(tmp_path / "tok")
+    assert not any("tokenizer" in w for w in parse_study(swap).warnings())
+    pairs = {**swap, "datasets": [{"name": "builtin:docstrings", "tokenizer": str(tmp_path / "tok")}]}
+    assert "datasets[0]: tokenizer: summarization pairs are tokenized by a BPE" in problems(pairs)

@@ -29,7 +29,7 @@ def prepare_datasets(study: Study, ws: Workspace) -> dict[DatasetEntry, Prepared
     for entry in study.datasets:
         path = prepare(entry.name, entry.vocab_size, entry.max_chars_per_domain, ws.cache_dir,
                        text_column=entry.text_column, domain_column=entry.domain_column, hf_config=entry.hf_config,
-                       summary_column=entry.summary_column)
+                       summary_column=entry.summary_column, tokenizer=entry.tokenizer)
         data = load_prepared(path)
         location = str(path)
         if ws.published_cache:

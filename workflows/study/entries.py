@@ -164,12 +164,22 @@ class DatasetEntry(StrictOptions):
     # Set for (document, summary) datasets such as hf:xsum (text_column: document, summary_column: summary).
     summary_column: str | None = None
     hf_config: str | None = None
+    # A pretrained checkpoint's tokenizer (folder or hub name) for LM data an `hf` model trains on; None = a BPE of
+    # vocab_size trained on the corpus (what moelab's own models, and the checkpoints they export, use).
+    tokenizer: str | None = None
 
     @field_validator("name")
     @classmethod
     def _parse(cls, name: str) -> str:
         parse_name(name)
         return name
+
+    @model_validator(mode="after")
+    def _tokenizer_for_lm_data(self) -> "DatasetEntry":
+        if self.tokenizer is not None and self.task != "lm":
+            raise ValueError("tokenizer: summarization pairs are tokenized by a BPE trained on them; a pretrained "
+                             "tokenizer applies to LM datasets")
+        return self
 
     @property
     def task(self) -> str:

@@ -133,6 +133,13 @@ class Study(StrictOptions):
             warnings.append("routers: compared on quality without dense baselines of two widths ({name: dense} with "
                             "active_experts of the routed experts per token, and of num_experts): the report cannot "
                             "tell whether expert capacity matters at this size")
+        untokenized = [d.name for d in self.datasets if d.tokenizer is None and d.task == "lm"]
+        for j, model in enumerate(self.models):
+            pretrained = str(model.options.get("pretrained", ""))
+            if model.name == "hf" and not pretrained.startswith("cell:") and untokenized:
+                warnings.append(f"models[{j}].pretrained: {pretrained!r} reads token ids of a BPE trained on "
+                                f"{', '.join(untokenized)}, not of its own tokenizer; set datasets[].tokenizer to the "
+                                "checkpoint (unless it was trained on that BPE, as moelab's exports are)")
         return warnings
 
     def _fp16_problems(self) -> list[str]:
