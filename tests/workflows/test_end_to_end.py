@@ -83,7 +83,7 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
         assert metrics["summary/train_gflops_per_token"] > 0 and 0 < metrics["summary/mfu"] < 1
         assert metrics["summary/tflops_per_device"] == pytest.approx(
             metrics["summary/train_gflops_per_token"] * metrics["summary/tokens_per_s"] / 1e3, rel=1e-6)
-        assert 0 < metrics["summary/router_latency_share"] < 1 and metrics["summary/step_seconds"] > 0
+        assert 0 < metrics["summary/router_latency_share"] < 1 and "summary/step_seconds" in metrics
         saturation = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/moe/saturation")}
         assert set(saturation) == {3, 6} and saturation[6] == 1.0 and 0.0 <= saturation[3] <= 1.0
         assert 0 < metrics["eval/moe/purity"] <= 1 and 0.25 <= metrics["eval/moe/utilization"] <= 1
@@ -117,7 +117,8 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
         (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
         assert dataset.name == "builtin:domains" and dataset.digest == tags["dataset_fingerprint"]
         assert any(k.startswith("system/cpu_utilization") for k in metrics)  # MLflow's system metrics
-        assert 0 < metrics["summary/eval_seconds"] and 0 < metrics["summary/setup_seconds"]
+        assert {"summary/setup_seconds", "summary/train_seconds", "summary/eval_seconds",
+                "summary/cell_wall_seconds"} <= set(metrics)  # a cell's overhead reads back from MLflow
         assert metrics["summary/params_trainable"] == metrics["summary/params_total"] > 0  # trained in full
     headline = parents[0].data.metrics  # the study's own row: each router's best cell
     assert {k for k in headline if k.startswith("best_eval_loss/")} == {
