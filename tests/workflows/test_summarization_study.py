@@ -100,7 +100,7 @@ def test_table_report_and_blind_rating_sheet(study_run):
     assert len(sheet) == 3 * 4 and {r["system_id"] for r in sheet} == {"S1", "S2", "S3", "S4"}  # + the LoRA-tuned one
     assert not any(label in sheet_path.read_text() for label in ("top2", "hash", "tiny-bart"))  # blind
     key = dict(list(csv.reader(io.StringIO(next(workdir.glob("mini_sum_*_rating_key.csv")).read_text())))[1:])
-    assert sorted(key.values()) == ["hash", "tiny-bart", "top2"]
+    assert sorted(key.values()) == ["hash", "tiny-bart", "tiny-bart+LoRA", "top2"]
     parent = client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'study'")[0]
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "summarization")}
     assert {f"summarization/{sheet_path.name}", "summarization/mini_sum_summarization.md"} <= logged
