@@ -13,7 +13,7 @@ decoder layers do not pass to `mlp`: the model hands them to its routed MLPs thr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -105,8 +105,6 @@ class HFCausalLM(nn.Module):
 
     def _routed(self, mlp: nn.Module, index: int, arch: Architecture, routing: RoutingSpec, ctx: RouterContext,
                 ep_rank: int) -> MoEFeedForward | None:
-        from dataclasses import replace
-
         from moe_models.pretrained.router_swap import is_moe_block, swap_in
         from moe_models.pretrained.upcycle import upcycle
 

@@ -14,10 +14,11 @@ from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
 from moe_models.experts import ExpertFFN
 from moe_models.models.llama import Block, LlamaOptions, rotary_tables
 from moe_models.moe_ffn import MoEFeedForward
+from moe_models.pretrained.router_swap import LOCAL_EXPERTS as EXPERT_KEY  # both backends' per-expert layout
+from moe_models.pretrained.router_swap import load_experts
 from moe_models.routers import ROUTERS, RouterContext
 
 D, F, E, K, T = 32, 24, 6, 2, 40
-EXPERT_KEY = "moe.deepspeed_moe.experts.deepspeed_experts"  # both backends' per-expert layout (DeepSpeed's)
 
 
 def our_moe(backend: str, renormalize: bool, shared: bool = False) -> MoEFeedForward:
@@ -26,14 +27,6 @@ def our_moe(backend: str, renormalize: bool, shared: bool = False) -> MoEFeedFor
     dispatch = DISPATCH_BACKENDS.get(backend)(DispatchSpec(D, F, E, 1, None, "position", "swiglu"))
     return MoEFeedForward(router, dispatch, {}, shared_experts=ExpertFFN(D, F, "swiglu") if shared else None,
                           shared_expert_gate=shared)
-
-
-def load_experts(layer: MoEFeedForward, gate_up_EXD: torch.Tensor, down_EDF: torch.Tensor) -> None:
-    """transformers' stacked expert weights, through the per-expert state dict both backends speak."""
-    state = {f"{EXPERT_KEY}.{e}.up.weight": gate_up_EXD[e] for e in range(E)}
-    state.update({f"{EXPERT_KEY}.{e}.down.weight": down_EDF[e] for e in range(E)})
-    missing, unexpected = layer.dispatch.load_state_dict(state, strict=False)
-    assert not unexpected and not [k for k in missing if "experts" in k]
 
 
 def randomize(module: torch.nn.Module) -> None:

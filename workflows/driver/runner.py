@@ -119,13 +119,13 @@ def headline_metrics(cells: list[Cell], runs: dict) -> dict[str, float]:
     """The study run's own row in the MLflow UI: per router, the eval loss of its best finished cell and that
     cell's tokens/s, so the parent row says something before it is expanded."""
     best: dict[str, tuple[float, float]] = {}
+    one_model = len({c.model.display() for c in cells}) == 1
     for cell in cells:
         run = runs.get(cell.id)
         if run is None or run.info.status != "FINISHED" or "eval/loss" not in run.data.metrics:
             continue
         loss, speed = run.data.metrics["eval/loss"], run.data.metrics.get("summary/tokens_per_s", float("nan"))
-        label = cell.router.display() if len({c.model.display() for c in cells}) == 1 \
-            else f"{cell.router.display()} / {cell.model.display()}"
+        label = cell.router.display() if one_model else f"{cell.router.display()} / {cell.model.display()}"
         if label not in best or loss < best[label][0]:
             best[label] = (loss, speed)
     out = {}

@@ -6,6 +6,7 @@ from pydantic import Field, NonNegativeInt, ValidationError, model_validator
 
 from moe_models.models import MODELS
 from moe_models.options import NAME_PATTERN, StrictOptions
+from moe_models.pretrained.source import CELL_PREFIX
 from moe_models.routers import ROUTERS
 from moe_models.spec import DENSE
 from tuning.sweep_config import SweepConfig
@@ -78,7 +79,7 @@ class Study(StrictOptions):
         for dup in sorted({x for x in systems if systems.count(x) > 1} - {x for x in labels if labels.count(x) > 1}):
             problems.append(f"summarization.pretrained: {dup!r} names two systems; give them distinct `label`s")
         if self.sweep:
-            problems.extend(self._sweep_problems(labels))
+            problems.extend(self._sweep_problems(labels, shapes))
         if self.training.precision == "fp16":
             problems.extend(self._fp16_problems())
         for j, model in enumerate(self.models):
@@ -136,7 +137,7 @@ class Study(StrictOptions):
         untokenized = [d.name for d in self.datasets if d.tokenizer is None and d.task == "lm"]
         for j, model in enumerate(self.models):
             pretrained = str(model.options.get("pretrained", ""))
-            if model.name == "hf" and not pretrained.startswith("cell:") and untokenized:
+            if model.name == "hf" and not pretrained.startswith(CELL_PREFIX) and untokenized:
                 warnings.append(f"models[{j}].pretrained: {pretrained!r} reads token ids of a BPE trained on "
                                 f"{', '.join(untokenized)}, not of its own tokenizer; set datasets[].tokenizer to the "
                                 "checkpoint (unless it was trained on that BPE, as moelab's exports are)")
@@ -152,7 +153,7 @@ class Study(StrictOptions):
                             "applies the loss scale, yet divides the gradients by it (deepspeedai/DeepSpeed#8393)")
         return problems
 
-    def _sweep_problems(self, labels: list[str]) -> list[str]:
+    def _sweep_problems(self, labels: list[str], shapes: list[tuple[int, int] | None]) -> list[str]:
         sweep, problems = self.sweep, []
         for field, chosen, valid in (("routers", sweep.routers, labels),
                                      ("models", sweep.models, [m.display() for m in self.models]),
@@ -162,12 +163,11 @@ class Study(StrictOptions):
                     problems.append(f"sweep.{field}: {name!r} is not in the study; valid: {', '.join(valid)}")
         swept = [m for m in self.models if not sweep.models or m.display() in sweep.models]
         for model in swept:
-            if model.name == "hf" and str(model.options.get("pretrained", "")).startswith("cell:"):
+            if model.name == "hf" and str(model.options.get("pretrained", "")).startswith(CELL_PREFIX):
                 problems.append(f"sweep.models: {model.display()!r} starts from a cell: source, which sweeps do not "
                                 "run first; sweep a model with a folder or hub checkpoint, or list others in "
                                 "sweep.models")
-        min_experts = min((shape[0] for j in range(len(self.models))
-                           if (shape := experts_and_moe_layers(self, j)) and shape[0]), default=1)
+        min_experts = min((shape[0] for shape in shapes if shape and shape[0]), default=1)
         for router in self.sweep_routers():
             for path, dim in sweep.space.items():
                 for value in dim.probe_values():
