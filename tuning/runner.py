@@ -16,11 +16,13 @@ from typing import Callable
 from mlflow.entities import Run
 from ray import tune
 
+from tuning.progress import TrialWatcher
 from tuning.report import best_table, markdown, plot_metric_vs_params, trial_rows
 from tuning.search import num_samples, param_space, scheduler, search_algorithm, tune_metric
 from tuning.trainable import SweepContext, run_trial
 from workflows import storage
 from workflows.driver.data import prepare_datasets
+from workflows.driver.progress import Progress
 from workflows.driver.ray_cluster import connect_if_remote, init_ray
 from workflows.driver.runner import cell_tags
 from workflows.driver.workspace import Workspace
@@ -92,7 +94,18 @@ def base_cells(study: Study) -> list[Cell]:
 
 
 def tune_study(study: Study, ws: Workspace, address: str | None = None,
-               echo: Callable[[str], None] = print, verbose: bool = False) -> SweepOutcome:
+               echo: Callable[[str], None] = print, verbose: bool = False,
+               progress: Progress | None = None) -> SweepOutcome:
+    """progress: how running trials are shown (default: plain lines through `echo`, every 10 s per trial)."""
+    progress = progress or Progress(echo)
+    try:
+        return _tune_study(study, ws, address, progress, verbose)
+    finally:
+        progress.close()
+
+
+def _tune_study(study: Study, ws: Workspace, address: str | None, progress: Progress, verbose: bool) -> SweepOutcome:
+    echo = progress.log
     began = time.perf_counter()
     sweep = study.sweep
     connect_if_remote(ws, address, verbose)
@@ -132,13 +145,15 @@ def tune_study(study: Study, ws: Workspace, address: str | None = None,
                 scheduler=scheduler(sweep, study.training, asha_state), num_samples=num_samples(sweep, len(bases)),
                 trial_dirname_creator=lambda trial: trial.trial_id,  # lets results map back to MLflow runs
             ),
-            run_config=tune.RunConfig(name=f"sweep-{sweep.name}", storage_path=ws.storage_path, verbose=1,
+            run_config=tune.RunConfig(name=f"sweep-{sweep.name}", storage_path=ws.storage_path,
+                                      verbose=1 if verbose else 0,  # our own trial lines instead of Tune's table
                                       callbacks=[closer],
                                       failure_config=tune.FailureConfig(max_failures=study.resources.max_failures)),
         )
     echo(f"sweep {sweep.name}: {len(bases)} base cell(s), search {sweep.search}, scheduler {sweep.scheduler}"
          + (" (restored)" if outcome.restored else ""))
-    results = tuner.fit()
+    with TrialWatcher(tracker, experiment_id, sweep.name, study.training.steps, asha_state, progress):
+        results = tuner.fit()
     for result in results:
         trial_id = Path(result.path).name
         runs = tracker.runs_with_tag(experiment_id, TRIAL, trial_id)

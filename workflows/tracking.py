@@ -97,6 +97,11 @@ class Tracker:
                                      tags={ROLE: "study", STUDY: study_name, **tags})
         return run.info.run_id
 
+    def study_status(self, experiment_id: str, study_name: str) -> str | None:
+        """RUNNING while a driver runs the study, then how it ended; None before it ever ran."""
+        runs = self._search(experiment_id, f"tags.`{ROLE}` = 'study' and tags.`{STUDY}` = '{study_name}'")
+        return runs[0].info.status if runs else None
+
     def cell_runs(self, experiment_id: str, role: str = "cell") -> dict[str, Run]:
         """cell id -> its run (the oldest, should an earlier bug have left two); role 'pretrained' for the
         evaluation-only runs of pretrained baselines."""

@@ -48,6 +48,10 @@ def test_grid_sweep_logs_one_child_run_per_trial_and_restores(tmp_path, capsys, 
     assert {"tables/trials.md", "tables/best_per_router.md", "plots/metric_vs_params.png"} <= artifacts
     out = capsys.readouterr().out
     assert "best eval/loss (min) per router" in out and "| topk(k=1) |" in out
+    for run in runs:  # the live trial lines: each trial's start with its swept value, and its end
+        trial = run.data.tags["moelab.trial_id"]
+        assert f"trial {trial}  topk(k=1)  started  k={run.data.params['sweep.k']}" in out
+        assert f"trial {trial}  topk(k=1)  finished at step 4/4" in out
 
     # The same command again restores the finished sweep: no new trials, no new runs.
     assert main(["tune", str(path), "--workdir", str(workdir)]) == 0

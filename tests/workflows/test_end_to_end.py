@@ -1,7 +1,9 @@
 """A mini study through the real stack: local Ray, Ray Train TorchTrainer, DeepSpeed engines, MLflow on SQLite."""
+import contextlib
 import csv
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -48,9 +50,24 @@ def mini(tmp_path_factory, ray_session):
     study = root / "mini.yaml"
     study.write_text(yaml.safe_dump(TINY))
     workdir = root / "work"
-    code = main(["run", str(study), "--workdir", str(workdir)])
+    # An empty extension cache: a cell that compiled a DeepSpeed op (the CPU shared-memory all-reduce, ~40 s on a
+    # fresh install) would leave it there.
+    extensions, before = root / "torch_extensions", os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions)
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output):
+            code = main(["run", str(study), "--workdir", str(workdir), "--progress-every", "0"])
+    finally:
+        os.environ.pop("TORCH_EXTENSIONS_DIR") if before is None else os.environ.update(TORCH_EXTENSIONS_DIR=before)
+    MINI_OUTPUT.append(output.getvalue())
+    MINI_EXTENSIONS.append(extensions)
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     return code, study, workdir, client
+
+
+MINI_OUTPUT: list[str] = []  # what the fixture's `moelab run` printed
+MINI_EXTENSIONS: list[Path] = []
 
 
 def cell_runs(client):
@@ -127,6 +144,19 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
         r.data.metrics["eval/loss"] for r in runs if r.data.tags["router"] == "reference")
     # Artifacts live under the workdir, not the test process's cwd.
     assert (workdir / "mlartifacts").is_dir()
+
+
+def test_run_prints_progress_with_logged_steps_and_compiles_no_deepspeed_op(mini):
+    """Off a terminal, progress is plain lines: each names a started cell and a step it logged (every 2 of 6)."""
+    text = MINI_OUTPUT[0]
+    started = re.findall(r"started  \w+  (.+)", text)
+    assert len(started) == 3
+    for line in re.findall(r"progress \[.*", text):
+        found = re.fullmatch(r"progress \[(\d+)/3 cells done, study ETA \S+\]  (.+)  step (\d+)/6  loss (\S+)  .*", line)
+        assert found, line
+        assert found.group(2) in started and int(found.group(3)) in (2, 4, 6), line
+        assert float(found.group(4)) > 0
+    assert not list(MINI_EXTENSIONS[0].rglob("*.so"))
 
 
 def test_table_on_disk_has_one_row_per_cell(mini):

@@ -6,7 +6,6 @@ import tempfile
 from pathlib import Path
 
 from workflows.cell.worker import Worker
-from workflows.figures import expert_usage_heatmap, heatmap
 from workflows.study.cells import Cell
 
 
@@ -21,6 +20,8 @@ def block_stacks(cell: Cell, blocks: list[int]) -> dict[str, list[int]]:
 def log_final_artifacts(w: Worker, cell: Cell, tables: dict[int, dict[str, list]], domains: list[str]) -> None:
     if not tables:
         return
+    from workflows.figures import expert_usage_heatmap, heatmap  # matplotlib: loaded when a cell ends, not at start
+
     fractions = {i: t["expert_fraction"] for i, t in tables.items()}
     with tempfile.TemporaryDirectory() as tmp:
         for stack, blocks in block_stacks(cell, sorted(fractions)).items():

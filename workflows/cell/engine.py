@@ -30,9 +30,18 @@ def lr_factor(step: int, t: TrainingConfig) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
 
 
+def skip_shared_memory_allreduce_op() -> None:
+    """DeepSpeed's CPU backend compiles a C++ shared-memory all-reduce (~40 s, once per install, with a compiler at
+    run time) when its process group starts. Only DeepSpeed inference's `inference_all_reduce` calls it; training's
+    collectives go through torch.distributed (gloo), so the first cell of a fresh install need not wait for it."""
+    compatible = deepspeed.ops.__compatible_ops__  # probed once per process; DeepSpeed keeps edits to it
+    compatible["deepspeed_shm_comm"] = False
+
+
 def build_engine(cell: Cell, data: PreparedData | PreparedPairs,
                  pretrained_path: str | None = None) -> deepspeed.DeepSpeedEngine:
     """pretrained_path: where the source cell's checkpoint was fetched to (its `pretrained: cell:...` stands in)."""
+    skip_shared_memory_allreduce_op()
     torch.manual_seed(cell.seed)  # identical init on every rank
     family = MODELS.get(cell.model.name)
     t = cell.training

@@ -26,7 +26,6 @@ from workflows.cell.engine import build_engine, resume, save_and_report
 from workflows.cell.evaluation import evaluate, final_cost_metrics, peak_memory_mb, saturation_metrics
 from workflows.cell.handoff import fetch_source_checkpoint, log_final_checkpoint
 from workflows.cell.loop import NonFiniteLoss, StepTimes, train_step
-from workflows.cell.summarize import generate_summaries, score_and_log
 from workflows.cell.worker import Worker
 from workflows.study.cells import Cell
 from workflows.tracking import REASON, Tracker
@@ -34,6 +33,8 @@ from workflows.tracking import REASON, Tracker
 
 def summarize_test_split(engine, data: PreparedPairs, cell: Cell, w: Worker) -> dict[str, float]:
     """Decode the test documents on every rank; rank 0 scores them and logs the per-document predictions."""
+    from workflows.cell.summarize import generate_summaries, score_and_log  # scoring's imports: summarization only
+
     began = time.perf_counter()
     predictions = generate_summaries(engine.module, data, cell.summarization, cell.training.seq_len)
     metrics = {"summary/generate_seconds": time.perf_counter() - began}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 from typing import Iterator, TextIO
@@ -41,6 +42,15 @@ def _results_only_on_stdout() -> Iterator[TextIO]:
             results.close()
 
 
+def _quiet_libraries() -> None:
+    """Library notices that say nothing about the study stay out of the terminal (`--verbose` keeps them): DeepSpeed's
+    "Setting accelerator to CPU" on every CPU machine, Ray's token-auth banner, MLflow's table creation. Their loggers
+    exist before the libraries load: DeepSpeed resets its logger's level at import, but keeps a filter."""
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moelab", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -57,12 +67,14 @@ def parser() -> argparse.ArgumentParser:
         c.set_defaults(fn=fn)
         return c
 
-    run = command("run", cmd_run, "run (or resume) a study")
-    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    run.add_argument("--verbose", action="store_true", help="stream Ray worker logs to the terminal")
-    tune_cmd = command("tune", cmd_tune, "run (or resume) the study's sweep with Ray Tune")
-    tune_cmd.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    tune_cmd.add_argument("--verbose", action="store_true", help="stream Ray worker logs to the terminal")
+    for name, fn, what in (("run", cmd_run, "run (or resume) a study"),
+                           ("tune", cmd_tune, "run (or resume) the study's sweep with Ray Tune")):
+        launch = command(name, fn, what)
+        launch.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+        launch.add_argument("--verbose", action="store_true",
+                            help="stream Ray worker logs and library notices to the terminal")
+        launch.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                            help="off a terminal: at most one progress line per running cell this often (default 10)")
     command("validate", cmd_validate, "validate a study file only", workdir=False)
     routers = sub.add_parser("routers", help="the router registry, characterized on random hidden states (and, "
                                               "with --study, on a trained cell's)")
@@ -78,7 +90,10 @@ def parser() -> argparse.ArgumentParser:
     routers.add_argument("--d-model", type=int, default=256)
     routers.add_argument("--experts", type=int, default=8)
     routers.set_defaults(fn=cmd_routers)
-    command("status", cmd_status, "one line per cell: state, step, loss")
+    status = command("status", cmd_status, "one line per cell: state, step, loss")
+    status.add_argument("--watch", action="store_true",
+                        help="follow the running cells (step, loss, tokens/s, ETA) until the study ends")
+    status.add_argument("--interval", type=float, default=5.0, help="seconds between readings with --watch")
     agg = command("aggregate", cmd_aggregate, "print or write the comparison table")
     agg.add_argument("--format", choices=("md", "csv", "latex", "html"), default="md",
                      help="md: every cell, then seeds pooled; csv: one row per cell; latex, html: the pooled table")
@@ -98,6 +113,8 @@ def _dispatch(args, out: TextIO) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        _quiet_libraries()
     with _results_only_on_stdout() as out:
         try:
             return _dispatch(args, out)

@@ -53,12 +53,13 @@ def cmd_validate(args, out: TextIO) -> int:
 
 
 def cmd_run(args, out: TextIO) -> int:
+    from workflows.driver.progress import progress_for
     from workflows.driver.runner import run_study
 
     study = study_or_exit(args.study)
     ws = usable_workspace(args)
-    outcome = run_study(study, ws, args.address, echo=lambda line: print(line, file=out, flush=True),
-                        verbose=args.verbose)
+    echo = lambda line: print(line, file=out, flush=True)  # noqa: E731
+    outcome = run_study(study, ws, args.address, echo, args.verbose, progress_for(out, echo, args.progress_every))
     t = outcome.timings
     print(f"\ntable: {outcome.table_path}\n"
           f"MLflow: mlflow ui --backend-store-uri {ws.tracking_uri}  (experiment {study.name!r})\n"
@@ -84,14 +85,15 @@ def _exit_code(kind: str, failed: dict[str, str]) -> int:
 
 def cmd_tune(args, out: TextIO) -> int:
     from tuning.runner import tune_study
+    from workflows.driver.progress import progress_for
 
     study = study_or_exit(args.study)
     if study.sweep is None:
         print(f"{args.study}: invalid study\n  sweep: missing; `moelab tune` needs a sweep section", file=sys.stderr)
         return 2
     ws = usable_workspace(args)
-    outcome = tune_study(study, ws, args.address, echo=lambda line: print(line, file=out, flush=True),
-                         verbose=args.verbose)
+    echo = lambda line: print(line, file=out, flush=True)  # noqa: E731
+    outcome = tune_study(study, ws, args.address, echo, args.verbose, progress_for(out, echo, args.progress_every))
     print(f"\n{outcome.trials} trials in {outcome.seconds:.1f}s; MLflow: mlflow ui --backend-store-uri "
           f"{ws.tracking_uri}\n\n{outcome.best_table}", file=out)
     return _exit_code("trial", outcome.failed)

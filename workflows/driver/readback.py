@@ -33,6 +33,8 @@ def cmd_status(args, out: TextIO) -> int:
 
     study = study_or_exit(args.study)
     tracker, runs, ws = _runs(study, args)
+    if args.watch:
+        runs = watch_cells(study, tracker, runs, out, args.interval)
     for cell in expand(study):
         run = runs.get(cell.id)
         if run is None:
@@ -48,6 +50,36 @@ def cmd_status(args, out: TextIO) -> int:
     if study.sweep:
         _sweep_status(study, tracker, ws, out)
     return 0
+
+
+def watch_cells(study, tracker, runs: dict, out: TextIO, interval: float) -> dict:
+    """Progress of a study running elsewhere (a cluster job, another terminal), read from its MLflow runs, until
+    none of its cells is running and its study run has ended. Returns the cells' final runs."""
+    import time
+
+    from workflows.driver.progress import StepRates, progress_for, read_progress
+    from workflows.study.cells import expand
+
+    cells = {cell.id: cell for cell in expand(study)}
+    experiment_id = tracker.client.get_experiment_by_name(study.name).experiment_id
+    progress = progress_for(out, lambda line: print(line, file=out, flush=True), every=interval)
+    rates, ended = StepRates(), set()
+    try:
+        while True:
+            running = {cid: run for cid, run in runs.items() if cid in cells and run.info.status == "RUNNING"}
+            for cid, run in runs.items():
+                if cid in cells and run.info.status in ("FINISHED", "FAILED", "KILLED") and cid not in ended:
+                    ended.add(cid)
+                    progress.log(f"  {run.info.status.lower():8} {cid}  {cells[cid].title}")
+            rows = [read_progress(tracker, run.info.run_id, cells[cid].title, study.training.steps, rates)
+                    for cid, run in running.items()]
+            progress.show(f"{len(ended)}/{len(cells)} cells ended", rows)
+            if not running and tracker.study_status(experiment_id, study.name) != "RUNNING":
+                return runs
+            time.sleep(interval)
+            runs = tracker.cell_runs(experiment_id)
+    finally:
+        progress.close()
 
 
 def _trial_runs(study, tracker) -> list:

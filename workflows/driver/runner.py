@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from workflows.driver.data import PreparedDataset, check_domain_labels, prepare_datasets, summarization_texts
+from workflows.driver.progress import Progress, StepRates, duration, read_progress, study_eta
 from workflows.driver.ray_cluster import connect_if_remote, init_ray
 from workflows.driver.workspace import Workspace
 from workflows.provenance import git_commit, package_versions
@@ -49,7 +50,18 @@ def cell_tags(cell: Cell, data: PreparedDataset) -> dict[str, str]:
 
 
 def run_study(study: Study, ws: Workspace, address: str | None = None,
-              echo: Callable[[str], None] = print, verbose: bool = False) -> StudyOutcome:
+              echo: Callable[[str], None] = print, verbose: bool = False,
+              progress: Progress | None = None) -> StudyOutcome:
+    """progress: how running cells are shown (default: plain lines through `echo`, every 10 s per cell)."""
+    progress = progress or Progress(echo)
+    try:
+        return _run_study(study, ws, address, progress, verbose)
+    finally:
+        progress.close()
+
+
+def _run_study(study: Study, ws: Workspace, address: str | None, progress: Progress, verbose: bool) -> StudyOutcome:
+    echo = progress.log
     began = time.perf_counter()
     connect_if_remote(ws, address, verbose)
     ws.root.mkdir(parents=True, exist_ok=True)
@@ -91,7 +103,7 @@ def run_study(study: Study, ws: Workspace, address: str | None = None,
     outcome.timings["ray_init_s"] = time.perf_counter() - t_ray
     t_cells = time.perf_counter()
     try:
-        _run_cells(todo, study, ws, prepared, tracker, outcome, echo, run_ids, {c.source_id for c in cells})
+        _run_cells(todo, study, ws, prepared, tracker, outcome, progress, run_ids, {c.source_id for c in cells})
         _run_pretrained(pretrained, study, ws, prepared, tracker, outcome, echo)
     except KeyboardInterrupt:
         # Unfinished cells keep their checkpoints and MLflow runs; the same command resumes them.
@@ -113,6 +125,10 @@ def run_study(study: Study, ws: Workspace, address: str | None = None,
     tracker.finish(parent, "FAILED" if outcome.failed else "FINISHED")
     outcome.timings["total_s"] = time.perf_counter() - began
     return outcome
+
+
+# How often the driver reads its running cells' latest metrics back from MLflow (one get_run per running cell).
+PROGRESS_POLL_S = 1.0
 
 
 def headline_metrics(cells: list[Cell], runs: dict) -> dict[str, float]:
@@ -198,14 +214,16 @@ def _next_startable(queue: list[tuple[Cell, str]], outcome: StudyOutcome
 
 
 def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepared: dict[DatasetEntry, PreparedDataset],
-               tracker: Tracker, outcome: StudyOutcome, echo: Callable[[str], None], run_ids: dict[str, str],
+               tracker: Tracker, outcome: StudyOutcome, progress: Progress, run_ids: dict[str, str],
                sources: set[str | None]) -> None:
     import ray
 
     from workflows.driver.launch import CellResult, fit_cell_remote
 
+    echo = progress.log
     queue = list(todo)
     running: dict = {}  # ray ObjectRef -> (cell, run_id, start time)
+    rates, cell_seconds = StepRates(), []
     while queue or running:
         while len(running) < study.resources.max_concurrent_cells:
             item, orphans = _next_startable(queue, outcome)
@@ -228,12 +246,20 @@ def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepar
                 tracker.finish(run_id, "FAILED", outcome.failed[cell.id])
             queue.clear()
             continue
-        done, _ = ray.wait(list(running), num_returns=1)
+        done, _ = ray.wait(list(running), num_returns=1, timeout=PROGRESS_POLL_S)
+        if not done:
+            rows = [read_progress(tracker, run_id, cell.title, cell.training.steps, rates)
+                    for cell, run_id, _ in running.values()]
+            eta = study_eta(rows, len(queue), study.resources.max_concurrent_cells, cell_seconds)
+            progress.show(f"{len(outcome.finished) + len(outcome.failed)}/{len(todo)} cells done, "
+                          f"study ETA {duration(eta)}", rows)
+            continue
         cell, run_id, started = running.pop(done[0])
         result = ray.get(done[0])
         if result.status == "FINISHED" and (reason := tracker.failure_reason(run_id)):
             result = CellResult("FAILED", reason, result.metrics)  # the cell stopped itself (e.g. NaN loss)
         seconds = time.perf_counter() - started
+        cell_seconds.append(seconds)
         # Launch to result, as the driver saw it: minus the cell's setup, train and eval seconds, its overhead.
         tracker.log_metrics(run_id, {"summary/cell_wall_seconds": seconds}, cell.training.steps)
         tracker.finish(run_id, result.status, result.reason)
