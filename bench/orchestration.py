@@ -4,6 +4,11 @@ time, and how long the CLI takes to answer. Everything is measured in one run, a
 
   python bench/orchestration.py --out bench/results/orchestration_2core.json        # the quickstart (~3 min)
   python bench/orchestration.py --study studies/upcycling.yaml --cores 2             # any study file
+  python bench/orchestration.py --sweep-trials 0                                      # the study only
+
+The sweep part runs `moelab tune` on studies/sweep_quickstart.yaml with `--sweep-trials` trials and no early
+stopping, so every trial trains the same steps: per trial, overhead = its slot of the sweep's wall time
+(wall x concurrency / trials) - (setup + train + eval), which includes Tune's trial start that no MLflow run sees.
 
 Per cell: overhead = cell_wall - (setup + train + eval): Ray Train's worker group start and teardown, imports in the
 worker, checkpoint reports, MLflow round trips. Cells run `max_concurrent_cells` at a time, so the cores' time is
@@ -46,10 +51,33 @@ def cell_breakdown(workdir: Path, study_name: str) -> list[dict]:
     return rows
 
 
+def sweep_breakdown(trials: int, cores: int) -> dict:
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    study = yaml.safe_load((REPO / "studies" / "sweep_quickstart.yaml").read_text())
+    study["sweep"].update(num_samples=trials, scheduler="none")
+    with tempfile.TemporaryDirectory() as tmp:
+        path, workdir = Path(tmp) / "sweep.yaml", Path(tmp) / "work"
+        path.write_text(yaml.safe_dump(study))
+        wall = timed([sys.executable, "-m", "workflows.driver.cli", "tune", str(path), "--workdir", str(workdir)])
+        client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+        exp = client.get_experiment_by_name(study["name"])
+        runs = client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'trial'")
+    useful = [sum(r.data.metrics.get(f"summary/{k}_seconds", float("nan")) for k in ("setup", "train", "eval"))
+              for r in runs]
+    slot = wall * study["resources"]["max_concurrent_cells"] / len(runs)
+    return {"study": "sweep_quickstart.yaml", "trials": len(runs), "sweep_wall_s": wall,
+            "trial_slot_s": slot, "overhead_per_trial_s": {"median": slot - statistics.median(useful)},
+            "train_share": sum(r.data.metrics.get("summary/train_seconds", float("nan")) for r in runs) / (wall * cores),
+            "useful_share": sum(useful) / (wall * cores)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", default=str(REPO / "studies" / "quickstart.yaml"))
     parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument("--sweep-trials", type=int, default=4, help="trials of the sweep part (0: no sweep)")
     parser.add_argument("--out")
     args = parser.parse_args()
     moelab = [sys.executable, "-m", "workflows.driver.cli"]
@@ -71,6 +99,8 @@ def main() -> None:
         "useful_share": useful / (study_wall * args.cores),
         "per_cell": rows,
     }
+    if args.sweep_trials:
+        report["sweep"] = sweep_breakdown(args.sweep_trials, args.cores)
     emit(report, args.out)
 
 
