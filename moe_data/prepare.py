@@ -37,11 +37,15 @@ class PreparedData:
     task: str = "lm"
 
     def to_dict(self) -> dict:
-        return self.__dict__.copy()
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}  # no per-process caches
 
     def sample(self, split: str, batch_size: int, generator: torch.Generator, seq_len: int,
-               target_len: int = 0) -> Batch:
-        x, y, dom = sample_batch(self, split, batch_size, seq_len, generator)
+               target_len: int = 0, batching: str = "random") -> Batch:
+        """batching: "random" windows, or "by_domain" (all windows of the micro-batch from one domain)."""
+        if batching == "by_domain":
+            x, y, dom = sample_domain_batch(self, split, batch_size, seq_len, generator)
+        else:
+            x, y, dom = sample_batch(self, split, batch_size, seq_len, generator)
         return Batch((x, y, dom), y.numel())
 
     def train_token_counts(self) -> torch.Tensor:
@@ -95,6 +99,37 @@ def load_prepared(path: str | Path) -> PreparedData | PreparedPairs:
     fields = torch.load(path, weights_only=True)
     return PreparedPairs(**{k: v for k, v in fields.items() if k != "kind"}) if fields.get("kind") == "pairs" \
         else PreparedData(**fields)
+
+
+def single_domain_starts(domain_N: torch.Tensor, seq_len: int, num_domains: int) -> list[torch.Tensor]:
+    """Per domain, every start p whose window p..p+seq_len (seq_len+1 tokens) lies in that domain alone: the number
+    of domain changes before p+seq_len equals the number before p."""
+    changes = torch.cat([torch.zeros(1, dtype=torch.long), (domain_N[1:] != domain_N[:-1]).long().cumsum(0)])
+    starts = torch.arange(domain_N.numel() - seq_len - 1)
+    pure = changes[starts + seq_len] == changes[starts]
+    return [starts[pure & (domain_N[starts] == d)] for d in range(num_domains)]
+
+
+def sample_domain_batch(data: PreparedData, split: str, batch_size: int, seq_len: int,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Windows of one domain, the domain drawn in proportion to its windows: overall, each domain is seen as often
+    as under random windows; only the grouping into micro-batches changes."""
+    if not data.domains:
+        raise ValueError("training.batching: by_domain needs domain labels, and this dataset has none")
+    cache = data.__dict__.setdefault("_domain_starts", {})  # computed once per split and window length
+    if (split, seq_len) not in cache:
+        cache[split, seq_len] = single_domain_starts(data.domain_ids[split], seq_len, len(data.domains))
+    per_domain = cache[split, seq_len]
+    counts = torch.tensor([len(s) for s in per_domain], dtype=torch.float)
+    if counts.sum() == 0:
+        raise ValueError(f"training.batching: by_domain: no {split} window of seq_len+1={seq_len + 1} tokens lies "
+                         "within one domain")
+    domain = int(torch.multinomial(counts, 1, generator=generator))
+    pool = per_domain[domain]
+    starts = pool[torch.randint(0, len(pool), (batch_size,), generator=generator)]
+    idx = starts.unsqueeze(1) + torch.arange(seq_len + 1)
+    window = data.tokens[split][idx]
+    return window[:, :-1], window[:, 1:], data.domain_ids[split][idx[:, :-1]]
 
 
 def sample_batch(data: PreparedData, split: str, batch_size: int, seq_len: int,

@@ -83,7 +83,7 @@ class PreparedPairs:
         return Batch((src, src_valid, decoder_in_BL, labels_BL), int((labels_BL != IGNORE_INDEX).sum()))
 
     def sample(self, split: str, batch_size: int, generator: torch.Generator, seq_len: int,
-               target_len: int) -> Batch:
+               target_len: int, batching: str = "random") -> Batch:
         """Random pairs (with replacement); seq_len is the source truncation length."""
         indices = torch.randint(0, self.num_pairs(split), (batch_size,), generator=generator).tolist()
         return self.collate(split, indices, seq_len, target_len)

@@ -247,6 +247,12 @@ def test_reference_router_on_unlabelled_data_fails_before_launch(tmp_path, capsy
     err = capsys.readouterr().err
     assert "router 'reference' routes by domain label" in err and "has none" in err
     assert not (tmp_path / "work" / "ray_results").exists()  # nothing launched
+    study = dict(study, routers=[{"name": "hash"}], training={**TINY["training"], "batching": "by_domain"})
+    path.write_text(yaml.safe_dump(study))
+    assert main(["run", str(path), "--workdir", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err
+    assert "training.batching: by_domain draws each micro-batch from one domain" in err and "no domain labels" in err
+    assert not (tmp_path / "work" / "ray_results").exists()
 
 
 def test_routers_characterized_on_a_trained_cells_hidden_states(mini, capsys):

@@ -40,7 +40,7 @@ def train_step(engine, data: PreparedData | PreparedPairs, cell: Cell, step: int
     unscaled: dict[int, dict[str, torch.Tensor]] = {}
     for micro in range(t.grad_accum_steps):
         gen = batch_generator(cell.seed, step, micro * w.world + w.rank)
-        batch = data.sample("train", t.micro_batch_size, gen, t.seq_len, t.target_len).to(engine.device)
+        batch = data.sample("train", t.micro_batch_size, gen, t.seq_len, t.target_len, t.batching).to(engine.device)
         out: LMOutput = engine(*batch.inputs)
         loss = out.loss
         if t.inject_nan_at_step == step:

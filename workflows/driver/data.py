@@ -61,5 +61,9 @@ def check_domain_labels(cells: list[Cell], prepared: dict[DatasetEntry, Prepared
             if not prepared[cell.dataset].domains:
                 problems.append(f"router {cell.router.display()!r} routes by domain label, but dataset "
                                 f"{cell.dataset.name!r} has none (set datasets[].domain_column or use builtin:domains)")
+        if cell.training.batching == "by_domain" and not prepared[cell.dataset].domains:
+            problems.append(f"training.batching: by_domain draws each micro-batch from one domain, but dataset "
+                            f"{cell.dataset.name!r} has no domain labels (set datasets[].domain_column or use "
+                            "builtin:domains)")
     if problems:
         raise StudyError("study", sorted(set(problems)))

@@ -54,6 +54,8 @@ class Cell:
         # torch.compile changes how a cell runs, not what it trains (a test holds both to the same curve): turning it
         # on for a study in progress keeps its finished cells.
         identity["training"].pop("compile")
+        if self.training.batching == "random":  # the order every cell had before the option existed: same ids
+            identity["training"].pop("batching")
         if self.training.precision != "fp16":  # the loss scale exists only in fp16
             identity["training"].pop("fp16_initial_scale_power")
         for presentation_only in ("baseline", "samples", "pretrained"):  # not what this cell trains or scores

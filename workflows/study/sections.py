@@ -55,6 +55,12 @@ class TrainingConfig(StrictOptions):
     # LoRA adapters (through PEFT) instead of full fine-tuning, for `hf` models (pretrained checkpoints); routers stay
     # fully trainable. Models trained from scratch (a cell: source among them) train in full.
     lora: LoRAOptions | None = None
+    # How a training micro-batch is drawn: random windows of the whole corpus (every micro-batch mixes the domains),
+    # or windows of one domain (drawn in proportion to its tokens, so the data seen overall is the same). Real LLM
+    # micro-batches hold one or two long documents, which is why micro-batch balancing scope behaves like sequence
+    # scope there (Qiu et al., "Demons in the Detail", arXiv 2501.11873); by_domain reproduces that on the testbed.
+    # Evaluation batches stay random either way, so metrics compare across orders.
+    batching: Literal["random", "by_domain"] = "random"
     # Set per cell from the study's `fault_injection` block (tests only): poison the loss with NaN at this step.
     inject_nan_at_step: PositiveInt | None = None
 
