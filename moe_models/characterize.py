@@ -15,9 +15,10 @@ from moe_models.routers import ROUTERS, RouterContext
 @dataclass
 class RouterProfile:
     router: str
-    hidden_states: str  # "random", or the trained cell whose hidden states were routed
+    hidden_states: str  # "random", or the trained cell / pretrained encoder whose hidden states were routed
+    seed: int  # the router's initialization
     parameters: int
-    latency_ms: float  # median forward time
+    latency_ms: float  # median forward time, timed round-robin with every other router (same machine noise)
     entropy: float  # mean per-token router entropy (nats)
     mean_topk_prob: float  # mean probability mass of the selected experts
     experts_per_token: float
@@ -27,37 +28,74 @@ class RouterProfile:
         return asdict(self)
 
 
-def profile_router(name: str, x_TD: torch.Tensor, token_ids_T: torch.Tensor, domain_ids_T: torch.Tensor,
-                   num_experts: int, vocab_size: int, repeats: int = 20, source: str = "random") -> RouterProfile:
-    torch.manual_seed(0)
+def _build(name: str, d_model: int, num_experts: int, vocab_size: int, num_domains: int, seed: int):
+    torch.manual_seed(seed)
     cls = ROUTERS.get(name)
-    ctx = RouterContext(x_TD.shape[1], num_experts, vocab_size, 0, 0, num_domains=int(domain_ids_T.max()) + 1)
-    router = cls(ctx, cls.Options()).eval()
-    args = (x_TD, token_ids_T, domain_ids_T) if cls.needs_domains else (x_TD, token_ids_T)
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats + 2):
-            began = time.perf_counter()
-            decision = router(*args)
-            times.append((time.perf_counter() - began) * 1e3)
-    stats = summarize(routing_sums(decision, decision.active_TK))
-    return RouterProfile(name, source, sum(p.numel() for p in router.parameters()), statistics.median(times[2:]),
-                         stats["router_entropy"], stats["mean_topk_prob"], stats["experts_per_token"],
-                         stats["load_cv"])
+    ctx = RouterContext(d_model, num_experts, vocab_size, 0, 0, num_domains=num_domains)
+    return cls(ctx, cls.Options()).eval()
+
+
+def profile_states(x_TD: torch.Tensor, token_ids_T: torch.Tensor, domain_ids_T: torch.Tensor, num_experts: int,
+                   vocab_size: int, source: str, seeds: tuple[int, ...] = (0,),
+                   repeats: int = 20) -> list[RouterProfile]:
+    """Every registered router, freshly initialized with each seed, on the same hidden states (e.g. a trained
+    model's). Latency is timed round-robin: one forward of each router in turn, `repeats` rounds after 2 warm-up
+    rounds, so a ratio between two routers is measured side by side."""
+    names = ROUTERS.names()
+    num_domains = int(domain_ids_T.max()) + 1
+    profiles = []
+    for seed in seeds:
+        routers = {n: _build(n, x_TD.shape[1], num_experts, vocab_size, num_domains, seed) for n in names}
+        args = {n: (x_TD, token_ids_T, domain_ids_T) if r.needs_domains else (x_TD, token_ids_T)
+                for n, r in routers.items()}
+        times: dict[str, list[float]] = {n: [] for n in names}
+        decisions = {}
+        with torch.no_grad():
+            for _ in range(repeats + 2):
+                for n, router in routers.items():
+                    began = time.perf_counter()
+                    decisions[n] = router(*args[n])
+                    times[n].append((time.perf_counter() - began) * 1e3)
+        for n, router in routers.items():
+            stats = summarize(routing_sums(decisions[n], decisions[n].active_TK))
+            profiles.append(RouterProfile(n, source, seed, sum(p.numel() for p in router.parameters()),
+                                          statistics.median(times[n][2:]), stats["router_entropy"],
+                                          stats["mean_topk_prob"], stats["experts_per_token"], stats["load_cv"]))
+    return profiles
+
+
+POOLED = ("latency_ms", "entropy", "mean_topk_prob", "experts_per_token", "load_cv")
+
+
+def pool_profiles(profiles: list[RouterProfile], reference: str = "topk") -> list[dict]:
+    """Per router and hidden states, over seeds: the mean of each measure with its 95% t-interval half-width
+    (`<measure>_ci`, None under 2 seeds) and latency relative to the linear router's (`reference`) of the same
+    seeds, as the mean of per-seed ratios."""
+    from scipy import stats as st
+
+    groups: dict[tuple[str, str], list[RouterProfile]] = {}
+    for p in profiles:
+        groups.setdefault((p.hidden_states, p.router), []).append(p)
+    rows = []
+    for (source, router), group in groups.items():
+        row: dict = {"router": router, "hidden_states": source, "seeds": len(group), "parameters": group[0].parameters}
+        for measure in POOLED:
+            values = [getattr(p, measure) for p in group]
+            row[measure] = statistics.fmean(values)
+            row[f"{measure}_ci"] = (float(st.t.ppf(0.975, len(values) - 1) * statistics.stdev(values)
+                                          / len(values) ** 0.5) if len(values) > 1 else None)
+        linear = {p.seed: p.latency_ms for p in groups.get((source, reference), [])}
+        ratios = [p.latency_ms / linear[p.seed] for p in group if p.seed in linear]
+        row["latency_vs_linear"] = statistics.fmean(ratios) if ratios else None
+        rows.append(row)
+    return rows
 
 
 def profile_all(tokens: int = 4096, d_model: int = 256, num_experts: int = 8, vocab_size: int = 1024,
-                num_domains: int = 3, seed: int = 0) -> list[RouterProfile]:
-    """On random hidden states; pass a trained model's states through `profile_router` for the 'real' column."""
+                num_domains: int = 3, seed: int = 0, seeds: tuple[int, ...] = (0,)) -> list[RouterProfile]:
+    """On random hidden states; pass real ones (a trained cell's, a pretrained encoder's) to `profile_states`."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, d_model, generator=gen)
     ids = torch.randint(vocab_size, (tokens,), generator=gen)
     dom = torch.randint(num_domains, (tokens,), generator=gen)
-    return profile_states(x, ids, dom, num_experts, vocab_size, "random")
-
-
-def profile_states(x_TD: torch.Tensor, token_ids_T: torch.Tensor, domain_ids_T: torch.Tensor, num_experts: int,
-                   vocab_size: int, source: str) -> list[RouterProfile]:
-    """Every registered router, freshly initialized, on the same hidden states (e.g. a trained model's)."""
-    return [profile_router(n, x_TD, token_ids_T, domain_ids_T, num_experts, vocab_size, source=source)
-            for n in ROUTERS.names()]
+    return profile_states(x, ids, dom, num_experts, vocab_size, "random", seeds)

@@ -43,3 +43,30 @@ def test_routers_are_characterized_on_a_pretrained_encoders_hidden_states(capsys
     assert pretrained["topk"]["parameters"] == 384 * 8 and pretrained["hash"]["entropy"] == 0.0
     assert main(["routers", "--hidden-states", "./no/such/encoder", "--tokens", "600"]) == 2
     assert "--hidden-states './no/such/encoder'" in capsys.readouterr().err
+
+
+def test_pooled_profiles_give_means_t_intervals_and_latency_against_linear_per_seed():
+    from scipy import stats
+
+    from moe_models.characterize import RouterProfile, pool_profiles
+
+    entropy = {0: 1.0, 1: 1.2, 2: 1.4}
+    profiles = [RouterProfile("mlp", "random", s, 10, 3.0 * (s + 1), entropy[s], 0.5, 1.0, 0.1) for s in range(3)]
+    profiles += [RouterProfile("topk", "random", s, 4, 1.0 * (s + 1), 2.0, 0.4, 1.0, 0.2) for s in range(3)]
+    rows = {r["router"]: r for r in pool_profiles(profiles)}
+    mlp = rows["mlp"]
+    assert mlp["seeds"] == 3 and mlp["entropy"] == pytest.approx(1.2)
+    expected = stats.t.interval(0.95, 2, loc=1.2, scale=stats.sem([1.0, 1.2, 1.4]))
+    assert mlp["entropy_ci"] == pytest.approx(expected[1] - 1.2)
+    assert mlp["latency_vs_linear"] == pytest.approx(3.0)  # each seed's ratio is 3
+    assert rows["topk"]["latency_vs_linear"] == pytest.approx(1.0) and rows["topk"]["load_cv_ci"] == pytest.approx(0)
+    single = pool_profiles(profiles[:1])[0]
+    assert single["entropy_ci"] is None and single["latency_vs_linear"] is None  # no linear router to compare to
+
+
+def test_routers_command_pools_seeds_into_the_table(capsys):
+    assert main(["routers", "--tokens", "128", "--d-model", "16", "--experts", "4", "--seeds", "3"]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("| router | hidden states | seeds |") and len(table) == 2 + len(ROUTERS.names())
+    hash_row = next(line for line in table if line.startswith("| hash |"))
+    assert "| 3 | 0 |" in hash_row and "0.000 ± 0.000" in hash_row  # three seeds, no parameters, zero entropy

@@ -89,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     routers.add_argument("--tokens", type=int, default=4096)
     routers.add_argument("--d-model", type=int, default=256)
     routers.add_argument("--experts", type=int, default=8)
+    routers.add_argument("--seeds", type=int, default=1,
+                         help="initialize each router with this many seeds: means with 95%% intervals (3 or more)")
     routers.set_defaults(fn=cmd_routers)
     status = command("status", cmd_status, "one line per cell: state, step, loss")
     status.add_argument("--watch", action="store_true",

@@ -149,16 +149,17 @@ def _sweep_best(study, args) -> str:
 def cmd_routers(args, out: TextIO) -> int:
     import json
 
-    from moe_models.characterize import profile_all, profile_states
+    from moe_models.characterize import pool_profiles, profile_all, profile_states
 
-    profiles = profile_all(args.tokens, args.d_model, args.experts)
+    seeds = tuple(range(args.seeds))
+    profiles = profile_all(args.tokens, args.d_model, args.experts, seeds=seeds)
     if args.study:  # also on a trained cell's real hidden states (the report's "routers in a pretrained model")
         from workflows.driver.trained_states import trained_hidden_states
 
         study = study_or_exit(args.study)
         ws = usable_workspace(args, study)
         x, ids, dom, experts, vocab, title = trained_hidden_states(study, ws, args.tokens)
-        profiles += profile_states(x, ids, dom, experts, vocab, f"trained: {title}")
+        profiles += profile_states(x, ids, dom, experts, vocab, f"trained: {title}", seeds)
     if args.hidden_states:  # and on a pretrained encoder's hidden states over the built-in domain corpus
         from workflows.driver.encoder_states import encoder_hidden_states
 
@@ -168,13 +169,28 @@ def cmd_routers(args, out: TextIO) -> int:
             print(f"moelab routers: --hidden-states {args.hidden_states!r}: {str(err).splitlines()[0][:300]}",
                   file=sys.stderr)
             return 2
-        profiles += profile_states(x, ids, dom, args.experts, vocab, title)
-    rows = [p.as_dict() for p in profiles]
+        profiles += profile_states(x, ids, dom, args.experts, vocab, title, seeds)
+    rows = pool_profiles(profiles)
     if args.format == "json":
         print(json.dumps(rows, indent=2), file=out)
         return 0
-    cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|", file=out)
-    for p in rows:
-        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in p.values()) + " |", file=out)
+    print(router_table(rows), file=out)
     return 0
+
+
+def router_table(rows: list[dict]) -> str:
+    """Means over the routers' initialization seeds, with 95% intervals from 3 seeds on (fewer: said, not shown)."""
+    def cell(row: dict, measure: str, digits: int) -> str:
+        ci = row[f"{measure}_ci"]
+        return f"{row[measure]:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None and row["seeds"] >= 3 else "")
+
+    lines = ["| router | hidden states | seeds | parameters | latency ms | × linear | entropy | mean top-k prob | "
+             "experts/token | load CV |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "—" if r["latency_vs_linear"] is None else f"{r['latency_vs_linear']:.2f}"
+        lines.append(f"| {r['router']} | {r['hidden_states']} | {r['seeds']} | {r['parameters']} | "
+                     f"{cell(r, 'latency_ms', 3)} | {ratio} | {cell(r, 'entropy', 3)} | {cell(r, 'mean_topk_prob', 3)} | "
+                     f"{cell(r, 'experts_per_token', 2)} | {cell(r, 'load_cv', 3)} |")
+    if rows and min(r["seeds"] for r in rows) < 3:
+        lines.append("\nFewer than 3 seeds: no intervals (pass --seeds 3 or more).")
+    return "\n".join(lines)
