@@ -71,6 +71,13 @@ def test_pooled_means_intervals_and_the_paired_test_against_the_baseline(tmp_pat
     line = next(l for l in text.splitlines() if l.startswith("| hash |"))
     assert f"{np.mean(HASH):.4f} ± {loss.half_width:.4f}" in line and "(resolved)" in line
     assert "| topk(k=2) |" in text and "baseline" in text
+    # Every metric against the baseline: eval loss resolved (marked), tokens/s identical at every seed (p = 1).
+    differences = text.split("Every metric against topk(k=2)")[1].splitlines()
+    cells_of = lambda line: line.strip("| ").split(" | ")  # noqa: E731
+    header = cells_of(next(l for l in differences if l.startswith("| router |")))
+    values = dict(zip(header, cells_of(next(l for l in differences if l.startswith("| hash |")))))
+    assert values["Δ eval loss"] == f"{diff.estimate.mean:.4f} ± {diff.estimate.half_width:.4f} (p {diff.p_value:.2g}) *"
+    assert values["Δ tokens/s"].startswith("0 ± 0 (p 1)") and "*" not in values["Δ tokens/s"]
 
 
 def test_regime_check_says_when_expert_capacity_matters_and_when_it_does_not(tmp_path):

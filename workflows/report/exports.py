@@ -9,7 +9,14 @@ from typing import Any
 
 from mlflow.entities import Run
 
-from workflows.report.pooled import MIN_SEEDS_FOR_INTERVAL, PooledRow, frame_rows, pooled_rows, regime_verdicts
+from workflows.report.pooled import (
+    MIN_SEEDS_FOR_INTERVAL,
+    PooledRow,
+    difference_frame,
+    frame_rows,
+    pooled_rows,
+    regime_verdicts,
+)
 from workflows.study.cells import Cell
 from workflows.tracking import Tracker
 
@@ -60,7 +67,13 @@ def pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str | None,
     notes += [f"Regime check: {v.sentence()}" for v in verdicts] or [
         "Regime check: not possible — the study has no dense baselines of two widths (equal active FLOPs and equal "
         "parameters), so it cannot say whether expert capacity matters at this size."]
-    return table + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    report = table + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    if baseline is not None:
+        diff_headers, diffs = difference_frame(rows, baseline)
+        if diffs:
+            report += (f"\nEvery metric against {baseline} (system - baseline, paired over seeds; * the 95% interval "
+                       f"excludes 0):\n\n" + markdown(diff_headers, diffs))
+    return report
 
 
 def write_pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str | None, stem: Path,

@@ -164,6 +164,30 @@ def regime_verdicts(cells: list[Cell], rows: list[PooledRow]) -> list[RegimeVerd
     return verdicts
 
 
+def difference_frame(rows: list[PooledRow], baseline: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Every metric column against the baseline router: the paired difference over seeds (system - baseline), its
+    interval and paired-t p, marked when the interval excludes 0. Specialization claims (purity, NMI) need these as
+    much as quality does."""
+    columns = [c for c in (*METRIC_COLUMNS, *COMPUTE_COLUMNS) if any(c.header in r.values for r in rows)]
+    reference = {(r.model, r.dataset): r for r in rows if r.router == baseline}
+    headers = ["router", "model", "dataset", *[f"Δ {c.header}" for c in columns]]
+    out = []
+    for row in rows:
+        base = reference.get((row.model, row.dataset))
+        if base is None or row is base:
+            continue
+        cells: dict[str, Any] = {"router": row.router, "model": row.model, "dataset": row.dataset}
+        for c in columns:
+            d = paired_difference(row.per_seed.get(c.metric, {}), base.per_seed.get(c.metric, {}))
+            if d is None:
+                cells[f"Δ {c.header}"] = "—"
+                continue
+            p = "" if math.isnan(d.p_value) else f" (p {d.p_value:.2g})"
+            cells[f"Δ {c.header}"] = f"{d.estimate.text(c.digits)}{p}{' *' if d.resolved else ''}"
+        out.append(cells)
+    return headers, out
+
+
 def shown_headers(rows: list[PooledRow]) -> list[str]:
     return [c.header for c in (*METRIC_COLUMNS, *COMPUTE_COLUMNS) if any(c.header in r.values for r in rows)]
 
