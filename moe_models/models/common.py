@@ -77,6 +77,9 @@ class LMOutput:
     token_nll_BS: torch.Tensor | None = None  # per-token cross-entropy, detached (input difficulty)
     # MoE blocks whose (evaluation) expert masks are over the loss's tokens, in order; None = all of them.
     target_blocks: tuple[int, ...] | None = None
+    # Per-token predictive entropy of the next-token distribution, evaluation only (no autograd graph): the
+    # dynamic-routing report's measure of input difficulty, beside the token loss.
+    token_entropy_BS: torch.Tensor | None = None
 
     @property
     def loss(self) -> torch.Tensor:
@@ -88,7 +91,11 @@ def next_token_output(logits_BSV: torch.Tensor, targets_BS: torch.Tensor, aux: d
     token_nll = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten(), reduction="none")
     lm_loss = token_nll.mean()
     aux_loss = sum((a.loss for a in aux.values()), lm_loss.new_zeros(()))
-    return LMOutput(lm_loss, aux_loss, aux, token_nll.detach().view_as(targets_BS))
+    entropy = None
+    if not logits_BSV.requires_grad:  # evaluating: one more pass over the logits, never in a training step
+        log_p = F.log_softmax(logits_BSV.float(), dim=-1)
+        entropy = -(log_p.exp() * log_p).sum(-1)
+    return LMOutput(lm_loss, aux_loss, aux, token_nll.detach().view_as(targets_BS), token_entropy_BS=entropy)
 
 
 def build_ffn(opts: MoEModelOptions, stack_index: int, layer_index: int, routing: RoutingSpec, vocab_size: int,

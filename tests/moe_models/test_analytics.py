@@ -98,3 +98,18 @@ def test_saturation_counts_shared_choices_against_the_final_router():
     assert saturation(final, final) == 1.0
     earlier = torch.tensor([[1, 0, 1], [0, 1, 1], [0, 1, 0]], dtype=torch.bool)
     assert saturation(earlier, final) == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+
+
+def test_predictive_entropy_per_token_is_computed_only_when_evaluating():
+    import numpy as np
+    from scipy import stats
+
+    from moe_models.models.common import next_token_output
+
+    logits = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(11, (2, 5))
+    with torch.no_grad():
+        out = next_token_output(logits, targets, {})
+    probs = torch.softmax(logits, -1).numpy()
+    assert np.allclose(out.token_entropy_BS.numpy(), stats.entropy(probs, axis=-1), atol=1e-5)
+    assert next_token_output(logits.requires_grad_(), targets, {}).token_entropy_BS is None  # a training step

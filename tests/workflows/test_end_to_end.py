@@ -93,9 +93,10 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
         if tags["router"] == "top_p(p=0.51)":  # a dynamic count, and its correlation with token loss
             assert 1.0 <= metrics["eval/moe/experts_per_token"] <= 4.0
             assert -1.0 <= metrics["eval/moe/difficulty_corr"] <= 1.0
+            assert -1.0 <= metrics["eval/moe/difficulty_entropy_corr"] <= 1.0  # per example, predictive entropy
         else:  # fixed k: nothing to correlate, so no difficulty metric is logged
             assert metrics["eval/moe/experts_per_token"] == pytest.approx(2.0 if tags["router"] == "topk(k=2)" else 1.0)
-            assert "eval/moe/difficulty_corr" not in metrics
+            assert "eval/moe/difficulty_corr" not in metrics and "eval/moe/difficulty_entropy_corr" not in metrics
         # cost: the FLOPs of the experts tokens actually used, MFU against this machine's measured peak
         assert metrics["summary/train_gflops_per_token"] > 0 and 0 < metrics["summary/mfu"] < 1
         assert metrics["summary/tflops_per_device"] == pytest.approx(

@@ -51,6 +51,7 @@ def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) 
     engine.eval()
     gen = torch.Generator().manual_seed(EVAL_SEED + w.rank)
     loss_sum, sums, difficulty, routes = torch.zeros(2), {}, None, {}  # routes: block -> per-batch masks
+    by_example = None  # experts per token against predictive entropy, both averaged per sequence
     unscaled: dict[int, dict[str, float]] = {}
     for _ in range(t.eval_batches):
         batch = data.sample("validation", t.micro_batch_size, gen, t.seq_len, t.target_len).to(engine.device)
@@ -60,6 +61,10 @@ def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) 
         if target_blocks:  # experts per token, averaged over the MoE layers the loss's tokens pass, against its loss
             experts_T = torch.stack([out.moe[i].expert_mask_TE.sum(-1) for i in target_blocks]).float().mean(0)
             difficulty = add_sums(difficulty, difficulty_sums(experts_T, out.token_nll_BS.flatten()))
+            entropy_BS = out.token_entropy_BS
+            if entropy_BS is not None and entropy_BS.numel() == experts_T.numel():
+                by_example = add_sums(by_example, difficulty_sums(experts_T.view_as(entropy_BS).mean(1),
+                                                                  entropy_BS.mean(1)))
         for i, aux in out.moe.items():
             sums[i] = add_sums(sums.get(i), aux.sums)
             routes.setdefault(i, []).append(aux.expert_mask_TE.cpu())  # kept to the end, and checkpointed
@@ -74,6 +79,8 @@ def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) 
     metrics.update({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))})
     if difficulty is not None:  # Pearson r; NaN (not logged) for fixed-k routers
         metrics["eval/moe/difficulty_corr"] = pearson({k: all_reduce_sum(v) for k, v in difficulty.items()})
+    if by_example is not None:  # the report's form: per example, experts per token against predictive entropy
+        metrics["eval/moe/difficulty_entropy_corr"] = pearson({k: all_reduce_sum(v) for k, v in by_example.items()})
     return Evaluation(metrics, tables, {i: torch.cat(masks) for i, masks in routes.items()})
 
 

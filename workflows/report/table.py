@@ -32,7 +32,8 @@ METRIC_COLUMNS = (
     Column("purity", "eval/moe/purity", 3),
     Column("NMI", "eval/moe/domain_expert_nmi", 3),
     Column("ref. agreement", "eval/moe/reference_agreement", 3),
-    Column("difficulty r", "eval/moe/difficulty_corr", 3),
+    Column("difficulty r", "eval/moe/difficulty_corr", 3),  # per token: experts per token vs token loss
+    Column("entropy r", "eval/moe/difficulty_entropy_corr", 3),  # per example: vs predictive entropy
     Column("expert MFLOP/token", "eval/moe/expert_flops_per_token", 3, 1e-6),
     Column("ROUGE-1", "test/rouge1", 2, 100),
     Column("ROUGE-2", "test/rouge2", 2, 100),
