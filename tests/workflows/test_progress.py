@@ -110,3 +110,27 @@ def _watch(path, workdir, out: io.StringIO) -> int:
 
     with redirect_stdout(out):
         return main(["status", str(path), "--workdir", str(workdir), "--watch", "--interval", "0.1"])
+
+
+def test_on_a_terminal_the_progress_is_a_live_table_and_event_lines_print_above_it():
+    import os
+
+    from workflows.driver.progress import LiveProgress, progress_for
+
+    leader, follower = os.openpty()
+    stream = os.fdopen(follower, "w")
+    try:
+        progress = progress_for(stream, lambda line: None)
+        assert isinstance(progress, LiveProgress)
+        progress.log("  started  abc  topk / gpt / seed 0")
+        progress.show("0/4 cells done, study ETA 2m00s",
+                      [RunProgress("topk / gpt / seed 0", 20, 120, 5.1234, 21300.0, 12.0)])
+        time.sleep(0.6)  # at least one refresh (4 per second)
+        progress.close()
+        stream.flush()
+        shown = os.read(leader, 65536).decode(errors="replace")
+    finally:
+        stream.close()
+        os.close(leader)
+    assert "started  abc" in shown
+    assert "0/4 cells done" in shown and "20/120" in shown and "5.1234" in shown and "21.3k tok/s" in shown
