@@ -145,6 +145,9 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
         r.data.metrics["eval/loss"] for r in runs if r.data.tags["router"] == "reference")
     # Artifacts live under the workdir, not the test process's cwd.
     assert (workdir / "mlartifacts").is_dir()
+    plots = {a.path for a in client.list_artifacts(parents[0].info.run_id, "plots")}
+    assert plots == {"plots/pareto.png", "plots/eval_loss_curves.png", "plots/expert_usage_by_router.png"}
+    assert all((workdir / "mini_plots" / Path(p).name).stat().st_size > 1000 for p in plots)
 
 
 def test_run_prints_progress_with_logged_steps_and_compiles_no_deepspeed_op(mini):

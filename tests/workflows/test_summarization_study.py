@@ -104,3 +104,6 @@ def test_table_report_and_blind_rating_sheet(study_run):
     parent = client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'study'")[0]
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "summarization")}
     assert {f"summarization/{sheet_path.name}", "summarization/mini_sum_summarization.md"} <= logged
+    # Two seeds: ROUGE-L against compute with the seeds' spread, loss curves, and both routers' expert usage.
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/pareto.png", "plots/eval_loss_curves.png", "plots/expert_usage_by_router.png"}

@@ -67,6 +67,8 @@ def cmd_run(args, out: TextIO) -> int:
           f"{t['cells_s']:.1f}s cells", file=out)
     print(outcome.table_path.read_text(), file=out)
     print(f"seeds pooled: {outcome.pooled_path}\n\n{outcome.pooled_path.read_text()}", file=out)
+    if outcome.plots:
+        print(f"plots: {', '.join(str(p) for p in outcome.plots)}\n", file=out)
     if outcome.summarization_report:
         print(f"summarization report: {outcome.summarization_report}\n", file=out)
         print(outcome.summarization_report.read_text().split("### Samples")[0], file=out)

@@ -18,6 +18,8 @@ from workflows.driver.ray_cluster import connect_if_remote, init_ray
 from workflows.driver.workspace import Workspace
 from workflows.provenance import git_commit, package_versions
 from workflows.report.exports import write_pooled_report
+from workflows.report.plots import write_plots
+from workflows.report.pooled import pooled_rows
 from workflows.report.summarization import write_summarization_report
 from workflows.report.table import table_rows, write_table
 from workflows.study.cells import Cell, PretrainedCell, expand, pretrained_cells
@@ -36,6 +38,7 @@ class StudyOutcome:
     table_path: Path | None = None
     pooled_path: Path | None = None  # seeds pooled, with the baseline test and the regime check
     summarization_report: Path | None = None
+    plots: list[Path] = field(default_factory=list)  # pareto, eval-loss curves, expert usage side by side
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -119,6 +122,8 @@ def _run_study(study: Study, ws: Workspace, address: str | None, progress: Progr
     tracker.log_metrics(parent, headline_metrics(cells, runs), 0)
     outcome.table_path = write_table(table_rows(cells, runs), ws.root / study.name, tracker, parent)
     outcome.pooled_path = write_pooled_report(cells, runs, study.baseline, ws.root / study.name, tracker, parent)
+    outcome.plots = write_plots(cells, runs, pooled_rows(cells, runs, study.baseline), ws.root / f"{study.name}_plots",
+                                tracker, parent)
     outcome.summarization_report = write_summarization_report(
         study, cells, runs, tracker, summarization_texts(prepared), ws.root, parent,
         tracker.cell_runs(experiment_id, role="pretrained"))
