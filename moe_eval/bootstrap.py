@@ -49,3 +49,29 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
     if n < 2:
         return mean, math.nan
     return mean, float(stats.t.ppf((1 + level) / 2, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
+
+
+def two_level_difference(system: dict[int, np.ndarray], baseline: dict[int, np.ndarray], num_resamples: int = 2000,
+                         seed: int = 0, level: float = 0.95) -> tuple[float, float, float, float] | None:
+    """Mean of system - baseline over paired seeds and paired evaluation sequences (seed -> per-sequence losses on
+    the same sequences), with a two-level bootstrap: seeds resampled (the same draw for both systems: a seed pairs
+    initialization and data order), then sequences within them (the same rows for both: the same evaluation set).
+    Returns (mean, low, high, two-sided p), or None without a seed both ran on the same sequences."""
+    seeds = [s for s in sorted(set(system) & set(baseline)) if len(system[s]) == len(baseline[s]) > 0]
+    if not seeds:
+        return None
+    lengths = {len(system[s]) for s in seeds}
+    if len(lengths) > 1:
+        return None
+    diff_SN = np.stack([np.asarray(system[s], float) - np.asarray(baseline[s], float) for s in seeds])
+    observed = float(diff_SN.mean())
+    rng = np.random.default_rng(seed)
+    num_seeds, num_sequences = diff_SN.shape
+    draws = np.empty(num_resamples)
+    for r in range(num_resamples):
+        rows = diff_SN[rng.integers(0, num_seeds, size=num_seeds)]
+        draws[r] = rows[:, rng.integers(0, num_sequences, size=num_sequences)].mean()
+    tail = (1 - level) / 2 * 100
+    low, high = float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
+    p = 1.0 if observed == 0 else float(min(1.0, 2 * np.mean(draws <= 0 if observed > 0 else draws >= 0)))
+    return observed, low, high, p

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 ROLE, STUDY, CELL, REASON = "moelab.role", "moelab.study", "moelab.cell_id", "moelab.failure_reason"
 SWEEP, TRIAL = "moelab.sweep", "moelab.trial_id"
+SEQUENCE_LOSSES = "eval/sequence_losses.json"  # a cell's final evaluation, loss per sequence (rank 0's sequences)
 PARENT = "mlflow.parentRunId"
 # What a summarization cell leaves for the report: each document's output and scores, and the BLEU signature.
 PREDICTIONS_ARTIFACT, BLEU_SIGNATURE_TAG = "summaries/test_predictions.jsonl", "moelab.bleu_signature"

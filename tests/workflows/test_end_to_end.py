@@ -127,6 +127,11 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
         heatmap = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="routing/expert_usage.png",
                                                            tracking_uri=client._tracking_client.tracking_uri))
         assert heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        sequence_losses = json.loads(Path(mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path="eval/sequence_losses.json",
+            tracking_uri=client._tracking_client.tracking_uri)).read_text())
+        assert len(sequence_losses) == 2 * 4  # eval_batches x micro_batch_size sequences, the final evaluation's
+        assert sum(sequence_losses) / len(sequence_losses) == pytest.approx(metrics["eval/loss"], rel=1e-4)
         config = json.loads(Path(mlflow.artifacts.download_artifacts(
             run_id=run.info.run_id, artifact_path="config/resolved_config.json",
             tracking_uri=client._tracking_client.tracking_uri)).read_text())

@@ -119,3 +119,40 @@ def test_latex_and_html_exports_parse(tmp_path):
     columns = header.count(" & ") + 1
     assert len(body) == 4 and all(re.sub(r"\\&", "", row).count(" & ") == columns - 1 for row in body)
     assert r"$\pm$" in latex and "±" not in latex
+
+
+def test_two_level_bootstrap_pairs_seeds_and_sequences():
+    from moe_eval.bootstrap import two_level_difference
+
+    rng = np.random.default_rng(0)
+    base = {s: rng.normal(5.0, 0.5, 200) for s in range(3)}  # sequence-to-sequence spread 0.5 nats
+    shifted = {s: base[s] + 0.1 + rng.normal(0, 0.05, 200) + 0.02 * s for s in range(3)}
+    mean, low, high, p = two_level_difference(shifted, base, num_resamples=4000)
+    diffs = np.stack([shifted[s] - base[s] for s in range(3)])
+    assert mean == pytest.approx(diffs.mean()) and low < mean < high and p < 0.01
+    # Paired: the 0.5-nat spread the two systems share cancels; unpaired it would swamp a 0.1-nat difference.
+    assert high - low < 0.1
+    # One seed: the sequences-only paired bootstrap, which scipy's percentile bootstrap of the mean difference matches.
+    one = two_level_difference({0: shifted[0]}, {0: base[0]}, num_resamples=4000)
+    ref = stats.bootstrap((shifted[0] - base[0],), np.mean, n_resamples=4000, method="percentile",
+                          random_state=np.random.default_rng(1)).confidence_interval
+    assert one[1] == pytest.approx(ref.low, abs=0.004) and one[2] == pytest.approx(ref.high, abs=0.004)
+    same = two_level_difference(base, base)
+    assert same[:3] == (0.0, 0.0, 0.0) and same[3] == 1.0
+    assert two_level_difference({0: base[0]}, {1: base[1]}) is None  # no seed in common
+
+
+def test_the_pooled_table_shows_the_bootstrap_interval_from_sequence_losses(tmp_path):
+    narrow = [5.20, 5.30, 5.25, 5.22]
+    cells, runs = store(tmp_path, {"topk(k=2)": TOPK, "hash": HASH, "dense-active": narrow,
+                                   "dense-params": [4.92, 5.01, 4.93, 4.95]})
+    rng = np.random.default_rng(0)
+    shared = {s: rng.normal(5.0, 0.5, 64) for s in SEEDS}
+    offset = {"topk(k=2)": 0.0, "hash": 0.1, "dense-active": 0.2, "dense-params": -0.1}
+    losses = {c.id: list(shared[c.seed] + offset[c.router.display()]) for c in cells}
+    rows = {r.router: r for r in pooled_rows(cells, runs, "topk(k=2)", losses)}
+    mean, low, high, p = rows["hash"].vs_baseline_bootstrap
+    assert mean == pytest.approx(0.1) and low == pytest.approx(0.1) and high == pytest.approx(0.1) and p == 0.0
+    text = pooled_report(cells, runs, "topk(k=2)", rows=list(rows.values()))
+    line = next(l for l in text.splitlines() if l.startswith("| hash |"))
+    assert "[0.1000, 0.1000]" in line and "seeds x sequences bootstrap" in text

@@ -43,6 +43,9 @@ class Evaluation:
     metrics: dict[str, float]
     tables: dict[int, dict[str, list]]  # per MoE block: expert fractions, experts-per-token histogram, co-activation
     routes: dict[int, torch.Tensor]  # per MoE block: this rank's bool (T, E) choices on the fixed eval tokens
+    # This rank's mean loss per evaluation sequence, in order: every cell sees the same sequences (EVAL_SEED), so
+    # the report can pair two cells sequence by sequence (the token level of its two-level bootstrap).
+    sequence_losses: list[float]
 
 
 @torch.no_grad()
@@ -52,11 +55,14 @@ def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) 
     gen = torch.Generator().manual_seed(EVAL_SEED + w.rank)
     loss_sum, sums, difficulty, routes = torch.zeros(2), {}, None, {}  # routes: block -> per-batch masks
     by_example = None  # experts per token against predictive entropy, both averaged per sequence
+    sequence_losses: list[torch.Tensor] = []
     unscaled: dict[int, dict[str, float]] = {}
     for _ in range(t.eval_batches):
         batch = data.sample("validation", t.micro_batch_size, gen, t.seq_len, t.target_len).to(engine.device)
         out: LMOutput = engine(*batch.inputs)
         loss_sum += torch.tensor([out.lm_loss.item() * batch.num_targets, batch.num_targets])
+        if out.token_nll_BS is not None and out.token_nll_BS.dim() == 2:  # decoders (seq2seq keeps valid tokens only)
+            sequence_losses.append(out.token_nll_BS.float().mean(-1).cpu())
         target_blocks = [i for i in out.moe if out.target_blocks is None or i in out.target_blocks]
         if target_blocks:  # experts per token, averaged over the MoE layers the loss's tokens pass, against its loss
             experts_T = torch.stack([out.moe[i].expert_mask_TE.sum(-1) for i in target_blocks]).float().mean(0)
@@ -81,7 +87,8 @@ def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) 
         metrics["eval/moe/difficulty_corr"] = pearson({k: all_reduce_sum(v) for k, v in difficulty.items()})
     if by_example is not None:  # the report's form: per example, experts per token against predictive entropy
         metrics["eval/moe/difficulty_entropy_corr"] = pearson({k: all_reduce_sum(v) for k, v in by_example.items()})
-    return Evaluation(metrics, tables, {i: torch.cat(masks) for i, masks in routes.items()})
+    return Evaluation(metrics, tables, {i: torch.cat(masks) for i, masks in routes.items()},
+                      torch.cat(sequence_losses).tolist() if sequence_losses else [])
 
 
 def saturation_metrics(snapshot: dict[int, torch.Tensor], final: dict[int, torch.Tensor]) -> dict[str, float]:

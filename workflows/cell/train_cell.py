@@ -7,6 +7,7 @@ Sweeps (tuning/) reuse this same function.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -28,7 +29,7 @@ from workflows.cell.handoff import fetch_source_checkpoint, log_final_checkpoint
 from workflows.cell.loop import NonFiniteLoss, StepTimes, train_step
 from workflows.cell.worker import Worker
 from workflows.study.cells import Cell
-from workflows.tracking import REASON, Tracker
+from workflows.tracking import REASON, SEQUENCE_LOSSES, Tracker
 
 
 def summarize_test_split(engine, data: PreparedPairs, cell: Cell, w: Worker) -> dict[str, float]:
@@ -77,6 +78,7 @@ def _train(engine, data, cell: Cell, config: dict[str, Any], w: Worker, start: i
     t, world = cell.training, w.world
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * world
     tables: dict = {}
+    sequence_losses: list[float] = []
     latest_eval: dict[str, float] = {}
     times = StepTimes()
     eval_seconds = 0.0
@@ -100,7 +102,7 @@ def _train(engine, data, cell: Cell, config: dict[str, Any], w: Worker, start: i
             eval_began = time.perf_counter()
             evaluation = evaluate(engine, data, cell, w)
             eval_seconds += time.perf_counter() - eval_began
-            latest_eval, tables = evaluation.metrics, evaluation.tables
+            latest_eval, tables, sequence_losses = evaluation.metrics, evaluation.tables, evaluation.sequence_losses
             snapshots[step] = evaluation.routes
             metrics.update(latest_eval)
         if last:  # throughput over the (resumed part of the) run, not one noisy step
@@ -119,6 +121,8 @@ def _train(engine, data, cell: Cell, config: dict[str, Any], w: Worker, start: i
                 metrics.update(summarize_test_split(engine, data, cell, w))
         if last and w.tracker:  # before the last step's metrics: a logged last step means all of this is there too
             log_final_artifacts(w, cell, tables, data.domains)
+            if sequence_losses:  # the final evaluation's per-sequence losses: the report's bootstrap pairs them
+                w.tracker.log_text(w.run_id, json.dumps(sequence_losses), SEQUENCE_LOSSES)
             if config.get("export_checkpoint"):  # another cell of the study starts from this one
                 log_final_checkpoint(engine.module, cell, data.vocab_size, w)
             if step > logged_through:

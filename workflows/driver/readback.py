@@ -116,11 +116,11 @@ def cmd_aggregate(args, out: TextIO) -> int:
     cells = expand(study)
     rows = table_rows(cells, runs)
     if args.format in ("latex", "html"):
-        text = pooled_report(cells, runs, study.baseline, args.format)
+        text = pooled_report(cells, runs, study.baseline, args.format, tracker=tracker)
     elif args.format == "csv":
         text = to_csv(rows)
     else:
-        text = to_markdown(rows) + "\n### Seeds pooled\n\n" + pooled_report(cells, runs, study.baseline)
+        text = to_markdown(rows) + "\n### Seeds pooled\n\n" + pooled_report(cells, runs, study.baseline, tracker=tracker)
     if study.sweep and args.format == "md":
         text += "\n" + _sweep_best(study, args)
     if args.format == "md" and any(cell.summarization for cell in cells):

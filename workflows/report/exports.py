@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 
 from workflows.report.pooled import (
     MIN_SEEDS_FOR_INTERVAL,
@@ -18,7 +20,7 @@ from workflows.report.pooled import (
     regime_verdicts,
 )
 from workflows.study.cells import Cell
-from workflows.tracking import Tracker
+from workflows.tracking import SEQUENCE_LOSSES, Tracker
 
 FORMATS = ("md", "csv", "latex", "html")
 
@@ -50,11 +52,33 @@ def render(headers: list[str], rows: list[dict[str, Any]], fmt: str) -> str:
     raise ValueError(f"format {fmt!r}; valid: {', '.join(FORMATS)}")
 
 
+def sequence_losses(tracker: Tracker, cells: list[Cell], runs: dict[str, Run]) -> dict[str, list[float]]:
+    """cell id -> its final evaluation's loss per sequence, for the finished cells that logged one (decoder LMs)."""
+    out = {}
+    for cell in cells:
+        run = runs.get(cell.id)
+        if run is None or run.info.status != "FINISHED":
+            continue
+        try:
+            out[cell.id] = json.loads(tracker.read_text(run.info.run_id, SEQUENCE_LOSSES))
+        except (MlflowException, OSError, ValueError):  # seq2seq cells, cells from before the artifact existed
+            continue
+    return out
+
+
+def pool(cells: list[Cell], runs: dict[str, Run], baseline: str | None,
+         tracker: Tracker | None = None) -> list[PooledRow]:
+    """Seeds pooled; with a tracker and a baseline, also the two-level bootstrap over the cells' sequence losses."""
+    losses = sequence_losses(tracker, cells, runs) if tracker is not None and baseline is not None else None
+    return pooled_rows(cells, runs, baseline, losses)
+
+
 def pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str | None, fmt: str = "md",
-                  rows: list[PooledRow] | None = None) -> str:
+                  rows: list[PooledRow] | None = None, tracker: Tracker | None = None) -> str:
     """The pooled table in `fmt`; Markdown adds the regime check and how to read the intervals. `rows`: already
-    pooled (one pooling for several formats)."""
-    rows = pooled_rows(cells, runs, baseline) if rows is None else rows
+    pooled (one pooling for several formats); `tracker`: where the cells' sequence losses are read for the
+    bootstrap."""
+    rows = pool(cells, runs, baseline, tracker) if rows is None else rows
     headers, cells_text = frame_rows(rows, baseline)
     table = render(headers, cells_text, fmt)
     if fmt != "md":
@@ -63,6 +87,10 @@ def pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str | None,
     if baseline is not None:
         notes.append(f"Δ: paired over the seeds both routers ran (same initialization and data order); "
                      "'within noise' when its interval contains 0.")
+        if any(r.vs_baseline_bootstrap for r in rows):
+            notes.append("Δ 95% CI (seeds x sequences bootstrap): the final evaluation's per-sequence losses, "
+                         "paired (every cell sees the same sequences), resampled over seeds and then sequences, "
+                         "so both seed-to-seed and sequence-to-sequence variance count.")
     verdicts = regime_verdicts(cells, rows)
     notes += [f"Regime check: {v.sentence()}" for v in verdicts] or [
         "Regime check: not possible — the study has no dense baselines of two widths (equal active FLOPs and equal "
@@ -79,7 +107,7 @@ def pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str | None,
 def write_pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str | None, stem: Path,
                         tracker: Tracker | None = None, parent_run_id: str | None = None) -> Path:
     """<study>_pooled.{md,csv,tex,html} in the workdir, and on the study's run under tables/."""
-    paths, rows = [], pooled_rows(cells, runs, baseline)
+    paths, rows = [], pool(cells, runs, baseline, tracker)
     for fmt, suffix in (("md", "md"), ("csv", "csv"), ("latex", "tex"), ("html", "html")):
         path = stem.with_name(f"{stem.name}_pooled.{suffix}")
         path.write_text(pooled_report(cells, runs, baseline, fmt, rows))

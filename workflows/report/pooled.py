@@ -20,7 +20,7 @@ import numpy as np
 from mlflow.entities import Run
 from scipy import stats
 
-from moe_eval.bootstrap import t_interval
+from moe_eval.bootstrap import t_interval, two_level_difference
 from moe_models.spec import DENSE
 from workflows.report.table import METRIC_COLUMNS, Column
 from workflows.study.cells import Cell
@@ -67,6 +67,9 @@ class PooledRow:
     values: dict[str, Estimate]  # column header -> estimate
     vs_baseline: Difference | None = None
     per_seed: dict[str, dict[int, float]] = field(default_factory=dict)  # metric -> seed -> value
+    sequence_losses: dict[int, list[float]] = field(default_factory=dict)  # seed -> final eval loss per sequence
+    # system - baseline eval loss, two-level bootstrap (seeds, then sequences): (mean, low, high, p)
+    vs_baseline_bootstrap: tuple[float, float, float, float] | None = None
 
 
 def estimate(values: list[float]) -> Estimate:
@@ -90,8 +93,12 @@ def paired_difference(system: dict[int, float], baseline: dict[int, float]) -> D
     return Difference(estimate(diffs), p)
 
 
-def pooled_rows(cells: list[Cell], runs: dict[str, Run], baseline: str | None = None) -> list[PooledRow]:
-    """One row per router x model x dataset, in study order, over its FINISHED cells."""
+def pooled_rows(cells: list[Cell], runs: dict[str, Run], baseline: str | None = None,
+                sequence_losses: dict[str, list[float]] | None = None) -> list[PooledRow]:
+    """One row per router x model x dataset, in study order, over its FINISHED cells. sequence_losses: cell id ->
+    its final evaluation's loss per sequence (for the two-level bootstrap against the baseline)."""
+    sequence_losses = sequence_losses or {}
+    by_key: dict[tuple[str, str, str], dict[int, list[float]]] = defaultdict(dict)
     columns = (*METRIC_COLUMNS, *COMPUTE_COLUMNS)
     groups: dict[tuple[str, str, str], dict[int, dict[str, float]]] = defaultdict(dict)
     for cell in cells:
@@ -100,17 +107,23 @@ def pooled_rows(cells: list[Cell], runs: dict[str, Run], baseline: str | None = 
         run = runs.get(cell.id)
         if run is not None and run.info.status == "FINISHED":
             groups[key][cell.seed] = run.data.metrics
+            if cell.id in sequence_losses:
+                by_key[key][cell.seed] = sequence_losses[cell.id]
     rows = []
     for (router, model, dataset), by_seed in groups.items():
         per_seed = {c.metric: {s: m[c.metric] * c.scale for s, m in by_seed.items() if c.metric in m} for c in columns}
         values = {c.header: estimate(list(per_seed[c.metric].values())) for c in columns if per_seed[c.metric]}
-        rows.append(PooledRow(router, model, dataset, sorted(by_seed), values, per_seed=per_seed))
+        rows.append(PooledRow(router, model, dataset, sorted(by_seed), values, per_seed=per_seed,
+                              sequence_losses=by_key.get((router, model, dataset), {})))
     if baseline is not None:
         reference = {(r.model, r.dataset): r for r in rows if r.router == baseline}
         for row in rows:
             base = reference.get((row.model, row.dataset))
             if base is not None and row is not base:
                 row.vs_baseline = paired_difference(row.per_seed[QUALITY.metric], base.per_seed[QUALITY.metric])
+                row.vs_baseline_bootstrap = two_level_difference(
+                    {s: np.asarray(v) for s, v in row.sequence_losses.items()},
+                    {s: np.asarray(v) for s, v in base.sequence_losses.items()})
     return rows
 
 
@@ -197,8 +210,11 @@ def frame_rows(rows: list[PooledRow], baseline: str | None) -> tuple[list[str], 
     digits = {c.header: c.digits for c in (*METRIC_COLUMNS, *COMPUTE_COLUMNS)}
     metric_headers = shown_headers(rows)
     headers = ["router", "model", "dataset", "seeds", *metric_headers]
+    bootstrapped = any(r.vs_baseline_bootstrap for r in rows)
     if baseline is not None:
         headers += [f"Δ eval loss vs {baseline}", "p (paired t)"]
+        if bootstrapped:
+            headers += ["Δ 95% CI (seeds x sequences bootstrap)", "p (bootstrap)"]
     out = []
     for row in rows:
         n = len(row.seeds)
@@ -207,15 +223,21 @@ def frame_rows(rows: list[PooledRow], baseline: str | None) -> tuple[list[str], 
         for header in metric_headers:
             cells[header] = row.values[header].text(digits[header]) if header in row.values else "—"
         if baseline is not None:
+            delta, p_t = f"Δ eval loss vs {baseline}", "p (paired t)"
             d = row.vs_baseline
             if row.router == baseline:
-                cells[headers[-2]], cells[headers[-1]] = "baseline", ""
+                cells[delta], cells[p_t] = "baseline", ""
             elif d is None:
-                cells[headers[-2]], cells[headers[-1]] = "—", ""
+                cells[delta], cells[p_t] = "—", ""
             else:
                 verdict = "" if d.estimate.n < MIN_SEEDS_FOR_INTERVAL else (" (resolved)" if d.resolved
                                                                             else " (within noise)")
-                cells[headers[-2]] = f"{d.estimate.text(4)}{verdict}"
-                cells[headers[-1]] = "—" if math.isnan(d.p_value) else f"{d.p_value:.3g}"
+                cells[delta] = f"{d.estimate.text(4)}{verdict}"
+                cells[p_t] = "—" if math.isnan(d.p_value) else f"{d.p_value:.3g}"
+            if bootstrapped:
+                b = row.vs_baseline_bootstrap
+                cells["Δ 95% CI (seeds x sequences bootstrap)"] = (
+                    "" if row.router == baseline else "—" if b is None else f"[{b[1]:.4f}, {b[2]:.4f}]")
+                cells["p (bootstrap)"] = "" if b is None else f"{b[3]:.3g}"
         out.append(cells)
     return headers, out
