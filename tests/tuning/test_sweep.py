@@ -7,7 +7,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.processes import moelab_process
+from tests.processes import moelab_process, tail
 from workflows.driver.cli import main
 
 pytestmark = pytest.mark.slow
@@ -105,7 +105,8 @@ def test_asha_sweep_killed_mid_trial_restores_with_decisions_kept_and_no_duplica
     proc.wait()
     interrupted_run = running[0][0]
 
-    assert moelab_process("tune", path, workdir).wait(timeout=900) == 0
+    log = tmp_path / "rerun.log"
+    assert moelab_process("tune", path, workdir, log).wait(timeout=900) == 0, tail(log)
     after = trial_state(client, exp.experiment_id)
     assert len(after) == 4 and len({s[0] for s in after.values()}) == 4  # what the sweep asked for, no duplicates
     assert len(client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'sweep'")) == 1
