@@ -27,6 +27,7 @@ METRIC_COLUMNS = (
     Column("load CV", "eval/moe/load_cv", 3),
     Column("experts/token", "eval/moe/experts_per_token", 2),
     Column("router entropy", "eval/moe/router_entropy_norm", 3),
+    Column("mean top-k prob", "eval/moe/mean_topk_prob", 3),  # probability mass of the chosen experts
     Column("dropped", "eval/moe/drop_fraction", 3),
     Column("utilization", "eval/moe/utilization", 3),
     Column("purity", "eval/moe/purity", 3),
