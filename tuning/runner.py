@@ -97,11 +97,8 @@ def tune_study(study: Study, ws: Workspace, address: str | None = None,
                echo: Callable[[str], None] = print, verbose: bool = False,
                progress: Progress | None = None) -> SweepOutcome:
     """progress: how running trials are shown (default: plain lines through `echo`, every 10 s per trial)."""
-    progress = progress or Progress(echo)
-    try:
-        return _tune_study(study, ws, address, progress, verbose)
-    finally:
-        progress.close()
+    with progress or Progress(echo) as shown:
+        return _tune_study(study, ws, address, shown, verbose)
 
 
 def _tune_study(study: Study, ws: Workspace, address: str | None, progress: Progress, verbose: bool) -> SweepOutcome:

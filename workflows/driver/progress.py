@@ -98,6 +98,12 @@ class Progress:
     def close(self) -> None:
         pass
 
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class LiveProgress(Progress):
     """On a terminal: one live table of the running cells under the event lines (rich)."""

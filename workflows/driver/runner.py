@@ -56,11 +56,8 @@ def run_study(study: Study, ws: Workspace, address: str | None = None,
               echo: Callable[[str], None] = print, verbose: bool = False,
               progress: Progress | None = None) -> StudyOutcome:
     """progress: how running cells are shown (default: plain lines through `echo`, every 10 s per cell)."""
-    progress = progress or Progress(echo)
-    try:
-        return _run_study(study, ws, address, progress, verbose)
-    finally:
-        progress.close()
+    with progress or Progress(echo) as shown:
+        return _run_study(study, ws, address, shown, verbose)
 
 
 def _run_study(study: Study, ws: Workspace, address: str | None, progress: Progress, verbose: bool) -> StudyOutcome:
