@@ -219,6 +219,7 @@ def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepar
                tracker: Tracker, outcome: StudyOutcome, progress: Progress, run_ids: dict[str, str],
                sources: set[str | None]) -> None:
     import ray
+    from mlflow.exceptions import MlflowException
 
     from workflows.driver.launch import CellResult, fit_cell_remote
 
@@ -250,8 +251,11 @@ def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepar
             continue
         done, _ = ray.wait(list(running), num_returns=1, timeout=PROGRESS_POLL_S)
         if not done:
-            rows = [read_progress(tracker, run_id, cell.title, cell.training.steps, rates)
-                    for cell, run_id, _ in running.values()]
+            try:
+                rows = [read_progress(tracker, run_id, cell.title, cell.training.steps, rates)
+                        for cell, run_id, _ in running.values()]
+            except MlflowException:  # a busy or restarting store: progress waits for the next reading
+                continue
             eta = study_eta(rows, len(queue), study.resources.max_concurrent_cells, cell_seconds)
             progress.show(f"{len(outcome.finished) + len(outcome.failed)}/{len(todo)} cells done, "
                           f"study ETA {duration(eta)}", rows)
