@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 
 from moe_eval.bootstrap import t_interval
 from workflows.report.pooled import MIN_SEEDS_FOR_INTERVAL, PooledRow
@@ -146,7 +147,7 @@ def usage_heatmaps(cells: list[Cell], runs: dict[str, Run], tracker: Tracker, pa
             continue
         try:
             panels[label] = _usage_matrix(tracker.read_text(run.info.run_id, "routing/expert_usage.csv"))
-        except Exception:  # dense cells (and pretrained baselines) log no routing
+        except (MlflowException, OSError):  # dense cells (and pretrained baselines) log no routing
             continue
     if not panels:
         return None
