@@ -13,6 +13,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from tuning.asha import stopped_trials
+from workflows.cell.engine import report_metrics
 from workflows.driver.launch import make_trainer
 from workflows.study.cells import Cell
 from workflows.study.sections import ResourcesConfig
@@ -56,15 +57,28 @@ def trial_run_id(tracker: Tracker, ctx: SweepContext, trial_id: str, cell: Cell,
                                     tags, params)
 
 
+def report_recorded(tracker: Tracker, ctx: SweepContext, trial_id: str) -> None:
+    """A trial that ends without training still owes Tune a result holding the sweep's metric: Tune's strict
+    metric check fails the whole restored sweep otherwise. Its last recorded metrics, from its MLflow run."""
+    found = tracker.runs_with_tag(ctx.experiment_id, TRIAL, trial_id)
+    if found:
+        metrics = found[0].data.metrics
+        ray.tune.report(report_metrics(metrics, int(metrics.get("train/step", 0))))
+
+
 def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
+    tracker = Tracker(ctx.tracking_uri)
     if trial_id in stopped_trials(ctx.asha_state_path):
-        return  # ASHA stopped it before the driver was killed; the restored sweep keeps that decision
+        # ASHA stopped it before the driver was killed; the restored sweep keeps that decision.
+        report_recorded(tracker, ctx, trial_id)
+        return
     cell = trial_cell(ctx, config)
-    run_id = trial_run_id(Tracker(ctx.tracking_uri), ctx, trial_id, cell, config)
+    run_id = trial_run_id(tracker, ctx, trial_id, cell, config)
     if run_id is None:
         # Closed in MLflow (finished, or stopped by ASHA) after Tune's last experiment snapshot: a restored sweep
         # must not train it again. MLflow is the record of what finished.
+        report_recorded(tracker, ctx, trial_id)
         return
     payload = {"cell": cell.resolved(), "data_path": ctx.data_paths[config["base"]],
                "tracking_uri": ctx.tracking_uri, "run_id": run_id}
