@@ -17,9 +17,8 @@ from workflows.driver.progress import Progress, StepRates, duration, read_progre
 from workflows.driver.ray_cluster import connect_if_remote, init_ray
 from workflows.driver.workspace import Workspace
 from workflows.provenance import git_commit, package_versions
-from workflows.report.exports import write_pooled_report
+from workflows.report.exports import pool, write_pooled_report
 from workflows.report.plots import write_plots
-from workflows.report.pooled import pooled_rows
 from workflows.report.summarization import write_summarization_report
 from workflows.report.table import table_rows, write_table
 from workflows.study.cells import Cell, PretrainedCell, expand, pretrained_cells
@@ -118,9 +117,10 @@ def _run_study(study: Study, ws: Workspace, address: str | None, progress: Progr
     runs = tracker.cell_runs(experiment_id)
     tracker.log_metrics(parent, headline_metrics(cells, runs), 0)
     outcome.table_path = write_table(table_rows(cells, runs), ws.root / study.name, tracker, parent)
-    outcome.pooled_path = write_pooled_report(cells, runs, study.baseline, ws.root / study.name, tracker, parent)
-    outcome.plots = write_plots(cells, runs, pooled_rows(cells, runs, study.baseline), ws.root / f"{study.name}_plots",
-                                tracker, parent)
+    pooled = pool(cells, runs, study.baseline, tracker)  # one read of the cells' sequence losses, for both
+    outcome.pooled_path = write_pooled_report(cells, runs, study.baseline, ws.root / study.name, tracker, parent,
+                                              pooled)
+    outcome.plots = write_plots(cells, runs, pooled, ws.root / f"{study.name}_plots", tracker, parent)
     outcome.summarization_report = write_summarization_report(
         study, cells, runs, tracker, summarization_texts(prepared), ws.root, parent,
         tracker.cell_runs(experiment_id, role="pretrained"))

@@ -105,9 +105,11 @@ def pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str | None,
 
 
 def write_pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str | None, stem: Path,
-                        tracker: Tracker | None = None, parent_run_id: str | None = None) -> Path:
-    """<study>_pooled.{md,csv,tex,html} in the workdir, and on the study's run under tables/."""
-    paths, rows = [], pool(cells, runs, baseline, tracker)
+                        tracker: Tracker | None = None, parent_run_id: str | None = None,
+                        rows: list[PooledRow] | None = None) -> Path:
+    """<study>_pooled.{md,csv,tex,html} in the workdir, and on the study's run under tables/. `rows`: already
+    pooled (the driver pools once for the report and the plots)."""
+    paths, rows = [], pool(cells, runs, baseline, tracker) if rows is None else rows
     for fmt, suffix in (("md", "md"), ("csv", "csv"), ("latex", "tex"), ("html", "html")):
         path = stem.with_name(f"{stem.name}_pooled.{suffix}")
         path.write_text(pooled_report(cells, runs, baseline, fmt, rows))
