@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from tuning.asha import stopped_trials
-from workflows.driver.progress import Progress, StepRates, read_progress
+from workflows.driver.progress import Progress, StepRates, progress_of
 from workflows.tracking import TRIAL, Tracker
 
 
@@ -51,8 +51,7 @@ class TrialWatcher:
             if trial in stopped:
                 self._event(trial, "stopped", f"  ASHA stopped trial {trial} ({router}) at step {step}/{self.steps}")
             if run.info.status == "RUNNING":
-                rows.append(read_progress(self.tracker, run.info.run_id, f"trial {trial} {router}", self.steps,
-                                          self.rates))
+                rows.append(progress_of(run, f"trial {trial} {router}", self.steps, self.rates))
             else:
                 self._event(trial, "ended", f"  trial {trial}  {router}  {run.info.status.lower()} at step "
                                             f"{step}/{self.steps}")

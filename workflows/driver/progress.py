@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
+from mlflow.entities import Run
+
 from workflows.tracking import Tracker
 
 
@@ -58,11 +60,16 @@ class StepRates:
         return (steps - step) * (now - first[0]) / (step - first[1])
 
 
-def read_progress(tracker: Tracker, run_id: str, label: str, steps: int, rates: StepRates) -> RunProgress:
-    metrics = tracker.client.get_run(run_id).data.metrics  # the latest value of each metric
+def progress_of(run: Run, label: str, steps: int, rates: StepRates) -> RunProgress:
+    """From a run as MLflow returns it (get_run or a search): the latest value of each metric."""
+    metrics = run.data.metrics
     step = int(metrics.get("train/step", 0))
     return RunProgress(label, step, steps, metrics.get("train/loss"), metrics.get("train/tokens_per_s"),
-                       rates.eta(run_id, step, steps))
+                       rates.eta(run.info.run_id, step, steps))
+
+
+def read_progress(tracker: Tracker, run_id: str, label: str, steps: int, rates: StepRates) -> RunProgress:
+    return progress_of(tracker.client.get_run(run_id), label, steps, rates)
 
 
 def study_eta(rows: list[RunProgress], queued: int, concurrency: int, cell_seconds: list[float]) -> float | None:

@@ -57,7 +57,7 @@ def watch_cells(study, tracker, runs: dict, out: TextIO, interval: float) -> dic
     none of its cells is running and its study run has ended. Returns the cells' final runs."""
     import time
 
-    from workflows.driver.progress import StepRates, progress_for, read_progress
+    from workflows.driver.progress import StepRates, progress_for, progress_of
     from workflows.study.cells import expand
 
     cells = {cell.id: cell for cell in expand(study)}
@@ -71,8 +71,7 @@ def watch_cells(study, tracker, runs: dict, out: TextIO, interval: float) -> dic
                 if cid in cells and run.info.status in ("FINISHED", "FAILED", "KILLED") and cid not in ended:
                     ended.add(cid)
                     progress.log(f"  {run.info.status.lower():8} {cid}  {cells[cid].title}")
-            rows = [read_progress(tracker, run.info.run_id, cells[cid].title, study.training.steps, rates)
-                    for cid, run in running.items()]
+            rows = [progress_of(run, cells[cid].title, study.training.steps, rates) for cid, run in running.items()]
             progress.show(f"{len(ended)}/{len(cells)} cells ended", rows)
             if not running and tracker.study_status(experiment_id, study.name) != "RUNNING":
                 return runs
