@@ -8,6 +8,8 @@ to the study's baseline router tested across seeds, compute next to quality, and
 - Regime check: when a study holds dense baselines of two widths (equal active FLOPs and equal parameters), does the
   wider one beat the narrower beyond the interval? If not, expert capacity does not matter at this size, and quality
   differences between routers are not evidence of better routing (the report says so in words).
+- Summarization adds what per-document scores allow: the same per-seed pooling of every document metric (ROUGE,
+  BLEU, BERTScore, extractiveness, `distinct`), and against the baseline the documents x seeds bootstrap.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import numpy as np
 from mlflow.entities import Run
 from scipy import stats
 
-from moe_eval.bootstrap import t_interval, two_level_difference
+from moe_eval.bootstrap import paired_p_value, t_interval, two_level_difference
+from moe_eval.score_sheet import BLEU, ScoreSheet
 from moe_models.spec import DENSE
 from workflows.report.table import METRIC_COLUMNS, Column
 from workflows.study.cells import Cell
@@ -77,6 +80,10 @@ def estimate(values: list[float]) -> Estimate:
         return Estimate(math.nan, math.nan, 0)
     mean, half = t_interval(values)
     return Estimate(mean, half, len(values))
+
+
+def _seeds_text(n: int) -> str:
+    return f"{n}" + ("" if n >= MIN_SEEDS_FOR_INTERVAL else " (no CI: < 3 seeds)")
 
 
 def paired_difference(system: dict[int, float], baseline: dict[int, float]) -> Difference | None:
@@ -217,9 +224,8 @@ def frame_rows(rows: list[PooledRow], baseline: str | None) -> tuple[list[str], 
             headers += ["Δ 95% CI (seeds x sequences bootstrap)", "p (bootstrap)"]
     out = []
     for row in rows:
-        n = len(row.seeds)
         cells: dict[str, Any] = {"router": row.router, "model": row.model, "dataset": row.dataset,
-                                 "seeds": f"{n}" + ("" if n >= MIN_SEEDS_FOR_INTERVAL else " (no CI: < 3 seeds)")}
+                                 "seeds": _seeds_text(len(row.seeds))}
         for header in metric_headers:
             cells[header] = row.values[header].text(digits[header]) if header in row.values else "—"
         if baseline is not None:
@@ -241,3 +247,66 @@ def frame_rows(rows: list[PooledRow], baseline: str | None) -> tuple[list[str], 
                 cells["p (bootstrap)"] = "" if b is None else f"{b[3]:.3g}"
         out.append(cells)
     return headers, out
+
+
+# Summarization: (header, metric, scale) of the per-document metrics; ROUGE and BERTScore x100, as papers report them.
+DOCUMENT_METRICS = (("ROUGE-1", "rouge1", 100), ("ROUGE-2", "rouge2", 100), ("ROUGE-L", "rougeL", 100),
+                    ("ROUGE-Lsum", "rougeLsum", 100), ("BLEU", BLEU, 1), ("BERTScore F1", "bertscore_f1", 100),
+                    ("bigrams in source", "bigram_overlap", 1), ("coverage", "coverage", 1), ("density", "density", 1),
+                    ("compression", "compression", 1), ("words", "summary_words", 1))
+TESTED_DOCUMENT_METRICS = ("rouge1", "rouge2", "rougeL", BLEU, "bertscore_f1")
+
+
+@dataclass
+class SystemRuns:
+    """One summarizer's finished cells (one per seed) on one model and dataset, with their per-document scores."""
+
+    label: str
+    seeds: list[int]
+    sheets: list[ScoreSheet]
+    predictions: list[list[str]]  # per seed, per document
+    pair_ids: list[str]
+    bleu_signature: str
+
+    @property
+    def distinct(self) -> list[float]:
+        """Per seed, the share of different summaries among the documents: near 0 when a model ignores its input."""
+        return [len(set(p)) / len(p) for p in self.predictions]
+
+
+def document_metrics_frame(systems: list[SystemRuns]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Per system: every document metric's corpus value per seed, pooled like every other table's columns."""
+    headers = ["router", "seeds", *(h for h, _, _ in DOCUMENT_METRICS), "distinct"]
+    rows = []
+    for s in systems:
+        row: dict[str, Any] = {"router": s.label, "seeds": _seeds_text(len(s.seeds))}
+        for header, metric, scale in DOCUMENT_METRICS:
+            row[header] = estimate([sheet.value(metric) * scale for sheet in s.sheets]).text(2)
+        row["distinct"] = estimate(s.distinct).text(2)
+        rows.append(row)
+    return headers, rows
+
+
+def document_difference_frame(systems: list[SystemRuns], baseline: str, num_resamples: int
+                              ) -> tuple[list[str], list[dict[str, Any]]] | None:
+    """Against the baseline: the difference of the seeds-pooled corpus values, with the two-sided documents x seeds
+    bootstrap p (moe_eval.bootstrap.paired_p_value); None when the baseline has no finished cells."""
+    base = next((s for s in systems if s.label == baseline), None)
+    if base is None:
+        return None
+    pooled_base = ScoreSheet.pooled(base.sheets)
+    tested = [(h, m, scale) for h, m, scale in DOCUMENT_METRICS if m in TESTED_DOCUMENT_METRICS]
+    headers = ["router", *(f"Δ{h} (p)" for h, _, _ in tested)]
+    rows = []
+    for s in systems:
+        if s is base:
+            continue
+        if s.pair_ids != base.pair_ids:
+            raise ValueError(f"{s.label} and {baseline} were scored on different test documents")
+        pooled = ScoreSheet.pooled(s.sheets)
+        row: dict[str, Any] = {"router": s.label}
+        for header, metric, scale in tested:
+            delta = (pooled.value(metric) - pooled_base.value(metric)) * scale
+            row[f"Δ{header} (p)"] = f"{delta:+.2f} ({paired_p_value(s.sheets, base.sheets, metric, num_resamples):.3f})"
+        rows.append(row)
+    return headers, rows

@@ -1,10 +1,9 @@
-"""The summarization comparison, built from what the cells logged to MLflow (per-document predictions and scores):
+"""The summarization report, built from what the cells logged to MLflow (per-document predictions and scores).
 
-- a table per router: mean ± 95% Student-t half-width across seeds of each metric;
-- paired-bootstrap p-values of every router against the study's baseline router, on the same test documents
-  (per-document scores averaged over seeds, BLEU statistics pooled);
-- a samples table (source excerpt, reference, each router's output for the same documents);
-- a blind human-rating sheet (systems hidden behind ids) and, in a separate file, its key.
+Its statistics come from the module every study's tables use (workflows/report/pooled.py): seeds pooled with the
+same intervals and the same fewer-than-3-seeds rule, and the documents x seeds bootstrap against the baseline.
+What only summarization has lives here: reading the per-document score sheets, a samples table (source excerpt,
+reference, each router's output for the same documents) and a blind human-rating sheet with its key kept apart.
 """
 from __future__ import annotations
 
@@ -13,35 +12,18 @@ import io
 import json
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+
 from pathlib import Path
 
-from moe_eval.bootstrap import paired_p_value, t_interval
-from moe_eval.score_sheet import BLEU, ScoreSheet
+from moe_eval.score_sheet import ScoreSheet
+from workflows.report.exports import markdown
+from workflows.report.pooled import SystemRuns, document_difference_frame, document_metrics_frame
 from workflows.study.cells import Cell, pretrained_cells
 from workflows.study.schema import Study
 from workflows.tracking import BLEU_SIGNATURE_TAG, PREDICTIONS_ARTIFACT, Tracker
 
-# (header, metric, scale): ROUGE and BERTScore shown x100, as papers report them.
-REPORT_METRICS = (("ROUGE-1", "rouge1", 100), ("ROUGE-2", "rouge2", 100), ("ROUGE-L", "rougeL", 100),
-                  ("ROUGE-Lsum", "rougeLsum", 100), ("BLEU", BLEU, 1), ("BERTScore F1", "bertscore_f1", 100),
-                  ("bigrams in source", "bigram_overlap", 1), ("coverage", "coverage", 1), ("density", "density", 1),
-                  ("compression", "compression", 1), ("words", "summary_words", 1))
-TESTED_METRICS = ("rouge1", "rouge2", "rougeL", BLEU, "bertscore_f1")
 RATING_CRITERIA = ("content", "coherence", "fluency", "factuality")
 EXCERPT_CHARS = 300
-
-
-@dataclass
-class SystemRuns:
-    """One router's finished cells (one per seed) on one model and dataset."""
-
-    label: str
-    seeds: list[int]
-    sheets: list[ScoreSheet]
-    predictions: list[list[str]]  # per seed, per document
-    pair_ids: list[str]
-    bleu_signature: str
 
 
 def _system(systems: dict[str, SystemRuns], label: str, seed: int, run, tracker: Tracker) -> None:
@@ -71,41 +53,9 @@ def load_systems(study: Study, cells: list[Cell], runs: dict, tracker: Tracker,
     return {key: list(systems.values()) for key, systems in grouped.items()}
 
 
-def _cell(values: list[float], scale: float) -> str:
-    mean, half = t_interval([v * scale for v in values])
-    return f"{mean:.2f}" if half != half else f"{mean:.2f} ± {half:.2f}"  # NaN half-width: a single seed
-
-
-def metrics_table(systems: list[SystemRuns]) -> str:
-    """`distinct`: share of different summaries among the documents — near 0 when a model ignores its input."""
-    headers = ["router", "seeds", *(h for h, _, _ in REPORT_METRICS), "distinct"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for s in systems:
-        cells = [_cell([sheet.value(metric) for sheet in s.sheets], scale) for _, metric, scale in REPORT_METRICS]
-        cells.append(_cell([len(set(p)) / len(p) for p in s.predictions], 1))
-        lines.append(f"| {s.label} | {len(s.seeds)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def p_value_table(systems: list[SystemRuns], baseline: str, num_resamples: int) -> str:
-    base = next((s for s in systems if s.label == baseline), None)
-    if base is None:
-        return f"(baseline {baseline!r} has no finished cells: no p-values)\n"
-    pooled_base = ScoreSheet.pooled(base.sheets)
-    headers = ["router", *(f"Δ{h} (p)" for h, m, _ in REPORT_METRICS if m in TESTED_METRICS)]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for s in systems:
-        if s is base:
-            continue
-        if s.pair_ids != base.pair_ids:
-            raise ValueError(f"{s.label} and {baseline} were scored on different test documents")
-        pooled = ScoreSheet.pooled(s.sheets)
-        cells = []
-        for _, metric, scale in (r for r in REPORT_METRICS if r[1] in TESTED_METRICS):
-            delta = (pooled.value(metric) - pooled_base.value(metric)) * scale
-            cells.append(f"{delta:+.2f} ({paired_p_value(s.sheets, base.sheets, metric, num_resamples):.3f})")
-        lines.append(f"| {s.label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def _differences(systems: list[SystemRuns], baseline: str, num_resamples: int) -> str:
+    frame = document_difference_frame(systems, baseline, num_resamples)
+    return markdown(*frame) if frame else f"(baseline {baseline!r} has no finished cells: no p-values)\n"
 
 
 def _one_line(text: str, limit: int) -> str:
@@ -160,12 +110,12 @@ def write_summarization_report(study: Study, cells: list[Cell], runs: dict, trac
         documents, references = texts[dataset]
         parts += [f"## {model} on {dataset} ({systems[0].sheets[0].num_documents} test documents)\n",
                   "Mean ± 95% t-interval half-width across seeds. ROUGE (stemmed) and BERTScore ×100; "
-                  f"BLEU: sacreBLEU `{systems[0].bleu_signature}`.\n", metrics_table(systems)]
+                  f"BLEU: sacreBLEU `{systems[0].bleu_signature}`.\n", markdown(*document_metrics_frame(systems))]
         if cfg.baseline:
             parts += [f"\nDifference to **{cfg.baseline}** (seeds pooled) and two-sided bootstrap p-value "
                       f"({cfg.bootstrap_resamples} resamples: test documents paired across systems, each system's "
                       "seeds resampled too):\n",
-                      p_value_table(systems, cfg.baseline, cfg.bootstrap_resamples)]
+                      _differences(systems, cfg.baseline, cfg.bootstrap_resamples)]
         parts += ["\n### Samples (first seed)\n", samples_table(systems, documents, references, cfg.samples)]
         sheet, key = rating_sheet(systems, documents, cfg.samples)
         stem = f"{study.name}_{model}_{dataset.replace(':', '_')}"
