@@ -119,6 +119,8 @@ BAD = {
     "repeated seed": (lambda s: s.update(seeds=[0, 0]), ["seeds: 0 is listed more than once"]),
     "repeated model": (lambda s: s["models"].append({"name": "gpt", "num_experts": 4, "label": "again"}),
                        ["models[1]: trains the same as models[0]"]),
+    "two models of one name": (lambda s: s["models"].append({"name": "gpt", "num_experts": 8}),
+                               ["models: two entries display as 'gpt'", "distinct `label`s"]),
     "repeated dataset": (lambda s: s["datasets"].append({"name": "builtin:domains"}),
                          ["datasets[1]: trains the same as datasets[0]"]),
     "routers equal but for their label": (lambda s: s["routers"].append({"name": "hash", "k": 1, "label": "h2"}),

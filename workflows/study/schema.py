@@ -41,6 +41,9 @@ class Study(StrictOptions):
                                 f"valid: {', '.join(labels)}")
         for dup in sorted({x for x in labels if labels.count(x) > 1}):
             problems.append(f"routers: two entries display as {dup!r}; give them distinct `label`s")
+        models = [m.display() for m in self.models]  # tables and plots key their rows by these names
+        for dup in sorted({x for x in models if models.count(x) > 1}):
+            problems.append(f"models: two entries display as {dup!r}; give them distinct `label`s")
         shapes = [experts_and_moe_layers(self, j) for j in range(len(self.models))]
         for j, model in enumerate(self.models):
             if model.name == "hf":
