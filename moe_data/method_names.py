@@ -1,0 +1,66 @@
+"""`builtin:method_names`: offline "extreme summarization" pairs from the standard library (Allamanis et al. 2016,
+"A Convolutional Attention Network for Extreme Summarization of Source Code"; code2seq, Alon et al. 2019).
+
+Document: a function's or method's source, docstring included, with its own name masked wherever it occurs.
+Summary: that name in words (`get_user_agents` and `getUserAgents` -> "get user agents"), the summary its author
+wrote. Unlike a docstring's one-line summary it can only be guessed from what the body does and the names it uses,
+and every function gives a pair, so a small model learns to condition on its input within a few hundred steps.
+"""
+from __future__ import annotations
+
+import ast
+import re
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+from moe_data.corpus import SPLITS, split_of
+from moe_data.docstrings import _modules
+from moe_data.pairs import Pair, PairCorpus
+
+MASK = "f"  # what the function's own name becomes in its source
+MIN_DOCUMENT_CHARS, MAX_DOCUMENT_CHARS = 80, 2_000
+_FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
+_WORDS = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
+
+
+def name_words(name: str) -> str:
+    """snake_case and camelCase identifiers as lower-case words: `_parseHTTPHeader_v2` -> "parse http header v 2"."""
+    return " ".join(w.lower() for w in _WORDS.findall(name))
+
+
+def _pairs_of(module: str, source: str) -> Iterator[Pair]:
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return
+    lines = source.splitlines()
+    for node in ast.walk(tree):
+        # Dunder methods are named by protocol, not by what they do.
+        if not isinstance(node, _FUNCTIONS) or node.name.startswith("__") or not name_words(node.name):
+            continue
+        code = "\n".join(lines[node.lineno - 1:node.end_lineno])
+        document = re.sub(rf"\b{re.escape(node.name)}\b", MASK, code)
+        if len(document) >= MIN_DOCUMENT_CHARS:
+            yield Pair(f"{module}:{node.lineno}:{node.name}", document[:MAX_DOCUMENT_CHARS], name_words(node.name))
+
+
+def load_method_names(max_chars: int) -> PairCorpus:
+    """Pairs until each split holds its share (90/5/5) of `max_chars` document characters; split by pair id."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    budget = {"train": 0.90 * max_chars, "validation": 0.05 * max_chars, "test": 0.05 * max_chars}
+    splits: dict[str, list[Pair]] = {s: [] for s in SPLITS}
+    used = dict.fromkeys(SPLITS, 0)
+    seen: set[str] = set()
+    for path in _modules(root):
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        for pair in _pairs_of(module, path.read_text(encoding="utf-8", errors="replace")):
+            split = split_of(pair.pair_id)
+            if used[split] >= budget[split] or pair.document in seen:  # the stdlib has a few verbatim copies
+                continue
+            seen.add(pair.document)
+            splits[split].append(pair)
+            used[split] += len(pair.document)
+        if all(used[s] >= budget[s] for s in SPLITS):
+            break
+    return PairCorpus(splits, source=f"builtin:method_names(max_chars={max_chars})")
