@@ -9,13 +9,11 @@
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Activation = Literal["gelu", "gelu_tanh", "swiglu"]
+from moe_models.spec import Activation
 ACTIVATIONS: tuple[str, ...] = ("gelu", "gelu_tanh", "swiglu")
 
 

@@ -3,10 +3,14 @@ the MoE routers, which a swapped-in or upcycled router needs to learn (and, by c
 `inject_adapter_in_model` works on any module, so the same call serves a wrapped checkpoint and our own models."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import Field, PositiveFloat, PositiveInt, confloat
-from torch import nn
 
 from moe_models.options import StrictOptions
+
+if TYPE_CHECKING:  # the options are read when a study is validated, which imports no torch
+    from torch import nn
 
 
 class LoRAOptions(StrictOptions):

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from moe_models.dispatch.capacity import DropPolicy
 from moe_models.routers import RouterOptions
 
+# An expert's (and a dense FFN's) nonlinearity (experts.py).
+Activation = Literal["gelu", "gelu_tanh", "swiglu"]
+# Which routes a full expert drops (dispatch/capacity.py): the latest in the batch, or the least likely.
+DropPolicy = Literal["position", "probs"]
 DENSE = "dense"  # pseudo-router name: the dense baseline replaces every MoE FFN by one FFN
 
 

@@ -1,8 +1,10 @@
 """Assignment registry: how a score-based router turns expert scores into chosen experts (selection only; gate
-values stay the router's scores). One import line per method file registers it."""
-from moe_models.assignment.base import ASSIGNMENTS, Assign
-from moe_models.assignment import balanced as _balanced  # noqa: F401
-from moe_models.assignment import greedy as _greedy  # noqa: F401
-from moe_models.assignment import sinkhorn as _sinkhorn  # noqa: F401
+values stay the router's scores). Each method's file registers it; its name and file are listed here, so a study
+file is validated without importing torch."""
+from moe_models.registry import Registry
 
-__all__ = ["ASSIGNMENTS", "Assign"]
+ASSIGNMENTS = Registry("assignment", lazy={"base": "moe_models.assignment.balanced",
+                                           "greedy": "moe_models.assignment.greedy",
+                                           "sinkhorn": "moe_models.assignment.sinkhorn"})
+
+__all__ = ["ASSIGNMENTS"]

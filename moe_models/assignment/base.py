@@ -9,8 +9,8 @@ from typing import Callable
 
 import torch
 
-from moe_models.registry import Registry
+from moe_models.assignment import ASSIGNMENTS
 
 Assign = Callable[[torch.Tensor, int, bool], torch.Tensor]  # (logits_TE no grad, k, training) -> expert_ids_TK
 
-ASSIGNMENTS: Registry[Assign] = Registry("assignment")
+__all__ = ["ASSIGNMENTS", "Assign"]

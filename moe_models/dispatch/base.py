@@ -1,7 +1,8 @@
 """Dispatch backends: move tokens to experts and back according to a RoutingDecision.
 
 Every backend consumes the same decision and the same capacity rule (dispatch/capacity.py), so routers never know
-which backend runs them. Adding a backend = one file registering a factory in `DISPATCH_BACKENDS`.
+which backend runs them. Adding a backend = one file registering a factory in `DISPATCH_BACKENDS`, and its name
+in `dispatch/__init__.py`.
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from moe_models.dispatch.capacity import DropPolicy
+from moe_models.dispatch import DISPATCH_BACKENDS
 from moe_models.experts import Activation, matmuls_per_token
-from moe_models.registry import Registry
+from moe_models.spec import DropPolicy
 
 
 @dataclass(frozen=True)
@@ -45,4 +46,4 @@ class DispatchFactory(Protocol):
     def __call__(self, spec: DispatchSpec) -> nn.Module: ...
 
 
-DISPATCH_BACKENDS: Registry[DispatchFactory] = Registry("dispatch backend")
+__all__ = ["DISPATCH_BACKENDS", "DispatchFactory", "DispatchOutput", "DispatchSpec"]

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from moe_models.routing import RoutingDecision
-
-DropPolicy = Literal["position", "probs"]
+from moe_models.spec import DropPolicy
 
 
 @dataclass

@@ -12,61 +12,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import NonNegativeInt, PositiveInt, confloat, model_validator
 from torch import nn
 
 from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
 from moe_models.dispatch.expert_parallel import StackedMoE
 from moe_models.experts import Activation, ExpertFFN
 from moe_models.moe_ffn import MoEAux, MoEFeedForward
-from moe_models.options import StrictOptions
+from moe_models.models.options import MoEModelOptions
 from moe_models.routers import ROUTERS, RouterContext
 from moe_models.spec import RoutingSpec
-
-
-class MoEModelOptions(StrictOptions):
-
-    d_model: PositiveInt = 128
-    n_heads: PositiveInt = 4
-    num_experts: PositiveInt = 4
-    expert_hidden: PositiveInt = 256  # F of each expert; the dense baseline scales it by its active experts
-    moe_every: NonNegativeInt = 1  # MoE FFN in blocks where (index+1) % moe_every == 0; 0 = no MoE at all
-    ep_size: PositiveInt = 1  # expert-parallel ranks (DeepSpeed ep_size); must divide num_experts
-    dispatch: str = "grouped"  # dropless grouped GEMMs (dispatch/grouped.py); "deepspeed" = DeepSpeed's MOELayer
-    dropout: confloat(ge=0, lt=1) = 0.0
-    expert_activation: Activation = "gelu"  # every FFN of the model: experts, shared experts, dense blocks
-    # Always-on experts of expert_hidden each beside the routed ones (DeepSeekMoE, Qwen-MoE), optionally gated per
-    # token (Qwen2-MoE). The dense baseline of "equal active FLOPs" counts them: its FFN is (active + shared) wide.
-    num_shared_experts: NonNegativeInt = 0
-    shared_expert_gate: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> "MoEModelOptions":
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.num_experts % self.ep_size:
-            raise ValueError(f"ep_size={self.ep_size} must divide num_experts={self.num_experts}")
-        if self.dispatch not in DISPATCH_BACKENDS:
-            raise ValueError(f"dispatch={self.dispatch!r} unknown; valid: {', '.join(DISPATCH_BACKENDS.names())}")
-        if self.shared_expert_gate and not self.num_shared_experts:
-            raise ValueError("shared_expert_gate: gates the shared experts, and num_shared_experts is 0")
-        return self
-
-    def dense_width(self, active_experts: int) -> int:
-        """FFN hidden width of a dense baseline with the active FLOPs of `active_experts` routed experts per token
-        plus the shared ones."""
-        return (active_experts + self.num_shared_experts) * self.expert_hidden
-
-    def stack_depths(self) -> tuple[int, ...]:
-        """Blocks per stack (one stack for a decoder; encoder and decoder for seq2seq): each family says."""
-        raise NotImplementedError
-
-    def moe_blocks(self) -> int:
-        return sum(self.is_moe_block(i) for depth in self.stack_depths() for i in range(depth))
-
-    def is_moe_block(self, index: int) -> bool:
-        """index counts the blocks of one stack (encoder and decoder separately)."""
-        return self.moe_every > 0 and (index + 1) % self.moe_every == 0
 
 
 @dataclass

@@ -7,19 +7,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveInt
 from torch import nn
 
-from moe_models.models.common import LMOutput, MoEModelOptions, build_ffn, init_parameters, next_token_output
+from moe_models.models.common import LMOutput, build_ffn, init_parameters, next_token_output
+from moe_models.models.options import GPTOptions
 from moe_models.moe_ffn import MoEAux, MoEFeedForward
 from moe_models.spec import RoutingSpec
-
-
-class GPTOptions(MoEModelOptions):
-    n_layers: PositiveInt = 2
-
-    def stack_depths(self) -> tuple[int, ...]:
-        return (self.n_layers,)
 
 
 class CausalSelfAttention(nn.Module):

@@ -14,41 +14,17 @@ decoder layers do not pass to `mlp`: the model hands them to its routed MLPs thr
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
 from moe_models.models.common import LMOutput, next_token_output
 from moe_models.moe_ffn import MoEAux, MoEFeedForward
-from moe_models.options import StrictOptions
+from moe_models.models.options import HFOptions, routing_problem
 from moe_models.pretrained.architecture import Architecture
-from moe_models.pretrained.upcycle import UpcycleOptions
 from moe_models.routers import RouterContext
 from moe_models.spec import RoutingSpec
-
-
-class HFOptions(StrictOptions):
-    pretrained: str = Field(min_length=1)  # hub name | local folder | cell:<model label>/<router label>
-    upcycle: UpcycleOptions | None = None  # dense checkpoints only
-    # MoE checkpoints: the swapped-in router starts from the checkpoint's gate (a linear router), or fresh.
-    init_router: Literal["pretrained", "random"] = "random"
-    dispatch: str = "grouped"
-    ep_size: PositiveInt = 1
-
-    @model_validator(mode="after")
-    def _check(self) -> "HFOptions":
-        from moe_models.dispatch import DISPATCH_BACKENDS
-        from moe_models.pretrained.source import cell_source
-
-        if self.dispatch not in DISPATCH_BACKENDS:
-            raise ValueError(f"dispatch={self.dispatch!r} unknown; valid: {', '.join(DISPATCH_BACKENDS.names())}")
-        cell_source(self.pretrained)  # a malformed cell: source is named here
-        if self.upcycle and self.upcycle.num_experts % self.ep_size:
-            raise ValueError(f"ep_size={self.ep_size} must divide upcycle.num_experts={self.upcycle.num_experts}")
-        return self
 
 
 @dataclass
@@ -146,27 +122,3 @@ def _check_fits(arch: Architecture, routing: RoutingSpec, opts: HFOptions, vocab
         raise ValueError(problem)
 
 
-def routing_problem(arch: Architecture, opts: HFOptions, dense_router: bool) -> str | None:
-    """Why a (checkpoint, options, router) combination cannot be built, or None."""
-    if arch.is_moe and opts.upcycle:
-        return (f"upcycle: the checkpoint is already an MoE ({arch.model_type}, {arch.num_experts} experts); "
-                "upcycling takes a dense checkpoint, router swap needs no upcycle")
-    if arch.is_moe and dense_router:
-        return (f"router dense on an MoE checkpoint ({arch.model_type}) has no dense FFN to train; for the "
-                "checkpoint's own routing use {name: topk, k: <its k>} with init_router: pretrained")
-    if not arch.is_moe and not dense_router and not opts.upcycle:
-        return (f"a routed router on a dense checkpoint ({arch.model_type}) needs upcycle: {{num_experts: ...}} "
-                "(router swap needs an MoE checkpoint)")
-    if not arch.is_moe and opts.init_router == "pretrained":
-        return "init_router: pretrained copies an MoE checkpoint's gate, and this checkpoint is dense"
-    return None
-
-
-def num_experts(arch: Architecture, opts: HFOptions) -> int:
-    return opts.upcycle.num_experts if opts.upcycle else arch.num_experts
-
-
-def moe_layers(arch: Architecture, opts: HFOptions) -> int:
-    if opts.upcycle:
-        return sum(opts.upcycle.is_moe_layer(i) for i in range(arch.num_layers))
-    return len(arch.moe_layers)

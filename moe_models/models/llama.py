@@ -10,37 +10,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveFloat, PositiveInt, model_validator
 from torch import nn
 
-from moe_models.experts import Activation
-from moe_models.models.common import LMOutput, MoEModelOptions, build_ffn, init_parameters, next_token_output
+from moe_models.models.common import LMOutput, build_ffn, init_parameters, next_token_output
+from moe_models.models.options import LlamaOptions
 from moe_models.moe_ffn import MoEAux, MoEFeedForward
 from moe_models.spec import RoutingSpec
-
-
-class LlamaOptions(MoEModelOptions):
-    n_layers: PositiveInt = 2
-    n_kv_heads: PositiveInt | None = None  # grouped-query attention (Ainslie et al. 2023); None = n_heads
-    rope_theta: PositiveFloat = 10_000.0
-    rms_norm_eps: PositiveFloat = 1e-6
-    tie_embeddings: bool = False
-    expert_activation: Activation = "swiglu"
-
-    @model_validator(mode="after")
-    def _heads(self) -> "LlamaOptions":
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even (rotary pairs)")
-        return self
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    def stack_depths(self) -> tuple[int, ...]:
-        return (self.n_layers,)
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

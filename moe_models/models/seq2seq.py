@@ -8,29 +8,17 @@ being processed), which is what hash routing needs. Shapes: B batch, S source le
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveInt, confloat
 from torch import nn
 
-from moe_models.models.common import LMOutput, MoEModelOptions, build_ffn, init_parameters
+from moe_models.models.common import LMOutput, build_ffn, init_parameters
+from moe_models.models.options import Seq2SeqOptions
 from moe_models.moe_ffn import MoEAux, MoEFeedForward
 from moe_models.spec import RoutingSpec
 
 IGNORE_INDEX = -100
-
-
-class Seq2SeqOptions(MoEModelOptions):
-    encoder_layers: PositiveInt = 2
-    decoder_layers: PositiveInt = 2
-    shared_embeddings: bool = True  # one token embedding for encoder, decoder and output projection
-    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
-    label_smoothing: confloat(ge=0, lt=1) = 0.0
-
-    def stack_depths(self) -> tuple[int, ...]:
-        return (self.encoder_layers, self.decoder_layers)
 
 
 def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:

@@ -13,41 +13,20 @@ copies of it, and a fresh router is added. Options, as the reports and Megatron-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from pydantic import PositiveInt, confloat, model_validator
 from torch import nn
 
 from moe_models.experts import Activation
 from moe_models.models.common import LayerShape, init_fresh, moe_block
 from moe_models.moe_ffn import MoEFeedForward
-from moe_models.options import StrictOptions
+from moe_models.models.options import UpcycleOptions
 from moe_models.pretrained.router_swap import load_experts
 from moe_models.routers import RouterContext
 from moe_models.spec import RoutingSpec
 
 # transformers' activation names -> our expert activations (GPT-2's gelu_new is the tanh approximation).
 GELU_NAMES = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
-
-
-class UpcycleOptions(StrictOptions):
-    num_experts: PositiveInt = 8
-    moe_every: PositiveInt = 1  # the MLP of every moe_every-th block, counting from 1, becomes MoE
-    granularity: PositiveInt = 1
-    scaling: Literal["preserve", "divide"] = "preserve"
-    noise: confloat(ge=0) = 0.0
-    drop_fraction: confloat(ge=0, le=1) = 0.0
-
-    @model_validator(mode="after")
-    def _groups(self) -> "UpcycleOptions":
-        if self.num_experts % self.granularity:
-            raise ValueError(f"granularity={self.granularity} must divide num_experts={self.num_experts} "
-                             "(each virtual group holds every slice once)")
-        return self
-
-    def is_moe_layer(self, index: int) -> bool:
-        return (index + 1) % self.moe_every == 0
 
 
 @dataclass

@@ -1,16 +1,18 @@
-"""Router registry. One import line per router file registers it."""
-from moe_models.routers.base import ROUTERS, Router, RouterContext, RouterOptions
-from moe_models.routers import attention as _attention  # noqa: F401
-from moe_models.routers import entropy_adaptive as _entropy_adaptive  # noqa: F401
-from moe_models.routers import expert_choice as _expert_choice  # noqa: F401
-from moe_models.routers import hash as _hash  # noqa: F401
-from moe_models.routers import hybrid as _hybrid  # noqa: F401
-from moe_models.routers import mlp as _mlp  # noqa: F401
-from moe_models.routers import mlp_hadamard as _mlp_hadamard  # noqa: F401
-from moe_models.routers import reference as _reference  # noqa: F401
-from moe_models.routers import self_supervised as _self_supervised  # noqa: F401
-from moe_models.routers import top_any as _top_any  # noqa: F401
-from moe_models.routers import top_p as _top_p  # noqa: F401
-from moe_models.routers import topk as _topk  # noqa: F401
+"""Router registry, torch-free: every router's name and options (routers/options.py) are known here; its module
+(`routers/<name>.py`, which registers the class) is imported on the first `ROUTERS.get(name)`."""
+from moe_models.registry import Registry
+from moe_models.routers.options import ROUTER_OPTIONS, RouterOptions
 
-__all__ = ["ROUTERS", "Router", "RouterContext", "RouterOptions"]
+ROUTERS = Registry("router", lazy={name: f"moe_models.routers.{name}" for name in ROUTER_OPTIONS.names()})
+
+
+def __getattr__(name: str):
+    """The torch side (Router, RouterContext) on demand, so that importing the registry stays light."""
+    if name in ("Router", "RouterContext"):
+        from moe_models.routers import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ROUTERS", "ROUTER_OPTIONS", "Router", "RouterContext", "RouterOptions"]

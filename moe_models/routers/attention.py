@@ -5,15 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import PositiveInt
 from torch import nn
 
-from moe_models.routers.base import ROUTERS, RouterContext, in_fp32
-from moe_models.routers.topk import TopKOptions, TopKRouter
-
-
-class AttentionOptions(TopKOptions):
-    d_key: PositiveInt = 32
+from moe_models.routers import ROUTERS
+from moe_models.routers.base import RouterContext, in_fp32
+from moe_models.routers.options import AttentionOptions
+from moe_models.routers.topk import TopKRouter
 
 
 class ExpertKeyScorer(nn.Module):

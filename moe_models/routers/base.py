@@ -1,8 +1,9 @@
 """Router interface: hidden states (+ token ids) in, one RoutingDecision out.
 
 A router is an nn.Module with a pydantic `Options` model (validated from the study file, unknown keys rejected) and a
-`forward(x_TD, token_ids_T) -> RoutingDecision`. Adding a router = one file that subclasses `Router` and registers
-itself in `ROUTERS`, plus one import line in `routers/__init__.py`.
+`forward(x_TD, token_ids_T) -> RoutingDecision`. Adding a router = its Options class in `routers/options.py`,
+registered under its name, and one file `routers/<name>.py` that subclasses `Router` and registers itself in
+`ROUTERS`.
 """
 from __future__ import annotations
 
@@ -13,16 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_models.options import StrictOptions
-from moe_models.registry import Registry
+from moe_models.routers.options import RouterOptions
 from moe_models.routing import RoutingDecision
-
-
-class RouterOptions(StrictOptions):
-
-    def max_experts_per_token(self, num_experts: int) -> int:
-        """Upper bound on experts per token in a layer of `num_experts`; the study validator checks it fits."""
-        return 1
 
 
 @dataclass(frozen=True)
@@ -40,13 +33,16 @@ class RouterContext:
 
 class Router(nn.Module):
     Options: ClassVar[type[RouterOptions]] = RouterOptions
-    # Routers that route by the document's domain label (the reference router) get `domain_ids_T` as a third
-    # argument; the rest never see labels.
+    # What the validator knows without torch (routers/options.py): whether the router reads domain labels (a third
+    # argument, `domain_ids_T`), is causal, and may leave a token unrouted.
     needs_domains: ClassVar[bool] = False
-    # Causal routers decide a token's experts from that token alone; a non-causal one (expert choice) looks at the
-    # whole batch, which leaks future tokens in an autoregressive model.
     causal: ClassVar[bool] = True
-    min_experts_per_token: ClassVar[int] = 1  # 0 where a token may be left unrouted (expert choice)
+    min_experts_per_token: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.needs_domains, cls.causal = cls.Options.needs_domains, cls.Options.causal
+        cls.min_experts_per_token = cls.Options.min_experts_per_token
 
     def __init__(self, ctx: RouterContext, options: RouterOptions):
         super().__init__()
@@ -91,4 +87,3 @@ class LinearScoreRouter(Router):
         return F.linear(x_TD.float(), self.proj.weight.float())
 
 
-ROUTERS: Registry[type[Router]] = Registry("router")

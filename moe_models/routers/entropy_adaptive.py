@@ -8,24 +8,11 @@ over the selection.
 from __future__ import annotations
 
 import torch
-from pydantic import PositiveInt, model_validator
 
-from moe_models.routers.base import ROUTERS, LinearScoreRouter, RouterOptions
+from moe_models.routers import ROUTERS
+from moe_models.routers.base import LinearScoreRouter
+from moe_models.routers.options import EntropyAdaptiveOptions
 from moe_models.routing import RoutingDecision
-
-
-class EntropyAdaptiveOptions(RouterOptions):
-    min_k: PositiveInt = 1
-    max_k: PositiveInt = 2
-
-    @model_validator(mode="after")
-    def _order(self) -> "EntropyAdaptiveOptions":
-        if self.min_k > self.max_k:
-            raise ValueError(f"min_k={self.min_k} must be <= max_k={self.max_k}")
-        return self
-
-    def max_experts_per_token(self, num_experts: int) -> int:
-        return self.max_k
 
 
 def adaptive_k(probs_TE: torch.Tensor, min_k: int, max_k: int) -> torch.Tensor:

@@ -10,28 +10,19 @@ autoregressive decoder it leaks the future. The study refuses it in such a model
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import torch
-from pydantic import PositiveFloat
 
-from moe_models.routers.base import ROUTERS, LinearScoreRouter, RouterOptions
+from moe_models.routers import ROUTERS
+from moe_models.routers.base import LinearScoreRouter
+from moe_models.routers.options import ExpertChoiceOptions
 from moe_models.routing import RoutingDecision
-
-
-class ExpertChoiceOptions(RouterOptions):
-    capacity: PositiveFloat = 1.0  # c: tokens per expert = c * T / E (mean experts per token = c)
-
-    def max_experts_per_token(self, num_experts: int) -> int:
-        return num_experts
 
 
 @ROUTERS.register("expert_choice")
 class ExpertChoiceRouter(LinearScoreRouter):
     Options = ExpertChoiceOptions
     options: ExpertChoiceOptions
-    causal: ClassVar[bool] = False
-    min_experts_per_token: ClassVar[int] = 0
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
         logits_TE = self.expert_logits(x_TD)

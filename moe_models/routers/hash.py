@@ -10,21 +10,13 @@ Each selected expert gets weight 1/k.
 from __future__ import annotations
 
 import heapq
-from typing import Literal
 
 import torch
-from pydantic import PositiveInt
 
-from moe_models.routers.base import ROUTERS, Router, RouterContext, RouterOptions
+from moe_models.routers import ROUTERS
+from moe_models.routers.base import Router, RouterContext
+from moe_models.routers.options import HashOptions
 from moe_models.routing import RoutingDecision
-
-
-class HashOptions(RouterOptions):
-    table: Literal["random", "balanced"] = "random"
-    k: PositiveInt = 1
-
-    def max_experts_per_token(self, num_experts: int) -> int:
-        return self.k
 
 
 def random_table(vocab_size: int, num_experts: int, k: int, generator: torch.Generator) -> torch.Tensor:

@@ -5,17 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import PositiveInt, confloat
 
 from moe_models.routers.attention import ExpertKeyScorer
-from moe_models.routers.base import ROUTERS, RouterContext
-from moe_models.routers.topk import TopKOptions, TopKRouter
-
-
-class HybridOptions(TopKOptions):
-    d_key: PositiveInt = 32
-    mix: confloat(gt=0, lt=1) = 0.5  # initial lambda
-    learn_mix: bool = True
+from moe_models.routers import ROUTERS
+from moe_models.routers.base import RouterContext
+from moe_models.routers.options import HybridOptions
+from moe_models.routers.topk import TopKRouter
 
 
 @ROUTERS.register("hybrid")

@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import torch
-from pydantic import PositiveInt
 from torch import nn
 
-from moe_models.routers.base import ROUTERS, RouterContext, in_fp32
-from moe_models.routers.topk import TopKOptions, TopKRouter
-
-
-class MLPOptions(TopKOptions):
-    hidden: PositiveInt = 64
+from moe_models.routers import ROUTERS
+from moe_models.routers.base import RouterContext, in_fp32
+from moe_models.routers.options import MLPOptions
+from moe_models.routers.topk import TopKRouter
 
 
 def feature_mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from moe_models.routers.base import ROUTERS, RouterContext, in_fp32
-from moe_models.routers.mlp import MLPOptions, feature_mlp
+from moe_models.routers import ROUTERS
+from moe_models.routers.base import RouterContext, in_fp32
+from moe_models.routers.mlp import feature_mlp
+from moe_models.routers.options import MLPHadamardOptions
 from moe_models.routers.topk import TopKRouter
-
-
-class MLPHadamardOptions(MLPOptions):
-    pass
 
 
 @ROUTERS.register("mlp_hadamard")

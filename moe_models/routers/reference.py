@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from moe_models.routers.base import ROUTERS, Router, RouterContext, RouterOptions
+from moe_models.routers import ROUTERS
+from moe_models.routers.base import Router, RouterContext
+from moe_models.routers.options import ReferenceOptions
 from moe_models.routing import RoutingDecision
-
-
-class ReferenceOptions(RouterOptions):
-    def max_experts_per_token(self, num_experts: int) -> int:
-        return 1  # B is only known with the dataset's domains; at most num_experts // num_domains
 
 
 @ROUTERS.register("reference")
 class ReferenceRouter(Router):
     Options = ReferenceOptions
-    needs_domains = True
 
     def __init__(self, ctx: RouterContext, options: ReferenceOptions):
         super().__init__(ctx, options)

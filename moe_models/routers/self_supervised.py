@@ -12,20 +12,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt, confloat
 
-from moe_models.routers.base import ROUTERS, RouterContext, in_fp32
+from moe_models.routers import ROUTERS
+from moe_models.routers.base import RouterContext, in_fp32
 from moe_models.routers.mlp import feature_mlp
-from moe_models.routers.topk import TopKOptions, TopKRouter
+from moe_models.routers.options import SelfSupervisedOptions
+from moe_models.routers.topk import TopKRouter
 from moe_models.routing import RoutingDecision
-
-
-class SelfSupervisedOptions(TopKOptions):
-    hidden: PositiveInt = 64  # width of phi
-    contrastive_weight: NonNegativeFloat = 0.1
-    temperature: PositiveFloat = 0.1
-    view_dropout: confloat(gt=0, lt=1) = 0.1  # the augmentation that makes the two views differ
-    contrastive_tokens: PositiveInt = 256  # tokens sampled per forward for InfoNCE (N x N similarities)
 
 
 def info_nce(view_a_ND: torch.Tensor, view_b_ND: torch.Tensor, temperature: float) -> torch.Tensor:

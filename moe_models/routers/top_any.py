@@ -10,21 +10,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeFloat, PositiveFloat
 from torch import nn
 
-from moe_models.routers.base import ROUTERS, Router, RouterContext, RouterOptions
+from moe_models.routers import ROUTERS
+from moe_models.routers.base import Router, RouterContext
+from moe_models.routers.options import TopAnyOptions
 from moe_models.routing import RoutingDecision
-
-
-class TopAnyOptions(RouterOptions):
-    tau: PositiveFloat = 10.0  # temperature of the cosine similarity
-    init_threshold: float = 0.0  # G_e at initialization (threshold sigmoid(tau*G_e))
-    diversity_loss: NonNegativeFloat = 0.0  # ||W^T W - I||_F on normalized expert embeddings
-    simplicity_loss: NonNegativeFloat = 0.0  # mean ||w_e||
-
-    def max_experts_per_token(self, num_experts: int) -> int:
-        return num_experts
 
 
 @ROUTERS.register("top_any")

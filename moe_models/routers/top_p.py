@@ -6,19 +6,11 @@ renormalized, as in the paper). Optional cap `max_k`, and the paper's dynamic lo
 from __future__ import annotations
 
 import torch
-from pydantic import NonNegativeFloat, PositiveInt, confloat
 
-from moe_models.routers.base import ROUTERS, LinearScoreRouter, RouterOptions
+from moe_models.routers import ROUTERS
+from moe_models.routers.base import LinearScoreRouter
+from moe_models.routers.options import TopPOptions
 from moe_models.routing import RoutingDecision
-
-
-class TopPOptions(RouterOptions):
-    p: confloat(gt=0, le=1) = 0.4
-    max_k: PositiveInt | None = None
-    entropy_loss: NonNegativeFloat = 0.0
-
-    def max_experts_per_token(self, num_experts: int) -> int:
-        return min(self.max_k or num_experts, num_experts)
 
 
 def top_p_mask(probs_TE: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:

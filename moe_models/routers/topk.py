@@ -5,48 +5,14 @@ renormalization stay here.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import NonNegativeFloat, PositiveInt, field_validator, model_validator
 
 from moe_models.assignment import ASSIGNMENTS
 from moe_models.fp32_state import Fp32Buffers
-from moe_models.routers.base import ROUTERS, LinearScoreRouter, RouterOptions
+from moe_models.routers import ROUTERS
+from moe_models.routers.base import LinearScoreRouter
+from moe_models.routers.options import TopKOptions
 from moe_models.routing import RoutingDecision
-
-
-class TopKOptions(RouterOptions):
-    k: PositiveInt = 1
-    score: Literal["softmax", "sigmoid"] = "softmax"
-    # Renormalizing the k selected weights to sum to 1 (Mixtral) removes the router's gradient through the
-    # weights when k=1, so it is off by default (Switch uses the raw probability).
-    renormalize: bool = False
-    jitter: NonNegativeFloat = 0.0  # multiplicative input noise U(1-eps, 1+eps) at training (Switch)
-    # Aux-loss-free balancing (Wang et al. 2024, arXiv 2408.15664): a per-expert bias added to the scores for
-    # *selection only*, moved by this rate u after each optimizer step (moe_models/expert_bias.py). 0 = off.
-    expert_bias_rate: NonNegativeFloat = 0.0
-    # How scores become choices (moe_models/assignment): greedy top-k, Sinkhorn (S-BASE) or BASE balanced
-    # assignment at training; every method is greedy at evaluation.
-    assignment: str = "greedy"
-
-    @field_validator("assignment")
-    @classmethod
-    def _known_assignment(cls, name: str) -> str:
-        ASSIGNMENTS.get(name)  # raises with the valid names
-        return name
-
-    @model_validator(mode="after")
-    def _one_balancer_in_selection(self) -> "TopKOptions":
-        if self.expert_bias_rate > 0 and self.assignment != "greedy":
-            raise ValueError(f"expert_bias_rate and assignment={self.assignment!r} both rewrite the selection; "
-                             "pick one")
-        if self.assignment == "base" and self.k != 1:
-            raise ValueError(f"assignment='base' is top-1 (BASE layers); got k={self.k}")
-        return self
-
-    def max_experts_per_token(self, num_experts: int) -> int:
-        return self.k
 
 
 @ROUTERS.register("topk")

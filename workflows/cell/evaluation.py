@@ -11,7 +11,7 @@ import torch
 from moe_data.prepare import PreparedData
 from moe_data.prepared_pairs import PreparedPairs
 from moe_models.analytics import NON_SCALAR, add_sums, difficulty_sums, pearson, saturation, summarize
-from moe_models.models import LMOutput
+from moe_models.models.common import LMOutput
 from workflows.cell.cost_metrics import cost_metrics, measure_peak_tflops, router_latency_share
 from workflows.cell.loop import aux_loss_metrics
 from workflows.cell.worker import Worker, all_reduce_sum

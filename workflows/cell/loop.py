@@ -7,7 +7,7 @@ import torch
 
 from moe_data.prepare import PreparedData
 from moe_data.prepared_pairs import PreparedPairs
-from moe_models.models import LMOutput
+from moe_models.models.common import LMOutput
 from moe_models.optimizer_hooks import after_optimizer_step
 from workflows.cell.worker import Worker, all_reduce_sum
 from workflows.study.cells import Cell

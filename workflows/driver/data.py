@@ -53,11 +53,11 @@ def summarization_texts(prepared: dict[DatasetEntry, PreparedDataset]) -> dict[s
 
 def check_domain_labels(cells: list[Cell], prepared: dict[DatasetEntry, PreparedDataset]) -> None:
     """Routers that route by domain label need labelled data: say so before anything launches."""
-    from moe_models.routers import ROUTERS
+    from moe_models.routers import ROUTER_OPTIONS
 
     problems = []
     for cell in cells:
-        if cell.router.name in ROUTERS and ROUTERS.get(cell.router.name).needs_domains:
+        if cell.router.name in ROUTER_OPTIONS and ROUTER_OPTIONS.get(cell.router.name).needs_domains:
             if not prepared[cell.dataset].domains:
                 problems.append(f"router {cell.router.display()!r} routes by domain label, but dataset "
                                 f"{cell.dataset.name!r} has none (set datasets[].domain_column or use builtin:domains)")

@@ -21,7 +21,7 @@ from moe_data.sources import parse_name, task_of
 from moe_models.balancing import BALANCING_LOSSES
 from moe_models.models import MODELS
 from moe_models.options import StrictOptions
-from moe_models.routers import ROUTERS
+from moe_models.routers import ROUTER_OPTIONS
 from moe_models.spec import DENSE, RoutingSpec
 
 
@@ -54,15 +54,15 @@ class RouterEntry(StrictOptions):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        if name != DENSE and name not in ROUTERS:
-            raise ValueError(f"unknown router {name!r}; valid: {', '.join(ROUTERS.names() + [DENSE])}")
+        if name != DENSE and name not in ROUTER_OPTIONS:
+            raise ValueError(f"unknown router {name!r}; valid: {', '.join(ROUTER_OPTIONS.names() + [DENSE])}")
         return name
 
     @field_validator("balancing")
     @classmethod
     def _known_losses(cls, balancing: dict[str, float]) -> dict[str, float]:
         for loss in balancing:
-            BALANCING_LOSSES.get(loss)  # raises with the valid names
+            BALANCING_LOSSES.check(loss)  # raises with the valid names
         return balancing
 
     @model_validator(mode="after")
@@ -71,11 +71,11 @@ class RouterEntry(StrictOptions):
             if self.options:
                 raise ValueError(f"the dense baseline takes no router options, got: {', '.join(self.options)}")
         else:
-            ROUTERS.get(self.name).Options(**self.options)
+            ROUTER_OPTIONS.get(self.name)(**self.options)
         return self
 
     def routing_spec(self) -> RoutingSpec:
-        options = None if self.name == DENSE else ROUTERS.get(self.name).Options(**self.options)
+        options = None if self.name == DENSE else ROUTER_OPTIONS.get(self.name)(**self.options)
         return RoutingSpec(self.name, options, dict(self.balancing), self.capacity_factor, self.drop_policy,
                            self.active_experts, self.balancing_scope)
 

@@ -4,9 +4,8 @@ whether each router of the study can be built on it (upcycle only on dense check
 ones)."""
 from __future__ import annotations
 
-from moe_models.models.hf import moe_layers, num_experts, routing_problem
+from moe_models.models.options import moe_layers, num_experts, routing_problem
 from moe_models.pretrained.architecture import Architecture
-from moe_models.pretrained.export import export_problem, hf_config
 from moe_models.pretrained.source import cell_source, read_config
 from moe_models.spec import DENSE
 
@@ -74,6 +73,8 @@ def lora_problems(targets: list[str], config: dict, j: int) -> list[str]:
 
 
 def _cell_config(study, source) -> dict:
+    from moe_models.pretrained.export import export_problem, hf_config  # builds on torch; only cell: sources
+
     models = {m.display(): m for m in study.models}
     routers = {r.display(): r for r in study.routers}
     if source.model_label not in models:

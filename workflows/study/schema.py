@@ -7,7 +7,7 @@ from pydantic import Field, NonNegativeInt, ValidationError, model_validator
 from moe_models.models import MODELS
 from moe_models.options import NAME_PATTERN, StrictOptions
 from moe_models.pretrained.source import CELL_PREFIX
-from moe_models.routers import ROUTERS
+from moe_models.routers import ROUTER_OPTIONS
 from moe_models.spec import DENSE
 from tuning.sweep_config import SweepConfig
 from workflows.study.entries import DatasetEntry, ModelEntry, RouterEntry
@@ -61,7 +61,7 @@ class Study(StrictOptions):
                 if router.name != DENSE and router.max_experts_per_token(experts) > experts:
                     problems.append(f"routers[{i}]: routes up to {router.max_experts_per_token(experts)} experts per token; "
                                     f"allowed: at most models[{j}].num_experts={experts}")
-                if (router.name != DENSE and not ROUTERS.get(router.name).causal and not router.allow_non_causal
+                if (router.name != DENSE and not ROUTER_OPTIONS.get(router.name).causal and not router.allow_non_causal
                         and MODELS.get(model.name).autoregressive):
                     problems.append(f"routers[{i}].allow_non_causal: {router.name} is non-causal (a token's experts "
                                     f"depend on later tokens) and models[{j}] ({model.name}) is autoregressive; "
