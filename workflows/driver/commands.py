@@ -52,7 +52,14 @@ def cmd_validate(args, out: TextIO) -> int:
     return 0
 
 
+def _torch_first() -> None:
+    """Load torch before MLflow, scipy and Ray bring in numpy's libraries: validation used to import it first, and
+    a cluster job's driver failed to load libtorch_cpu.so (oneMKL) when it came later."""
+    import torch  # noqa: F401
+
+
 def cmd_run(args, out: TextIO) -> int:
+    _torch_first()
     from workflows.driver.progress import progress_for
     from workflows.driver.runner import run_study
 
@@ -86,6 +93,7 @@ def _exit_code(kind: str, failed: dict[str, str]) -> int:
 
 
 def cmd_tune(args, out: TextIO) -> int:
+    _torch_first()
     from tuning.runner import tune_study
     from workflows.driver.progress import progress_for
 
