@@ -7,24 +7,14 @@ so a model cannot copy it; test modules are left out (their docstrings are rarel
 from __future__ import annotations
 
 import ast
-import hashlib
-import sysconfig
-from pathlib import Path
 from typing import Iterator
 
-from moe_data.corpus import SPLITS, split_of
 from moe_data.pairs import Pair, PairCorpus
+from moe_data.stdlib_pairs import budgeted_pairs
 
 MIN_SUMMARY_WORDS, MAX_SUMMARY_WORDS = 4, 40
 MIN_DOCUMENT_CHARS, MAX_DOCUMENT_CHARS = 200, 4_000
 _NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-
-
-def _modules(root: Path) -> list[Path]:
-    paths = (p for p in root.rglob("*.py")
-             if "site-packages" not in p.parts and not any("test" in part for part in p.relative_to(root).parts))
-    # Hash order, not alphabetical: a budget then samples across the whole library.
-    return sorted(paths, key=lambda p: hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest())
 
 
 def _code_without_docstring(lines: list[str], node: ast.AST) -> str:
@@ -53,21 +43,5 @@ def _pairs_of(module: str, source: str) -> Iterator[Pair]:
 
 def load_docstrings(max_chars: int) -> PairCorpus:
     """Pairs until each split holds its share (90/5/5) of `max_chars` document characters; split by pair id."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    budget = {"train": 0.90 * max_chars, "validation": 0.05 * max_chars, "test": 0.05 * max_chars}
-    splits: dict[str, list[Pair]] = {s: [] for s in SPLITS}
-    used = dict.fromkeys(SPLITS, 0)
-    seen: set[str] = set()
-    for path in _modules(root):
-        module = ".".join(path.relative_to(root).with_suffix("").parts)
-        for pair in _pairs_of(module, path.read_text(encoding="utf-8", errors="replace")):
-            split = split_of(pair.pair_id)
-            key = pair.summary + "\0" + pair.document
-            if used[split] >= budget[split] or key in seen:  # the stdlib has a few verbatim copies
-                continue
-            seen.add(key)
-            splits[split].append(pair)
-            used[split] += len(pair.document)
-        if all(used[s] >= budget[s] for s in SPLITS):
-            break
-    return PairCorpus(splits, source=f"builtin:docstrings(max_chars={max_chars})")
+    return budgeted_pairs(_pairs_of, max_chars, f"builtin:docstrings(max_chars={max_chars})",
+                          key=lambda pair: pair.summary + "\0" + pair.document)

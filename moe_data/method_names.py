@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import ast
 import re
-import sysconfig
-from pathlib import Path
 from typing import Iterator
 
-from moe_data.corpus import SPLITS, split_of
-from moe_data.docstrings import _modules
 from moe_data.pairs import Pair, PairCorpus
+from moe_data.stdlib_pairs import budgeted_pairs
 
 MASK = "f"  # what the function's own name becomes in its source
 MIN_DOCUMENT_CHARS, MAX_DOCUMENT_CHARS = 80, 2_000
@@ -47,20 +44,5 @@ def _pairs_of(module: str, source: str) -> Iterator[Pair]:
 
 def load_method_names(max_chars: int) -> PairCorpus:
     """Pairs until each split holds its share (90/5/5) of `max_chars` document characters; split by pair id."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    budget = {"train": 0.90 * max_chars, "validation": 0.05 * max_chars, "test": 0.05 * max_chars}
-    splits: dict[str, list[Pair]] = {s: [] for s in SPLITS}
-    used = dict.fromkeys(SPLITS, 0)
-    seen: set[str] = set()
-    for path in _modules(root):
-        module = ".".join(path.relative_to(root).with_suffix("").parts)
-        for pair in _pairs_of(module, path.read_text(encoding="utf-8", errors="replace")):
-            split = split_of(pair.pair_id)
-            if used[split] >= budget[split] or pair.document in seen:  # the stdlib has a few verbatim copies
-                continue
-            seen.add(pair.document)
-            splits[split].append(pair)
-            used[split] += len(pair.document)
-        if all(used[s] >= budget[s] for s in SPLITS):
-            break
-    return PairCorpus(splits, source=f"builtin:method_names(max_chars={max_chars})")
+    return budgeted_pairs(_pairs_of, max_chars, f"builtin:method_names(max_chars={max_chars})",
+                          key=lambda pair: pair.document)
