@@ -167,7 +167,7 @@ def test_submitted_study_runs_cells_on_both_nodes_and_logs_to_the_mlflow_server(
          "python", "-m", "workflows.driver.cli", "run", str(study), "--workdir", str(root / "work"),
          "--tracking-uri", cluster["mlflow"], "--storage-path", str(root / "shared")],
         env=cluster["env"], capture_output=True, text=True, timeout=900)
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert job.returncode == 0, job.stdout[-12000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout
 
     client = MlflowClient(cluster["mlflow"])

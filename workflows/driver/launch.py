@@ -10,7 +10,6 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from workflows import storage
-from workflows.cell.train_cell import train_cell
 from workflows.study.sections import ResourcesConfig
 
 
@@ -21,12 +20,21 @@ class CellResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def run_cell_in_worker(payload: dict[str, Any]) -> None:
+    """The train loop Ray Train ships to each worker. It imports the training code there, in the worker: the driver
+    never loads the engine, models or torch's compiler stack (faster to start, and a driver whose working dir Ray
+    re-unpacks under it, as a second node on the same host does, has nothing left to import from it)."""
+    from workflows.cell.train_cell import train_cell
+
+    train_cell(payload)
+
+
 def make_trainer(name: str, payload: dict[str, Any], resources: ResourcesConfig, storage_path: str,
                  callbacks: list | None = None) -> TorchTrainer:
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
-        train_cell,
+        run_cell_in_worker,
         train_loop_config=payload,
         scaling_config=ScalingConfig(num_workers=resources.workers_per_cell, use_gpu=use_gpu,
                                      resources_per_worker=per_worker),
