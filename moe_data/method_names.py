@@ -1,10 +1,11 @@
 """`builtin:method_names`: offline "extreme summarization" pairs from the standard library (Allamanis et al. 2016,
 "A Convolutional Attention Network for Extreme Summarization of Source Code"; code2seq, Alon et al. 2019).
 
-Document: a function's or method's source, docstring included, with its own name masked wherever it occurs.
+Document: a documented function's or method's docstring, with the function's own name masked wherever it occurs.
 Summary: that name in words (`get_user_agents` and `getUserAgents` -> "get user agents"), the summary its author
-wrote. Unlike a docstring's one-line summary it can only be guessed from what the body does and the names it uses,
-and every function gives a pair, so a small model learns to condition on its input within a few hundred steps.
+wrote. The docstring says in prose what the name says in two or three words, so the target is an abstractive,
+heavily compressed summary of the document; a small model learns to condition on it within ~1,000 steps (greedy
+outputs become input-specific), where from the source code alone it did not within 1,500.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from moe_data.pairs import Pair, PairCorpus
 from moe_data.stdlib_pairs import budgeted_pairs
 
 MASK = "f"  # what the function's own name becomes in its source
-MIN_DOCUMENT_CHARS, MAX_DOCUMENT_CHARS = 80, 2_000
+MIN_DOCUMENT_CHARS, MAX_DOCUMENT_CHARS = 40, 2_000
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 _WORDS = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
 
@@ -31,13 +32,14 @@ def _pairs_of(module: str, source: str) -> Iterator[Pair]:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return
-    lines = source.splitlines()
     for node in ast.walk(tree):
         # Dunder methods are named by protocol, not by what they do.
         if not isinstance(node, _FUNCTIONS) or node.name.startswith("__") or not name_words(node.name):
             continue
-        code = "\n".join(lines[node.lineno - 1:node.end_lineno])
-        document = re.sub(rf"\b{re.escape(node.name)}\b", MASK, code)
+        docstring = ast.get_docstring(node)
+        if not docstring:
+            continue
+        document = re.sub(rf"\b{re.escape(node.name)}\b", MASK, docstring)
         if len(document) >= MIN_DOCUMENT_CHARS:
             yield Pair(f"{module}:{node.lineno}:{node.name}", document[:MAX_DOCUMENT_CHARS], name_words(node.name))
 
