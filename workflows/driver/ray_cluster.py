@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from workflows.driver.workspace import Workspace
 from workflows.study.errors import StudyError
@@ -43,6 +44,12 @@ def connect_if_remote(ws: Workspace, address: str | None, verbose: bool) -> None
 RAY_TRAIN_POLLING = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def init_ray(address: str | None, verbose: bool = False) -> None:
     import ray
 
@@ -55,5 +62,8 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     # No address and no RAY_ADDRESS: a Ray of our own ("local"), never one left running on this machine, which
     # `ray.init()` would otherwise find through /tmp/ray and join.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose,
+    # A Ray of our own gets a free dashboard port: with Ray's fixed 8265 a second study on the same machine would
+    # start without a dashboard, and its ASHA-stopped trials would leak their CPUs (see above).
+    dashboard = {"dashboard_port": _free_port()} if address == "local" else {}
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose, **dashboard,
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning", **RAY_TRAIN_POLLING}})
