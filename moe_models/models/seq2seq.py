@@ -64,12 +64,13 @@ class EncoderBlock(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.attn = Attention(d_model, n_heads, dropout)
         self.ffn = ffn
+        self.drop = nn.Dropout(dropout)  # on each sub-layer's output (Vaswani et al. 2017, 5.4)
 
     def forward(self, x, token_ids, valid) -> tuple[torch.Tensor, MoEAux | None]:
         h = self.ln1(x)
-        x = x + self.attn(h, h, valid)
+        x = x + self.drop(self.attn(h, h, valid))
         y, aux = _ffn(self.ffn, self.ln2(x), token_ids, valid)
-        return x + y, aux
+        return x + self.drop(y), aux
 
 
 class DecoderBlock(nn.Module):
@@ -79,13 +80,14 @@ class DecoderBlock(nn.Module):
         self.self_attn = Attention(d_model, n_heads, dropout)
         self.cross_attn = Attention(d_model, n_heads, dropout)
         self.ffn = ffn
+        self.drop = nn.Dropout(dropout)  # on each sub-layer's output (Vaswani et al. 2017, 5.4)
 
     def forward(self, x, token_ids, valid, memory, memory_valid) -> tuple[torch.Tensor, MoEAux | None]:
         h = self.ln1(x)
-        x = x + self.self_attn(h, h, None, causal=True)  # right padding: real positions never see it
-        x = x + self.cross_attn(self.ln2(x), memory, memory_valid)
+        x = x + self.drop(self.self_attn(h, h, None, causal=True))  # right padding: real positions never see it
+        x = x + self.drop(self.cross_attn(self.ln2(x), memory, memory_valid))
         y, aux = _ffn(self.ffn, self.ln3(x), token_ids, valid)
-        return x + y, aux
+        return x + self.drop(y), aux
 
 
 class Seq2SeqMoE(nn.Module):

@@ -80,6 +80,25 @@ def test_loss_ignores_padded_labels_and_smooths_only_in_training():
     assert trained.token_nll_BS is None  # an evaluation product (its mask would read the device every step)
 
 
+def test_dropout_acts_on_embeddings_and_every_sublayer_output_in_training_only():
+    """Vaswani et al. 5.4: dropout on each sub-layer's output before the residual sum and on the embeddings. Eval
+    mode is the dropout-free model (same init: dropout has no parameters)."""
+    src, valid = padded([[5, 6, 7], [8, 9, 10, 11]])
+    dec = torch.tensor([[EOS, 3, 4], [EOS, 6, EOS]])
+    dropped, plain = model(TOPK2, dropout=0.3), model(TOPK2)
+    logits = lambda m: m.decode(m.encode(src, valid)[0], valid, dec)[0]
+    torch.testing.assert_close(logits(dropped), logits(plain))
+    applied = []
+    for module in dropped.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_hook(lambda mod, args, out: applied.append(bool((out == 0).any())))
+    dropped.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(logits(dropped), logits(plain))
+    # 2 embeddings + encoder (attention, FFN) x 2 + decoder (self-attention, cross-attention, FFN) x 2, each zeroing
+    assert len(applied) == 2 + 2 * 2 + 3 * 2 and all(applied)
+
+
 def test_decoder_hash_routes_by_the_decoder_token_id():
     m = model(HASH)
     seen = {}

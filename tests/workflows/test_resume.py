@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.processes import moelab_process
+from tests.processes import moelab_process, tail
 from workflows.driver.launch import RAY_TRAIN_SNAPSHOT, registered_checkpoints
 from workflows.study.cells import expand
 from workflows.study.loading import parse_study
@@ -28,7 +28,7 @@ STUDY = {
 
 
 def moelab_run(study: Path, workdir: Path) -> subprocess.Popen:
-    return moelab_process("run", study, workdir)
+    return moelab_process("run", study, workdir, log=workdir.parent / "moelab.log")
 
 
 def wait_until_logged(proc: subprocess.Popen, workdir: Path, study: str, cell_id: str, step: int) -> None:
@@ -41,7 +41,7 @@ def wait_until_logged(proc: subprocess.Popen, workdir: Path, study: str, cell_id
         runs = client.search_runs([exp.experiment_id], f"tags.`moelab.cell_id` = '{cell_id}'") if exp else []
         if runs and any(m.step >= step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")):
             return
-        assert proc.poll() is None, "study ended before the kill point"
+        assert proc.poll() is None, f"study ended before the kill point:\n{tail(workdir.parent / 'moelab.log')}"
         time.sleep(0.2)
     pytest.fail(f"cell {cell_id} never reached step {step}")
 
