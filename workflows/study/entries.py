@@ -156,7 +156,7 @@ class ModelEntry(StrictOptions):
 
 
 class DatasetEntry(StrictOptions):
-    name: str  # builtin:domains | builtin:docstrings | hf:<hub name> | file:<path>
+    name: str  # builtin:<name> (moe_data/builtin.py: BUILTIN) | hf:<hub name> | file:<path>
     vocab_size: int = Field(default=2048, ge=260, le=65536)  # >= 256 byte symbols + specials
     max_chars_per_domain: PositiveInt = 400_000
     text_column: str = "text"  # the document column of a summarization dataset
