@@ -7,15 +7,11 @@ docstring comes first, so a truncated document is mostly prose); undocumented on
 from __future__ import annotations
 
 import ast
-import re
 from typing import Iterator
 
-from moe_data.method_names import MASK, MAX_DOCUMENT_CHARS, MIN_DOCUMENT_CHARS, name_words
+from moe_data.method_names import masked_pair, named_functions
 from moe_data.pairs import Pair, PairCorpus
 from moe_data.stdlib_pairs import budgeted_pairs
-
-_FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
-
 
 def _code_of(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef, has_docstring: bool) -> str:
     start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
@@ -26,20 +22,12 @@ def _code_of(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef, has
 
 
 def _pairs_of(module: str, source: str) -> Iterator[Pair]:
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return
     lines = source.splitlines()
-    for node in ast.walk(tree):
-        # Dunder methods are named by protocol, not by what they do.
-        if not isinstance(node, _FUNCTIONS) or node.name.startswith("__") or not name_words(node.name):
-            continue
+    for node in named_functions(source):
         docstring = ast.get_docstring(node)
         text = (docstring + "\n\n" if docstring else "") + _code_of(lines, node, docstring is not None)
-        document = re.sub(rf"\b{re.escape(node.name)}\b", MASK, text)
-        if len(document) >= MIN_DOCUMENT_CHARS:
-            yield Pair(f"{module}:{node.lineno}:{node.name}", document[:MAX_DOCUMENT_CHARS], name_words(node.name))
+        if pair := masked_pair(module, node, text):
+            yield pair
 
 
 def load_function_names(max_chars: int) -> PairCorpus:

@@ -27,21 +27,29 @@ def name_words(name: str) -> str:
     return " ".join(w.lower() for w in _WORDS.findall(name))
 
 
-def _pairs_of(module: str, source: str) -> Iterator[Pair]:
+def named_functions(source: str) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]:
+    """Every function of a module whose name says what it does (dunders are named by protocol)."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return
     for node in ast.walk(tree):
-        # Dunder methods are named by protocol, not by what they do.
-        if not isinstance(node, _FUNCTIONS) or node.name.startswith("__") or not name_words(node.name):
-            continue
-        docstring = ast.get_docstring(node)
-        if not docstring:
-            continue
-        document = re.sub(rf"\b{re.escape(node.name)}\b", MASK, docstring)
-        if len(document) >= MIN_DOCUMENT_CHARS:
-            yield Pair(f"{module}:{node.lineno}:{node.name}", document[:MAX_DOCUMENT_CHARS], name_words(node.name))
+        if isinstance(node, _FUNCTIONS) and not node.name.startswith("__") and name_words(node.name):
+            yield node
+
+
+def masked_pair(module: str, node: ast.FunctionDef | ast.AsyncFunctionDef, text: str) -> Pair | None:
+    """`text` with the function's own name masked -> that name in words; None when the document is too short."""
+    document = re.sub(rf"\b{re.escape(node.name)}\b", MASK, text)
+    if len(document) < MIN_DOCUMENT_CHARS:
+        return None
+    return Pair(f"{module}:{node.lineno}:{node.name}", document[:MAX_DOCUMENT_CHARS], name_words(node.name))
+
+
+def _pairs_of(module: str, source: str) -> Iterator[Pair]:
+    for node in named_functions(source):
+        if (docstring := ast.get_docstring(node)) and (pair := masked_pair(module, node, docstring)):
+            yield pair
 
 
 def load_method_names(max_chars: int) -> PairCorpus:
