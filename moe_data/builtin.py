@@ -3,6 +3,7 @@
 `docstrings`: summarization pairs (moe_data/docstrings.py).
 `method_names`: extreme-summarization pairs, a function's docstring -> its name in words (moe_data/method_names.py).
 `function_names`: the same for every function, documented or not (moe_data/function_names.py).
+`library_method_names`: `method_names` over the stdlib and moelab's own dependencies (moe_data/library_method_names.py).
 
 `domains`: three clearly separable domains, each document labelled —
   python  the standard library's .py sources,
@@ -20,6 +21,7 @@ from typing import Iterable
 from moe_data.corpus import SPLITS, Corpus, Document, split_of
 from moe_data.docstrings import load_docstrings
 from moe_data.function_names import load_function_names
+from moe_data.library_method_names import load_library_method_names
 from moe_data.method_names import load_method_names
 
 MAX_DOC_CHARS = 16_000  # long files are truncated so one file cannot fill a domain's budget
@@ -75,5 +77,5 @@ def load_domains(max_chars_per_domain: int) -> Corpus:
 
 # name -> loader(max_chars) returning a Corpus (language modelling) or a PairCorpus (summarization)
 BUILTIN = {"domains": load_domains, "docstrings": load_docstrings, "method_names": load_method_names,
-           "function_names": load_function_names}
-SUMMARIZATION_BUILTINS = {"docstrings", "method_names", "function_names"}
+           "function_names": load_function_names, "library_method_names": load_library_method_names}
+SUMMARIZATION_BUILTINS = {"docstrings", "method_names", "function_names", "library_method_names"}

@@ -46,7 +46,7 @@ def masked_pair(module: str, node: ast.FunctionDef | ast.AsyncFunctionDef, text:
     return Pair(f"{module}:{node.lineno}:{node.name}", document[:MAX_DOCUMENT_CHARS], name_words(node.name))
 
 
-def _pairs_of(module: str, source: str) -> Iterator[Pair]:
+def documented_pairs(module: str, source: str) -> Iterator[Pair]:
     for node in named_functions(source):
         if (docstring := ast.get_docstring(node)) and (pair := masked_pair(module, node, docstring)):
             yield pair
@@ -54,5 +54,5 @@ def _pairs_of(module: str, source: str) -> Iterator[Pair]:
 
 def load_method_names(max_chars: int) -> PairCorpus:
     """Pairs until each split holds its share (90/5/5) of `max_chars` document characters; split by pair id."""
-    return budgeted_pairs(_pairs_of, max_chars, f"builtin:method_names(max_chars={max_chars})",
+    return budgeted_pairs(documented_pairs, max_chars, f"builtin:method_names(max_chars={max_chars})",
                           key=lambda pair: pair.document)
