@@ -6,6 +6,9 @@ time, and how long the CLI takes to answer. Everything is measured in one run, a
   python bench/orchestration.py --study studies/upcycling.yaml --cores 2             # any study file
   python bench/orchestration.py --sweep-trials 0                                      # the study only
 
+`ray_train_floor` is the same machine's wall time of a TorchTrainer.fit() over an empty train loop, measured in the
+same run, two at a time as the quickstart's cells run: the part of a cell's overhead that no Ray Train run avoids.
+
 The sweep part runs `moelab tune` on studies/sweep_quickstart.yaml with `--sweep-trials` trials and no early
 stopping, so every trial trains the same steps: per trial, overhead = its slot of the sweep's wall time
 (wall x concurrency / trials) - (setup + train + eval), which includes Tune's trial start that no MLflow run sees.
@@ -73,6 +76,46 @@ def sweep_breakdown(trials: int, cores: int) -> dict:
             "useful_share": sum(useful) / (wall * cores)}
 
 
+def _empty_train_loop(config: dict) -> None:
+    import ray.train
+
+    ray.train.report({"step": 1})
+
+
+def ray_train_floor(fits: int = 4, concurrencies: tuple[int, ...] = (1, 2)) -> dict:
+    """Ray Train's own cost of one fit() on this machine: TorchTrainer runs of an empty train loop (one worker, one
+    CPU, the driver's polling interval), one at a time and as many at a time as the quickstart runs cells. What a
+    cell's overhead has beyond this is moelab's; this much no cell that is a Ray Train run avoids."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from workflows.driver.ray_cluster import RAY_TRAIN_POLLING, init_ray
+
+    def fit(name: str, storage: str) -> float:
+        began = time.perf_counter()
+        TorchTrainer(_empty_train_loop, scaling_config=ScalingConfig(num_workers=1),
+                     run_config=RunConfig(name=name, storage_path=storage)).fit()
+        return time.perf_counter() - began
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        init_ray(None)  # the Ray a study starts: local, dashboard on, the same runtime env
+        try:
+            os.environ.update(RAY_TRAIN_POLLING)  # Ray Train hands the driver's value on to its controller
+            remote_fit = ray.remote(num_cpus=0)(fit)
+            for concurrent in concurrencies:
+                walls: list[float] = []
+                for first in range(0, fits, concurrent):
+                    walls += ray.get([remote_fit.remote(f"floor{concurrent}_{i}", tmp)
+                                      for i in range(first, first + concurrent)])
+                out[f"{concurrent}_at_a_time"] = {"fits": fits, "median": statistics.median(walls),
+                                                  "min": min(walls), "max": max(walls)}
+        finally:
+            ray.shutdown()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", default=str(REPO / "studies" / "quickstart.yaml"))
@@ -99,6 +142,10 @@ def main() -> None:
         "useful_share": useful / (study_wall * args.cores),
         "per_cell": rows,
     }
+    concurrent = yaml.safe_load(Path(args.study).read_text()).get("resources", {}).get("max_concurrent_cells", 1)
+    report["ray_train_floor_s"] = ray_train_floor(concurrencies=tuple(sorted({1, concurrent})))
+    floor = report["ray_train_floor_s"][f"{concurrent}_at_a_time"]["median"]
+    report["overhead_beyond_floor_per_cell_s"] = {"median": report["overhead_per_cell_s"]["median"] - floor}
     if args.sweep_trials:
         report["sweep"] = sweep_breakdown(args.sweep_trials, args.cores)
     emit(report, args.out)
