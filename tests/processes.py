@@ -1,9 +1,13 @@
 """Helpers for tests that drive `moelab` as a separate process (so it can be killed like a user's terminal)."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,6 +22,29 @@ def moelab_process(command: str, study: Path, workdir: Path, log: Path | None = 
     finally:
         if log:
             out.close()  # the child holds its own descriptor
+
+
+def kill_study(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGKILL a `moelab_process` and every process it started, and wait until all of them are gone. os.killpg alone
+    misses Ray's worker processes (the raylet starts them in process groups of their own; they exit only once they
+    notice the raylet is gone), and a Ray Train controller or worker that outlives the kill by a moment can still
+    write its checkpoint record after the test has started to inspect or alter what the kill left."""
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout)
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    assert not alive, f"still running after SIGKILL: {[p.pid for p in alive]}"
 
 
 def tail(log: Path, lines: int = 40) -> str:

@@ -1,13 +1,11 @@
 """A grid sweep through real Ray Tune + Ray Train + DeepSpeed + MLflow; re-running restores instead of re-running."""
-import os
-import signal
 import time
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.processes import moelab_process, tail
+from tests.processes import kill_study, moelab_process, tail
 from workflows.driver.cli import main
 
 pytestmark = pytest.mark.slow
@@ -101,8 +99,7 @@ def test_asha_sweep_killed_mid_trial_restores_with_decisions_kept_and_no_duplica
             break
         assert proc.poll() is None, "sweep ended before the kill point"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_study(proc)
     interrupted_run = running[0][0]
 
     log = tmp_path / "rerun.log"

@@ -12,7 +12,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.hf_tiny import tiny_causal_lm
-from tests.processes import moelab_process
+from tests.processes import kill_study, moelab_process
 from tests.workflows.test_resume import assert_one_point_per_step, wait_until_logged
 from workflows.study.cells import expand
 from workflows.study.errors import StudyError
@@ -127,8 +127,7 @@ def test_upcycled_and_swapped_checkpoints_train_with_lora_killed_and_resumed_wit
     proc = moelab_process("run", path, workdir)
     try:
         wait_until_logged(proc, workdir, "upcycle", target.id, 30)  # past its step-20 checkpoint
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_study(proc)
         rerun = moelab_process("run", path, workdir)
         assert rerun.wait(timeout=600) == 0
     finally:

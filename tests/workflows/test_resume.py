@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.processes import moelab_process, tail
+from tests.processes import kill_study, moelab_process, tail
 from workflows.driver.launch import RAY_TRAIN_SNAPSHOT, registered_checkpoints
 from workflows.study.cells import expand
 from workflows.study.loading import parse_study
@@ -59,8 +59,7 @@ def test_sigkill_then_rerun_resumes_without_retraining_or_duplicates(tmp_path):
     first, second = [c.id for c in expand(parse_study(STUDY))]
     proc = moelab_run(path, workdir)
     wait_until_logged(proc, workdir, "resume", second, 30)  # past the second cell's step-20 checkpoint
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_study(proc)
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("resume")
     before = {r.data.tags["moelab.cell_id"]: r for r in client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'")}
@@ -90,8 +89,7 @@ def test_kill_before_ray_registered_the_checkpoint_restarts_without_repeating_st
     (cell,) = [c.id for c in expand(parse_study(study))]
     proc = moelab_run(path, workdir)
     wait_until_logged(proc, workdir, "orphan", cell, 30)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_study(proc)
     run_dir = workdir / "ray_results" / "orphan" / cell
     orphans = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert orphans, "no checkpoint folder to orphan"
