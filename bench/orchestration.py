@@ -6,8 +6,9 @@ time, and how long the CLI takes to answer. Everything is measured in one run, a
   python bench/orchestration.py --study studies/upcycling.yaml --cores 2             # any study file
   python bench/orchestration.py --sweep-trials 0                                      # the study only
 
-`ray_train_floor` is the same machine's wall time of a TorchTrainer.fit() over an empty train loop, measured in the
-same run, two at a time as the quickstart's cells run: the part of a cell's overhead that no Ray Train run avoids.
+`ray_train_floor_s` is the same machine's wall time of a TorchTrainer.fit() over an empty train loop, measured in the
+same run, one at a time and as many at a time as the study runs cells: the part of a cell's overhead that no Ray
+Train run avoids.
 
 The sweep part runs `moelab tune` on studies/sweep_quickstart.yaml with `--sweep-trials` trials and no early
 stopping, so every trial trains the same steps: per trial, overhead = its slot of the sweep's wall time
