@@ -12,7 +12,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.hf_tiny import tiny_causal_lm
-from tests.processes import kill_study, moelab_process
+from tests.processes import moelab_process
 from tests.workflows.test_resume import assert_one_point_per_step, wait_until_logged
 from workflows.study.cells import expand
 from workflows.study.errors import StudyError
@@ -59,7 +59,7 @@ def test_bad_hf_entries_fail_before_launch_naming_the_field(folders, monkeypatch
     cases = {
         "upcycle on an MoE checkpoint": (
             with_model({"name": "hf", "pretrained": folders["mixtral"], "upcycle": {"num_experts": 4}}, top2),
-            "routers[0] on models[0] (hf): upcycle: the checkpoint is already an MoE (mixtral, 4 experts)"),
+            "routers[0]: on models[0] (hf), upcycle: the checkpoint is already an MoE (mixtral, 4 experts)"),
         "router swap on a dense checkpoint": (
             with_model({"name": "hf", "pretrained": folders["llama"]}, top2),
             "a routed router on a dense checkpoint (llama) needs upcycle"),
@@ -127,7 +127,8 @@ def test_upcycled_and_swapped_checkpoints_train_with_lora_killed_and_resumed_wit
     proc = moelab_process("run", path, workdir)
     try:
         wait_until_logged(proc, workdir, "upcycle", target.id, 30)  # past its step-20 checkpoint
-        kill_study(proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         rerun = moelab_process("run", path, workdir)
         assert rerun.wait(timeout=600) == 0
     finally:

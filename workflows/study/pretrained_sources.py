@@ -28,10 +28,10 @@ def hf_problems(study, j: int) -> list[str]:
     except ValueError as err:
         return [f"models[{j}].pretrained: {err}"]
     routers = [(i, r) for i, r in enumerate(study.routers) if model.crossed_with(r)]
-    problems = [f"routers[{i}] on models[{j}] ({model.display()}): {p}" for i, r in routers
+    problems = [f"routers[{i}]: on models[{j}] ({model.display()}), {p}" for i, r in routers
                 if (p := routing_problem(arch, opts, r.name == DENSE))]
     if opts.init_router == "pretrained" and arch.is_moe:
-        problems.extend(f"routers[{i}] on models[{j}] ({model.display()}): init_router: pretrained copies the "
+        problems.extend(f"routers[{i}]: on models[{j}] ({model.display()}), init_router: pretrained copies the "
                         f"checkpoint's linear gate, and {r.display()} has no linear scorer to copy it into; use "
                         "init_router: random, or a linear router (topk, top_p, ...)"
                         for i, r in routers if r.name != DENSE and not _has_linear_gate(r, arch))
