@@ -126,12 +126,13 @@ def main() -> None:
     args = parser.parse_args()
     moelab = [sys.executable, "-m", "workflows.driver.cli"]
     cli = {"help_s": timed([*moelab, "--help"]), "validate_s": timed([*moelab, "validate", args.study])}
+    import yaml
+
+    study = yaml.safe_load(Path(args.study).read_text())
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp) / "work"
         study_wall = timed([*moelab, "run", args.study, "--workdir", str(workdir)])
-        import yaml
-
-        rows = cell_breakdown(workdir, yaml.safe_load(Path(args.study).read_text())["name"])
+        rows = cell_breakdown(workdir, study["name"])
     useful = sum(r["setup"] + r["train"] + r["eval"] for r in rows)
     report = {
         "bench": "orchestration", "study": Path(args.study).name, "cores": args.cores, "cells": len(rows),
@@ -143,7 +144,7 @@ def main() -> None:
         "useful_share": useful / (study_wall * args.cores),
         "per_cell": rows,
     }
-    concurrent = yaml.safe_load(Path(args.study).read_text()).get("resources", {}).get("max_concurrent_cells", 1)
+    concurrent = study.get("resources", {}).get("max_concurrent_cells", 1)
     report["ray_train_floor_s"] = ray_train_floor(concurrencies=tuple(sorted({1, concurrent})))
     floor = report["ray_train_floor_s"][f"{concurrent}_at_a_time"]["median"]
     report["overhead_beyond_floor_per_cell_s"] = {"median": report["overhead_per_cell_s"]["median"] - floor}
