@@ -34,6 +34,9 @@ class LMOutput:
     # Per-token predictive entropy of the next-token distribution, evaluation only (no autograd graph): the
     # dynamic-routing report's measure of input difficulty, beside the token loss.
     token_entropy_BS: torch.Tensor | None = None
+    # Evaluation only: mean NLL per sequence (an LM window, a seq2seq pair's summary), the unit the report's
+    # two-level bootstrap resamples and pairs across cells.
+    sequence_nll_B: torch.Tensor | None = None
 
     @property
     def loss(self) -> torch.Tensor:
@@ -45,11 +48,13 @@ def next_token_output(logits_BSV: torch.Tensor, targets_BS: torch.Tensor, aux: d
     token_nll = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten(), reduction="none")
     lm_loss = token_nll.mean()
     aux_loss = sum((a.loss for a in aux.values()), lm_loss.new_zeros(()))
-    entropy = None
+    token_nll_BS = token_nll.detach().view_as(targets_BS)
+    entropy = sequence_nll = None
     if not logits_BSV.requires_grad:  # evaluating: one more pass over the logits, never in a training step
         log_p = F.log_softmax(logits_BSV.float(), dim=-1)
         entropy = -(log_p.exp() * log_p).sum(-1)
-    return LMOutput(lm_loss, aux_loss, aux, token_nll.detach().view_as(targets_BS), token_entropy_BS=entropy)
+        sequence_nll = token_nll_BS.mean(-1)
+    return LMOutput(lm_loss, aux_loss, aux, token_nll_BS, token_entropy_BS=entropy, sequence_nll_B=sequence_nll)
 
 
 def build_ffn(opts: MoEModelOptions, stack_index: int, layer_index: int, routing: RoutingSpec, vocab_size: int,

@@ -154,11 +154,14 @@ class Seq2SeqMoE(nn.Module):
         logits, labels = logits_BLV.flatten(0, 1).float(), labels_BL.flatten()
         smoothing = self.opts.label_smoothing if self.training else 0.0  # evaluation reports the plain NLL
         lm_loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, label_smoothing=smoothing)
-        token_nll = None
+        token_nll = sequence_nll = None
         if not self.training:  # input difficulty, an evaluation product: in training a second V-wide cross-entropy
             # and, through the mask, a host read
-            token_nll = F.cross_entropy(logits.detach(), labels, ignore_index=IGNORE_INDEX,
-                                        reduction="none")[valid_BL.flatten()]
+            nll_BL = F.cross_entropy(logits.detach(), labels, ignore_index=IGNORE_INDEX,
+                                     reduction="none").view_as(labels_BL)  # 0 at padding
+            token_nll = nll_BL[valid_BL]
+            sequence_nll = nll_BL.sum(-1) / valid_BL.sum(-1).clamp(min=1)  # a pair's mean over its summary tokens
         aux = {**enc_aux, **dec_aux}
         aux_loss = sum((a.loss for a in aux.values()), lm_loss.new_zeros(()))
-        return LMOutput(lm_loss, aux_loss, aux, token_nll, target_blocks=tuple(sorted(dec_aux)))
+        return LMOutput(lm_loss, aux_loss, aux, token_nll, target_blocks=tuple(sorted(dec_aux)),
+                        sequence_nll_B=sequence_nll)

@@ -113,3 +113,15 @@ def test_predictive_entropy_per_token_is_computed_only_when_evaluating():
     probs = torch.softmax(logits, -1).numpy()
     assert np.allclose(out.token_entropy_BS.numpy(), stats.entropy(probs, axis=-1), atol=1e-5)
     assert next_token_output(logits.requires_grad_(), targets, {}).token_entropy_BS is None  # a training step
+
+
+def test_a_decoders_sequence_loss_is_each_windows_mean_nll_and_only_when_evaluating():
+    from moe_models.models.common import next_token_output
+
+    logits = torch.randn(3, 4, 7, generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(7, (3, 4), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = next_token_output(logits, targets, {})
+    per_window = [torch.nn.functional.cross_entropy(logits[b], targets[b]).item() for b in range(3)]
+    torch.testing.assert_close(out.sequence_nll_B, torch.tensor(per_window))
+    assert next_token_output(logits.requires_grad_(), targets, {}).sequence_nll_B is None  # a training step

@@ -78,6 +78,25 @@ def test_loss_ignores_padded_labels_and_smooths_only_in_training():
     trained = m(src, valid, dec, labels)
     assert trained.lm_loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert trained.token_nll_BS is None  # an evaluation product (its mask would read the device every step)
+    assert trained.sequence_nll_B is None
+
+
+@pytest.mark.parametrize("routing", [TOPK2, HASH], ids=["topk", "hash"])
+def test_each_pairs_sequence_loss_is_its_loss_evaluated_alone(routing):
+    """What the report's two-level bootstrap pairs across cells: per pair, the mean NLL of its summary tokens, the
+    same as that pair's loss in a batch of its own; weighted by summary length, they give the batch's loss."""
+    m = model(routing)
+    docs, summaries = [[5, 6, 7], [8, 9, 10, 11], [12, 13]], [[3, 4, EOS], [6, EOS], [7, 8, 9, EOS]]
+    width = max(map(len, summaries))
+    dec = torch.tensor([[EOS, *y[:-1]] + [EOS] * (width - len(y)) for y in summaries])
+    labels = torch.tensor([y + [IGNORE_INDEX] * (width - len(y)) for y in summaries])
+    out = m(*padded(docs), dec, labels)
+    alone = [m(*padded([x]), torch.tensor([[EOS, *y[:-1]]]), torch.tensor([y])).lm_loss.item()
+             for x, y in zip(docs, summaries)]
+    torch.testing.assert_close(out.sequence_nll_B, torch.tensor(alone), atol=1e-5, rtol=1e-5)
+    lengths = torch.tensor([len(y) for y in summaries], dtype=torch.float)
+    assert (out.sequence_nll_B * lengths).sum().item() / lengths.sum().item() == pytest.approx(out.lm_loss.item(),
+                                                                                               rel=1e-5)
 
 
 def test_dropout_acts_on_embeddings_and_every_sublayer_output_in_training_only():

@@ -64,6 +64,9 @@ def test_cells_log_summary_metrics_with_confidence_intervals(study_run):
         assert m["test/rouge1"] == pytest.approx(sum(r["rouge1"] for r in rows) / 10)
         routing = {a.path for a in client.list_artifacts(run.info.run_id, "routing")}
         assert {"routing/expert_usage_encoder.png", "routing/expert_usage_decoder.png"} <= routing
+        pair_losses = json.loads(open(client.download_artifacts(run.info.run_id, "eval/sequence_losses.json")).read())
+        assert len(pair_losses) == 2 * 4  # eval_batches x micro_batch_size pairs: the eval loss's bootstrap pairs them
+        assert min(pair_losses) <= m["eval/loss"] <= max(pair_losses)  # the loss is their length-weighted mean
 
 
 def test_pretrained_baseline_is_an_evaluation_only_run_scored_like_the_cells(study_run):

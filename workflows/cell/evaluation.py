@@ -43,8 +43,9 @@ class Evaluation:
     metrics: dict[str, float]
     tables: dict[int, dict[str, list]]  # per MoE block: expert fractions, experts-per-token histogram, co-activation
     routes: dict[int, torch.Tensor]  # per MoE block: this rank's bool (T, E) choices on the fixed eval tokens
-    # This rank's mean loss per evaluation sequence, in order: every cell sees the same sequences (EVAL_SEED), so
-    # the report can pair two cells sequence by sequence (the token level of its two-level bootstrap).
+    # This rank's mean loss per evaluation sequence (a seq2seq pair: over its summary tokens), in order: every cell
+    # sees the same sequences (EVAL_SEED), so the report can pair two cells sequence by sequence (the token level of
+    # its two-level bootstrap).
     sequence_losses: list[float]
 
 
@@ -61,8 +62,8 @@ def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) 
         batch = data.sample("validation", t.micro_batch_size, gen, t.seq_len, t.target_len).to(engine.device)
         out: LMOutput = engine(*batch.inputs)
         loss_sum += torch.tensor([out.lm_loss.item() * batch.num_targets, batch.num_targets])
-        if out.token_nll_BS is not None and out.token_nll_BS.dim() == 2:  # decoders (seq2seq keeps valid tokens only)
-            sequence_losses.append(out.token_nll_BS.float().mean(-1).cpu())
+        if out.sequence_nll_B is not None:
+            sequence_losses.append(out.sequence_nll_B.float().cpu())
         target_blocks = [i for i in out.moe if out.target_blocks is None or i in out.target_blocks]
         if target_blocks:  # experts per token, averaged over the MoE layers the loss's tokens pass, against its loss
             experts_T = torch.stack([out.moe[i].expert_mask_TE.sum(-1) for i in target_blocks]).float().mean(0)
