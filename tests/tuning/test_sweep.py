@@ -6,8 +6,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.processes import kill_study, moelab_process, tail
-from workflows.driver.launch import registered_checkpoints
 from workflows.driver.cli import main
+from workflows.driver.launch import registered_checkpoints
 
 pytestmark = pytest.mark.slow
 
