@@ -47,5 +47,19 @@ def kill_study(proc: subprocess.Popen, timeout: float = 60) -> None:
     assert not alive, f"still running after SIGKILL: {[p.pid for p in alive]}"
 
 
+def interrupt_study(proc: subprocess.Popen, timeout: float = 120) -> int:
+    """Ctrl-C for a `moelab_process`: SIGINT to the driver alone, as a terminal delivers it to the foreground
+    command. Returns its exit code, once it and every process it had started are gone (a straggler is killed: by
+    its id, taken from the driver's own tree before the signal)."""
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGINT)
+    code = proc.wait(timeout)
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    for straggler in alive:
+        straggler.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+    return code
+
+
 def tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"

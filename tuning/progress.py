@@ -45,8 +45,9 @@ class TrialWatcher:
         stopped = stopped_trials(self.asha_state)
         rows = []
         for run in runs:
-            trial, router = run.data.tags.get(TRIAL, "?"), run.data.tags.get("router", "?")
-            self._event(trial, "started", f"  trial {trial}  {router}  started  {_params(run)}")
+            # The run's name says what the trial is (router and sampled values) and exists from its creation on.
+            trial, router = run.data.tags.get(TRIAL, "?"), run.info.run_name
+            self._event(trial, "started", f"  trial {trial}  {router}  started")
             step = int(run.data.metrics.get("train/step", 0))
             if trial in stopped:
                 self._event(trial, "stopped", f"  ASHA stopped trial {trial} ({router}) at step {step}/{self.steps}")
@@ -58,7 +59,3 @@ class TrialWatcher:
         ended = sum(r.info.status != "RUNNING" for r in runs)
         self.progress.show(f"{ended}/{len(runs)} trials ended", rows)
 
-
-def _params(run) -> str:
-    swept = {k.removeprefix("sweep."): v for k, v in run.data.params.items() if k.startswith("sweep.")}
-    return " ".join(f"{k}={v}" for k, v in sorted(swept.items()))

@@ -7,14 +7,16 @@ from typing import Any
 from mlflow.entities import Run
 
 from tuning.sweep_config import SweepConfig
-from workflows.tracking import REASON, TRIAL
+from workflows.report.exports import render
+from workflows.report.numbers import parse_number, readable
+from workflows.tracking import REASON, TRIAL, metric_key
 
 
 def trial_rows(runs: list[Run], sweep: SweepConfig) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
-        params = {path: run.data.params.get(f"sweep.{path}") for path in sweep.space}
-        rows.append({"trial": run.data.tags.get(TRIAL), "router": run.data.tags.get("router"),
+        params = {path: parse_number(run.data.params.get(f"sweep.{path}")) for path in sweep.space}
+        rows.append({"trial": run.data.tags.get(TRIAL), "name": run.info.run_name, "router": run.data.tags.get("router"),
                      "model": run.data.tags.get("model"), "dataset": run.data.tags.get("dataset"),
                      "status": run.info.status, "early_stopped": run.data.tags.get("moelab.early_stopped") == "true",
                      "steps": run.data.metrics.get("train/step"), sweep.metric: run.data.metrics.get(sweep.metric),
@@ -36,12 +38,36 @@ def best_per_router(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict
 
 
 def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    def fmt(v: Any) -> str:
-        return "—" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    """The rows as a Markdown table, every number to three significant digits."""
+    return render(columns, [{c: readable(r.get(c)) for c in columns} for r in rows], "md")
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+
+def best_trial(rows: list[dict[str, Any]], sweep: SweepConfig) -> dict[str, Any] | None:
+    """The finished trial with the best value of the sweep's metric, over every base cell."""
+    best = best_per_router(rows, sweep)
+    sign = 1 if sweep.mode == "min" else -1
+    return min(best, key=lambda row: sign * row[sweep.metric], default=None)
+
+
+def sweep_run_metrics(best: dict[str, Any], sweep: SweepConfig) -> dict[str, float]:
+    """The sweep run's own row in the MLflow UI: the winning trial's metric under its own name (so trials and the
+    sweep chart together), and each numeric value it sampled as `best/<path>`."""
+    return {sweep.metric: best[sweep.metric],
+            **{f"best/{path}": float(best[path]) for path in sweep.space
+               if isinstance(best[path], (int, float)) and not isinstance(best[path], bool)}}
+
+
+def study_headlines(rows: list[dict[str, Any]], sweep: SweepConfig) -> dict[str, float]:
+    """The study run's row: per swept router (and model, dataset when several), the sweep's best metric, named after
+    the sweep so that `moelab run`'s own headlines (best_eval_loss/<router>) stay apart."""
+    best = best_per_router(rows, sweep)
+    several = len({(r["model"], r["dataset"]) for r in best}) > 1
+    out = {}
+    for row in best:
+        label = " / ".join(filter(None, [row["router"], *((row["model"], row["dataset"]) if several else ())]))
+        out[f"sweep-{sweep.name}/best_{metric_key(sweep.metric.replace('/', '_'))}/{metric_key(label)}"] = \
+            row[sweep.metric]
+    return out
 
 
 def best_table(rows: list[dict[str, Any]], sweep: SweepConfig) -> str:

@@ -17,7 +17,15 @@ from mlflow.entities import Run
 from ray import tune
 
 from tuning.progress import TrialWatcher
-from tuning.report import best_table, markdown, plot_metric_vs_params, trial_rows
+from tuning.report import (
+    best_table,
+    best_trial,
+    markdown,
+    plot_metric_vs_params,
+    study_headlines,
+    sweep_run_metrics,
+    trial_rows,
+)
 from tuning.search import num_samples, param_space, scheduler, search_algorithm, tune_metric
 from tuning.trainable import SweepContext, run_trial
 from workflows import storage
@@ -112,14 +120,35 @@ def _tune_study(study: Study, ws: Workspace, address: str | None, progress: Prog
     study_run = tracker.study_run(experiment_id, study.name, {"git_commit": git_commit()})
     sweep_run = tracker.sweep_run(experiment_id, study_run, sweep.name, {"git_commit": git_commit()})
     tracker.log_text(sweep_run, sweep.model_dump_json(indent=2), "sweep.json")
+    outcome = SweepOutcome(sweep_run)
+    try:
+        _sweep(study, ws, address, verbose, tracker, experiment_id, study_run, sweep_run, outcome, progress)
+    except BaseException as err:
+        # Ctrl-C, or a failure of Tune or of the driver: nothing this sweep opened stays RUNNING in the UI. Trials
+        # keep their checkpoints and Tune its experiment state; the same command restores, reopens and closes them.
+        interrupted = isinstance(err, KeyboardInterrupt)
+        close_open_runs(tracker, experiment_id, sweep.name, [sweep_run, study_run],
+                        "KILLED" if interrupted else "FAILED",
+                        INTERRUPTED if interrupted else f"sweep failed: {type(err).__name__}: {err}")
+        if interrupted:
+            echo(f"interrupted: open trials were marked KILLED; {INTERRUPTED}")
+        raise
+    outcome.seconds = time.perf_counter() - began
+    return outcome
+
+
+def _sweep(study: Study, ws: Workspace, address: str | None, verbose: bool, tracker: Tracker, experiment_id: str,
+           study_run: str, sweep_run: str, outcome: SweepOutcome, progress: Progress) -> None:
+    sweep, echo = study.sweep, progress.log
     prepared = prepare_datasets(study, ws)
     bases = base_cells(study)
-    path = storage.join(ws.storage_path, f"sweep-{sweep.name}")
     asha_state = storage.join(ws.storage_path, f"sweep-{sweep.name}.asha.json")  # beside Tune's experiment dir
-    ctx = SweepContext(sweep.name, tuple(c.resolved() for c in bases), tuple(prepared[c.dataset].path for c in bases),
+    ctx = SweepContext(sweep.name, tuple(c.resolved() for c in bases), tuple(c.router for c in bases),
+                       tuple(prepared[c.dataset].path for c in bases),
                        tuple(cell_tags(c, prepared[c.dataset]) for c in bases), ws.tracking_uri, experiment_id,
-                       sweep_run, ws.storage_path, study.resources, asha_state)
+                       sweep_run, ws.storage_path, study.resources, asha_state, sweep.metric)
     init_ray(address, verbose)
+    quiet_tune(verbose)
     # Tune snapshots the experiment (trial states, ASHA's rungs) at most this often; the default (>= 10 s) would let
     # a killed driver forget up to 10 s of scheduling decisions. A snapshot of a few trials costs milliseconds.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
@@ -127,26 +156,8 @@ def _tune_study(study: Study, ws: Workspace, address: str | None, progress: Prog
     # node's built-in resource gives Tune a non-empty request and keeps trial drivers next to the study driver.
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"CPU": 0, "node:__internal_head__": 0.001})
-    outcome = SweepOutcome(sweep_run)
     closer = TrialRunCloser(ws.tracking_uri, experiment_id, study.training.steps)
-    if tune.Tuner.can_restore(path):
-        outcome.restored = True
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(sweep, len(bases)),
-            tune_config=tune.TuneConfig(
-                metric=tune_metric(sweep.metric), mode=sweep.mode,
-                search_alg=search_algorithm(sweep, sweep.max_concurrent_trials or study.resources.max_concurrent_cells),
-                scheduler=scheduler(sweep, study.training, asha_state), num_samples=num_samples(sweep, len(bases)),
-                trial_dirname_creator=lambda trial: trial.trial_id,  # lets results map back to MLflow runs
-            ),
-            run_config=tune.RunConfig(name=f"sweep-{sweep.name}", storage_path=ws.storage_path,
-                                      verbose=1 if verbose else 0,  # our own trial lines instead of Tune's table
-                                      callbacks=[closer],
-                                      failure_config=tune.FailureConfig(max_failures=study.resources.max_failures)),
-        )
+    tuner, outcome.restored = _tuner(study, ws, trainable, closer, len(bases), asha_state, verbose)
     echo(f"sweep {sweep.name}: {len(bases)} base cell(s), search {sweep.search}, scheduler {sweep.scheduler}"
          + (" (restored)" if outcome.restored else ""))
     with TrialWatcher(tracker, experiment_id, sweep.name, study.training.steps, asha_state, progress):
@@ -161,14 +172,64 @@ def _tune_study(study: Study, ws: Workspace, address: str | None, progress: Prog
         if reason:
             outcome.failed[trial_id] = reason
         outcome.trials += 1
-    finish_sweep(tracker, experiment_id, sweep_run, study, outcome)
-    outcome.seconds = time.perf_counter() - began
-    return outcome
+    finish_sweep(tracker, experiment_id, sweep_run, study_run, study, outcome)
 
 
-def finish_sweep(tracker: Tracker, experiment_id: str, sweep_run: str, study: Study, outcome: SweepOutcome) -> None:
+
+def _tuner(study: Study, ws: Workspace, trainable, closer: TrialRunCloser, bases: int, asha_state: str,
+           verbose: bool) -> tuple[tune.Tuner, bool]:
+    """The sweep's Tuner, restored from its storage path when an earlier run left one; and whether it was."""
+    sweep = study.sweep
+    path = storage.join(ws.storage_path, f"sweep-{sweep.name}")
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True), True
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(sweep, bases),
+        tune_config=tune.TuneConfig(
+            metric=tune_metric(sweep.metric), mode=sweep.mode,
+            search_alg=search_algorithm(sweep, sweep.max_concurrent_trials or study.resources.max_concurrent_cells),
+            scheduler=scheduler(sweep, study.training, asha_state), num_samples=num_samples(sweep, bases),
+            trial_dirname_creator=lambda trial: trial.trial_id,  # lets results map back to MLflow runs
+        ),
+        run_config=tune.RunConfig(name=f"sweep-{sweep.name}", storage_path=ws.storage_path,
+                                  verbose=1 if verbose else 0,  # our own trial lines instead of Tune's table
+                                  callbacks=[closer],
+                                  failure_config=tune.FailureConfig(max_failures=study.resources.max_failures)),
+    ), False
+
+INTERRUPTED = "interrupted; run the same command again to resume"
+
+
+def close_open_runs(tracker: Tracker, experiment_id: str, sweep_name: str, parents: list[str], status: str,
+                    reason: str) -> None:
+    """Ends the sweep's trial runs that are still RUNNING, then its sweep and study runs, with `status`."""
+    for run in tracker.trial_runs(experiment_id, sweep_name):
+        if run.info.status == "RUNNING":
+            tracker.finish(run.info.run_id, status, reason)
+    for run_id in parents:
+        tracker.finish(run_id, status, reason)
+
+
+def quiet_tune(verbose: bool) -> None:
+    """Tune's own terminal output (its configuration box, "View detailed results here", the TensorBoard hint) says
+    nothing a moelab user acts on: the trial lines and the best-trial table replace it (`--verbose` keeps it).
+    Tune's SIGINT handler would turn Ctrl-C into a graceful stop whose unfinished trials come back as results that
+    look finished; moelab handles Ctrl-C itself, as `moelab run` does."""
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter, which is silent at verbose=0
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+
+
+def finish_sweep(tracker: Tracker, experiment_id: str, sweep_run: str, study_run: str, study: Study,
+                 outcome: SweepOutcome) -> None:
+    """The sweep's tables and plot, its winner on the sweep run and headlines on the study run; then both close."""
     sweep = study.sweep
     rows = trial_rows(tracker.trial_runs(experiment_id, sweep.name), sweep)
+    if (best := best_trial(rows, sweep)) is not None:
+        tracker.log_metrics(sweep_run, sweep_run_metrics(best, sweep), 0)
+        tracker.set_tags(sweep_run, {"moelab.best_trial": best["trial"], "moelab.best_trial_name": best["name"]})
+        tracker.log_metrics(study_run, study_headlines(rows, sweep), 0)
     columns = ["trial", "router", "model", "dataset", "status", "early_stopped", "steps", sweep.metric, *sweep.space]
     tracker.log_text(sweep_run, markdown(rows, columns), "tables/trials.md")
     outcome.best_table = best_table(rows, sweep)
@@ -176,7 +237,9 @@ def finish_sweep(tracker: Tracker, experiment_id: str, sweep_run: str, study: St
     with tempfile.TemporaryDirectory() as tmp:
         tracker.log_artifact(sweep_run, plot_metric_vs_params(rows, sweep, Path(tmp) / "metric_vs_params.png"),
                              "plots")
-    tracker.finish(sweep_run, "FAILED" if outcome.failed else "FINISHED")
+    status = "FAILED" if outcome.failed else "FINISHED"
+    tracker.finish(sweep_run, status)
+    tracker.finish(study_run, status)
 
 
 

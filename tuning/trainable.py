@@ -15,7 +15,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from tuning.asha import stopped_trials
 from workflows.cell.engine import report_metrics
 from workflows.driver.launch import make_trainer
+from workflows.report.numbers import readable
 from workflows.study.cells import Cell
+from workflows.study.entries import RouterEntry
 from workflows.study.sections import ResourcesConfig
 from workflows.tracking import ROLE, SWEEP, TRIAL, Tracker, flatten
 
@@ -26,6 +28,7 @@ class SweepContext:
 
     sweep_name: str
     base_cells: tuple[dict[str, Any], ...]  # resolved configs of the cells being swept
+    base_routers: tuple[RouterEntry, ...]  # their router entries as the study file writes them (trial names)
     data_paths: tuple[str, ...]
     tags: tuple[dict[str, str], ...]  # per base cell: router/model/dataset/seed/provenance tags
     tracking_uri: str
@@ -34,6 +37,14 @@ class SweepContext:
     storage_path: str
     resources: ResourcesConfig
     asha_state_path: str  # where ResumableASHA records the trials it stopped
+    metric: str = "eval/loss"  # what the sweep optimises: each trial's run logs it first (see train_cell)
+
+
+def trial_name(base: RouterEntry, params: dict[str, Any]) -> str:
+    """What the trial is, as its MLflow run name and terminal lines say it: the base router's written options with the
+    sampled values over them, e.g. topk(k=1, switch_lbl=1.33e-4)."""
+    values = {**base.options, **{path.rpartition(".")[2]: value for path, value in params.items()}}
+    return f"{base.name}({', '.join(f'{key}={readable(value)}' for key, value in values.items())})"
 
 
 def trial_cell(ctx: SweepContext, config: dict[str, Any]) -> Cell:
@@ -53,7 +64,8 @@ def trial_run_id(tracker: Tracker, ctx: SweepContext, trial_id: str, cell: Cell,
         return found[0].info.run_id
     tags = {**ctx.tags[config["base"]], ROLE: "trial", SWEEP: ctx.sweep_name, TRIAL: trial_id}
     params = {**flatten(cell.resolved()), **{f"sweep.{k}": v for k, v in config["params"].items()}}
-    return tracker.create_child_run(ctx.experiment_id, ctx.sweep_run_id, f"{cell.router.display()}-{trial_id}",
+    return tracker.create_child_run(ctx.experiment_id, ctx.sweep_run_id,
+                                    trial_name(ctx.base_routers[config["base"]], config["params"]),
                                     tags, params)
 
 
@@ -81,7 +93,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         report_recorded(tracker, ctx, trial_id)
         return
     payload = {"cell": cell.resolved(), "data_path": ctx.data_paths[config["base"]],
-               "tracking_uri": ctx.tracking_uri, "run_id": run_id}
+               "tracking_uri": ctx.tracking_uri, "run_id": run_id, "first_metric": ctx.metric}
     trainer = make_trainer(f"train-trial_id={trial_id}", payload, ctx.resources, ctx.storage_path,
                            callbacks=[TuneReportCallback()])
     trainer.fit()

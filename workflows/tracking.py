@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ ROLE, STUDY, CELL, REASON = "moelab.role", "moelab.study", "moelab.cell_id", "mo
 SWEEP, TRIAL = "moelab.sweep", "moelab.trial_id"
 SEQUENCE_LOSSES = "eval/sequence_losses.json"  # a cell's final evaluation, loss per sequence (rank 0's sequences)
 PARENT = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment in its GenAI view unless the experiment declares itself a training experiment.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 # What a summarization cell leaves for the report: each document's output and scores, and the BLEU signature.
 PREDICTIONS_ARTIFACT, BLEU_SIGNATURE_TAG = "summaries/test_predictions.jsonl", "moelab.bleu_signature"
 _BATCH = 900  # log_batch accepts at most 1000 metrics per call
@@ -42,6 +45,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def metric_key(label: str) -> str:
+    """A router or model label as part of a metric name: MLflow allows only word characters, - . / and spaces."""
+    return re.sub(r"[^\w\-. /]", "_", label)
 
 
 def _retry(fn, *args, attempts: int = 8, **kwargs):
@@ -85,9 +93,12 @@ class Tracker:
     # --- experiments and runs -------------------------------------------------------------------------------------
     def experiment(self, name: str, artifact_location: str | None = None) -> str:
         found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        return self.client.create_experiment(name, artifact_location=artifact_location)
+        if found is None:
+            return self.client.create_experiment(name, artifact_location=artifact_location,
+                                                 tags={EXPERIMENT_KIND: MODEL_TRAINING})
+        if found.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:  # created before moelab declared it
+            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        return found.experiment_id
 
     def study_run(self, experiment_id: str, study_name: str, tags: dict[str, str]) -> str:
         runs = self._search(experiment_id, f"tags.`{ROLE}` = 'study' and tags.`{STUDY}` = '{study_name}'")

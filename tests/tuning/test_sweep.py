@@ -5,7 +5,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.processes import kill_study, moelab_process, tail
+from tests.processes import interrupt_study, moelab_process, tail
 from workflows.driver.cli import main
 from workflows.driver.launch import registered_checkpoints
 
@@ -45,12 +45,31 @@ def test_grid_sweep_logs_one_child_run_per_trial_and_restores(tmp_path, capsys, 
         assert run.data.metrics["eval/moe/experts_per_token"] == pytest.approx(float(run.data.params["sweep.k"]))
     artifacts = {a.path for d in ("tables", "plots") for a in client.list_artifacts(sweep_run[0].info.run_id, d)}
     assert {"tables/trials.md", "tables/best_per_router.md", "plots/metric_vs_params.png"} <= artifacts
-    out = capsys.readouterr().out
+    study_run = client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'study'")
+    assert [r.info.status for r in study_run] == ["FINISHED"]  # a finished sweep closes its study run
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's training view, not GenAI's
+    # The sweep run answers "which trial won": its metric, the values it sampled, and which trial it was.
+    (best,) = [r for r in runs if r.data.metrics["eval/loss"] == min(t.data.metrics["eval/loss"] for t in runs)]
+    assert sweep_run[0].data.metrics["eval/loss"] == best.data.metrics["eval/loss"]
+    assert sweep_run[0].data.metrics["best/k"] == float(best.data.params["sweep.k"])
+    assert sweep_run[0].data.tags["moelab.best_trial"] == best.data.tags["moelab.trial_id"]
+    assert study_run[0].data.metrics["sweep-k/best_eval_loss/topk_k_1_"] == best.data.metrics["eval/loss"]
+    for run in runs:
+        k = run.data.params["sweep.k"]
+        assert run.info.run_name == f"topk(k={k})"  # the trial's values, not the base cell's label
+        # The sweep's metric is each trial's first metric (MLflow's compare view charts that one by default),
+        # logged at step 0 by an evaluation of the untrained model, and once per evaluation after it.
+        assert next(iter(run.data.metrics)) == "eval/loss"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [0, 2, 4]
+    out, err = capsys.readouterr()
     assert "best eval/loss (min) per router" in out and "| topk(k=1) |" in out
-    for run in runs:  # the live trial lines: each trial's start with its swept value, and its end
+    for notice in ("Configuration for experiment", "View detailed results", "tensorboard",
+                   "PYTHON worker processes have been started"):
+        assert notice not in out + err
+    for run in runs:  # the live trial lines: each trial's start under its name, and its end
         trial = run.data.tags["moelab.trial_id"]
-        assert f"trial {trial}  topk(k=1)  started  k={run.data.params['sweep.k']}" in out
-        assert f"trial {trial}  topk(k=1)  finished at step 4/4" in out
+        assert f"trial {trial}  {run.info.run_name}  started" in out
+        assert f"trial {trial}  {run.info.run_name}  finished at step 4/4" in out
 
     # The same command again restores the finished sweep: no new trials, no new runs.
     assert main(["tune", str(path), "--workdir", str(workdir)]) == 0
@@ -92,10 +111,11 @@ def checkpoint_registered(workdir, trial_id: str) -> bool:
     return any(registered_checkpoints(str(run_dir)) for run_dir in workdir.rglob(f"train-trial_id={trial_id}"))
 
 
-def test_asha_sweep_killed_mid_trial_restores_with_decisions_kept_and_no_duplicates(tmp_path):
+def test_asha_sweep_interrupted_mid_trial_closes_its_runs_and_restores_with_decisions_kept(tmp_path):
     path, workdir = tmp_path / "asha.yaml", tmp_path / "work"
     path.write_text(yaml.safe_dump(ASHA_STUDY))
-    proc = moelab_process("tune", path, workdir)
+    log = tmp_path / "interrupted.log"
+    proc = moelab_process("tune", path, workdir, log)
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     # Kill once a trial has been closed (finished or stopped by ASHA) and a later one is past its first checkpoint.
     for _poll in range(3000):  # bounded wait, a hang guard
@@ -108,14 +128,22 @@ def test_asha_sweep_killed_mid_trial_restores_with_decisions_kept_and_no_duplica
             break
         assert proc.poll() is None, "sweep ended before the kill point"
         time.sleep(0.2)
-    kill_study(proc)
+    assert interrupt_study(proc) == 130, tail(log)
     interrupted_run = running[0][0]
+    # Ctrl-C leaves nothing RUNNING in the UI: the open trials, the sweep run and the study run are KILLED.
+    statuses = {r.data.tags["moelab.role"]: r.info.status for r in client.search_runs([exp.experiment_id])
+                if r.data.tags["moelab.role"] != "trial"}
+    assert statuses == {"sweep": "KILLED", "study": "KILLED"}, statuses
+    interrupted = trial_state(client, exp.experiment_id)
+    assert interrupted[next(t for t, s in interrupted.items() if s[0] == interrupted_run)][1] == "KILLED"
+    assert "RUNNING" not in {s[1] for s in interrupted.values()}
 
     log = tmp_path / "rerun.log"
     assert moelab_process("tune", path, workdir, log).wait(timeout=900) == 0, tail(log)
     after = trial_state(client, exp.experiment_id)
     assert len(after) == 4 and len({s[0] for s in after.values()}) == 4  # what the sweep asked for, no duplicates
-    assert len(client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'sweep'")) == 1
+    assert [r.info.status for r in client.search_runs([exp.experiment_id], "tags.`moelab.role` != 'trial'")] == [
+        "FINISHED", "FINISHED"]  # one sweep run and one study run, reopened and closed
     assert all(s[1] == "FINISHED" for s in after.values())
     for trial, before in closed.items():  # closed before the kill: untouched, ASHA's stop decisions kept
         assert after[trial] == before

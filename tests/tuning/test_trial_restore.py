@@ -38,7 +38,7 @@ def test_a_trial_asha_stopped_before_the_kill_reports_its_recorded_metric(tmp_pa
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = tracker.experiment("restore")
     sweep_run = tracker.sweep_run(experiment, tracker.study_run(experiment, "restore", {}), "s", {})
-    ctx = SweepContext("s", (), (), (), tracker.uri, experiment, sweep_run, str(tmp_path),
+    ctx = SweepContext("s", (), (), (), (), tracker.uri, experiment, sweep_run, str(tmp_path),
                        ResourcesConfig(), str(tmp_path / "asha.json"))
     tuner = tune.Tuner(tune.with_parameters(stopped_before_the_kill, ctx=ctx),
                        param_space={"base": 0, "params": {"x": tune.grid_search([0.0, 0.5])}},

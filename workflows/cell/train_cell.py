@@ -18,7 +18,7 @@ import ray
 import ray.train
 import torch
 
-from moe_data.prepare import load_prepared
+from moe_data.prepare import PreparedData, load_prepared
 from moe_models.lora import parameter_counts
 from moe_data.prepared_pairs import PreparedPairs
 from workflows import storage
@@ -44,6 +44,15 @@ def summarize_test_split(engine, data: PreparedPairs, cell: Cell, w: Worker) -> 
     return metrics
 
 
+def log_initial_evaluation(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker, first: str) -> None:
+    """The untrained model's evaluation at step 0, with `first` (a sweep's metric) as the run's first metric: MLflow's
+    compare view charts the first metric its runs logged, and a sweep's trials are compared on its metric. Every
+    rank evaluates (the evaluation is collective); rank 0 logs, unless an earlier attempt of this run already did."""
+    metrics = evaluate(engine, data, cell, w).metrics
+    if w.tracker and not w.tracker.metric_history(w.run_id, first) and first in metrics:
+        w.tracker.log_metrics(w.run_id, {first: metrics.pop(first), **metrics}, 0)
+
+
 def train_cell(config: dict[str, Any]) -> None:
     entered = time.perf_counter()
     ctx = ray.train.get_context()
@@ -63,6 +72,8 @@ def train_cell(config: dict[str, Any]) -> None:
         w.tracker.set_tags(w.run_id, {"moelab.node_id": ray.get_runtime_context().get_node_id(),
                                       "moelab.node_ip": ray.util.get_node_ip_address(),
                                       **({"moelab.resumed_from_step": str(start)} if start else {})})
+    if start == 0 and config.get("first_metric", "").startswith("eval/"):
+        log_initial_evaluation(engine, data, cell, w, config["first_metric"])
     monitor = w.tracker.system_metrics(w.run_id) if w.tracker else None  # CPU, memory (GPU) beside the curves
     if monitor:
         monitor.start()

@@ -67,3 +67,29 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     dashboard = {"dashboard_port": _free_port()} if address == "local" else {}
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose, **dashboard,
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning", **RAY_TRAIN_POLLING}})
+    if not verbose:
+        _drop_worker_pool_notices()
+
+
+# The raylet's notice when it has started more Python workers than its startup concurrency (the CPU count) times 4.
+# A sweep starts three actors per trial (the trial, its Ray Train controller, its worker), so on a small machine it
+# always fires, and its advice (fewer actors, fractional CPUs) does not apply to a study.
+WORKER_POOL_NOTICE = "PYTHON worker processes have been started on node"
+
+
+def _drop_worker_pool_notices() -> None:
+    """Ray prints the raylet's notices through `print_to_stdstream`, called from its error-listener thread by module
+    name: wrapping that one function keeps this notice out and lets every other one through."""
+    from ray._private import worker as ray_worker
+
+    printer = ray_worker.print_to_stdstream
+    if getattr(printer, "drops_worker_pool_notices", False):
+        return
+
+    def print_without_worker_pool_notices(data, ignore_prefix: bool):
+        lines = [line for line in data.get("lines", []) if WORKER_POOL_NOTICE not in line]
+        if lines:
+            printer({**data, "lines": lines}, ignore_prefix)
+
+    print_without_worker_pool_notices.drops_worker_pool_notices = True
+    ray_worker.print_to_stdstream = print_without_worker_pool_notices

@@ -6,7 +6,6 @@ run and their Ray Train run (same name and storage path) continues from its late
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from workflows.report.table import table_rows, write_table
 from workflows.study.cells import Cell, PretrainedCell, expand, pretrained_cells
 from workflows.study.entries import DatasetEntry
 from workflows.study.schema import Study
-from workflows.tracking import Tracker, flatten
+from workflows.tracking import Tracker, flatten, metric_key
 
 
 @dataclass
@@ -148,7 +147,7 @@ def headline_metrics(cells: list[Cell], runs: dict) -> dict[str, float]:
             best[label] = (loss, speed)
     out = {}
     for label, (loss, speed) in best.items():
-        key = re.sub(r"[^\w\-. /]", "_", label)  # MLflow's metric-name alphabet
+        key = metric_key(label)
         out[f"best_eval_loss/{key}"], out[f"best_tokens_per_s/{key}"] = loss, speed
     return out
 
