@@ -60,7 +60,7 @@ class TrialRunCloser(tune.Callback):
     def close(self, run: Run, last_result: dict, error: BaseException | str | None) -> str | None:
         """Marks the run FINISHED (tagged early_stopped when ASHA cut it short) or FAILED; returns the reason."""
         run = self.tracker.client.get_run(run.info.run_id)  # fresh status
-        reason = str(error) if error else run.data.tags.get(REASON)
+        reason = run.data.tags.get(REASON) or (str(error) if error else None)  # the cell's own words first
         if run.info.status != "RUNNING":
             return reason
         # A trial whose function returned at once after a restore has no result; its logged step still tells.

@@ -6,6 +6,7 @@ so a restored sweep reopens runs instead of duplicating them.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -13,6 +14,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from tuning.asha import stopped_trials
+from tuning.search import tune_metric
 from workflows.cell.engine import report_metrics
 from workflows.driver.launch import make_trainer
 from workflows.report.numbers import readable
@@ -70,12 +72,15 @@ def trial_run_id(tracker: Tracker, ctx: SweepContext, trial_id: str, cell: Cell,
 
 
 def report_recorded(tracker: Tracker, ctx: SweepContext, trial_id: str) -> None:
-    """A trial that ends without training still owes Tune a result holding the sweep's metric: Tune's strict
-    metric check fails the whole restored sweep otherwise. Its last recorded metrics, from its MLflow run."""
+    """A trial that ends without training (or that failed) still owes Tune a result holding the sweep's metric:
+    Tune's strict metric check fails the whole sweep otherwise. Its last recorded metrics, from its MLflow run; the
+    metric as NaN when the run never logged it, and then without the step, so that ASHA records nothing of it."""
     found = tracker.runs_with_tag(ctx.experiment_id, TRIAL, trial_id)
-    if found:
-        metrics = found[0].data.metrics
+    metrics = found[0].data.metrics if found else {}
+    if ctx.metric in metrics:
         ray.tune.report(report_metrics(metrics, int(metrics.get("train/step", 0))))
+    else:
+        ray.tune.report({tune_metric(ctx.metric): math.nan})
 
 
 def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
@@ -97,3 +102,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     trainer = make_trainer(f"train-trial_id={trial_id}", payload, ctx.resources, ctx.storage_path,
                            callbacks=[TuneReportCallback()])
     trainer.fit()
+    if tracker.failure_reason(run_id):
+        # The cell stopped itself (a non-finite loss), maybe before its first report: without a result holding the
+        # metric, Tune's strict metric check would fail the whole sweep. TrialRunCloser marks the run FAILED.
+        report_recorded(tracker, ctx, trial_id)

@@ -81,6 +81,18 @@ def test_grid_sweep_logs_one_child_run_per_trial_and_restores(tmp_path, capsys, 
     assert main(["aggregate", str(path), "--workdir", str(workdir)]) == 0
     assert "### Sweep k: best eval/loss" in capsys.readouterr().out
 
+    # A sweep whose trial fails exits 1, and closes what it opened as FAILED: the trial, its sweep and the study.
+    failing = {**SWEEP_STUDY, "fault_injection": {"nan_at_step": 2, "routers": ["topk(k=1)"]},
+               "sweep": {**SWEEP_STUDY["sweep"], "name": "nan", "space": {"k": {"choice": [1]}}}}
+    path.write_text(yaml.safe_dump(failing))
+    assert main(["tune", str(path), "--workdir", str(workdir)]) == 1
+    assert "non-finite loss at step 2" in capsys.readouterr().err
+    (nan_trial,) = client.search_runs([exp.experiment_id], "tags.`moelab.sweep` = 'nan' and tags.`moelab.role` = 'trial'")
+    (nan_sweep,) = client.search_runs([exp.experiment_id], "tags.`moelab.sweep` = 'nan' and tags.`moelab.role` = 'sweep'")
+    assert (nan_trial.info.status, nan_sweep.info.status) == ("FAILED", "FAILED")
+    assert client.get_run(study_run[0].info.run_id).info.status == "FAILED"
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+
 
 ASHA_STUDY = {
     "name": "asha",

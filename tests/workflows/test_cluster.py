@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -91,26 +92,47 @@ def run_checked(cmd: list[str], env: dict) -> None:
         pytest.fail(f"{' '.join(cmd[:3])} ... exited {proc.returncode}:\n{proc.stderr[-3000:]}{proc.stdout[-1000:]}")
 
 
-def ray_processes(temp_dir: Path) -> list[str]:
-    """Ray processes of the cluster whose root temp dir this is (their command lines name its session dir)."""
-    found = subprocess.run(["pgrep", "-af", str(temp_dir)], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in found if "pgrep" not in line]
+def ray_processes(temp_dir: Path) -> list[psutil.Process]:
+    """The processes of the cluster this test started: the nodes' daemons, whose command lines name the test's own
+    temp dir (made by mkdtemp, so no other Ray has it), and their descendants (workers retitle themselves
+    `ray::...`, so only their parentage says whose they are)."""
+    daemons = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if process.pid != os.getpid() and str(temp_dir) in " ".join(process.info["cmdline"] or []):
+            daemons.append(process)
+    found = {p.pid: p for p in daemons}
+    for daemon in daemons:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found.update({child.pid: child for child in daemon.children(recursive=True)})
+    return list(found.values())
+
+
+def stop_processes(processes: list[psutil.Process], grace_s: float = 15) -> None:
+    """SIGTERM, then SIGKILL whatever is still there after `grace_s`: these processes, by id, and no others."""
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
 
 
 @contextlib.contextmanager
-def two_node_cluster(root: Path, worker_args: tuple[str, ...] = ()) -> Iterator[dict]:
+def two_node_cluster(root: Path, worker_args: tuple[str, ...] = (), temp_dir: Path | None = None) -> Iterator[dict]:
     """Head (1 CPU, dashboard + job server) and a worker node (1 CPU), both on 127.0.0.1; an MLflow server.
 
     Every node has this cluster's own Ray temp dir, so nothing else (a later `ray.init()`) finds and joins it, and
     whatever step fails, everything started so far is stopped. `worker_args` go to the worker node's `ray start`
-    (the hygiene test makes that step fail)."""
+    (the hygiene test makes that step fail); `temp_dir`: the cluster's Ray temp dir, made here when not given."""
     gcs, dashboard, mlflow_port = free_ports(3)
     # Ray 2.60 clusters authenticate with a token; every process of this cluster (nodes, job submission, moelab)
     # gets the same one through the environment, as a real deployment would through a secret.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     ray = str(Path(sys.executable).parent / "ray")
-    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    temp_dir = temp_dir or short_temp_dir()
     server = None
     try:
         run_checked([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
@@ -131,12 +153,8 @@ def two_node_cluster(root: Path, worker_args: tuple[str, ...] = ()) -> Iterator[
         if server is not None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
-        # Stops this machine's Ray nodes (tests run one at a time, so they are this cluster's); then anything of this
-        # cluster that survived.
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        for line in ray_processes(temp_dir):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(line.split()[0]), signal.SIGKILL)
+        # This cluster's processes only: `ray stop` would stop every Ray node on the machine, anyone's.
+        stop_processes(ray_processes(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert ray_processes(temp_dir) == [], "a process of the test cluster outlived it"
 
@@ -147,15 +165,20 @@ def cluster(tmp_path_factory):
         yield started
 
 
+def short_temp_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+
+
 def test_a_cluster_that_fails_to_start_leaves_no_ray_process(tmp_path):
     """The worker node's `ray start` fails (a bad argument, as fast a failure as any): the head that already started
     is stopped, and the failure shows that command's stderr."""
+    temp_dir = short_temp_dir()
     with pytest.raises(pytest.fail.Exception) as failed:
-        with two_node_cluster(tmp_path, worker_args=("--num-cpus=many",)) as started:
+        with two_node_cluster(tmp_path, worker_args=("--num-cpus=many",), temp_dir=temp_dir) as started:
             pytest.fail(f"the cluster started although its worker node could not join: {started}")
     message = str(failed.value)
     assert "ray start --address" in message and "exited" in message and "'many' is not a valid integer" in message
-    assert ray_processes(Path("/tmp/ray-")) == []  # no process of any cluster of this module (none other runs now)
+    assert ray_processes(temp_dir) == []  # the head that had started is gone
 
 
 def test_submitted_study_runs_cells_on_both_nodes_and_logs_to_the_mlflow_server(cluster):

@@ -1,10 +1,10 @@
 """Kill the driver (SIGKILL, whole process group: local Ray dies with it) after a checkpoint; the same command resumes."""
-import os
-import signal
+import contextlib
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -44,6 +44,17 @@ def wait_until_logged(proc: subprocess.Popen, workdir: Path, study: str, cell_id
         assert proc.poll() is None, f"study ended before the kill point:\n{tail(workdir.parent / 'moelab.log')}"
         time.sleep(0.2)
     pytest.fail(f"cell {cell_id} never reached step {step}")
+
+
+def train_workers_of(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The Ray Train workers of this test's own study: descendants of its driver (through the local Ray it started),
+    never a process of anyone else's that happens to carry the same name."""
+    workers = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                workers.append(child)
+    return workers
 
 
 def assert_one_point_per_step(client: MlflowClient, run) -> None:
@@ -115,10 +126,10 @@ def test_killed_train_worker_restarts_the_cell_from_its_checkpoint(tmp_path):
     (cell,) = [c.id for c in expand(parse_study(study))]
     proc = moelab_run(path, workdir)
     wait_until_logged(proc, workdir, "workerkill", cell, 30)
-    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    workers = train_workers_of(proc)
     assert workers, "no Ray Train worker process found"
-    for pid in workers:
-        os.kill(int(pid), signal.SIGKILL)
+    for worker in workers:
+        worker.kill()
     assert proc.wait(timeout=600) == 0  # Ray Train restarted the worker group; the cell finished
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("workerkill")
