@@ -14,6 +14,7 @@ from typing import Any
 
 from moe_models.pretrained.source import cell_source
 from workflows.study.entries import DatasetEntry, ModelEntry, RouterEntry
+from workflows.study.identity import identity
 from workflows.study.schema import Study
 from workflows.study.sections import PretrainedBaseline, ResourcesConfig, SummarizationConfig, TrainingConfig
 
@@ -46,21 +47,12 @@ class Cell:
 
     @property
     def id(self) -> str:
-        identity = self.resolved()
-        identity["router"].pop("label")  # display names do not change what is trained
-        identity["model"].pop("label")
-        # Only the worker count changes the result (global batch); CPUs/concurrency/retries do not.
-        identity["resources"] = {"workers_per_cell": self.resources.workers_per_cell}
-        # torch.compile changes how a cell runs, not what it trains (a test holds both to the same curve): turning it
-        # on for a study in progress keeps its finished cells.
-        identity["training"].pop("compile")
-        if self.training.batching == "random":  # the order every cell had before the option existed: same ids
-            identity["training"].pop("batching")
-        if self.training.precision != "fp16":  # the loss scale exists only in fp16
-            identity["training"].pop("fp16_initial_scale_power")
-        for presentation_only in ("baseline", "samples", "pretrained"):  # not what this cell trains or scores
-            identity.get("summarization", {}).pop(presentation_only, None)
-        blob = json.dumps(identity, sort_keys=True, default=str)
+        """A hash of the fields each section declares part of a cell's identity (workflows/study/identity.py)."""
+        resolved = self.resolved()
+        sections = {"router": self.router, "model": self.model, "dataset": self.dataset, "training": self.training,
+                    "resources": self.resources, "summarization": self.summarization}
+        key = {name: identity(sections[name], value) if name in sections else value for name, value in resolved.items()}
+        blob = json.dumps(key, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
@@ -87,10 +79,14 @@ def _training_for(study: Study, router: RouterEntry) -> TrainingConfig:
 
 
 def expand(study: Study) -> list[Cell]:
-    """Every cell, sources before the cells that start from them (a source is never itself an `hf` cell)."""
-    cells = [Cell(r, m, d, s, _training_for(study, r), study.resources,
-                  study.summarization if d.task == "summarization" else None)
+    """Every cell, sources before the cells that start from them (a source is never itself an `hf` cell). Linear in
+    the number of cells, with the per-entry work (training per router, evaluation per dataset) done once."""
+    training = {id(r): _training_for(study, r) for r in study.routers}
+    summarization = {id(d): study.summarization if d.task == "summarization" else None for d in study.datasets}
+    cells = [Cell(r, m, d, s, training[id(r)], study.resources, summarization[id(d)])
              for d, m, r, s in product(study.datasets, study.models, study.routers, study.seeds) if m.crossed_with(r)]
+    if not any(m.name == "hf" for m in study.models):
+        return cells
     by_key = {(c.model.display(), c.router.display(), c.dataset, c.seed): c for c in cells}
     linked = []
     for cell in cells:
@@ -109,12 +105,12 @@ class PretrainedCell:
     summarization: SummarizationConfig
 
     def resolved(self) -> dict:
-        cfg = self.summarization.model_dump(exclude={"baseline", "samples", "pretrained"})
-        return {"pretrained": self.baseline.model_dump(), "dataset": self.dataset.model_dump(), "summarization": cfg}
+        return {"pretrained": self.baseline.model_dump(), "dataset": self.dataset.model_dump(),
+                "summarization": identity(self.summarization, self.summarization.model_dump())}
 
     @property
     def id(self) -> str:
-        blob = json.dumps({**self.resolved(), "pretrained": self.baseline.model_dump(exclude={"label"})},
+        blob = json.dumps({**self.resolved(), "pretrained": identity(self.baseline, self.baseline.model_dump())},
                           sort_keys=True)
         return "pt-" + hashlib.sha256(blob.encode()).hexdigest()[:9]
 

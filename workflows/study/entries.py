@@ -6,7 +6,7 @@ allowed values.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     Field,
@@ -23,6 +23,7 @@ from moe_models.models import MODELS
 from moe_models.options import StrictOptions
 from moe_models.routers import ROUTER_OPTIONS
 from moe_models.spec import DENSE, RoutingSpec
+from workflows.study.identity import CELL_KEY, NotCellKey
 
 
 def _split_options(data: Any, own_fields: set[str]) -> Any:
@@ -35,19 +36,22 @@ def _split_options(data: Any, own_fields: set[str]) -> Any:
 
 
 class RouterEntry(StrictOptions):
-    name: str
-    label: str | None = None  # display name in tables; defaults to name + options
-    balancing: dict[str, NonNegativeFloat] = Field(default_factory=dict)  # loss name -> coefficient
+    name: Annotated[str, CELL_KEY]
+    # display name in tables; defaults to name + options
+    label: Annotated[str | None, NotCellKey("a display name")] = None
+    # loss name -> coefficient
+    balancing: Annotated[dict[str, NonNegativeFloat], CELL_KEY] = Field(default_factory=dict)
     # Over which tokens switch_lbl counts expert load: this micro-batch, each sequence, or the global batch
     # (all data-parallel ranks and all micro-batches of an optimizer step).
-    balancing_scope: Literal["micro_batch", "sequence", "global_batch"] = "micro_batch"
-    capacity_factor: PositiveFloat | None = None  # None = dropless
-    drop_policy: Literal["position", "probs"] = "position"
-    active_experts: PositiveInt = 1  # dense baseline only: FFN hidden = active_experts * expert_hidden
+    balancing_scope: Annotated[Literal["micro_batch", "sequence", "global_batch"], CELL_KEY] = "micro_batch"
+    capacity_factor: Annotated[PositiveFloat | None, CELL_KEY] = None  # None = dropless
+    drop_policy: Annotated[Literal["position", "probs"], CELL_KEY] = "position"
+    # dense baseline only: FFN hidden = active_experts * expert_hidden
+    active_experts: Annotated[PositiveInt, CELL_KEY] = 1
     # A non-causal router (expert choice) in an autoregressive model sees future tokens; it runs there only if the
     # study says so here.
-    allow_non_causal: bool = False
-    options: dict[str, Any] = Field(default_factory=dict)
+    allow_non_causal: Annotated[bool, NotCellKey("a permission the study grants, not a setting of the router")] = False
+    options: Annotated[dict[str, Any], CELL_KEY] = Field(default_factory=dict)
 
     _split = model_validator(mode="before")(lambda data: _split_options(data, set(RouterEntry.model_fields) - {"options"}))
 
@@ -122,12 +126,13 @@ class RouterEntry(StrictOptions):
 
 
 class ModelEntry(StrictOptions):
-    name: str
-    label: str | None = None
+    name: Annotated[str, CELL_KEY]
+    label: Annotated[str | None, NotCellKey("a display name")] = None
     # The router labels this model is crossed with (default: every router of the study). A pretrained source
     # trains under one router; an upcycled checkpoint's dense baseline is the checkpoint itself, once.
-    routers: list[str] | None = Field(default=None, min_length=1)
-    options: dict[str, Any] = Field(default_factory=dict)
+    routers: Annotated[list[str] | None,
+                       NotCellKey("which routers it is crossed with")] = Field(default=None, min_length=1)
+    options: Annotated[dict[str, Any], CELL_KEY] = Field(default_factory=dict)
 
     _split = model_validator(mode="before")(lambda data: _split_options(data, {"name", "label", "routers"}))
 
@@ -156,17 +161,17 @@ class ModelEntry(StrictOptions):
 
 
 class DatasetEntry(StrictOptions):
-    name: str  # builtin:<name> (moe_data/builtin.py: BUILTIN) | hf:<hub name> | file:<path>
-    vocab_size: int = Field(default=2048, ge=260, le=65536)  # >= 256 byte symbols + specials
-    max_chars_per_domain: PositiveInt = 400_000
-    text_column: str = "text"  # the document column of a summarization dataset
-    domain_column: str | None = "domain"
+    name: Annotated[str, CELL_KEY]  # builtin:<name> (moe_data/builtin.py: BUILTIN) | hf:<hub name> | file:<path>
+    vocab_size: Annotated[int, CELL_KEY] = Field(default=2048, ge=260, le=65536)  # >= 256 byte symbols + specials
+    max_chars_per_domain: Annotated[PositiveInt, CELL_KEY] = 400_000
+    text_column: Annotated[str, CELL_KEY] = "text"  # the document column of a summarization dataset
+    domain_column: Annotated[str | None, CELL_KEY] = "domain"
     # Set for (document, summary) datasets such as hf:xsum (text_column: document, summary_column: summary).
-    summary_column: str | None = None
-    hf_config: str | None = None
+    summary_column: Annotated[str | None, CELL_KEY] = None
+    hf_config: Annotated[str | None, CELL_KEY] = None
     # A pretrained checkpoint's tokenizer (folder or hub name) for LM data an `hf` model trains on; None = a BPE of
     # vocab_size trained on the corpus (what moelab's own models, and the checkpoints they export, use).
-    tokenizer: str | None = None
+    tokenizer: Annotated[str | None, CELL_KEY] = None
 
     @field_validator("name")
     @classmethod

@@ -2,6 +2,8 @@
 summarization section, with the checks that span sections. Validated before anything launches."""
 from __future__ import annotations
 
+from collections import Counter
+
 from pydantic import Field, NonNegativeInt, ValidationError, model_validator
 
 from moe_models.models import MODELS
@@ -98,8 +100,8 @@ class Study(StrictOptions):
 
     def _duplicate_problems(self) -> list[str]:
         """Entries that would make the same cell twice (same id: one would overwrite the other's run)."""
-        problems = [f"seeds: {seed} is listed more than once" for seed in sorted({s for s in self.seeds
-                                                                                 if self.seeds.count(s) > 1})]
+        problems = [f"seeds: {seed} is listed more than once"
+                    for seed, times in sorted(Counter(self.seeds).items()) if times > 1]
         for field, keys in (("routers", [{**r.resolved(), "label": None} for r in self.routers]),
                             ("models", [{**m.resolved(), "label": None} for m in self.models]),
                             ("datasets", [d.model_dump() for d in self.datasets])):

