@@ -35,7 +35,7 @@ def ban_repeated_ngrams(seqs_NT: torch.Tensor, logp_NV: torch.Tensor, n: int) ->
 
 
 def _next_logp(model, memory, src_valid, seqs, settings: GenerationSettings) -> torch.Tensor:
-    logits, _ = model.decode(memory, src_valid, seqs)
+    logits = model.decode(memory, src_valid, seqs)
     return ban_repeated_ngrams(seqs, F.log_softmax(logits[:, -1].float(), dim=-1), settings.no_repeat_ngram_size)
 
 
@@ -46,7 +46,7 @@ def _until_eos(tokens: list[int], eos: int) -> list[int]:
 @torch.no_grad()
 def greedy(model, src_BS: torch.Tensor, src_valid_BS: torch.Tensor, settings: GenerationSettings,
            eos: int) -> list[list[int]]:
-    memory, _ = model.encode(src_BS, src_valid_BS)
+    memory = model.encode(src_BS, src_valid_BS)
     seqs = torch.full((src_BS.shape[0], 1), eos, dtype=torch.long, device=src_BS.device)  # EOS starts the decoder
     done = torch.zeros(src_BS.shape[0], dtype=torch.bool, device=src_BS.device)
     for _ in range(settings.max_new_tokens):
@@ -62,7 +62,7 @@ def greedy(model, src_BS: torch.Tensor, src_valid_BS: torch.Tensor, settings: Ge
 def beam_search(model, src_BS: torch.Tensor, src_valid_BS: torch.Tensor, settings: GenerationSettings,
                 eos: int) -> list[list[int]]:
     B, nb = src_BS.shape[0], settings.num_beams
-    memory, _ = model.encode(src_BS, src_valid_BS)
+    memory = model.encode(src_BS, src_valid_BS)
     memory, src_valid = memory.repeat_interleave(nb, 0), src_valid_BS.repeat_interleave(nb, 0)
     seqs = torch.full((B * nb, 1), eos, dtype=torch.long, device=src_BS.device)
     scores = torch.full((B, nb), float("-inf"), device=src_BS.device)

@@ -25,9 +25,6 @@ class RoutingDecision:
     probs_TE: torch.Tensor  # float32 router distribution over experts (rows sum to 1); used by balancing + analytics
     logits_TE: torch.Tensor | None = None  # pre-softmax router logits (z-loss); None for parameter-free routers
     router_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # router-specific losses, already scaled
-    sequence_length: int | None = None  # tokens are sequences of this length, in order (set by the MoE layer)
-    balance_scope: str = "micro_batch"  # micro_batch | sequence | global_batch (set by the MoE layer)
-    balance_routes_E: torch.Tensor | None = None  # global_batch: route counts over the whole window (no grad)
     # Every slot is a route (fixed k: top-k, hash, reference), known without reading active_TK — lets a dispatch
     # size its buffers without asking the device.
     all_active: bool = False
@@ -51,5 +48,8 @@ class RoutingDecision:
         return RoutingDecision(self.expert_ids_TK[keep_T], self.weights_TK.detach()[keep_T], self.active_TK[keep_T],
                                self.probs_TE.detach()[keep_T], all_active=self.all_active)
 
-    def tokens_per_expert_E(self) -> torch.Tensor:
-        return self.expert_mask_TE().sum(dim=0)
+    def routes_per_expert_E(self) -> torch.Tensor:
+        """How many routes each expert received: the one count of expert load that balancing losses, expert bias,
+        dispatch capacity and analytics share. A scatter-add (bincount would read its max back to the host on CUDA)."""
+        counts_E = torch.zeros(self.num_experts, dtype=self.probs_TE.dtype, device=self.probs_TE.device)
+        return counts_E.scatter_add_(0, self.expert_ids_TK.flatten(), self.active_TK.flatten().to(counts_E.dtype))

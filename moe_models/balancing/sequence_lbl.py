@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from moe_models.balancing.base import BALANCING_LOSSES
+from moe_models.balancing.base import BALANCING_LOSSES, MICRO_BATCH, BalanceScope
 from moe_models.routing import RoutingDecision
 
 
 @BALANCING_LOSSES.register("sequence_lbl")
-def sequence_load_balancing_loss(decision: RoutingDecision) -> torch.Tensor:
-    S = decision.sequence_length or decision.probs_TE.shape[0]
+def sequence_load_balancing_loss(decision: RoutingDecision, scope: BalanceScope = MICRO_BATCH) -> torch.Tensor:
+    """Always per sequence, whatever the study's scope: that is what this loss is."""
+    S = scope.sequences(decision.probs_TE.shape[0])
     E = decision.num_experts
     routes_BSE = decision.expert_mask_TE().view(-1, S, E)
     f_BE = E * routes_BSE.sum(1) / routes_BSE.sum((1, 2)).clamp(min=1.0).unsqueeze(-1)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from moe_models.balancing.base import BALANCING_LOSSES
+from moe_models.balancing.base import BALANCING_LOSSES, MICRO_BATCH, BalanceScope
 from moe_models.routing import RoutingDecision
 
 
 @BALANCING_LOSSES.register("squared_usage")
-def squared_usage_loss(decision: RoutingDecision) -> torch.Tensor:
+def squared_usage_loss(decision: RoutingDecision, scope: BalanceScope = MICRO_BATCH) -> torch.Tensor:
+    del scope  # the soft usage of this micro-batch: no scope to count over
     P_E = decision.probs_TE.mean(dim=0)
     return decision.num_experts * P_E.square().sum()

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import torch
 
-from moe_models.balancing.base import BALANCING_LOSSES
+from moe_models.balancing.base import BALANCING_LOSSES, MICRO_BATCH, BalanceScope
 from moe_models.balancing.sequence_lbl import sequence_load_balancing_loss
 from moe_models.routing import RoutingDecision
 
 
 @BALANCING_LOSSES.register("switch_lbl")
-def switch_load_balancing_loss(decision: RoutingDecision) -> torch.Tensor:
-    if decision.balance_scope == "sequence":
-        return sequence_load_balancing_loss(decision)
-    if decision.balance_scope == "global_batch" and decision.balance_routes_E is not None:
-        routes_E = decision.balance_routes_E
+def switch_load_balancing_loss(decision: RoutingDecision, scope: BalanceScope = MICRO_BATCH) -> torch.Tensor:
+    if scope.kind == "sequence":  # the switch loss per sequence, averaged: DeepSeek's sequence-wise form
+        return sequence_load_balancing_loss(decision, scope)
+    if scope.kind == "global_batch" and scope.window_routes_E is not None:
+        routes_E = scope.window_routes_E
     else:
-        routes_E = decision.tokens_per_expert_E().detach()
+        routes_E = decision.routes_per_expert_E().detach()
     f_E = routes_E / routes_E.sum().clamp(min=1.0)
     P_E = decision.probs_TE.mean(dim=0)
     return decision.num_experts * (f_E * P_E).sum()

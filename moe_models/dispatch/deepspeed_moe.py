@@ -43,7 +43,7 @@ class DecisionGate(nn.Module):
         indices_KT = torch.where(kept_KT, decision.expert_ids_TK.t(), -1).to(torch.int32)
         locations_KT = (slots.location_TK.t() * kept_KT).to(torch.int32)
         gates_KT = decision.weights_TK.t().float() * kept_KT
-        exp_counts_E = decision.tokens_per_expert_E().detach()
+        exp_counts_E = decision.routes_per_expert_E().detach()
         self.kept_TK = slots.kept_TK
         no_aux_loss = x_TD.new_zeros((), dtype=torch.float32)  # our losses are computed outside DeepSpeed
         return no_aux_loss, capacity, decision.num_experts, indices_KT, locations_KT, gates_KT, exp_counts_E

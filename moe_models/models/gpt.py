@@ -11,7 +11,7 @@ from torch import nn
 
 from moe_models.models.common import LMOutput, build_ffn, init_parameters, next_token_output
 from moe_models.models.options import GPTOptions
-from moe_models.moe_ffn import MoEAux, MoEFeedForward
+from moe_models.moe_ffn import share_recorder
 from moe_models.spec import RoutingSpec
 
 
@@ -39,13 +39,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(d_model, n_heads, dropout)
         self.ffn = ffn
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor,
-                domain_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux | None]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
-        if isinstance(self.ffn, MoEFeedForward):
-            y, aux = self.ffn(self.ln2(x), token_ids, domain_ids)
-            return x + y, aux
-        return x + self.ffn(self.ln2(x)), None
+        return x + self.ffn(self.ln2(x))
 
 
 class GPT(nn.Module):
@@ -64,16 +60,15 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(opts.d_model, vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying (nanoGPT)
         init_parameters(self, seed, opts.ep_size)
+        self.moe_recorder = share_recorder(self)
 
     def forward(self, input_ids_BS: torch.Tensor, targets_BS: torch.Tensor,
                 domain_ids_BS: torch.Tensor | None = None) -> LMOutput:
         """domain_ids_BS (optional): each token's document domain, for domain analytics and the reference router."""
         positions = torch.arange(input_ids_BS.shape[1], device=input_ids_BS.device)
         x = self.tok_emb(input_ids_BS) + self.pos_emb(positions)
-        aux: dict[int, MoEAux] = {}
-        for i, block in enumerate(self.blocks):
-            x, layer_aux = block(x, input_ids_BS, domain_ids_BS)
-            if layer_aux is not None:
-                aux[i] = layer_aux
+        self.moe_recorder.begin(input_ids_BS, domain_ids_BS)
+        for block in self.blocks:
+            x = block(x)
         logits_BSV = self.lm_head(self.ln_f(x))
-        return next_token_output(logits_BSV, targets_BS, aux)
+        return next_token_output(logits_BSV, targets_BS, self.moe_recorder.take())

@@ -9,44 +9,22 @@ modeling code is copied):
     experts are its copies (upcycle.py);
   * the dense baseline (`router: dense`) of a dense checkpoint trains it unchanged.
 Our MoE layers need each token's id (hash routing) and domain label (the reference router), which transformers'
-decoder layers do not pass to `mlp`: the model hands them to its routed MLPs through a shared RoutingInputs.
+decoder layers do not pass to `mlp`: the model feeds them to its MoE layers' shared MoERecorder, as every family does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from moe_models.models.common import LMOutput, next_token_output
-from moe_models.moe_ffn import MoEAux, MoEFeedForward
+from moe_models.moe_ffn import MoEAux, MoEFeedForward, share_recorder
 from moe_models.models.options import HFOptions, routing_problem
 from moe_models.pretrained.architecture import Architecture
 from moe_models.routers import RouterContext
 from moe_models.spec import RoutingSpec
-
-
-@dataclass
-class RoutingInputs:
-    """What the routed MLPs of one forward pass need beyond hidden states, and the aux they return."""
-    token_ids_BS: torch.Tensor | None = None
-    domain_ids_BS: torch.Tensor | None = None
-    aux: dict[int, MoEAux] = field(default_factory=dict)
-
-
-class RoutedMLP(nn.Module):
-    """Stands where a checkpoint's MLP stood: `mlp(hidden_states) -> hidden_states`, through our MoE layer."""
-
-    def __init__(self, moe: MoEFeedForward, layer_index: int, inputs: RoutingInputs):
-        super().__init__()
-        self.moe, self.layer_index = moe, layer_index
-        self._inputs = inputs  # shared with the model; a plain object, not a submodule
-
-    def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
-        y, aux = self.moe(hidden_BSD, self._inputs.token_ids_BS, self._inputs.domain_ids_BS)
-        self._inputs.aux[self.layer_index] = aux
-        return y
 
 
 def decoder_layers(hf: nn.Module) -> nn.ModuleList:
@@ -71,13 +49,13 @@ class HFCausalLM(nn.Module):
         arch = Architecture.from_config(self.hf.config.to_dict())
         self.d_model, self.attention_layers = arch.hidden_size, arch.num_layers  # for cost.py's FLOPs
         _check_fits(arch, routing, opts, vocab_size, max_seq_len)
-        self.inputs = RoutingInputs()
         ep_rank = dist.get_rank() % opts.ep_size if dist.is_available() and dist.is_initialized() else 0
         for i, layer in enumerate(decoder_layers(self.hf)):
             ctx = RouterContext(arch.hidden_size, 0, vocab_size, i, seed, num_domains, token_counts_V)
             moe = self._routed(layer.mlp, i, arch, routing, ctx, ep_rank)
             if moe is not None:
-                layer.mlp = RoutedMLP(moe, i, self.inputs)
+                layer.mlp = moe  # `mlp(hidden_states) -> hidden_states`, as transformers calls it
+        self.moe_recorder = share_recorder(self)
 
     def _routed(self, mlp: nn.Module, index: int, arch: Architecture, routing: RoutingSpec, ctx: RouterContext,
                 ep_rank: int) -> MoEFeedForward | None:
@@ -99,10 +77,9 @@ class HFCausalLM(nn.Module):
 
     def logits(self, input_ids_BS: torch.Tensor,
                domain_ids_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, MoEAux]]:
-        self.inputs.token_ids_BS, self.inputs.domain_ids_BS, self.inputs.aux = input_ids_BS, domain_ids_BS, {}
-        logits_BSV = self.hf(input_ids=input_ids_BS).logits
-        aux, self.inputs.aux = self.inputs.aux, {}
-        return logits_BSV, dict(sorted(aux.items()))
+        """The checkpoint's logits, and what its MoE layers recorded on the way."""
+        self.moe_recorder.begin(input_ids_BS, domain_ids_BS)
+        return self.hf(input_ids=input_ids_BS).logits, self.moe_recorder.take()
 
     def forward(self, input_ids_BS: torch.Tensor, targets_BS: torch.Tensor,
                 domain_ids_BS: torch.Tensor | None = None) -> LMOutput:

@@ -14,7 +14,7 @@ from torch import nn
 
 from moe_models.models.common import LMOutput, build_ffn, init_parameters, next_token_output
 from moe_models.models.options import LlamaOptions
-from moe_models.moe_ffn import MoEAux, MoEFeedForward
+from moe_models.moe_ffn import share_recorder
 from moe_models.spec import RoutingSpec
 
 
@@ -61,13 +61,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(opts.d_model, eps=opts.rms_norm_eps)
         self.mlp = ffn
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, token_ids: torch.Tensor,
-                domain_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux | None]:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        if isinstance(self.mlp, MoEFeedForward):
-            y, aux = self.mlp(self.post_attention_layernorm(x), token_ids, domain_ids)
-            return x + y, aux
-        return x + self.mlp(self.post_attention_layernorm(x)), None
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Llama(nn.Module):
@@ -87,6 +83,7 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         init_parameters(self, seed, opts.ep_size)
+        self.moe_recorder = share_recorder(self)
 
     def forward(self, input_ids_BS: torch.Tensor, targets_BS: torch.Tensor,
                 domain_ids_BS: torch.Tensor | None = None) -> LMOutput:
@@ -94,10 +91,8 @@ class Llama(nn.Module):
         S = input_ids_BS.shape[1]
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         x = self.embed_tokens(input_ids_BS)
-        aux: dict[int, MoEAux] = {}
-        for i, block in enumerate(self.blocks):
-            x, layer_aux = block(x, cos, sin, input_ids_BS, domain_ids_BS)
-            if layer_aux is not None:
-                aux[i] = layer_aux
+        self.moe_recorder.begin(input_ids_BS, domain_ids_BS)
+        for block in self.blocks:
+            x = block(x, cos, sin)
         logits_BSV = self.lm_head(self.norm(x))
-        return next_token_output(logits_BSV, targets_BS, aux)
+        return next_token_output(logits_BSV, targets_BS, self.moe_recorder.take())

@@ -15,7 +15,7 @@ from torch import nn
 
 from moe_models.models.common import LMOutput, build_ffn, init_parameters
 from moe_models.models.options import Seq2SeqOptions
-from moe_models.moe_ffn import MoEAux, MoEFeedForward
+from moe_models.moe_ffn import share_recorder
 from moe_models.spec import RoutingSpec
 
 IGNORE_INDEX = -100
@@ -52,12 +52,6 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, Q, D))
 
 
-def _ffn(ffn: nn.Module, x: torch.Tensor, token_ids: torch.Tensor, valid: torch.Tensor | None) -> tuple:
-    if isinstance(ffn, MoEFeedForward):
-        return ffn(x, token_ids, None, valid)
-    return ffn(x), None
-
-
 class EncoderBlock(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float, ffn: nn.Module):
         super().__init__()
@@ -66,11 +60,10 @@ class EncoderBlock(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(dropout)  # on each sub-layer's output (Vaswani et al. 2017, 5.4)
 
-    def forward(self, x, token_ids, valid) -> tuple[torch.Tensor, MoEAux | None]:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         h = self.ln1(x)
         x = x + self.drop(self.attn(h, h, valid))
-        y, aux = _ffn(self.ffn, self.ln2(x), token_ids, valid)
-        return x + self.drop(y), aux
+        return x + self.drop(self.ffn(self.ln2(x)))
 
 
 class DecoderBlock(nn.Module):
@@ -82,12 +75,11 @@ class DecoderBlock(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(dropout)  # on each sub-layer's output (Vaswani et al. 2017, 5.4)
 
-    def forward(self, x, token_ids, valid, memory, memory_valid) -> tuple[torch.Tensor, MoEAux | None]:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_valid: torch.Tensor) -> torch.Tensor:
         h = self.ln1(x)
         x = x + self.drop(self.self_attn(h, h, None, causal=True))  # right padding: real positions never see it
         x = x + self.drop(self.cross_attn(self.ln2(x), memory, memory_valid))
-        y, aux = _ffn(self.ffn, self.ln3(x), token_ids, valid)
-        return x + self.drop(y), aux
+        return x + self.drop(self.ffn(self.ln3(x)))
 
 
 class Seq2SeqMoE(nn.Module):
@@ -118,6 +110,7 @@ class Seq2SeqMoE(nn.Module):
         self.embed_scale = math.sqrt(d) if sinusoidal else 1.0
         init_parameters(self, seed, opts.ep_size, {"enc_emb": d ** -0.5, "dec_emb": d ** -0.5} if sinusoidal else None)
         self.lm_head.weight = self.dec_emb.weight  # tied after init: one tensor, drawn once
+        self.moe_recorder = share_recorder(self)
 
     def _embed(self, emb: nn.Embedding, ids_BS: torch.Tensor) -> torch.Tensor:
         n = ids_BS.shape[1]
@@ -127,30 +120,31 @@ class Seq2SeqMoE(nn.Module):
         pos = self.pos_emb.weight[:n] if self.opts.positions == "learned" else self.pos_table[:n].to(x.dtype)
         return self.drop(x + pos)
 
-    def encode(self, src_BS: torch.Tensor, src_valid_BS: torch.Tensor) -> tuple[torch.Tensor, dict[int, MoEAux]]:
-        x, aux = self._embed(self.enc_emb, src_BS), {}
-        for i, block in enumerate(self.encoder):
-            x, layer_aux = block(x, src_BS, src_valid_BS)
-            if layer_aux is not None:
-                aux[i] = layer_aux
-        return self.ln_enc(x), aux
+    def encode(self, src_BS: torch.Tensor, src_valid_BS: torch.Tensor) -> torch.Tensor:
+        """The encoder's memory (B, S, D). Its MoE layers record in `moe_recorder` (a forward pass reads them)."""
+        self.moe_recorder.feed(src_BS, None, src_valid_BS)
+        x = self._embed(self.enc_emb, src_BS)
+        for block in self.encoder:
+            x = block(x, src_valid_BS)
+        return self.ln_enc(x)
 
     def decode(self, memory_BSD: torch.Tensor, src_valid_BS: torch.Tensor, decoder_in_BL: torch.Tensor,
-               decoder_valid_BL: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, MoEAux]]:
+               decoder_valid_BL: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, V) for every decoder position."""
-        x, aux = self._embed(self.dec_emb, decoder_in_BL), {}
-        for i, block in enumerate(self.decoder):
-            x, layer_aux = block(x, decoder_in_BL, decoder_valid_BL, memory_BSD, src_valid_BS)
-            if layer_aux is not None:
-                aux[self.opts.encoder_layers + i] = layer_aux
-        return self.lm_head(self.ln_dec(x)), aux
+        self.moe_recorder.feed(decoder_in_BL, None, decoder_valid_BL)
+        x = self._embed(self.dec_emb, decoder_in_BL)
+        for block in self.decoder:
+            x = block(x, memory_BSD, src_valid_BS)
+        return self.lm_head(self.ln_dec(x))
 
     def forward(self, src_BS: torch.Tensor, src_valid_BS: torch.Tensor, decoder_in_BL: torch.Tensor,
                 labels_BL: torch.Tensor) -> LMOutput:
         """Teacher-forced loss over real target tokens (IGNORE_INDEX labels are padding)."""
         valid_BL = labels_BL != IGNORE_INDEX
-        memory, enc_aux = self.encode(src_BS, src_valid_BS)
-        logits_BLV, dec_aux = self.decode(memory, src_valid_BS, decoder_in_BL, valid_BL)
+        self.moe_recorder.reset()  # encode and decode feed it their own token inputs
+        memory = self.encode(src_BS, src_valid_BS)
+        logits_BLV = self.decode(memory, src_valid_BS, decoder_in_BL, valid_BL)
+        aux = self.moe_recorder.take()
         logits, labels = logits_BLV.flatten(0, 1).float(), labels_BL.flatten()
         smoothing = self.opts.label_smoothing if self.training else 0.0  # evaluation reports the plain NLL
         lm_loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, label_smoothing=smoothing)
@@ -161,7 +155,6 @@ class Seq2SeqMoE(nn.Module):
                                      reduction="none").view_as(labels_BL)  # 0 at padding
             token_nll = nll_BL[valid_BL]
             sequence_nll = nll_BL.sum(-1) / valid_BL.sum(-1).clamp(min=1)  # a pair's mean over its summary tokens
-        aux = {**enc_aux, **dec_aux}
         aux_loss = sum((a.loss for a in aux.values()), lm_loss.new_zeros(()))
-        return LMOutput(lm_loss, aux_loss, aux, token_nll, target_blocks=tuple(sorted(dec_aux)),
-                        sequence_nll_B=sequence_nll)
+        decoder_blocks = tuple(i for i in aux if i >= self.opts.encoder_layers)  # layer index: encoder ones first
+        return LMOutput(lm_loss, aux_loss, aux, token_nll, target_blocks=decoder_blocks, sequence_nll_B=sequence_nll)

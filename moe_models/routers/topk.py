@@ -42,15 +42,16 @@ class TopKRouter(LinearScoreRouter, Fp32Buffers):
         if opts.expert_bias_rate > 0:
             expert_ids_TK = (scores_TE.detach() + self.expert_bias_E).topk(opts.k, dim=-1).indices
             weights_TK = scores_TE.gather(1, expert_ids_TK)  # gate values stay the unbiased scores
-            if self.training:
-                self.step_counts_E += torch.bincount(expert_ids_TK.flatten(), minlength=self.ctx.num_experts)
         else:
             expert_ids_TK = ASSIGNMENTS.get(opts.assignment)(logits_TE.detach(), opts.k, self.training)
             weights_TK = scores_TE.gather(1, expert_ids_TK)
         if opts.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         active_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
-        return RoutingDecision(expert_ids_TK, weights_TK, active_TK, probs_TE, logits_TE, all_active=True)
+        decision = RoutingDecision(expert_ids_TK, weights_TK, active_TK, probs_TE, logits_TE, all_active=True)
+        if opts.expert_bias_rate > 0 and self.training:
+            self.step_counts_E += decision.routes_per_expert_E()
+        return decision
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

@@ -10,6 +10,7 @@ from moe_models.assignment import ASSIGNMENTS
 from moe_models.assignment.balanced import balanced_assignment, expert_capacities
 from moe_models.assignment.sinkhorn import sinkhorn_plan
 from moe_models.balancing import BALANCING_LOSSES
+from moe_models.balancing.base import BalanceScope
 from moe_models.routing import RoutingDecision
 
 lbl = BALANCING_LOSSES.get("switch_lbl")
@@ -83,14 +84,13 @@ def test_sequence_lbl_sees_imbalance_inside_sequences_that_the_batch_hides():
     E, S = 2, 4
     ids = torch.tensor([0] * S + [1] * S).unsqueeze(-1)  # sequence A -> expert 0, sequence B -> expert 1
     probs = F.one_hot(ids[:, 0], E).float()
-    d = decision_from(ids, probs)
-    d.sequence_length = S
+    d, sequences = decision_from(ids, probs), BalanceScope("sequence", sequence_length=S)
     assert lbl(d).item() == pytest.approx(1.0)  # balanced over the batch ...
-    assert sequence_lbl(d).item() == pytest.approx(E)  # ... collapsed inside every sequence
+    assert sequence_lbl(d, sequences).item() == pytest.approx(E)  # ... collapsed inside every sequence
+    assert lbl(d, sequences).item() == pytest.approx(E)  # switch_lbl at sequence scope: the same per-sequence loss
     balanced_ids = torch.tensor([0, 1] * S).unsqueeze(-1)
     d2 = decision_from(balanced_ids, torch.full((2 * S, E), 0.5))
-    d2.sequence_length = S
-    assert sequence_lbl(d2).item() == pytest.approx(1.0)
+    assert sequence_lbl(d2, sequences).item() == pytest.approx(1.0)
 
 
 def test_expert_bias_moves_load_toward_balance_once_per_optimizer_step():
@@ -191,7 +191,7 @@ def test_routing_state_stays_fp32_in_a_bf16_model_so_the_expert_bias_moves_as_in
     spacing near |b| (it vanishes once |b| > 256*u). A bf16 model's router, fed bf16-representable inputs (its math is fp32), must count and move its
     bias exactly as the fp32 model's does."""
     from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
-    from moe_models.moe_ffn import MoEFeedForward
+    from moe_models.moe_ffn import MoEFeedForward, moe_forward
     from moe_models.optimizer_hooks import after_optimizer_step
     from moe_models.routers import ROUTERS, RouterContext
 
@@ -215,8 +215,8 @@ def test_routing_state_stays_fp32_in_a_bf16_model_so_the_expert_bias_moves_as_in
     ids = torch.zeros(1, T, dtype=torch.long)
     for _ in range(150):
         for model, inputs in ((fp32, x.float()), (bf16, x)):
-            model(inputs, ids)
-            model(inputs, ids)  # two micro-batches per optimizer step: 2000 routes
+            moe_forward(model, inputs, ids)
+            moe_forward(model, inputs, ids)  # two micro-batches per optimizer step: 2000 routes
             assert model.router.step_counts_E.sum().item() == 2 * T
             torch.testing.assert_close(model.window_routes_E, model.router.step_counts_E)
             after_optimizer_step(model)

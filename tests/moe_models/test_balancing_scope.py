@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
-from moe_models.moe_ffn import MoEFeedForward
+from moe_models.moe_ffn import MoEFeedForward, moe_forward
 from moe_models.optimizer_hooks import after_optimizer_step
 from moe_models.routers import ROUTERS, RouterContext
 
@@ -39,10 +39,10 @@ def worker(rank: int, port: int, results) -> None:
     ids = torch.zeros(1, T, dtype=torch.long)
     glob, local = layer("global_batch").train(), layer("micro_batch").train()
     x = rank_batch(rank)
-    _, aux_global = glob(x, ids)
-    _, aux_local = local(x, ids)
+    _, aux_global = moe_forward(glob, x, ids)
+    _, aux_local = moe_forward(local, x, ids)
     window_after_one = glob.window_routes_E.clone()
-    glob(x, ids)  # a second micro-batch of the same optimizer step adds to the window ...
+    moe_forward(glob, x, ids)  # a second micro-batch of the same optimizer step adds to the window ...
     window_after_two = glob.window_routes_E.clone()
     after_optimizer_step(glob)  # ... and the optimizer step closes it
     results[rank] = (aux_global.unscaled["switch_lbl"].item(), aux_local.unscaled["switch_lbl"].item(),
@@ -63,7 +63,7 @@ def test_global_batch_lbl_equals_the_lbl_of_the_concatenated_batch():
     ref = layer("micro_batch")
     x = torch.cat([rank_batch(0), rank_batch(1)], dim=1)
     decision = ref.router(x.reshape(-1, D), torch.zeros(2 * T, dtype=torch.long))
-    concatenated = lbl(decision.tokens_per_expert_E(), decision.probs_TE)
+    concatenated = lbl(decision.routes_per_expert_E(), decision.probs_TE)
     global_mean = (results[0][0] + results[1][0]) / 2  # DP averages the ranks' gradients, hence their losses
     local_mean = (results[0][1] + results[1][1]) / 2
     assert global_mean == pytest.approx(concatenated, rel=1e-5)

@@ -47,8 +47,9 @@ def test_moe_model_is_causal():
 
 def _hidden(m, ids):
     x = m.tok_emb(ids) + m.pos_emb(torch.arange(ids.shape[1]))
+    m.moe_recorder.begin(ids)
     for block in m.blocks:
-        x, _ = block(x, ids)
+        x = block(x)
     return x
 
 

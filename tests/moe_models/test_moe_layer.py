@@ -8,7 +8,7 @@ import torch
 
 from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
 from moe_models.experts import ACTIVATIONS, ExpertFFN
-from moe_models.moe_ffn import MoEFeedForward
+from moe_models.moe_ffn import MoEFeedForward, moe_forward
 from moe_models.routers import ROUTERS, RouterContext
 
 D, F, E, V = 16, 32, 4, 40
@@ -63,7 +63,7 @@ def test_every_registered_router_is_covered():
 def test_dropless_dispatch_conserves_every_token(router, options, activation):
     layer = build(router, activation=activation, **options).eval()  # eval: no jitter, so the reference sees the same decision
     x, ids, dom = torch.randn(2, 24, D), torch.randint(V, (2, 24)), torch.randint(DOMAINS, (2, 24))
-    y, aux = layer(x, ids, dom)
+    y, aux = moe_forward(layer, x, ids, dom)
     flat = (x.reshape(-1, D), ids.reshape(-1), dom.reshape(-1))
     torch.testing.assert_close(y.reshape(-1, D), reference(layer, *flat), rtol=1e-5, atol=1e-6)
     routes = decide(layer, *flat).active_TK.sum().item()
@@ -73,14 +73,14 @@ def test_dropless_dispatch_conserves_every_token(router, options, activation):
 def test_single_expert_with_weight_one_is_the_dense_ffn():
     layer = build("topk", num_experts=1, k=1)
     x, ids = torch.randn(1, 10, D), torch.randint(V, (1, 10))
-    y, _ = layer(x, ids)
+    y, _ = moe_forward(layer, x, ids)
     torch.testing.assert_close(y, experts_of(layer)[0](x))  # softmax over one expert = weight 1
 
 
 def test_capacity_drops_routes_and_dropped_tokens_get_zero_output():
     layer = build("hash", capacity_factor=0.25).eval()
     x, ids = torch.randn(1, 32, D), torch.randint(V, (1, 32))
-    y, aux = layer(x, ids)
+    y, aux = moe_forward(layer, x, ids)
     kept = layer.dispatch.gate.kept_TK[:, 0]
     assert aux.sums["kept_routes"].item() == kept.sum().item() <= E * 2  # capacity = ceil(0.25*32/4) = 2
     assert (y[0, ~kept] == 0).all() and (y[0, kept].abs().sum(-1) > 0).all()
@@ -91,7 +91,7 @@ def test_scaled_lbl_equals_alpha_under_balanced_routing():
     layer = build("hash", balancing={"switch_lbl": alpha})
     table = layer.router.table_VK[:, 0]
     ids = torch.cat([torch.nonzero(table == e)[:1, 0] for e in range(E)]).repeat(5).view(1, -1)
-    _, aux = layer(torch.randn(1, ids.shape[1], D), ids)
+    _, aux = moe_forward(layer, torch.randn(1, ids.shape[1], D), ids)
     assert aux.unscaled["switch_lbl"].item() == pytest.approx(1.0)
     assert aux.loss.item() == pytest.approx(alpha)
 
@@ -99,7 +99,7 @@ def test_scaled_lbl_equals_alpha_under_balanced_routing():
 def test_gradients_reach_router_and_the_experts_that_received_tokens():
     layer = build("topk", k=2, balancing={"switch_lbl": 0.01, "z_loss": 0.001})
     x, ids = torch.randn(2, 8, D), torch.randint(V, (2, 8))
-    y, aux = layer(x, ids)
+    y, aux = moe_forward(layer, x, ids)
     (y.square().mean() + aux.loss).backward()
     assert layer.router.proj.weight.grad.abs().sum() > 0
     used = set(layer.router(x.reshape(-1, D), ids.reshape(-1)).expert_ids_TK.flatten().tolist())
@@ -121,8 +121,8 @@ def test_expert_parameters_are_marked_for_deepspeed():
 def test_routing_analytics_are_computed_in_evaluation_only():
     layer = build("topk", k=2)
     x, ids = torch.randn(1, 8, D), torch.randint(V, (1, 8))
-    _, train_aux = layer.train()(x, ids)
-    _, eval_aux = layer.eval()(x, ids)
+    _, train_aux = moe_forward(layer.train(), x, ids)
+    _, eval_aux = moe_forward(layer.eval(), x, ids)
     assert train_aux.sums == {} and train_aux.expert_mask_TE is None
     assert eval_aux.sums["kept_routes"].item() == 16 and eval_aux.expert_mask_TE.sum().item() == 16
 
@@ -150,8 +150,8 @@ def test_grouped_backend_matches_deepspeed_outputs_and_gradients(router, options
     twin = grouped_twin(layer)
     x, ids, dom = torch.randn(2, 24, D), torch.randint(V, (2, 24)), torch.randint(DOMAINS, (2, 24))
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, aux_a = layer(xa, ids, dom)
-    yb, aux_b = twin(xb, ids, dom)
+    ya, aux_a = moe_forward(layer, xa, ids, dom)
+    yb, aux_b = moe_forward(twin, xb, ids, dom)
     torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-6)
     (ya.square().sum() + aux_a.loss).backward()
     (yb.square().sum() + aux_b.loss).backward()
@@ -173,8 +173,8 @@ def test_grouped_backend_drops_the_same_routes_under_a_capacity_factor(policy, a
     layer = MoEFeedForward(router, DISPATCH_BACKENDS.get("deepspeed")(spec), {}).eval()
     twin = grouped_twin(layer)
     x, ids = torch.randn(1, 40, D), torch.randint(V, (1, 40))
-    ya, aux_a = layer(x, ids)
-    yb, aux_b = twin(x, ids)
+    ya, aux_a = moe_forward(layer, x, ids)
+    yb, aux_b = moe_forward(twin, x, ids)
     assert aux_a.sums["kept_routes"].item() < 80  # some routes were dropped ...
     assert torch.equal(layer.dispatch.gate.kept_TK, twin.dispatch(x[0], twin.router(x[0], ids[0])).kept_TK)  # ... the same ones
     torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-6)
@@ -311,7 +311,7 @@ def test_grouped_gemm_path_never_reads_a_tensor_on_the_host(router, options, cap
     experts = layer.dispatch.experts
     monkeypatch.setattr(experts, "grouped", functools.partial(type(experts).grouped, experts, align=align))
     x = torch.randn(2, 64, D, device="meta", dtype=torch.bfloat16, requires_grad=True)
-    y, aux = layer(x, torch.randint(V, (2, 64), device="meta"))
+    y, aux = moe_forward(layer, x, torch.randint(V, (2, 64), device="meta"))
     (y.float().square().sum() + aux.loss).backward()
     assert x.grad.shape == x.shape and experts.up_weight_EFD.grad.shape == experts.up_weight_EFD.shape
     if activation == "gelu":
@@ -333,13 +333,13 @@ def test_filler_rows_through_torchs_grouped_gemm_give_the_read_plan_outputs(rout
     layer = grouped_twin(build(router, capacity_factor, activation=activation, **options)).eval()
     x, ids = torch.randn(2, 24, D), torch.randint(V, (2, 24))
     with torch.no_grad():
-        expected, aux = layer(x, ids)
+        expected, aux = moe_forward(layer, x, ids)
         monkeypatch.setattr(layer.dispatch, "grouped_gemm_applies", lambda x: True)
         experts = layer.dispatch.experts
         monkeypatch.setattr(experts, "grouped", functools.partial(type(experts).grouped, experts, align=align))
         decision = layer.router(x.reshape(-1, D), ids.reshape(-1))
         assert layer.dispatch.sizing(x, decision, capacity_factor is None) == "filler"
-        got, aux_filler = layer(x, ids)
+        got, aux_filler = moe_forward(layer, x, ids)
     assert aux.sums["kept_routes"] < 2 * 24 * decision.expert_ids_TK.shape[1]  # some slots are filler
     assert aux_filler.sums["kept_routes"] == aux.sums["kept_routes"]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_models.lora import LoRAOptions, apply_lora, parameter_counts
-from moe_models.models.hf import HFCausalLM, HFOptions, RoutedMLP
+from moe_models.models.hf import HFCausalLM, HFOptions
 from moe_models.models.llama import Llama, LlamaOptions
-from moe_models.moe_ffn import MoEFeedForward
+from moe_models.moe_ffn import MoEFeedForward, moe_forward
 from moe_models.pretrained.export import export
 from moe_models.pretrained.upcycle import UpcycleOptions
 from moe_models.routers import ROUTERS
@@ -49,7 +49,7 @@ def ids(seed: int = 0) -> torch.Tensor:
 def test_swapped_topk_router_from_the_gate_reproduces_the_moe_checkpoint(checkpoints, kind, renormalize, backend):
     model = HFCausalLM(HFOptions(pretrained=str(checkpoints[kind]), init_router="pretrained", dispatch=backend),
                        topk(2, renormalize), V, 64, seed=0).eval()
-    layers = [m for m in model.modules() if isinstance(m, RoutedMLP)]
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
     assert len(layers) == 2  # every MoE block swapped; attention, norms and embeddings are transformers' own
     with torch.no_grad():
         ours, aux = model.logits(ids())
@@ -78,7 +78,7 @@ def test_a_fresh_router_changes_the_function_and_every_router_runs_swapped_in(ch
 def test_function_preserving_upcycling_matches_the_dense_model_at_step_zero(checkpoints, kind, granularity, k):
     up = UpcycleOptions(num_experts=8, granularity=granularity, scaling="preserve")
     model = HFCausalLM(HFOptions(pretrained=str(checkpoints[kind]), upcycle=up), topk(k, True), V, 64, seed=3).eval()
-    assert sum(isinstance(m, RoutedMLP) for m in model.modules()) == 2
+    assert sum(isinstance(m, MoEFeedForward) for m in model.modules()) == 2
     with torch.no_grad():
         ours, aux = model.logits(ids(1))
     assert (aux[0].expert_mask_TE.sum(-1) == k).all()
@@ -90,7 +90,7 @@ def upcycled_layer(folder: Path, up: UpcycleOptions, routing: RoutingSpec) -> tu
     model = HFCausalLM(HFOptions(pretrained=str(folder), upcycle=up), routing, V, 64, seed=0)
     layers = dense.get_submodule("transformer.h" if hasattr(dense, "transformer") else "model.layers")
     return model.hf.get_submodule(
-        "transformer.h.0.mlp.moe" if hasattr(dense, "transformer") else "model.layers.0.mlp.moe"), layers[0].mlp
+        "transformer.h.0.mlp" if hasattr(dense, "transformer") else "model.layers.0.mlp"), layers[0].mlp
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -98,7 +98,7 @@ def test_divide_scaling_gives_the_dense_output_over_the_number_of_experts(checkp
     moe, mlp = upcycled_layer(checkpoints[kind], UpcycleOptions(num_experts=4, scaling="divide"), topk(2, True))
     x = torch.randn(1, 7, 32)
     with torch.no_grad():
-        y, _ = moe.eval()(x, torch.zeros(1, 7, dtype=torch.long))
+        y, _ = moe_forward(moe.eval(), x, torch.zeros(1, 7, dtype=torch.long))
         torch.testing.assert_close(y, mlp(x) / 4, atol=1e-5, rtol=1e-5)
 
 

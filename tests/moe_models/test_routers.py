@@ -115,7 +115,7 @@ def test_balanced_hash_keeps_the_largest_load_within_ten_percent_of_the_mean_on_
         cls = ROUTERS.get("hash")
         router = cls(RouterContext(D, experts, vocab, 0, 0, token_counts_V=counts), cls.Options(table=table, k=k))
         decision = router(torch.zeros(len(held_out), D), held_out)
-        loads[table] = decision.tokens_per_expert_E()
+        loads[table] = decision.routes_per_expert_E()
     balanced = loads["balanced"]
     assert balanced.max() <= 1.10 * balanced.mean()
     # The random table is what balancing buys us against: Zipf's head token alone is ~11% of the stream.
@@ -217,7 +217,7 @@ def test_router_state_has_no_scalar_tensors(name):
 @pytest.mark.parametrize("capacity", [0.5, 1.0, 2.0])
 def test_expert_choice_gives_every_expert_the_same_number_of_tokens(capacity):
     decision = make("expert_choice", capacity=capacity)(*inputs())
-    per_expert = decision.tokens_per_expert_E()
+    per_expert = decision.routes_per_expert_E()
     assert per_expert.eq(math.ceil(capacity * T / E)).all()  # balanced by construction
     # Each expert took its most probable tokens: any token it skipped scores no higher than the ones it took.
     taken = decision.expert_mask_TE().bool()

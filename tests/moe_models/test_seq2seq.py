@@ -43,18 +43,18 @@ def test_padding_in_a_batch_changes_nothing(routing):
     m = model(routing)
     short, long = [5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]
     dec = torch.tensor([[EOS, 3, 4]])
-    alone = m.decode(m.encode(*padded([short]))[0], padded([short])[1], dec)[0]
+    alone = m.decode(m.encode(*padded([short])), padded([short])[1], dec)
     src, valid = padded([short, long])
-    both = m.decode(m.encode(src, valid)[0], valid, dec.repeat(2, 1))[0]
+    both = m.decode(m.encode(src, valid), valid, dec.repeat(2, 1))
     torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_decoder_is_causal():
     m = model(TOPK2)
     src, valid = padded([[5, 6, 7, 8, 9]])
-    memory = m.encode(src, valid)[0]
-    a = m.decode(memory, valid, torch.tensor([[EOS, 3, 4, 5]]))[0]
-    b = m.decode(memory, valid, torch.tensor([[EOS, 3, 4, 40]]))[0]
+    memory = m.encode(src, valid)
+    a = m.decode(memory, valid, torch.tensor([[EOS, 3, 4, 5]]))
+    b = m.decode(memory, valid, torch.tensor([[EOS, 3, 4, 40]]))
     torch.testing.assert_close(a[:, :3], b[:, :3])
     assert not torch.allclose(a[:, 3], b[:, 3])
 
@@ -72,7 +72,7 @@ def test_loss_ignores_padded_labels_and_smooths_only_in_training():
     dec_padding_changed[1, 2] = 33  # the decoder input at a padded position
     assert m(src, valid, dec_padding_changed, labels).lm_loss.item() == pytest.approx(out.lm_loss.item(), rel=1e-6)
     m.train()  # dropout is 0: training differs only by label smoothing
-    logits = m.decode(m.encode(src, valid)[0], valid, dec)[0]
+    logits = m.decode(m.encode(src, valid), valid, dec)
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                                  label_smoothing=0.1)
     trained = m(src, valid, dec, labels)
@@ -105,7 +105,7 @@ def test_dropout_acts_on_embeddings_and_every_sublayer_output_in_training_only()
     src, valid = padded([[5, 6, 7], [8, 9, 10, 11]])
     dec = torch.tensor([[EOS, 3, 4], [EOS, 6, EOS]])
     dropped, plain = model(TOPK2, dropout=0.3), model(TOPK2)
-    logits = lambda m: m.decode(m.encode(src, valid)[0], valid, dec)[0]
+    logits = lambda m: m.decode(m.encode(src, valid), valid, dec)
     torch.testing.assert_close(logits(dropped), logits(plain))
     applied = []
     for module in dropped.modules():
@@ -125,7 +125,7 @@ def test_decoder_hash_routes_by_the_decoder_token_id():
         block.ffn.router.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, (args[1], out)))
     src, valid = padded([[5, 6, 7]])
     dec = torch.tensor([[EOS, 17, 23, 17]])
-    m.decode(m.encode(src, valid)[0], valid, dec)
+    m.decode(m.encode(src, valid), valid, dec)
     assert sorted(seen) == [0, 1]
     for i, (token_ids, decision) in seen.items():
         assert torch.equal(token_ids, dec.flatten())
@@ -159,10 +159,10 @@ def test_beam_search_finds_the_exhaustive_best_when_beams_cover_every_prefix():
     opts = seq2seq.Options(d_model=16, n_heads=2, encoder_layers=1, decoder_layers=1, num_experts=2, expert_hidden=16)
     m = seq2seq.build(opts, TOPK2.__class__("topk", ROUTERS.get("topk").Options(k=1)), small_v, 16, 3).eval()
     src, valid = padded([[1, 2, 3]])
-    memory = m.encode(src, valid)[0]
+    memory = m.encode(src, valid)
 
     def logp(prefix):
-        return torch.log_softmax(m.decode(memory, valid, torch.tensor([[EOS, *prefix]]))[0][0, -1], -1)
+        return torch.log_softmax(m.decode(memory, valid, torch.tensor([[EOS, *prefix]]))[0, -1], -1)
 
     candidates = {}
     for a in range(small_v):
