@@ -42,6 +42,11 @@ def paired_p_value(system: list[ScoreSheet], baseline: list[ScoreSheet], metric:
     return float(min(1.0, 2 * opposite))
 
 
+# Intervals across seeds are shown from this many seeds on: below it a t-interval is too wide to say anything, and the
+# tables say "no CI" instead. The one place the rule is written.
+MIN_SEEDS_FOR_INTERVAL = 3
+
+
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
     """Mean and half-width of a Student-t interval across seeds (half-width NaN for a single seed)."""
     n = len(values)

@@ -2,6 +2,7 @@
 parameter count, forward latency, mean router entropy, mean probability mass selected, experts per token, load CV."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -71,7 +72,7 @@ def pool_profiles(profiles: list[RouterProfile], reference: str = "topk") -> lis
     """Per router and hidden states, over seeds: the mean of each measure with its 95% t-interval half-width
     (`<measure>_ci`, None under 2 seeds) and latency relative to the linear router's (`reference`) of the same
     seeds, as the mean of per-seed ratios."""
-    from scipy import stats as st
+    from moe_eval.bootstrap import t_interval
 
     groups: dict[tuple[str, str], list[RouterProfile]] = {}
     for p in profiles:
@@ -81,9 +82,8 @@ def pool_profiles(profiles: list[RouterProfile], reference: str = "topk") -> lis
         row: dict = {"router": router, "hidden_states": source, "seeds": len(group), "parameters": group[0].parameters}
         for measure in POOLED:
             values = [getattr(p, measure) for p in group]
-            row[measure] = statistics.fmean(values)
-            row[f"{measure}_ci"] = (float(st.t.ppf(0.975, len(values) - 1) * statistics.stdev(values)
-                                          / len(values) ** 0.5) if len(values) > 1 else None)
+            mean, half_width = t_interval(values)
+            row[measure], row[f"{measure}_ci"] = mean, None if math.isnan(half_width) else half_width
         linear = {p.seed: p.latency_ms for p in groups.get((source, reference), [])}
         ratios = [p.latency_ms / linear[p.seed] for p in group if p.seed in linear]
         row["latency_vs_linear"] = statistics.fmean(ratios) if ratios else None

@@ -7,7 +7,7 @@ from typing import Any
 from mlflow.entities import Run
 
 from tuning.sweep_config import SweepConfig
-from workflows.report.exports import render
+from workflows.report.render import render
 from workflows.report.numbers import parse_number, readable
 from workflows.tracking import REASON, TRIAL, metric_key
 

@@ -16,6 +16,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from tuning.asha import stopped_trials
 from tuning.search import tune_metric
 from workflows.cell.engine import report_metrics
+from workflows.cell.job import CellJob
 from workflows.driver.launch import make_trainer
 from workflows.report.numbers import readable
 from workflows.study.cells import Cell
@@ -97,9 +98,8 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         # must not train it again. MLflow is the record of what finished.
         report_recorded(tracker, ctx, trial_id)
         return
-    payload = {"cell": cell.resolved(), "data_path": ctx.data_paths[config["base"]],
-               "tracking_uri": ctx.tracking_uri, "run_id": run_id, "first_metric": ctx.metric}
-    trainer = make_trainer(f"train-trial_id={trial_id}", payload, ctx.resources, ctx.storage_path,
+    job = CellJob(cell, ctx.data_paths[config["base"]], ctx.tracking_uri, run_id, first_metric=ctx.metric)
+    trainer = make_trainer(f"train-trial_id={trial_id}", job, ctx.resources, ctx.storage_path,
                            callbacks=[TuneReportCallback()])
     trainer.fit()
     if tracker.failure_reason(run_id):

@@ -14,10 +14,9 @@ import torch
 
 from workflows import storage
 from workflows.cell.baseline_finetune import finetune_lora, truncated_documents
+from workflows.cell.job import JobResult, PretrainedJob
 from workflows.cell.summarize import score_and_log, test_documents
-from workflows.study.entries import DatasetEntry
 from workflows.study.sections import PretrainedBaseline, SummarizationConfig
-from workflows.study.cells import PretrainedCell
 from workflows.tracking import Tracker
 
 
@@ -79,16 +78,13 @@ def _decode(model, tokenizer, baseline: PretrainedBaseline, documents: list[str]
     return outputs
 
 
-def evaluate_pretrained(payload: dict) -> dict:
-    """Ray task body: decode, score, log; returns {'status': ..., 'reason': ...}."""
+def evaluate_pretrained(job: PretrainedJob) -> JobResult:
+    """Ray task body: decode, score, log; returns how it ended."""
     from moe_data.prepare import load_prepared
 
-    cell = PretrainedCell(PretrainedBaseline.model_validate(payload["baseline"]),
-                          DatasetEntry.model_validate(payload["dataset"]),
-                          SummarizationConfig.model_validate(payload["summarization"]))
-    tracker, run_id = Tracker(payload["tracking_uri"]), payload["run_id"]
+    cell, tracker, run_id = job.cell, Tracker(job.tracking_uri), job.run_id
     try:
-        data = load_prepared(storage.local_copy(payload["data_path"]))
+        data = load_prepared(storage.local_copy(job.data_path))
         began = time.perf_counter()
         documents = data.documents["test"][:test_documents(data, cell.summarization)]
         train = (data.documents["train"], data.summaries["train"]) if cell.baseline.finetune else None
@@ -98,6 +94,6 @@ def evaluate_pretrained(payload: dict) -> dict:
         metrics = {**score_and_log(tracker, run_id, predictions, data, cell.summarization),
                    "summary/generate_seconds": seconds}
     except Exception as err:  # a missing model or a hub download without network: that cell fails, with reason
-        return {"status": "FAILED", "reason": f"{type(err).__name__}: {err}"[:2000]}
+        return JobResult("FAILED", f"{type(err).__name__}: {err}"[:2000])
     tracker.log_metrics(run_id, metrics, 0)
-    return {"status": "FINISHED", "reason": None}
+    return JobResult("FINISHED")

@@ -1,41 +1,33 @@
 """One cell = one Ray Train run: a TorchTrainer over `train_cell`, named by the cell id so a re-run resumes it."""
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass, field
-from typing import Any
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from workflows import storage
+from workflows.cell.job import CellJob, JobResult
 from workflows.study.sections import ResourcesConfig
 
 
-@dataclass
-class CellResult:
-    status: str  # FINISHED | FAILED
-    reason: str | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def run_cell_in_worker(payload: dict[str, Any]) -> None:
+def run_cell_in_worker(job: CellJob) -> None:
     """The train loop Ray Train ships to each worker. It imports the training code there, in the worker: the driver
     never loads the engine, models or torch's compiler stack (faster to start, and a driver whose working dir Ray
     re-unpacks under it, as a second node on the same host does, has nothing left to import from it)."""
     from workflows.cell.train_cell import train_cell
 
-    train_cell(payload)
+    train_cell(job)
 
 
-def make_trainer(name: str, payload: dict[str, Any], resources: ResourcesConfig, storage_path: str,
+def make_trainer(name: str, job: CellJob, resources: ResourcesConfig, storage_path: str,
                  callbacks: list | None = None) -> TorchTrainer:
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
-        run_cell_in_worker,
-        train_loop_config=payload,
+        functools.partial(run_cell_in_worker, job),  # the job itself, typed: no config dict
         scaling_config=ScalingConfig(num_workers=resources.workers_per_cell, use_gpu=use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(
@@ -79,13 +71,14 @@ def prune_orphaned_checkpoints(run_location: str) -> list[str]:
     return orphans
 
 
-def fit_cell(cell_id: str, payload: dict[str, Any], resources: ResourcesConfig, storage_path: str) -> CellResult:
+def fit_cell(job: CellJob, storage_path: str) -> JobResult:
+    cell_id = job.cell.id
     prune_orphaned_checkpoints(storage.join(storage_path, cell_id))  # before Ray Train looks at the folder
     try:
-        result = make_trainer(cell_id, payload, resources, storage_path).fit()
+        result = make_trainer(cell_id, job, job.cell.resources, storage_path).fit()
     except Exception as err:  # TrainingFailedError and friends: the cell failed, the study goes on
-        return CellResult("FAILED", f"{type(err).__name__}: {err}")
-    return CellResult("FINISHED", None, dict(result.metrics or {}))
+        return JobResult("FAILED", f"{type(err).__name__}: {err}")
+    return JobResult("FINISHED", None, dict(result.metrics or {}))
 
 
 # A zero-CPU task only waits on the trainer's controller, so it never takes a core from the training workers.

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TextIO
 
 from workflows.driver.commands import study_or_exit, usable_workspace
+from workflows.report.render import render
 
 
 def _runs(study, args):
@@ -178,18 +179,22 @@ def cmd_routers(args, out: TextIO) -> int:
 
 
 def router_table(rows: list[dict]) -> str:
-    """Means over the routers' initialization seeds, with 95% intervals from 3 seeds on (fewer: said, not shown)."""
+    """Means over the routers' initialization seeds, with 95% intervals from MIN_SEEDS_FOR_INTERVAL seeds on (fewer:
+    said, not shown)."""
+    from moe_eval.bootstrap import MIN_SEEDS_FOR_INTERVAL
+
     def cell(row: dict, measure: str, digits: int) -> str:
         ci = row[f"{measure}_ci"]
-        return f"{row[measure]:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None and row["seeds"] >= 3 else "")
+        shown = ci is not None and row["seeds"] >= MIN_SEEDS_FOR_INTERVAL
+        return f"{row[measure]:.{digits}f}" + (f" ± {ci:.{digits}f}" if shown else "")
 
-    lines = ["| router | hidden states | seeds | parameters | latency ms | × linear | entropy | mean top-k prob | "
-             "experts/token | load CV |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ratio = "—" if r["latency_vs_linear"] is None else f"{r['latency_vs_linear']:.2f}"
-        lines.append(f"| {r['router']} | {r['hidden_states']} | {r['seeds']} | {r['parameters']} | "
-                     f"{cell(r, 'latency_ms', 3)} | {ratio} | {cell(r, 'entropy', 3)} | {cell(r, 'mean_topk_prob', 3)} | "
-                     f"{cell(r, 'experts_per_token', 2)} | {cell(r, 'load_cv', 3)} |")
-    if rows and min(r["seeds"] for r in rows) < 3:
-        lines.append("\nFewer than 3 seeds: no intervals (pass --seeds 3 or more).")
-    return "\n".join(lines)
+    headers = ["router", "hidden states", "seeds", "parameters", "latency ms", "× linear", "entropy",
+               "mean top-k prob", "experts/token", "load CV"]
+    table = [dict(zip(headers, (r["router"], r["hidden_states"], r["seeds"], r["parameters"], cell(r, "latency_ms", 3),
+                                "—" if r["latency_vs_linear"] is None else f"{r['latency_vs_linear']:.2f}",
+                                cell(r, "entropy", 3), cell(r, "mean_topk_prob", 3), cell(r, "experts_per_token", 2),
+                                cell(r, "load_cv", 3)))) for r in rows]
+    text = render(headers, table, "md").rstrip("\n")
+    if rows and min(r["seeds"] for r in rows) < MIN_SEEDS_FOR_INTERVAL:
+        text += f"\n\nFewer than {MIN_SEEDS_FOR_INTERVAL} seeds: no intervals (pass --seeds {MIN_SEEDS_FOR_INTERVAL} or more)."
+    return text

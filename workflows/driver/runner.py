@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from workflows.cell.job import CellJob, JobResult, PretrainedJob
 from workflows.driver.data import PreparedDataset, check_domain_labels, prepare_datasets, summarization_texts
 from workflows.driver.progress import Progress, StepRates, duration, read_progress, study_eta
 from workflows.driver.ray_cluster import connect_if_remote, init_ray
@@ -183,20 +184,18 @@ def _run_pretrained(pending: list[tuple[PretrainedCell, str]], study: Study, ws:
                       max_retries=0)(evaluate_pretrained)
     refs = {}
     for cell, run_id in pending:
-        payload = {"baseline": cell.baseline.model_dump(), "dataset": cell.dataset.model_dump(),
-                   "summarization": cell.summarization.model_dump(), "data_path": prepared[cell.dataset].path,
-                   "tracking_uri": ws.tracking_uri, "run_id": run_id}
-        refs[task.remote(payload)] = (cell, run_id, time.perf_counter())
+        job = PretrainedJob(cell, prepared[cell.dataset].path, ws.tracking_uri, run_id)
+        refs[task.remote(job)] = (cell, run_id, time.perf_counter())
         echo(f"  started  {cell.id}  {cell.title}")
     for ref, (cell, run_id, started) in refs.items():
         result = ray.get(ref)
-        tracker.finish(run_id, result["status"], result["reason"])
-        if result["status"] == "FINISHED":
+        tracker.finish(run_id, result.status, result.reason)
+        if result.status == "FINISHED":
             outcome.finished.append(cell.id)
             echo(f"  finished {cell.id}  {cell.title}  ({time.perf_counter() - started:.1f}s)")
         else:
-            outcome.failed[cell.id] = result["reason"]
-            echo(f"  FAILED   {cell.id}  {cell.title}: {result['reason']}")
+            outcome.failed[cell.id] = result.reason
+            echo(f"  FAILED   {cell.id}  {cell.title}: {result.reason}")
 
 
 def _next_startable(queue: list[tuple[Cell, str]], outcome: StudyOutcome
@@ -220,7 +219,7 @@ def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepar
     import ray
     from mlflow.exceptions import MlflowException
 
-    from workflows.driver.launch import CellResult, fit_cell_remote
+    from workflows.driver.launch import fit_cell_remote
 
     echo = progress.log
     queue = list(todo)
@@ -236,10 +235,9 @@ def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepar
             if item is None:
                 break
             cell, run_id = item
-            payload = {"cell": cell.resolved(), "data_path": prepared[cell.dataset].path,
-                       "tracking_uri": ws.tracking_uri, "run_id": run_id, "export_checkpoint": cell.id in sources,
-                       "source_run_id": run_ids.get(cell.source_id) if cell.source_id else None}
-            ref = fit_cell_remote.remote(cell.id, payload, study.resources, ws.cell_storage(study.name))
+            job = CellJob(cell, prepared[cell.dataset].path, ws.tracking_uri, run_id, cell.id in sources,
+                          run_ids.get(cell.source_id) if cell.source_id else None)
+            ref = fit_cell_remote.remote(job, ws.cell_storage(study.name))
             running[ref] = (cell, run_id, time.perf_counter())
             echo(f"  started  {cell.id}  {cell.title}")
         if not running:  # nothing left can start: cells whose source is missing from this run
@@ -262,7 +260,7 @@ def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepar
         cell, run_id, started = running.pop(done[0])
         result = ray.get(done[0])
         if result.status == "FINISHED" and (reason := tracker.failure_reason(run_id)):
-            result = CellResult("FAILED", reason, result.metrics)  # the cell stopped itself (e.g. NaN loss)
+            result = JobResult("FAILED", reason, result.metrics)  # the cell stopped itself (e.g. NaN loss)
         seconds = time.perf_counter() - started
         cell_seconds.append(seconds)
         # Launch to result, as the driver saw it: minus the cell's setup, train and eval seconds, its overhead.

@@ -63,9 +63,14 @@ def trained_hidden_states(study: Study, ws: Workspace, tokens: int) -> tuple[tor
     engine.eval()
     moe = next(m for m in engine.module.modules() if isinstance(m, MoEFeedForward))
     captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    # (x, token ids, domain ids or None: unlabelled data such as summarization pairs) entering the block
-    hook = moe.register_forward_pre_hook(lambda _m, args: captured.append(
-        (args[0].detach(), args[1], args[2] if len(args) > 2 and args[2] is not None else torch.zeros_like(args[1]))))
+    # (x, token ids, domain ids: zeros for unlabelled data such as summarization pairs) entering the block; the ids
+    # are what the model fed the block's MoERecorder for this forward
+    def capture(block: MoEFeedForward, args: tuple) -> None:
+        inputs = block.recorder.inputs
+        domains = inputs.domain_ids_BS if inputs.domain_ids_BS is not None else torch.zeros_like(inputs.token_ids_BS)
+        captured.append((args[0].detach(), inputs.token_ids_BS, domains))
+
+    hook = moe.register_forward_pre_hook(capture)
     gen = torch.Generator().manual_seed(0)
     t = cell.training
     with torch.no_grad():

@@ -22,13 +22,12 @@ import numpy as np
 from mlflow.entities import Run
 from scipy import stats
 
-from moe_eval.bootstrap import paired_p_value, t_interval, two_level_difference
+from moe_eval.bootstrap import MIN_SEEDS_FOR_INTERVAL, paired_p_value, t_interval, two_level_difference
 from moe_eval.score_sheet import BLEU, ScoreSheet
 from moe_models.spec import DENSE
 from workflows.report.table import METRIC_COLUMNS, Column
 from workflows.study.cells import Cell
 
-MIN_SEEDS_FOR_INTERVAL = 3
 QUALITY = Column("eval loss", "eval/loss", 4)  # what the baseline test and the regime check compare (lower is better)
 COMPUTE_COLUMNS = (Column("train MFLOP/token", "summary/train_gflops_per_token", 2, 1e3),)
 
@@ -83,7 +82,7 @@ def estimate(values: list[float]) -> Estimate:
 
 
 def _seeds_text(n: int) -> str:
-    return f"{n}" + ("" if n >= MIN_SEEDS_FOR_INTERVAL else " (no CI: < 3 seeds)")
+    return f"{n}" + ("" if n >= MIN_SEEDS_FOR_INTERVAL else f" (no CI: < {MIN_SEEDS_FOR_INTERVAL} seeds)")
 
 
 def paired_difference(system: dict[int, float], baseline: dict[int, float]) -> Difference | None:

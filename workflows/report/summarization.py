@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from moe_eval.score_sheet import ScoreSheet
-from workflows.report.exports import markdown
+from workflows.report.render import markdown
 from workflows.report.pooled import SystemRuns, document_difference_frame, document_metrics_frame
 from workflows.study.cells import Cell, pretrained_cells
 from workflows.study.schema import Study

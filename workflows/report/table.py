@@ -1,14 +1,13 @@
 """The comparison table: one row per cell, read back from MLflow (never from worker memory)."""
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Run
 
+from workflows.report.render import render
 from workflows.study.cells import Cell
 from workflows.tracking import REASON, Tracker
 
@@ -85,19 +84,11 @@ def shown_columns(rows: list[dict[str, Any]]) -> list[Column]:
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     headers = list(ID_HEADERS) + [c.header for c in shown_columns(rows)]
     digits = {c.header: c.digits for c in METRIC_COLUMNS}
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row[h], digits.get(h, 0)) for h in headers) + " |")
-    return "\n".join(lines) + "\n"
+    return render(headers, [{h: _fmt(row[h], digits.get(h, 0)) for h in headers} for row in rows], "md")
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(ID_HEADERS) + [c.header for c in shown_columns(rows)],
-                            extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
+    return render(list(ID_HEADERS) + [c.header for c in shown_columns(rows)], rows, "csv")
 
 
 def write_table(rows: list[dict], stem: Path, tracker: Tracker | None = None, parent_run_id: str | None = None) -> Path:
