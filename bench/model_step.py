@@ -26,7 +26,6 @@ from bench.moe_layer import (  # noqa: E402
     print_profile,
 )
 from moe_models.cost import expert_forward_flops_per_route, training_flops_per_token  # noqa: E402
-from moe_models.dispatch.stacked_experts import keep_host_read_paths_eager  # noqa: E402
 from moe_models.models.gpt import GPT, GPTOptions  # noqa: E402
 from moe_models.moe_ffn import MoEFeedForward  # noqa: E402
 from moe_models.routers import ROUTERS  # noqa: E402
@@ -95,8 +94,6 @@ def main() -> None:
         model = GPT(opts, routing, VOCAB, args.seq, seed=0).to(device, dtype)
         expert_flops = experts_flops_per_token(model, ids) if not routing.is_dense else 0.0
         flops = training_flops_per_token(model, args.seq, expert_flops)
-        if compiled:
-            keep_host_read_paths_eager()
         runner = torch.compile(model) if compiled else model
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
 

@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec  # noqa: E402
-from moe_models.dispatch.stacked_experts import keep_host_read_paths_eager  # noqa: E402
 from moe_models.experts import ACTIVATIONS, ExpertFFN, matmuls_per_token  # noqa: E402
 from moe_models.moe_ffn import MoEFeedForward  # noqa: E402
 from moe_models.routers import ROUTERS, RouterContext  # noqa: E402
@@ -133,8 +132,6 @@ def bench_shape(shape, backends: list[str], router: str, device: str, dtype, war
 
     def ready(module):  # on the device; compiled too with --compile (dense and MoE alike: a like-for-like ratio)
         module = module.to(device, dtype)
-        if compile:
-            keep_host_read_paths_eager()
         return torch.compile(module) if compile else module
 
     steps = {"dense": fwd_bwd(ready(ExpertFFN(d, k * f, activation)), x)}

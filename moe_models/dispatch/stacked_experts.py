@@ -81,7 +81,9 @@ class StackedExperts(nn.Module):
         expert_pad = torch.searchsorted(ends_E, torch.arange(rows, device=x_RD.device), right=True).clamp(max=E - 1)
         return self.grouped(x_pad, expert_pad, padded_E, align=1).index_select(0, row_R)
 
-    # The host-read paths (padded, sliced) stay eager under torch.compile: see keep_host_read_paths_eager.
+    # The host-read paths stay eager under torch.compile: traced, their graphs would specialize on the routing's
+    # counts and recompile as routing changes.
+    @torch.compiler.disable
     def padded(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         E, D = self.num_experts, x_RD.shape[-1]
         starts_E = counts_E.cumsum(0) - counts_E
@@ -95,6 +97,7 @@ class StackedExperts(nn.Module):
         y = y if self.down_bias_ED is None else y + self.down_bias_ED.unsqueeze(1)
         return y.view(E * capacity, D).index_select(0, flat_R)
 
+    @torch.compiler.disable
     def sliced(self, x_RD: torch.Tensor, expert_R: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """CPU: one 2-D GEMM pair per expert on its contiguous slice of the sorted routes. On CPU there is no kernel
         launch to amortize and no host sync to avoid, 2-D GEMMs run ~30% faster than the padded batched ones (no
@@ -107,18 +110,3 @@ class StackedExperts(nn.Module):
         outputs = [F.linear(self._activate(F.linear(x_e, ups[e], up_biases[e])), downs[e], down_biases[e])
                    for e, x_e in enumerate(x_RD.split(counts_E.tolist())) if len(x_e)]
         return torch.cat(outputs) if outputs else x_RD.new_zeros(0, x_RD.shape[-1])
-
-
-HOST_READ_PATHS = ("padded", "sliced")
-
-
-def keep_host_read_paths_eager() -> None:
-    """Call before torch.compile of a model with these experts. Traced, the host-read paths' graphs would specialize
-    on the routing's counts and recompile as routing changes, so they stay eager. The mark (torch.compiler.disable)
-    is put on here rather than at import: it imports torch._dynamo, about a second of every eager worker's start."""
-    for name in HOST_READ_PATHS:
-        method = getattr(StackedExperts, name)
-        if not getattr(method, "_moelab_eager", False):
-            eager = torch.compiler.disable(method)
-            eager._moelab_eager = True
-            setattr(StackedExperts, name, eager)

@@ -75,9 +75,6 @@ def build_engine(cell: Cell, data: PreparedData | PreparedPairs,
     engine, *_ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=ds_config)
     if t.compile:
-        from moe_models.dispatch.stacked_experts import keep_host_read_paths_eager
-
-        keep_host_read_paths_eager()
         engine.compile()  # the module's forward only; encode/decode for generation stay eager
     return engine
 
