@@ -1,7 +1,10 @@
-"""Kill the driver (SIGKILL, whole process group: local Ray dies with it) after a checkpoint; the same command resumes."""
+"""Kill the driver (SIGKILL, its whole process tree) after a checkpoint, then a Ray Train worker of the rerun: the same
+command resumes, and Ray Train restarts the worker group from its checkpoint; and a kill before Ray Train registered a
+checkpoint restarts the cell from step 0 without repeating a step."""
 import contextlib
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -64,30 +67,86 @@ def assert_one_point_per_step(client: MlflowClient, run) -> None:
         assert len(steps) == len(set(steps)), f"{key}: steps logged twice: {sorted(steps)}"
 
 
-def test_sigkill_then_rerun_resumes_without_retraining_or_duplicates(tmp_path):
-    path, workdir = tmp_path / "resume.yaml", tmp_path / "work"
+@dataclass
+class KilledTwice:
+    """One study interrupted twice: the driver SIGKILLed while its second cell trains, then, in the rerun that
+    resumes it, that cell's Ray Train worker killed. The resume tests read what each kill left."""
+
+    client: MlflowClient
+    experiment_id: str
+    first: str  # cell ids, in order
+    second: str
+    before: dict  # cell id -> run, after the driver's kill
+    first_resume: int  # the step the rerun resumed the second cell from
+    after: dict  # cell id -> run, once the rerun finished
+
+
+def cell_runs(client: MlflowClient, experiment_id: str) -> dict:
+    return {r.data.tags["moelab.cell_id"]: r for r in client.search_runs([experiment_id], "tags.`moelab.role` = 'cell'")}
+
+
+def resumed_from(client: MlflowClient, proc: subprocess.Popen, run_id: str) -> int:
+    """The step the rerun's worker resumed from, once it has said so on the run."""
+    for _poll in range(3000):  # bounded wait, a hang guard
+        tag = client.get_run(run_id).data.tags.get("moelab.resumed_from_step")
+        if tag:
+            return int(tag)
+        assert proc.poll() is None, "the rerun ended before resuming the cell"
+        time.sleep(0.2)
+    pytest.fail("the rerun never resumed the cell")
+
+
+@pytest.fixture(scope="module")
+def killed_twice(tmp_path_factory) -> KilledTwice:
+    root = tmp_path_factory.mktemp("resume")
+    path, workdir = root / "resume.yaml", root / "work"
     path.write_text(yaml.safe_dump(STUDY))
     first, second = [c.id for c in expand(parse_study(STUDY))]
     proc = moelab_run(path, workdir)
     wait_until_logged(proc, workdir, "resume", second, 30)  # past the second cell's step-20 checkpoint
     kill_study(proc)
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("resume")
-    before = {r.data.tags["moelab.cell_id"]: r for r in client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'")}
-    assert before[first].info.status == "FINISHED" and before[second].info.status == "RUNNING"
+    experiment_id = client.get_experiment_by_name("resume").experiment_id
+    before = cell_runs(client, experiment_id)
 
-    assert moelab_run(path, workdir).wait(timeout=600) == 0
-    after = {r.data.tags["moelab.cell_id"]: r for r in client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'")}
-    assert set(after) == {first, second} and len(client.search_runs([exp.experiment_id])) == 3  # + study run
-    assert all(r.info.status == "FINISHED" for r in after.values())
-    assert after[first].info.end_time == before[first].info.end_time  # finished cell not retrained
-    assert after[second].info.run_id == before[second].info.run_id  # reopened, not duplicated
-    resumed_from = int(after[second].data.tags["moelab.resumed_from_step"])
-    assert resumed_from >= 20 and resumed_from % 20 == 0
-    history = sorted(client.get_metric_history(after[second].info.run_id, "train/loss"), key=lambda m: m.timestamp)
-    steps = [m.step for m in history]
-    assert steps == list(range(10, 101, 10))  # the steps replayed since the checkpoint were not logged again
-    assert_one_point_per_step(client, after[second])
+    rerun = moelab_run(path, workdir)
+    try:
+        first_resume = resumed_from(client, rerun, before[second].info.run_id)
+        # Past the checkpoint 20 steps after the resume point: Ray Train restarts its worker group from there.
+        wait_until_logged(rerun, workdir, "resume", second, first_resume + 30)
+        workers = train_workers_of(rerun)
+        assert workers, "no Ray Train worker process found"
+        for worker in workers:
+            worker.kill()
+        assert rerun.wait(timeout=600) == 0, tail(workdir.parent / "moelab.log")
+    finally:
+        if rerun.poll() is None:
+            kill_study(rerun)
+    return KilledTwice(client, experiment_id, first, second, before, first_resume, cell_runs(client, experiment_id))
+
+
+def test_sigkill_then_rerun_resumes_without_retraining_or_duplicates(killed_twice):
+    k = killed_twice
+    assert k.before[k.first].info.status == "FINISHED" and k.before[k.second].info.status == "RUNNING"
+    assert set(k.after) == {k.first, k.second} and len(k.client.search_runs([k.experiment_id])) == 3  # + study run
+    assert all(r.info.status == "FINISHED" for r in k.after.values())
+    assert k.after[k.first].info.end_time == k.before[k.first].info.end_time  # finished cell not retrained
+    assert k.after[k.second].info.run_id == k.before[k.second].info.run_id  # reopened, not duplicated
+    assert k.first_resume >= 20 and k.first_resume % 20 == 0
+    history = sorted(k.client.get_metric_history(k.after[k.second].info.run_id, "train/loss"), key=lambda m: m.timestamp)
+    assert [m.step for m in history] == list(range(10, 101, 10))  # steps replayed since a checkpoint: not logged again
+    assert_one_point_per_step(k.client, k.after[k.second])
+
+
+def test_killed_train_worker_restarts_the_cell_from_its_checkpoint(killed_twice):
+    """The rerun's worker was killed 30 steps past its resume point: Ray Train restarted the worker group from the
+    checkpoint 20 steps past it (not from the resume point again, not from 0), and the rerun exited 0."""
+    k = killed_twice
+    run = k.after[k.second]
+    restarted_from = int(run.data.tags["moelab.resumed_from_step"])
+    assert restarted_from >= k.first_resume + 20 and restarted_from % 20 == 0
+    assert [m.step for m in k.client.get_metric_history(run.info.run_id, "train/loss")] == list(range(10, 101, 10))
+    assert_one_point_per_step(k.client, run)
 
 
 def test_kill_before_ray_registered_the_checkpoint_restarts_without_repeating_steps(tmp_path):
@@ -116,26 +175,3 @@ def test_kill_before_ray_registered_the_checkpoint_restarts_without_repeating_st
     left = {p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()}
     assert not left & set(orphans)  # pruned
     assert left == registered_checkpoints(str(run_dir)) and len(left) == 2  # what Ray keeps (num_to_keep)
-
-
-def test_killed_train_worker_restarts_the_cell_from_its_checkpoint(tmp_path):
-    study = dict(STUDY, name="workerkill", routers=[{"name": "topk", "k": 2}],
-                 resources=dict(STUDY["resources"], max_failures=1))
-    path, workdir = tmp_path / "workerkill.yaml", tmp_path / "work"
-    path.write_text(yaml.safe_dump(study))
-    (cell,) = [c.id for c in expand(parse_study(study))]
-    proc = moelab_run(path, workdir)
-    wait_until_logged(proc, workdir, "workerkill", cell, 30)
-    workers = train_workers_of(proc)
-    assert workers, "no Ray Train worker process found"
-    for worker in workers:
-        worker.kill()
-    assert proc.wait(timeout=600) == 0  # Ray Train restarted the worker group; the cell finished
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("workerkill")
-    (run,) = client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'")
-    assert run.info.status == "FINISHED"
-    assert int(run.data.tags["moelab.resumed_from_step"]) >= 20  # restarted from the checkpoint, not from 0
-    steps = [m.step for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.timestamp)]
-    assert steps == list(range(10, 101, 10))
-    assert_one_point_per_step(client, run)
