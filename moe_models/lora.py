@@ -3,7 +3,7 @@ the MoE routers, which a swapped-in or upcycled router needs to learn (and, by c
 `inject_adapter_in_model` works on any module, so the same call serves a wrapped checkpoint and our own models."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from pydantic import Field, PositiveFloat, PositiveInt, confloat
 
@@ -44,8 +44,12 @@ def apply_lora(model: nn.Module, opts: LoRAOptions) -> nn.Module:
     return model
 
 
-def parameter_counts(model: nn.Module) -> dict[str, float]:
+class ParameterCounts(NamedTuple):
+    total: int
+    trainable: int
+
+
+def parameter_counts(model: nn.Module) -> ParameterCounts:
     """Total and trainable parameters (a tied weight counts once)."""
     unique = {id(p): p for p in model.parameters()}.values()
-    return {"summary/params_total": float(sum(p.numel() for p in unique)),
-            "summary/params_trainable": float(sum(p.numel() for p in unique if p.requires_grad))}
+    return ParameterCounts(sum(p.numel() for p in unique), sum(p.numel() for p in unique if p.requires_grad))

@@ -6,6 +6,7 @@ import threading
 
 from tuning.asha import stopped_trials
 from workflows.driver.progress import Progress, StepRates, progress_of
+from workflows.metric_names import TRAIN_STEP
 from workflows.tracking import TRIAL, Tracker
 
 
@@ -48,7 +49,7 @@ class TrialWatcher:
             # The run's name says what the trial is (router and sampled values) and exists from its creation on.
             trial, router = run.data.tags.get(TRIAL, "?"), run.info.run_name
             self._event(trial, "started", f"  trial {trial}  {router}  started")
-            step = int(run.data.metrics.get("train/step", 0))
+            step = int(run.data.metrics.get(TRAIN_STEP, 0))
             if trial in stopped:
                 self._event(trial, "stopped", f"  ASHA stopped trial {trial} ({router}) at step {step}/{self.steps}")
             if run.info.status == "RUNNING":

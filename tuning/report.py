@@ -7,6 +7,7 @@ from typing import Any
 from mlflow.entities import Run
 
 from tuning.sweep_config import SweepConfig
+from workflows.metric_names import TRAIN_STEP
 from workflows.report.render import render
 from workflows.report.numbers import parse_number, readable
 from workflows.tracking import REASON, TRIAL, metric_key
@@ -16,10 +17,11 @@ def trial_rows(runs: list[Run], sweep: SweepConfig) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
         params = {path: parse_number(run.data.params.get(f"sweep.{path}")) for path in sweep.space}
-        rows.append({"trial": run.data.tags.get(TRIAL), "name": run.info.run_name, "router": run.data.tags.get("router"),
+        rows.append({"trial": run.data.tags.get(TRIAL), "name": run.info.run_name,
+                     "router": run.data.tags.get("router"),
                      "model": run.data.tags.get("model"), "dataset": run.data.tags.get("dataset"),
                      "status": run.info.status, "early_stopped": run.data.tags.get("moelab.early_stopped") == "true",
-                     "steps": run.data.metrics.get("train/step"), sweep.metric: run.data.metrics.get(sweep.metric),
+                     "steps": run.data.metrics.get(TRAIN_STEP), sweep.metric: run.data.metrics.get(sweep.metric),
                      "reason": run.data.tags.get(REASON), **params})
     return sorted(rows, key=lambda r: (r["router"] or "", r["trial"] or ""))
 

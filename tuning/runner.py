@@ -34,6 +34,7 @@ from workflows.driver.progress import Progress
 from workflows.driver.ray_cluster import connect_if_remote, init_ray
 from workflows.driver.runner import cell_tags
 from workflows.driver.workspace import Workspace
+from workflows.metric_names import TRAIN_STEP
 from workflows.provenance import git_commit
 from workflows.study.cells import Cell, expand
 from workflows.study.schema import Study
@@ -64,7 +65,7 @@ class TrialRunCloser(tune.Callback):
         if run.info.status != "RUNNING":
             return reason
         # A trial whose function returned at once after a restore has no result; its logged step still tells.
-        step = max(last_result.get("step", 0), int(run.data.metrics.get("train/step", 0)))
+        step = max(last_result.get("step", 0), int(run.data.metrics.get(TRAIN_STEP, 0)))
         if step and step < self.steps and not reason:
             self.tracker.set_tags(run.info.run_id, {"moelab.early_stopped": "true"})
         self.tracker.finish(run.info.run_id, "FAILED" if reason else "FINISHED", reason)

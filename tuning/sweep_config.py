@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, PositiveInt, model_validator
 
 from moe_models.options import NAME_PATTERN, StrictOptions
+from workflows.metric_names import EVAL_LOSS
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 
@@ -56,7 +57,7 @@ class SweepConfig(StrictOptions):
     models: list[str] = Field(default_factory=list)  # model display names; empty = all
     datasets: list[str] = Field(default_factory=list)  # dataset names; empty = all
     space: dict[str, Dimension] = Field(min_length=1)
-    metric: str = "eval/loss"
+    metric: str = EVAL_LOSS
     mode: Literal["min", "max"] = "min"
     num_samples: PositiveInt = 4  # per selected base cell (router x model x dataset)
     search: Literal["random", "grid", "optuna"] = "random"

@@ -18,6 +18,7 @@ from tuning.search import tune_metric
 from workflows.cell.engine import report_metrics
 from workflows.cell.job import CellJob
 from workflows.driver.launch import make_trainer
+from workflows.metric_names import EVAL_LOSS, TRAIN_STEP
 from workflows.report.numbers import readable
 from workflows.study.cells import Cell
 from workflows.study.entries import RouterEntry
@@ -40,7 +41,7 @@ class SweepContext:
     storage_path: str
     resources: ResourcesConfig
     asha_state_path: str  # where ResumableASHA records the trials it stopped
-    metric: str = "eval/loss"  # what the sweep optimises: each trial's run logs it first (see train_cell)
+    metric: str = EVAL_LOSS  # what the sweep optimises: each trial's run logs it first (see train_cell)
 
 
 def trial_name(base: RouterEntry, params: dict[str, Any]) -> str:
@@ -79,7 +80,7 @@ def report_recorded(tracker: Tracker, ctx: SweepContext, trial_id: str) -> None:
     found = tracker.runs_with_tag(ctx.experiment_id, TRIAL, trial_id)
     metrics = found[0].data.metrics if found else {}
     if ctx.metric in metrics:
-        ray.tune.report(report_metrics(metrics, int(metrics.get("train/step", 0))))
+        ray.tune.report(report_metrics(metrics, int(metrics.get(TRAIN_STEP, 0))))
     else:
         ray.tune.report({tune_metric(ctx.metric): math.nan})
 

@@ -144,8 +144,7 @@ def test_lora_trains_adapters_and_routers_only_and_starts_as_the_swapped_model(c
         after, _ = model.eval().logits(ids())
     torch.testing.assert_close(after, before)  # LoRA's B starts at zero
     counts = parameter_counts(model)
-    assert counts["summary/params_trainable"] == sum(
-        p.numel() for p in model.parameters() if p.requires_grad) < counts["summary/params_total"]
+    assert counts.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) < counts.total
     model.train()(ids(), ids()).loss.backward()
     frozen = dict(model.named_parameters())["hf.model.layers.0.self_attn.q_proj.base_layer.weight"]
     assert frozen.grad is None

@@ -32,7 +32,7 @@ def test_no_import_runs_back_up_the_layout(package):
 
 
 def test_shared_modules_import_no_layer():
-    """tracking, storage, provenance and figures serve every layer, so they import none."""
+    """tracking, storage, provenance, figures and metric_names serve every layer, so they import none."""
     layers = tuple(f"workflows.{p}" for p in ("study", "driver", "cell", "report"))
-    for name in ("tracking", "storage", "provenance", "figures"):
+    for name in ("tracking", "storage", "provenance", "figures", "metric_names"):
         assert not {m for m in imported_modules(WORKFLOWS / f"{name}.py") if m.startswith(layers)}, name

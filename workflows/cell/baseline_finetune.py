@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from workflows.metric_names import SUMMARY_PARAMS_TOTAL, SUMMARY_PARAMS_TRAINABLE
 from workflows.study.sections import BaselineFinetune, PretrainedBaseline
 
 IGNORE = -100  # transformers' label for positions outside the loss
@@ -54,8 +55,8 @@ def finetune_lora(model, tokenizer, baseline: PretrainedBaseline, documents: lis
                         task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_2_SEQ_LM)
     model = get_peft_model(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    log({"summary/params_trainable": float(sum(p.numel() for p in trainable)),
-         "summary/params_total": float(sum(p.numel() for p in model.parameters()))}, 0)
+    log({SUMMARY_PARAMS_TRAINABLE: float(sum(p.numel() for p in trainable)),
+         SUMMARY_PARAMS_TOTAL: float(sum(p.numel() for p in model.parameters()))}, 0)
     optimizer = torch.optim.AdamW(trainable, lr=ft.lr)
     inputs = [baseline.input_text(d) for d in truncated_documents(tokenizer, documents, source_limit)]
     make_batch = _causal_batch if causal else _seq2seq_batch

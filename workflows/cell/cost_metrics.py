@@ -14,6 +14,13 @@ from torch import nn
 
 from moe_models.cost import training_flops_per_token
 from moe_models.moe_ffn import MoEFeedForward
+from workflows.metric_names import (
+    SUMMARY_MFU,
+    SUMMARY_PEAK_TFLOPS,
+    SUMMARY_STEP_SECONDS,
+    SUMMARY_TFLOPS_PER_DEVICE,
+    SUMMARY_TRAIN_GFLOPS_PER_TOKEN,
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -78,6 +85,6 @@ def cost_metrics(model: nn.Module, seq_len: int, tokens_per_s_per_device: float,
     """expert_flops_per_token: forward FLOPs per token in the experts, from the served routes of the last eval."""
     flops = training_flops_per_token(model, seq_len, expert_flops_per_token)
     achieved = flops * tokens_per_s_per_device / 1e12
-    return {"summary/step_seconds": step_seconds, "summary/train_gflops_per_token": flops / 1e9,
-            "summary/tflops_per_device": achieved, "summary/peak_tflops": peak_tflops,
-            "summary/mfu": achieved / peak_tflops}
+    return {SUMMARY_STEP_SECONDS: step_seconds, SUMMARY_TRAIN_GFLOPS_PER_TOKEN: flops / 1e9,
+            SUMMARY_TFLOPS_PER_DEVICE: achieved, SUMMARY_PEAK_TFLOPS: peak_tflops,
+            SUMMARY_MFU: achieved / peak_tflops}

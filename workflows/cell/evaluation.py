@@ -15,6 +15,16 @@ from moe_models.models.common import LMOutput
 from workflows.cell.cost_metrics import cost_metrics, measure_peak_tflops, router_latency_share
 from workflows.cell.loop import aux_loss_metrics
 from workflows.cell.worker import Worker, all_reduce_sum
+from workflows.metric_names import (
+    EVAL_LOSS,
+    EVAL_MOE,
+    EVAL_MOE_DIFFICULTY_CORR,
+    EVAL_MOE_DIFFICULTY_ENTROPY_CORR,
+    EVAL_MOE_EXPERT_FLOPS_PER_TOKEN,
+    EVAL_MOE_SATURATION,
+    EVAL_PERPLEXITY,
+    SUMMARY_ROUTER_LATENCY_SHARE,
+)
 from workflows.study.cells import Cell
 
 EVAL_SEED = 1234  # every cell and every eval sees the same validation windows
@@ -81,13 +91,13 @@ def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) 
     engine.train()
     total = all_reduce_sum(loss_sum)
     loss = float(total[0] / total[1])
-    metrics, tables = layer_metrics("eval/moe", sums)
-    metrics.update(aux_loss_metrics("eval/moe", unscaled, cell.router.balancing))
-    metrics.update({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))})
+    metrics, tables = layer_metrics(EVAL_MOE, sums)
+    metrics.update(aux_loss_metrics(EVAL_MOE, unscaled, cell.router.balancing))
+    metrics.update({EVAL_LOSS: loss, EVAL_PERPLEXITY: math.exp(min(loss, 50.0))})
     if difficulty is not None:  # Pearson r; NaN (not logged) for fixed-k routers
-        metrics["eval/moe/difficulty_corr"] = pearson({k: all_reduce_sum(v) for k, v in difficulty.items()})
+        metrics[EVAL_MOE_DIFFICULTY_CORR] = pearson({k: all_reduce_sum(v) for k, v in difficulty.items()})
     if by_example is not None:  # the report's form: per example, experts per token against predictive entropy
-        metrics["eval/moe/difficulty_entropy_corr"] = pearson({k: all_reduce_sum(v) for k, v in by_example.items()})
+        metrics[EVAL_MOE_DIFFICULTY_ENTROPY_CORR] = pearson({k: all_reduce_sum(v) for k, v in by_example.items()})
     return Evaluation(metrics, tables, {i: torch.cat(masks) for i, masks in routes.items()},
                       torch.cat(sequence_losses).tolist() if sequence_losses else [])
 
@@ -95,8 +105,8 @@ def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) 
 def saturation_metrics(snapshot: dict[int, torch.Tensor], final: dict[int, torch.Tensor]) -> dict[str, float]:
     """Router saturation of an earlier evaluation against the final one, per MoE block and mean (rank 0's tokens)."""
     per_block = {i: saturation(snapshot[i], final[i]) for i in final}
-    return {**{f"eval/moe/block{i}/saturation": v for i, v in per_block.items()},
-            "eval/moe/saturation": sum(per_block.values()) / len(per_block)} if per_block else {}
+    return {**{f"{EVAL_MOE}/block{i}/saturation": v for i, v in per_block.items()},
+            EVAL_MOE_SATURATION: sum(per_block.values()) / len(per_block)} if per_block else {}
 
 
 def final_cost_metrics(engine, data: PreparedData | PreparedPairs, cell: Cell, tokens_per_s_per_device: float,
@@ -106,7 +116,7 @@ def final_cost_metrics(engine, data: PreparedData | PreparedPairs, cell: Cell, t
     model = engine.module
     param = next(model.parameters())
     metrics = cost_metrics(model, cell.training.seq_len, tokens_per_s_per_device,
-                           latest_eval.get("eval/moe/expert_flops_per_token", 0.0),
+                           latest_eval.get(EVAL_MOE_EXPERT_FLOPS_PER_TOKEN, 0.0),
                            measure_peak_tflops(param.device, param.dtype), step_seconds)
     t = cell.training
     batch = data.sample("validation", t.micro_batch_size, torch.Generator().manual_seed(EVAL_SEED), t.seq_len,
@@ -114,7 +124,7 @@ def final_cost_metrics(engine, data: PreparedData | PreparedPairs, cell: Cell, t
     engine.eval()
     share = router_latency_share(model, lambda: engine(*batch.inputs))
     engine.train()
-    return {**metrics, **({"summary/router_latency_share": share} if share is not None else {})}
+    return {**metrics, **({SUMMARY_ROUTER_LATENCY_SHARE: share} if share is not None else {})}
 
 
 def peak_memory_mb() -> float:

@@ -10,6 +10,15 @@ from moe_data.prepared_pairs import PreparedPairs
 from moe_models.models.common import LMOutput
 from moe_models.optimizer_hooks import after_optimizer_step
 from workflows.cell.worker import Worker, all_reduce_sum
+from workflows.metric_names import (
+    TRAIN_AUX_LOSS,
+    TRAIN_LM_LOSS,
+    TRAIN_LOSS,
+    TRAIN_LOSS_SCALE,
+    TRAIN_LR,
+    TRAIN_MOE,
+    TRAIN_SKIPPED_STEPS,
+)
 from workflows.study.cells import Cell
 
 
@@ -61,11 +70,11 @@ def train_step(engine, data: PreparedData | PreparedPairs, cell: Cell, step: int
     unscaled_values = {i: {k: v.item() for k, v in losses.items()} for i, losses in unscaled.items()}
     lm, aux = (all_reduce_sum(torch.stack([lm, aux])) / w.world).tolist()  # the global batch's loss, not rank 0's
     after_optimizer_step(engine.module)  # expert bias, balancing windows: once per optimizer step
-    metrics = {"train/loss": lm + aux, "train/lm_loss": lm, "train/aux_loss": aux, "train/lr": engine.get_lr()[0],
-               **aux_loss_metrics("train/moe", unscaled_values, cell.router.balancing)}
+    metrics = {TRAIN_LOSS: lm + aux, TRAIN_LM_LOSS: lm, TRAIN_AUX_LOSS: aux, TRAIN_LR: engine.get_lr()[0],
+               **aux_loss_metrics(TRAIN_MOE, unscaled_values, cell.router.balancing)}
     if t.precision == "fp16":  # dynamic loss scaling: an overflowing step is skipped and the scale halves
-        metrics["train/loss_scale"] = float(engine.optimizer.loss_scale)
-        metrics["train/skipped_steps"] = engine.skipped_steps
+        metrics[TRAIN_LOSS_SCALE] = float(engine.optimizer.loss_scale)
+        metrics[TRAIN_SKIPPED_STEPS] = engine.skipped_steps
     return metrics
 
 

@@ -7,6 +7,7 @@ import ray
 
 from workflows.cell.engine import save_and_report
 from workflows.cell.worker import Worker
+from workflows.metric_names import TRAIN_STEP
 from workflows.study.sections import TrainingConfig
 from workflows.tracking import REASON
 
@@ -15,7 +16,7 @@ class MetricSink:
     def __init__(self, w: Worker, training: TrainingConfig):
         self.w, self.training = w, training
         # The latest step this run logged before (a resume's or a restart's earlier attempt): not logged again.
-        self.logged_through = w.tracker.last_logged_step(w.run_id, "train/step") if w.tracker else 0
+        self.logged_through = w.tracker.last_logged_step(w.run_id, TRAIN_STEP) if w.tracker else 0
         self.latest_eval: dict[str, float] = {}
 
     @property

@@ -16,6 +16,7 @@ from workflows import storage
 from workflows.cell.baseline_finetune import finetune_lora, truncated_documents
 from workflows.cell.job import JobResult, PretrainedJob
 from workflows.cell.summarize import score_and_log, test_documents
+from workflows.metric_names import SUMMARY_GENERATE_SECONDS
 from workflows.study.sections import PretrainedBaseline, SummarizationConfig
 from workflows.tracking import Tracker
 
@@ -92,7 +93,7 @@ def evaluate_pretrained(job: PretrainedJob) -> JobResult:
                                      lambda metrics, step: tracker.log_metrics(run_id, metrics, step))
         seconds = time.perf_counter() - began
         metrics = {**score_and_log(tracker, run_id, predictions, data, cell.summarization),
-                   "summary/generate_seconds": seconds}
+                   SUMMARY_GENERATE_SECONDS: seconds}
     except Exception as err:  # a missing model or a hub download without network: that cell fails, with reason
         return JobResult("FAILED", f"{type(err).__name__}: {err}"[:2000])
     tracker.log_metrics(run_id, metrics, 0)

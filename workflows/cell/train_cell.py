@@ -29,6 +29,21 @@ from workflows.cell.job import CellJob
 from workflows.cell.loop import NonFiniteLoss, StepTimes, train_step
 from workflows.cell.metric_sink import MetricSink
 from workflows.cell.worker import Worker
+from workflows.metric_names import (
+    EVAL,
+    SUMMARY_EVAL_SECONDS,
+    SUMMARY_FIRST_STEP_SECONDS,
+    SUMMARY_GENERATE_SECONDS,
+    SUMMARY_PARAMS_TOTAL,
+    SUMMARY_PARAMS_TRAINABLE,
+    SUMMARY_PEAK_MEMORY_MB,
+    SUMMARY_SETUP_SECONDS,
+    SUMMARY_SKIPPED_STEPS,
+    SUMMARY_TOKENS_PER_S,
+    SUMMARY_TRAIN_SECONDS,
+    TRAIN_STEP,
+    TRAIN_TOKENS_PER_S,
+)
 from workflows.study.cells import Cell
 from workflows.tracking import SEQUENCE_LOSSES, Tracker
 
@@ -60,7 +75,7 @@ def train_cell(job: CellJob) -> None:
     sink = MetricSink(w, job.cell.training)
     progress = Progress(snapshots, setup_seconds=time.perf_counter() - entered)  # data + engine + restore
     sink.tag_placement(start)
-    if start == 0 and (job.first_metric or "").startswith("eval/"):
+    if start == 0 and (job.first_metric or "").startswith(f"{EVAL}/"):
         # The untrained model's evaluation, with the sweep's metric as the run's first (see CellJob.first_metric).
         # Every rank evaluates (the evaluation is collective); the sink logs once.
         sink.log_first(job.first_metric, evaluate(engine, data, job.cell, w).metrics)
@@ -89,7 +104,7 @@ def train(engine, data: Data, job: CellJob, w: Worker, sink: MetricSink, start: 
             return
         elapsed = time.perf_counter() - began
         progress.times.add(elapsed)
-        metrics.update({"train/tokens_per_s": tokens_per_step / elapsed, "train/step": step})
+        metrics.update({TRAIN_TOKENS_PER_S: tokens_per_step / elapsed, TRAIN_STEP: step})
         last = step == t.steps
         evaluating, checkpointing = step % t.eval_interval == 0 or last, step % t.checkpoint_interval == 0 or last
         if evaluating:
@@ -118,12 +133,14 @@ def summary_metrics(engine, data: Data, cell: Cell, w: Worker, tokens_per_step: 
     memory, parameters, cost; a summarization cell's scores on its test documents."""
     times = progress.times
     tokens_per_s = tokens_per_step / times.steady_step_seconds
-    metrics = {"summary/tokens_per_s": tokens_per_s, "summary/train_seconds": times.total,
-               "summary/first_step_seconds": times.first, "summary/setup_seconds": progress.setup_seconds,
-               "summary/eval_seconds": progress.eval_seconds,  # periodic evaluations of this (resumed part of the) run
-               "summary/peak_memory_mb": peak_memory_mb(), **parameter_counts(engine.module)}
+    metrics = {SUMMARY_TOKENS_PER_S: tokens_per_s, SUMMARY_TRAIN_SECONDS: times.total,
+               SUMMARY_FIRST_STEP_SECONDS: times.first, SUMMARY_SETUP_SECONDS: progress.setup_seconds,
+               SUMMARY_EVAL_SECONDS: progress.eval_seconds,  # periodic evaluations of this (resumed part of the) run
+               SUMMARY_PEAK_MEMORY_MB: peak_memory_mb()}
+    counts = parameter_counts(engine.module)
+    metrics.update({SUMMARY_PARAMS_TOTAL: float(counts.total), SUMMARY_PARAMS_TRAINABLE: float(counts.trainable)})
     if cell.training.precision == "fp16":  # optimizer steps lost to overflow (DeepSpeed checkpoints the count)
-        metrics["summary/skipped_steps"] = engine.skipped_steps
+        metrics[SUMMARY_SKIPPED_STEPS] = engine.skipped_steps
     metrics.update(final_cost_metrics(engine, data, cell, tokens_per_s / w.world, progress.evaluation.metrics,
                                       times.steady_step_seconds))
     if cell.summarization is not None:
@@ -153,7 +170,7 @@ def summarize_test_split(engine, data: PreparedPairs, cell: Cell, w: Worker) -> 
 
     began = time.perf_counter()
     predictions = generate_summaries(engine.module, data, cell.summarization, cell.training.seq_len)
-    metrics = {"summary/generate_seconds": time.perf_counter() - began}
+    metrics = {SUMMARY_GENERATE_SECONDS: time.perf_counter() - began}
     if w.tracker:
         metrics.update(score_and_log(w.tracker, w.run_id, predictions, data, cell.summarization))
     return metrics

@@ -13,6 +13,7 @@ from typing import Callable, TextIO
 
 from mlflow.entities import Run
 
+from workflows.metric_names import TRAIN_LOSS, TRAIN_STEP, TRAIN_TOKENS_PER_S
 from workflows.tracking import Tracker
 
 
@@ -63,8 +64,8 @@ class StepRates:
 def progress_of(run: Run, label: str, steps: int, rates: StepRates) -> RunProgress:
     """From a run as MLflow returns it (get_run or a search): the latest value of each metric."""
     metrics = run.data.metrics
-    step = int(metrics.get("train/step", 0))
-    return RunProgress(label, step, steps, metrics.get("train/loss"), metrics.get("train/tokens_per_s"),
+    step = int(metrics.get(TRAIN_STEP, 0))
+    return RunProgress(label, step, steps, metrics.get(TRAIN_LOSS), metrics.get(TRAIN_TOKENS_PER_S),
                        rates.eta(run.info.run_id, step, steps))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TextIO
 
 from workflows.driver.commands import study_or_exit, usable_workspace
+from workflows.metric_names import TRAIN_LOSS
 from workflows.report.render import render
 
 
@@ -41,7 +42,7 @@ def cmd_status(args, out: TextIO) -> int:
         if run is None:
             print(f"{cell.id}  {cell.title}  PENDING", file=out)
             continue
-        history = tracker.metric_history(run.info.run_id, "train/loss")
+        history = tracker.metric_history(run.info.run_id, TRAIN_LOSS)
         step, loss = (history[-1].step, f"{history[-1].value:.4f}") if history else (0, "—")
         reason = f"  reason: {run.data.tags[REASON]}" if REASON in run.data.tags else ""
         checkpoint = "checkpoint" if ray_checkpoints(storage.join(ws.cell_storage(study.name), cell.id)) \
@@ -196,5 +197,6 @@ def router_table(rows: list[dict]) -> str:
                                 cell(r, "load_cv", 3)))) for r in rows]
     text = render(headers, table, "md").rstrip("\n")
     if rows and min(r["seeds"] for r in rows) < MIN_SEEDS_FOR_INTERVAL:
-        text += f"\n\nFewer than {MIN_SEEDS_FOR_INTERVAL} seeds: no intervals (pass --seeds {MIN_SEEDS_FOR_INTERVAL} or more)."
+        text += (f"\n\nFewer than {MIN_SEEDS_FOR_INTERVAL} seeds: no intervals "
+                 f"(pass --seeds {MIN_SEEDS_FOR_INTERVAL} or more).")
     return text

@@ -16,6 +16,7 @@ from workflows.driver.data import PreparedDataset, check_domain_labels, prepare_
 from workflows.driver.progress import Progress, StepRates, duration, read_progress, study_eta
 from workflows.driver.ray_cluster import connect_if_remote, init_ray
 from workflows.driver.workspace import Workspace
+from workflows.metric_names import EVAL_LOSS, SUMMARY_CELL_WALL_SECONDS, SUMMARY_TOKENS_PER_S
 from workflows.provenance import git_commit, package_versions
 from workflows.report.exports import pool, write_pooled_report
 from workflows.report.plots import write_plots
@@ -140,9 +141,9 @@ def headline_metrics(cells: list[Cell], runs: dict) -> dict[str, float]:
     one_model = len({c.model.display() for c in cells}) == 1
     for cell in cells:
         run = runs.get(cell.id)
-        if run is None or run.info.status != "FINISHED" or "eval/loss" not in run.data.metrics:
+        if run is None or run.info.status != "FINISHED" or EVAL_LOSS not in run.data.metrics:
             continue
-        loss, speed = run.data.metrics["eval/loss"], run.data.metrics.get("summary/tokens_per_s", float("nan"))
+        loss, speed = run.data.metrics[EVAL_LOSS], run.data.metrics.get(SUMMARY_TOKENS_PER_S, float("nan"))
         label = cell.router.display() if one_model else f"{cell.router.display()} / {cell.model.display()}"
         if label not in best or loss < best[label][0]:
             best[label] = (loss, speed)
@@ -264,7 +265,7 @@ def _run_cells(todo: list[tuple[Cell, str]], study: Study, ws: Workspace, prepar
         seconds = time.perf_counter() - started
         cell_seconds.append(seconds)
         # Launch to result, as the driver saw it: minus the cell's setup, train and eval seconds, its overhead.
-        tracker.log_metrics(run_id, {"summary/cell_wall_seconds": seconds}, cell.training.steps)
+        tracker.log_metrics(run_id, {SUMMARY_CELL_WALL_SECONDS: seconds}, cell.training.steps)
         tracker.finish(run_id, result.status, result.reason)
         if result.status == "FINISHED":
             outcome.finished.append(cell.id)

@@ -18,6 +18,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from moe_eval.bootstrap import t_interval
+from workflows.metric_names import EVAL_LOSS
 from workflows.report.pooled import MIN_SEEDS_FOR_INTERVAL, PooledRow
 from workflows.study.cells import Cell
 from workflows.tracking import Tracker
@@ -96,7 +97,7 @@ def loss_curves(cells: list[Cell], runs: dict[str, Run], tracker: Tracker, path:
         if run is None or run.info.status != "FINISHED":
             continue
         label = f"{cell.router.display()} / {cell.model.display()}" if several else cell.router.display()
-        for point in tracker.metric_history(run.info.run_id, "eval/loss"):
+        for point in tracker.metric_history(run.info.run_id, EVAL_LOSS):
             curves[label][point.step].append(point.value)
     if not curves:
         return None

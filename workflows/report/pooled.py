@@ -25,11 +25,12 @@ from scipy import stats
 from moe_eval.bootstrap import MIN_SEEDS_FOR_INTERVAL, paired_p_value, t_interval, two_level_difference
 from moe_eval.score_sheet import BLEU, ScoreSheet
 from moe_models.spec import DENSE
+from workflows.metric_names import EVAL_LOSS, SUMMARY_TRAIN_GFLOPS_PER_TOKEN
 from workflows.report.table import METRIC_COLUMNS, Column
 from workflows.study.cells import Cell
 
-QUALITY = Column("eval loss", "eval/loss", 4)  # what the baseline test and the regime check compare (lower is better)
-COMPUTE_COLUMNS = (Column("train MFLOP/token", "summary/train_gflops_per_token", 2, 1e3),)
+QUALITY = Column("eval loss", EVAL_LOSS, 4)  # what the baseline test and the regime check compare (lower is better)
+COMPUTE_COLUMNS = (Column("train MFLOP/token", SUMMARY_TRAIN_GFLOPS_PER_TOKEN, 2, 1e3),)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,28 @@ from typing import Any
 
 from mlflow.entities import Run
 
+from workflows.metric_names import (
+    EVAL_LOSS,
+    EVAL_MOE_DIFFICULTY_CORR,
+    EVAL_MOE_DIFFICULTY_ENTROPY_CORR,
+    EVAL_MOE_DOMAIN_EXPERT_NMI,
+    EVAL_MOE_DROP_FRACTION,
+    EVAL_MOE_EXPERTS_PER_TOKEN,
+    EVAL_MOE_EXPERT_FLOPS_PER_TOKEN,
+    EVAL_MOE_LOAD_CV,
+    EVAL_MOE_MEAN_TOPK_PROB,
+    EVAL_MOE_PURITY,
+    EVAL_MOE_REFERENCE_AGREEMENT,
+    EVAL_MOE_ROUTER_ENTROPY_NORM,
+    EVAL_MOE_UTILIZATION,
+    EVAL_PERPLEXITY,
+    SUMMARY_MFU,
+    SUMMARY_PARAMS_TOTAL,
+    SUMMARY_PARAMS_TRAINABLE,
+    SUMMARY_PEAK_MEMORY_MB,
+    SUMMARY_ROUTER_LATENCY_SHARE,
+    SUMMARY_TOKENS_PER_S,
+)
 from workflows.report.render import render
 from workflows.study.cells import Cell
 from workflows.tracking import REASON, Tracker
@@ -21,32 +43,32 @@ class Column:
 
 
 METRIC_COLUMNS = (
-    Column("eval loss", "eval/loss", 4),
-    Column("perplexity", "eval/perplexity", 2),
-    Column("load CV", "eval/moe/load_cv", 3),
-    Column("experts/token", "eval/moe/experts_per_token", 2),
-    Column("router entropy", "eval/moe/router_entropy_norm", 3),
-    Column("mean top-k prob", "eval/moe/mean_topk_prob", 3),  # probability mass of the chosen experts
-    Column("dropped", "eval/moe/drop_fraction", 3),
-    Column("utilization", "eval/moe/utilization", 3),
-    Column("purity", "eval/moe/purity", 3),
-    Column("NMI", "eval/moe/domain_expert_nmi", 3),
-    Column("ref. agreement", "eval/moe/reference_agreement", 3),
-    Column("difficulty r", "eval/moe/difficulty_corr", 3),  # per token: experts per token vs token loss
-    Column("entropy r", "eval/moe/difficulty_entropy_corr", 3),  # per example: vs predictive entropy
-    Column("expert MFLOP/token", "eval/moe/expert_flops_per_token", 3, 1e-6),
+    Column("eval loss", EVAL_LOSS, 4),
+    Column("perplexity", EVAL_PERPLEXITY, 2),
+    Column("load CV", EVAL_MOE_LOAD_CV, 3),
+    Column("experts/token", EVAL_MOE_EXPERTS_PER_TOKEN, 2),
+    Column("router entropy", EVAL_MOE_ROUTER_ENTROPY_NORM, 3),
+    Column("mean top-k prob", EVAL_MOE_MEAN_TOPK_PROB, 3),  # probability mass of the chosen experts
+    Column("dropped", EVAL_MOE_DROP_FRACTION, 3),
+    Column("utilization", EVAL_MOE_UTILIZATION, 3),
+    Column("purity", EVAL_MOE_PURITY, 3),
+    Column("NMI", EVAL_MOE_DOMAIN_EXPERT_NMI, 3),
+    Column("ref. agreement", EVAL_MOE_REFERENCE_AGREEMENT, 3),
+    Column("difficulty r", EVAL_MOE_DIFFICULTY_CORR, 3),  # per token: experts per token vs token loss
+    Column("entropy r", EVAL_MOE_DIFFICULTY_ENTROPY_CORR, 3),  # per example: vs predictive entropy
+    Column("expert MFLOP/token", EVAL_MOE_EXPERT_FLOPS_PER_TOKEN, 3, 1e-6),
     Column("ROUGE-1", "test/rouge1", 2, 100),
     Column("ROUGE-2", "test/rouge2", 2, 100),
     Column("ROUGE-L", "test/rougeL", 2, 100),
     Column("BLEU", "test/bleu", 2),
     Column("BERTScore F1", "test/bertscore_f1", 2, 100),
     Column("density", "test/density", 2),
-    Column("params (M)", "summary/params_total", 3, 1e-6),
-    Column("trainable (M)", "summary/params_trainable", 3, 1e-6),
-    Column("tokens/s", "summary/tokens_per_s", 0),
-    Column("MFU %", "summary/mfu", 1, 100),
-    Column("router share", "summary/router_latency_share", 3),
-    Column("peak MB", "summary/peak_memory_mb", 0),
+    Column("params (M)", SUMMARY_PARAMS_TOTAL, 3, 1e-6),
+    Column("trainable (M)", SUMMARY_PARAMS_TRAINABLE, 3, 1e-6),
+    Column("tokens/s", SUMMARY_TOKENS_PER_S, 0),
+    Column("MFU %", SUMMARY_MFU, 1, 100),
+    Column("router share", SUMMARY_ROUTER_LATENCY_SHARE, 3),
+    Column("peak MB", SUMMARY_PEAK_MEMORY_MB, 0),
 )
 ID_HEADERS = ("cell", "router", "model", "dataset", "seed", "status")
 
