@@ -190,21 +190,18 @@ def test_routing_state_stays_fp32_in_a_bf16_model_so_the_expert_bias_moves_as_in
     counts are accumulators: in bf16, counts above 256 round, and a bias step of u rounds to bf16's
     spacing near |b| (it vanishes once |b| > 256*u). A bf16 model's router, fed bf16-representable inputs (its math is fp32), must count and move its
     bias exactly as the fp32 model's does."""
-    from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
     from moe_models.moe_ffn import MoEFeedForward, moe_forward
     from moe_models.optimizer_hooks import after_optimizer_step
-    from moe_models.routers import ROUTERS, RouterContext
+    from tests.tiny_layers import tiny_moe
 
     E, D, T = 4, 8, 1000
-    cls = ROUTERS.get("topk")
 
     def layer() -> MoEFeedForward:
-        torch.manual_seed(0)
-        router = cls(RouterContext(D, E, 10, 0, 0), cls.Options(k=1, expert_bias_rate=0.004))
+        moe = tiny_moe("topk", {"k": 1, "expert_bias_rate": 0.004}, d_model=D, num_experts=E, vocab_size=10,
+                       backend="grouped", balancing={"switch_lbl": 0.01}, scope="global_batch")
         with torch.no_grad():
-            router.proj.weight[0, 0] = 6.0  # expert 0 wins nearly every token: the bias must travel far
-        return MoEFeedForward(router, DISPATCH_BACKENDS.get("grouped")(DispatchSpec(D, 16, E, 1, None, "position")),
-                              {"switch_lbl": 0.01}, "global_batch").train()
+            moe.router.proj.weight[0, 0] = 6.0  # expert 0 wins nearly every token: the bias must travel far
+        return moe.train()
 
     fp32, bf16 = layer(), layer().bfloat16()
     assert bf16.router.proj.weight.dtype == torch.bfloat16  # the model is cast ...

@@ -6,22 +6,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
 from moe_models.moe_ffn import MoEFeedForward, moe_forward
 from moe_models.optimizer_hooks import after_optimizer_step
-from moe_models.routers import ROUTERS, RouterContext
+from tests.tiny_layers import tiny_moe
 
 D, F, E, T = 8, 16, 4, 32
 
 
 def layer(scope: str) -> MoEFeedForward:
-    torch.manual_seed(0)  # identical router on both ranks, as data parallelism keeps it
-    cls = ROUTERS.get("topk")
-    router = cls(RouterContext(D, E, 10, 0, 0), cls.Options(k=1))
+    # seed 0: an identical router on both ranks, as data parallelism keeps it
+    moe = tiny_moe("topk", {"k": 1}, d_model=D, expert_hidden=F, num_experts=E, vocab_size=10,
+                   balancing={"switch_lbl": 1.0}, scope=scope)
     with torch.no_grad():  # feature 0 decides between experts 0 and 3: each rank's data leans to one side
-        router.proj.weight[:, 0] = torch.tensor([1.0, 0.3, -0.3, -1.0])
-    dispatch = DISPATCH_BACKENDS.get("deepspeed")(DispatchSpec(D, F, E, 1, None, "position"))
-    return MoEFeedForward(router, dispatch, {"switch_lbl": 1.0}, scope)
+        moe.router.proj.weight[:, 0] = torch.tensor([1.0, 0.3, -0.3, -1.0])
+    return moe
 
 
 def rank_batch(rank: int) -> torch.Tensor:

@@ -5,10 +5,9 @@ import copy
 import pytest
 import torch
 
-from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
 from moe_models.experts import ACTIVATIONS
 from moe_models.moe_ffn import MoEFeedForward, moe_forward
-from moe_models.routers import ROUTERS, RouterContext
+from tests.tiny_layers import tiny_moe
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -19,11 +18,8 @@ CASES = [("topk", {"k": 2}), ("top_p", {"p": 0.5}), ("top_p", {"p": 0.5, "max_k"
 
 
 def layer_on(backend: str, router: str, options: dict, capacity_factor=None, activation="gelu") -> MoEFeedForward:
-    torch.manual_seed(0)
-    cls = ROUTERS.get(router)
-    r = cls(RouterContext(D, E, V, 0, 0), cls.Options(**options))
-    spec = DispatchSpec(D, F, E, 1, capacity_factor, "position", activation)
-    return MoEFeedForward(r, DISPATCH_BACKENDS.get(backend)(spec), {})
+    return tiny_moe(router, options, d_model=D, expert_hidden=F, num_experts=E, vocab_size=V, backend=backend,
+                    activation=activation, capacity_factor=capacity_factor)
 
 
 def run(layer, x, ids):

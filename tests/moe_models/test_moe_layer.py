@@ -10,6 +10,7 @@ from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
 from moe_models.experts import ACTIVATIONS, ExpertFFN
 from moe_models.moe_ffn import MoEFeedForward, moe_forward
 from moe_models.routers import ROUTERS, RouterContext
+from tests.tiny_layers import tiny_moe
 
 D, F, E, V = 16, 32, 4, 40
 
@@ -18,12 +19,9 @@ DOMAINS = 2
 
 
 def build(router="topk", capacity_factor=None, balancing=None, num_experts=E, activation="gelu", **options):
-    torch.manual_seed(0)
-    cls = ROUTERS.get(router)
-    ctx = RouterContext(D, num_experts, V, 0, 0, num_domains=DOMAINS, token_counts_V=torch.arange(V).float())
-    r = cls(ctx, cls.Options(**options))
-    spec = DispatchSpec(D, F, num_experts, 1, capacity_factor, "position", activation)
-    return MoEFeedForward(r, DISPATCH_BACKENDS.get("deepspeed")(spec), balancing or {})
+    return tiny_moe(router, options, d_model=D, expert_hidden=F, num_experts=num_experts, vocab_size=V,
+                    activation=activation, capacity_factor=capacity_factor, balancing=balancing, num_domains=DOMAINS,
+                    token_counts_V=torch.arange(V).float())
 
 
 def experts_of(layer):

@@ -10,23 +10,19 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
-from moe_models.dispatch import DISPATCH_BACKENDS, DispatchSpec
 from moe_models.experts import ExpertFFN
 from moe_models.models.llama import Block, LlamaOptions, rotary_tables
 from moe_models.moe_ffn import MoEFeedForward, moe_forward
 from moe_models.pretrained.router_swap import LOCAL_EXPERTS as EXPERT_KEY  # both backends' per-expert layout
 from moe_models.pretrained.router_swap import load_experts
-from moe_models.routers import ROUTERS, RouterContext
+from tests.tiny_layers import tiny_moe
 
 D, F, E, K, T = 32, 24, 6, 2, 40
 
 
 def our_moe(backend: str, renormalize: bool, shared: bool = False) -> MoEFeedForward:
-    ctx = RouterContext(D, E, vocab_size=100, layer_index=0, seed=0)
-    router = ROUTERS.get("topk")(ctx, ROUTERS.get("topk").Options(k=K, renormalize=renormalize))
-    dispatch = DISPATCH_BACKENDS.get(backend)(DispatchSpec(D, F, E, 1, None, "position", "swiglu"))
-    return MoEFeedForward(router, dispatch, {}, shared_experts=ExpertFFN(D, F, "swiglu") if shared else None,
-                          shared_expert_gate=shared)
+    return tiny_moe("topk", {"k": K, "renormalize": renormalize}, d_model=D, expert_hidden=F, num_experts=E,
+                    backend=backend, activation="swiglu", shared_experts=shared, seed=None)
 
 
 def randomize(module: torch.nn.Module) -> None:
