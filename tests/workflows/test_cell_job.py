@@ -88,3 +88,16 @@ def test_only_rank_zero_writes_and_a_failure_is_recorded_on_the_run(run):
     assert tracker.metric_history(run_id, "train/loss") == [] and tracker.failure_reason(run_id) is None
     MetricSink(Worker(0, 2, tracker, run_id), TrainingConfig()).fail("non-finite loss at step 3")
     assert tracker.client.get_run(run_id).data.tags[REASON] == "non-finite loss at step 3"
+
+
+def test_a_curve_of_earlier_steps_is_logged_once_when_the_last_step_is_redone(run):
+    """An attempt killed after the saturation curve but before its last step's metrics: the next attempt redoes the
+    last step, and the curve keeps one point per step."""
+    tracker, run_id = run
+    for _attempt in range(2):
+        sink = MetricSink(Worker(0, 1, tracker, run_id), TrainingConfig(steps=80, eval_interval=40))
+        assert sink.is_new(80)
+        for step in (40, 80):
+            sink.log_at(step, {"eval/moe/saturation": step / 80, "eval/moe/block0/saturation": step / 80})
+    assert steps_of(tracker, run_id, "eval/moe/saturation") == [40, 80]
+    assert steps_of(tracker, run_id, "eval/moe/block0/saturation") == [40, 80]

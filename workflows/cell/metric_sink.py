@@ -53,9 +53,14 @@ class MetricSink:
             self.w.tracker.log_metrics(self.w.run_id, metrics, step)
 
     def log_at(self, step: int, metrics: dict[str, float]) -> None:
-        """Metrics that describe an earlier step (the saturation curve), logged when the last step is new."""
-        if self.writes:
-            self.w.tracker.log_metrics(self.w.run_id, metrics, step)
+        """Metrics that describe an earlier step (the saturation curve), each step once: an attempt killed between
+        logging these and logging its last step's metrics (a worker that outlived its driver for a moment) has them
+        on the run already, and the attempt that redoes the last step must not log them twice."""
+        if not self.writes or not metrics:
+            return
+        if any(m.step == step for m in self.w.tracker.metric_history(self.w.run_id, next(iter(metrics)))):
+            return
+        self.w.tracker.log_metrics(self.w.run_id, metrics, step)
 
     def report(self, engine, step: int, metrics: dict[str, float], checkpoint: bool, snapshots: dict) -> None:
         """Every rank, at evaluations and checkpoints: Ray Train's report, carrying the latest evaluation (Tune's
