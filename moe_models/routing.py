@@ -28,6 +28,7 @@ class RoutingDecision:
     # Every slot is a route (fixed k: top-k, hash, reference), known without reading active_TK — lets a dispatch
     # size its buffers without asking the device.
     all_active: bool = False
+    _routes_per_expert_E: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_experts(self) -> int:
@@ -50,6 +51,10 @@ class RoutingDecision:
 
     def routes_per_expert_E(self) -> torch.Tensor:
         """How many routes each expert received: the one count of expert load that balancing losses, expert bias,
-        dispatch capacity and analytics share. A scatter-add (bincount would read its max back to the host on CUDA)."""
-        counts_E = torch.zeros(self.num_experts, dtype=self.probs_TE.dtype, device=self.probs_TE.device)
-        return counts_E.scatter_add_(0, self.expert_ids_TK.flatten(), self.active_TK.flatten().to(counts_E.dtype))
+        dispatch capacity and analytics share, computed once per decision. A scatter-add (bincount would read its
+        max back to the host on CUDA). No gradient: it counts discrete choices."""
+        if self._routes_per_expert_E is None:
+            counts_E = torch.zeros(self.num_experts, dtype=self.probs_TE.dtype, device=self.probs_TE.device)
+            self._routes_per_expert_E = counts_E.scatter_add_(0, self.expert_ids_TK.flatten(),
+                                                              self.active_TK.flatten().to(counts_E.dtype))
+        return self._routes_per_expert_E

@@ -97,7 +97,7 @@ def test_a_curve_of_earlier_steps_is_logged_once_when_the_last_step_is_redone(ru
     for _attempt in range(2):
         sink = MetricSink(Worker(0, 1, tracker, run_id), TrainingConfig(steps=80, eval_interval=40))
         assert sink.is_new(80)
-        for step in (40, 80):
-            sink.log_at(step, {"eval/moe/saturation": step / 80, "eval/moe/block0/saturation": step / 80})
+        sink.log_curve({step: {"eval/moe/saturation": step / 80, "eval/moe/block0/saturation": step / 80}
+                        for step in (40, 80)})
     assert steps_of(tracker, run_id, "eval/moe/saturation") == [40, 80]
     assert steps_of(tracker, run_id, "eval/moe/block0/saturation") == [40, 80]

@@ -52,15 +52,17 @@ class MetricSink:
         if self.is_new(step) and (step % t.log_interval == 0 or evaluated or step == t.steps):
             self.w.tracker.log_metrics(self.w.run_id, metrics, step)
 
-    def log_at(self, step: int, metrics: dict[str, float]) -> None:
-        """Metrics that describe an earlier step (the saturation curve), each step once: an attempt killed between
-        logging these and logging its last step's metrics (a worker that outlived its driver for a moment) has them
-        on the run already, and the attempt that redoes the last step must not log them twice."""
-        if not self.writes or not metrics:
+    def log_curve(self, points: dict[int, dict[str, float]]) -> None:
+        """Metrics that describe earlier steps (the saturation curve), each step once: an attempt killed between
+        logging these and logging its last step's metrics (a worker that outlived its driver for a moment) has some
+        on the run already, and the attempt that redoes the last step must not log them twice. One history read."""
+        if not self.writes or not points:
             return
-        if any(m.step == step for m in self.w.tracker.metric_history(self.w.run_id, next(iter(metrics)))):
-            return
-        self.w.tracker.log_metrics(self.w.run_id, metrics, step)
+        first_key = next(iter(next(iter(points.values()))), None)
+        logged = {m.step for m in self.w.tracker.metric_history(self.w.run_id, first_key)} if first_key else set()
+        for step, metrics in sorted(points.items()):
+            if metrics and step not in logged:
+                self.w.tracker.log_metrics(self.w.run_id, metrics, step)
 
     def report(self, engine, step: int, metrics: dict[str, float], checkpoint: bool, snapshots: dict) -> None:
         """Every rank, at evaluations and checkpoints: Ray Train's report, carrying the latest evaluation (Tune's

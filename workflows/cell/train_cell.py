@@ -159,9 +159,9 @@ def finish(engine, data: Data, job: CellJob, sink: MetricSink, step: int, progre
         sink.w.tracker.log_text(sink.w.run_id, json.dumps(evaluation.sequence_losses), SEQUENCE_LOSSES)
     if job.export_checkpoint:  # another cell of the study starts from this one
         log_final_checkpoint(engine.module, job.cell, data.vocab_size, sink.w)
-    if sink.is_new(step):
-        for earlier, routes in sorted(progress.snapshots.items()):  # saturation curve, at the steps it describes
-            sink.log_at(earlier, saturation_metrics(routes, progress.snapshots[step]))
+    if sink.is_new(step):  # the saturation curve, at the steps it describes
+        final = progress.snapshots[step]
+        sink.log_curve({earlier: saturation_metrics(routes, final) for earlier, routes in progress.snapshots.items()})
 
 
 def summarize_test_split(engine, data: PreparedPairs, cell: Cell, w: Worker) -> dict[str, float]:
