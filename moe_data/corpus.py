@@ -5,7 +5,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Iterator
 
-SPLITS = ("train", "validation", "test")
+from moe_data.spec import SPLITS  # noqa: F401 (re-exported: the corpora split by it)
 
 
 @dataclass(frozen=True)

@@ -1,144 +1,188 @@
-"""Turn a dataset spec into token tensors on disk, once per (corpus fingerprint, vocab size).
+"""Turn a dataset spec into token shards on disk (moe_data/shards.py), once per (content or source key, tokenizer,
+budgets); and read them back lazily in the cell workers.
 
 Language-modelling corpora are handled here; summarization pairs in prepared_pairs.py. Both expose
 `sample(split, batch_size, generator, seq_len, target_len) -> Batch`, so the training loop does not care which.
 
-The driver prepares data before any cell starts; cell workers only `load_prepared` the file. Each split is the
+The driver prepares data before any cell starts: the built-in corpora (a few MB) in this process, every other source
+as a Ray Data job (moe_data/ray_prepare.py). Cell workers memory-map the shards (`load_prepared`). Each split is the
 concatenation of its documents' tokens (EOS between documents) with a parallel per-token domain id, so windows can
 be sampled at any offset and still know each token's domain.
 """
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
+import os
+import shutil
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from moe_data.batch import Batch
-from moe_data.corpus import SPLITS
-from moe_data.pairs import PairCorpus
 from moe_data.prepared_pairs import PreparedPairs, prepare_pairs
-from moe_data.sources import load_corpus
+from moe_data.shards import INDEX, NO_DOMAIN, ShardIndex, TokenSplit
+from moe_data.sources import parse_name, task_of
+from moe_data.spec import SPLITS, DataSpec
+from moe_data.token_sink import COUNTS, TokenSink
 from moe_data.tokenizer import EOS, pretrained_tokenizer, train_or_load_tokenizer
 
-NO_DOMAIN = -1
+__all__ = ["NO_DOMAIN", "PreparedData", "load_prepared", "prepare"]
+ENCODE_BATCH = 256  # documents per tokenizer call: large enough for its threads, small enough to stop at a budget
 
 
-@dataclass
 class PreparedData:
-    tokens: dict[str, torch.Tensor]  # split -> (N,) int64 token ids
-    domain_ids: dict[str, torch.Tensor]  # split -> (N,) int64 domain index, NO_DOMAIN where unlabelled
-    domains: list[str]
-    vocab_size: int
-    fingerprint: str  # corpus fingerprint (content) — logged with every run
-    tokenizer_path: str
-    source: str
-    task: str = "lm"
+    """A prepared LM dataset: memory-mapped shards and their index. Nothing is read until a window is drawn."""
+    task = "lm"
 
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}  # no per-process caches
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.index = ShardIndex.read(self.folder)
+        self._splits: dict[str, TokenSplit] = {}
+        self._domain_pools: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    vocab_size = property(lambda self: self.index.vocab_size)
+    domains = property(lambda self: self.index.domains)
+    fingerprint = property(lambda self: self.index.fingerprint)  # content of the shards, logged with every run
+    tokenizer_path = property(lambda self: self.index.tokenizer_path)
+    source = property(lambda self: self.index.source)
+
+    def split(self, name: str) -> TokenSplit:
+        if name not in self._splits:
+            self._splits[name] = TokenSplit(self.folder, name, self.index)
+        return self._splits[name]
 
     def sample(self, split: str, batch_size: int, generator: torch.Generator, seq_len: int,
                target_len: int = 0, batching: str = "random") -> Batch:
-        """batching: "random" windows, or "by_domain" (all windows of the micro-batch from one domain)."""
-        if batching == "by_domain":
-            x, y, dom = sample_domain_batch(self, split, batch_size, seq_len, generator)
-        else:
-            x, y, dom = sample_batch(self, split, batch_size, seq_len, generator)
-        return Batch((x, y, dom), y.numel())
+        """batching: "random" windows, or "by_domain" (all windows of the micro-batch from one domain). The draw is a
+        pure function of the generator's state: resume replays it exactly."""
+        data = self.split(split)
+        places = self._domain_places(split, batch_size, seq_len, generator) if batching == "by_domain" \
+            else self._random_places(data, split, batch_size, seq_len, generator)
+        tokens, domains = data.windows(places, seq_len + 1)
+        x, y = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
+        return Batch((x, y, torch.from_numpy(domains[:, :-1])), y.numel())
+
+    @staticmethod
+    def _random_places(data: TokenSplit, split: str, batch_size: int, seq_len: int,
+                       generator: torch.Generator) -> list[tuple[int, int]]:
+        per_shard = data.window_starts(seq_len + 1)
+        total = int(per_shard.sum())
+        if total <= 0:
+            raise ValueError(f"{split} split has {data.num_tokens} tokens, fewer than seq_len+1={seq_len + 1}")
+        starts = torch.randint(0, total, (batch_size,), generator=generator).numpy()
+        return data.locate(starts, per_shard)
+
+    def _domain_places(self, split: str, batch_size: int, seq_len: int,
+                       generator: torch.Generator) -> list[tuple[int, int]]:
+        """Windows of one domain, the domain drawn in proportion to its windows: overall, each domain is seen as often
+        as under random windows; only the grouping into micro-batches changes."""
+        if not self.domains:
+            raise ValueError("training.batching: by_domain needs domain labels, and this dataset has none")
+        if (split, seq_len) not in self._domain_pools:
+            self._domain_pools[split, seq_len] = single_domain_pools(self.split(split), seq_len, len(self.domains))
+        pools = self._domain_pools[split, seq_len]
+        counts = torch.tensor([float(ends[-1]) if len(ends) else 0.0 for _, ends in pools])
+        if counts.sum() == 0:
+            raise ValueError(f"training.batching: by_domain: no {split} window of seq_len+1={seq_len + 1} tokens lies "
+                             "within one domain")
+        domain = int(torch.multinomial(counts, 1, generator=generator))
+        runs, ends = pools[domain]
+        picks = torch.randint(0, int(ends[-1]), (batch_size,), generator=generator).numpy()
+        at = np.searchsorted(ends, picks, side="right")
+        return [(int(runs[r, 0]), int(runs[r, 1] + k - (ends[r] - runs[r, 2]))) for r, k in zip(at, picks)]
 
     def train_token_counts(self) -> torch.Tensor:
         """(V,) token-id frequencies of the training split (what a balanced hash table is built from)."""
-        return torch.bincount(self.tokens["train"], minlength=self.vocab_size)
+        return torch.from_numpy(np.load(self.folder / COUNTS))
+
+    def eval_windows(self, split: str, seq_len: int) -> int:
+        """How many fixed evaluation windows the split holds: window i predicts tokens i*seq_len+1 .. (i+1)*seq_len,
+        so every token of the split (but the first, and a tail shorter than a window) is a target exactly once."""
+        return max(0, (self.split(split).num_tokens - 1) // seq_len)
+
+    def eval_batch(self, split: str, windows: list[int], seq_len: int) -> Batch:
+        rows = [self.split(split).contiguous(i * seq_len, seq_len + 1) for i in windows]
+        tokens = torch.from_numpy(np.stack([t for t, _ in rows]))
+        domains = torch.from_numpy(np.stack([d for _, d in rows]))
+        return Batch((tokens[:, :-1], tokens[:, 1:], domains[:, :-1]), tokens[:, 1:].numel())
 
 
-def prepare(name: str, vocab_size: int, max_chars_per_domain: int, cache_dir: Path, tokenizer: str | None = None,
-            **source_kwargs) -> Path:
-    """Build (or find) the prepared file for a dataset spec; returns its path. `tokenizer`: a pretrained checkpoint's
-    tokenizer (folder or hub name) instead of a BPE trained on the corpus (vocab_size then does not apply)."""
-    corpus = load_corpus(name, max_chars_per_domain, **source_kwargs)
-    vocab_key = vocab_size if tokenizer is None else hashlib.sha256(tokenizer.encode()).hexdigest()[:12]
-    path = cache_dir / f"data-{corpus.fingerprint}-{vocab_key}.pt"
-    if path.exists():
-        return path
-    if isinstance(corpus, PairCorpus):
-        if tokenizer is not None:
-            raise ValueError("datasets[].tokenizer: summarization pairs are tokenized by a BPE trained on them")
-        prepare_pairs(corpus, vocab_size, path, cache_dir)
-        return path
-    if tokenizer is None:
-        tok, tok_path = train_or_load_tokenizer(corpus, vocab_size, cache_dir)
+def single_domain_pools(data: TokenSplit, seq_len: int, num_domains: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per domain, the windows of seq_len+1 tokens that lie in that domain alone, as runs: (R, 3) rows of (shard,
+    first start, number of starts) and their cumulative counts. Memory grows with the number of domain runs, not
+    with the number of tokens; the k-th start of a domain is the same as in the sorted list of all its starts."""
+    per_domain: list[list[tuple[int, int, int]]] = [[] for _ in range(num_domains)]
+    for shard, start, length, domain in data.domain_runs():
+        last_start = min(start + length - 1 - seq_len, data.sizes[shard] - seq_len - 2)  # as random windows allow
+        if domain != NO_DOMAIN and last_start >= start:
+            per_domain[domain].append((shard, start, last_start - start + 1))
+    pools = []
+    for runs in per_domain:
+        table = np.array(runs, dtype=np.int64).reshape(-1, 3)
+        pools.append((table, np.cumsum(table[:, 2])))
+    return pools
+
+
+def prepare(spec: DataSpec, cache_dir: Path) -> Path:
+    """Build (or find) the prepared data of a dataset spec; returns its path (a shard folder, or a pairs file)."""
+    scheme, rest = parse_name(spec.name)
+    if task_of(spec.name, spec.summary_column) == "summarization":
+        return prepare_pairs(spec, cache_dir)
+    if scheme != "builtin":
+        from moe_data.ray_prepare import prepare_streamed
+
+        return prepare_streamed(spec, cache_dir)
+    from moe_data.builtin import BUILTIN
+
+    corpus = BUILTIN[rest](spec.max_chars_per_domain)
+    folder = cache_dir / f"tokens-{corpus.fingerprint}-{spec.key()}"
+    if (folder / INDEX).exists():
+        return folder
+    if spec.tokenizer is None:
+        tok, tok_path = train_or_load_tokenizer(corpus, spec.vocab_size, cache_dir)
         eos = tok.token_to_id(EOS)
     else:
-        (tok, eos), tok_path = pretrained_tokenizer(tokenizer), tokenizer
-    domains = corpus.domains
-    tokens, domain_ids = {}, {}
-    for split in SPLITS:
-        docs = corpus.splits[split]
-        if not docs:
-            raise ValueError(f"dataset {name!r} has no documents in its {split!r} split")
-        encoded = tok.encode_batch([d.text for d in docs])
-        ids, dom = [], []
-        for doc, enc in zip(docs, encoded):
-            ids.extend(enc.ids + [eos])
-            dom.extend([domains.index(doc.domain) if doc.domain is not None else NO_DOMAIN] * (len(enc.ids) + 1))
-        tokens[split], domain_ids[split] = torch.tensor(ids), torch.tensor(dom)
-    data = PreparedData(tokens, domain_ids, domains, tok.get_vocab_size(), corpus.fingerprint, str(tok_path),
-                        corpus.source)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(data.to_dict(), tmp)
-    tmp.replace(path)
-    return path
+        (tok, eos), tok_path = pretrained_tokenizer(spec.tokenizer), spec.tokenizer
+    with building(folder) as tmp:
+        sink = TokenSink(tmp, spec, tok.get_vocab_size(), eos, corpus.domains)
+        for split in SPLITS:
+            docs = corpus.splits[split]
+            for lo in range(0, len(docs), ENCODE_BATCH):
+                if sink.full(split):
+                    break
+                chunk = docs[lo:lo + ENCODE_BATCH]
+                for doc, enc in zip(chunk, tok.encode_batch([d.text for d in chunk])):
+                    sink.add(split, np.asarray(enc.ids), doc.domain)
+        sink.finish(str(tok_path), corpus.source)
+    return folder
+
+
+class building:
+    """A folder written under a temporary name and renamed into place when complete: a kill leaves no half-written
+    folder under the final name, and concurrent preparers of the same data do not collide."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is not None or (self.folder / INDEX).exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        os.replace(self.tmp, self.folder)
 
 
 def load_prepared(path: str | Path) -> PreparedData | PreparedPairs:
-    # Prepared files may sit in a shared cache or bucket others write to: tensors, numbers and text only, never
-    # pickled objects that would run code on load.
+    # Prepared data may sit in a shared cache or bucket others write to: raw arrays, JSON, and tensors/numbers/text
+    # loaded with weights_only, never pickled objects that would run code on load.
+    path = Path(path)
+    if path.is_dir():
+        return PreparedData(path)
     fields = torch.load(path, weights_only=True)
-    return PreparedPairs(**{k: v for k, v in fields.items() if k != "kind"}) if fields.get("kind") == "pairs" \
-        else PreparedData(**fields)
-
-
-def single_domain_starts(domain_N: torch.Tensor, seq_len: int, num_domains: int) -> list[torch.Tensor]:
-    """Per domain, every start p whose window p..p+seq_len (seq_len+1 tokens) lies in that domain alone: the number
-    of domain changes before p+seq_len equals the number before p."""
-    changes = torch.cat([torch.zeros(1, dtype=torch.long), (domain_N[1:] != domain_N[:-1]).long().cumsum(0)])
-    starts = torch.arange(domain_N.numel() - seq_len - 1)
-    pure = changes[starts + seq_len] == changes[starts]
-    return [starts[pure & (domain_N[starts] == d)] for d in range(num_domains)]
-
-
-def sample_domain_batch(data: PreparedData, split: str, batch_size: int, seq_len: int,
-                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Windows of one domain, the domain drawn in proportion to its windows: overall, each domain is seen as often
-    as under random windows; only the grouping into micro-batches changes."""
-    if not data.domains:
-        raise ValueError("training.batching: by_domain needs domain labels, and this dataset has none")
-    cache = data.__dict__.setdefault("_domain_starts", {})  # computed once per split and window length
-    if (split, seq_len) not in cache:
-        cache[split, seq_len] = single_domain_starts(data.domain_ids[split], seq_len, len(data.domains))
-    per_domain = cache[split, seq_len]
-    counts = torch.tensor([len(s) for s in per_domain], dtype=torch.float)
-    if counts.sum() == 0:
-        raise ValueError(f"training.batching: by_domain: no {split} window of seq_len+1={seq_len + 1} tokens lies "
-                         "within one domain")
-    domain = int(torch.multinomial(counts, 1, generator=generator))
-    pool = per_domain[domain]
-    starts = pool[torch.randint(0, len(pool), (batch_size,), generator=generator)]
-    idx = starts.unsqueeze(1) + torch.arange(seq_len + 1)
-    window = data.tokens[split][idx]
-    return window[:, :-1], window[:, 1:], data.domain_ids[split][idx[:, :-1]]
-
-
-def sample_batch(data: PreparedData, split: str, batch_size: int, seq_len: int,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random windows of seq_len+1 tokens: (inputs_BS, targets_BS, domain_BS)."""
-    tokens, dom = data.tokens[split], data.domain_ids[split]
-    if tokens.numel() <= seq_len + 1:
-        raise ValueError(f"{split} split has {tokens.numel()} tokens, fewer than seq_len+1={seq_len + 1}")
-    starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=generator)
-    idx = starts.unsqueeze(1) + torch.arange(seq_len + 1)
-    window = tokens[idx]
-    return window[:, :-1], window[:, 1:], dom[idx[:, :-1]]
+    return PreparedPairs(**{k: v for k, v in fields.items() if k != "kind"})

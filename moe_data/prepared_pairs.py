@@ -5,15 +5,19 @@ Sources and targets of a split are stored ragged (flat tokens + offsets); texts 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from moe_data.batch import Batch
-from moe_data.corpus import SPLITS
-from moe_data.pairs import PairCorpus
-from moe_data.tokenizer import EOS, train_or_load_tokenizer
+from moe_data.pairs import Pair, PairCorpus
+from moe_data.sources import SplitSource, hashed_split, open_splits, parse_name
+from moe_data.spec import SPLITS, DataSpec
+from moe_data.token_sink import DataBudgetWarning
+from moe_data.tokenizer import EOS, TextSample, train_or_load_tokenizer
 
 IGNORE_INDEX = -100  # label of padding positions: cross-entropy skips them
 
@@ -89,14 +93,114 @@ class PreparedPairs:
         return self.collate(split, indices, seq_len, target_len)
 
 
-def prepare_pairs(corpus: PairCorpus, vocab_size: int, path: Path, cache_dir: Path) -> None:
-    tok, tok_path = train_or_load_tokenizer(corpus, vocab_size, cache_dir)
+def prepare_pairs(spec: DataSpec, cache_dir: Path) -> Path:
+    """Build (or find) the prepared pairs of a summarization dataset spec: a built-in corpus, or rows streamed from a
+    hub / local dataset up to the spec's token budgets (documents and summaries counted together, whole pairs)."""
+    from moe_data.builtin import BUILTIN
+
+    scheme, rest = parse_name(spec.name)
+    if scheme == "builtin":
+        corpus = BUILTIN[rest](spec.max_chars_per_domain)
+        path = cache_dir / f"pairs-{corpus.fingerprint}-{spec.key()}.pt"
+        if path.exists():
+            return path
+        tok, tok_path = train_or_load_tokenizer(corpus, spec.vocab_size, cache_dir)
+        pairs = {split: _within_budget(tok, corpus.splits[split], spec.budget(split)) for split in SPLITS}
+        ran_out = {split: len(pairs[split]) == len(corpus.splits[split]) for split in SPLITS}
+        source = corpus.source
+    else:
+        path = cache_dir / f"pairs-{spec.key()}.pt"
+        if path.exists():
+            return path
+        sources = open_splits(spec)
+        tok, tok_path = train_or_load_tokenizer(_training_sample(spec, sources), spec.vocab_size, cache_dir)
+        pairs, ran_out = _streamed_pairs(spec, sources, tok)
+        source = spec.name
+    for split in SPLITS:
+        _check_budget(spec, split, pairs[split], ran_out[split], tok)
+    _write(PairCorpus(pairs, source), tok, tok_path, path)
+    return path
+
+
+def _within_budget(tok, pairs: list[Pair], budget: int | None) -> list[Pair]:
+    """The leading pairs whose documents and summaries together fit the budget."""
+    if budget is None:
+        return pairs
+    kept, used = [], 0
+    for lo in range(0, len(pairs), 256):
+        chunk = pairs[lo:lo + 256]
+        for pair, n in zip(chunk, _pair_tokens(tok, chunk)):
+            if used + n > budget:
+                return kept
+            kept.append(pair)
+            used += n
+    return kept
+
+
+def _pair_tokens(tok, pairs: list[Pair]) -> list[int]:
+    docs = tok.encode_batch([p.document for p in pairs])
+    sums = tok.encode_batch([p.summary for p in pairs])
+    return [len(d.ids) + len(s.ids) for d, s in zip(docs, sums)]
+
+
+def _rows(spec: DataSpec, sources: list[SplitSource]) -> Iterator[tuple[str, Pair]]:
+    """(split, pair) of every row, streamed: a single-split dataset's rows are split by a hash of their document."""
+    for source in sources:
+        for i, row in enumerate(source.rows):
+            document, summary = str(row[spec.text_column]), str(row[spec.summary_column])
+            split = source.split or hashed_split(document)
+            yield split, Pair(f"{source.split or 'all'}/{i}", document, summary)
+
+
+def _training_sample(spec: DataSpec, sources: list[SplitSource]) -> _TextSample:
+    texts, chars = [], 0
+    for split, pair in _rows(spec, sources):
+        if split == "train":
+            texts += [pair.document, pair.summary]
+            chars += len(pair.document) + len(pair.summary)
+            if chars >= spec.tokenizer_sample_chars:
+                break
+    return TextSample(f"sample-{spec.key()}", texts)
+
+
+def _streamed_pairs(spec: DataSpec, sources: list[SplitSource], tok) -> tuple[dict[str, list[Pair]], dict[str, bool]]:
+    """Pairs per split up to each budget, and whether the split ran out of data before its budget was full."""
+    pairs: dict[str, list[Pair]] = {s: [] for s in SPLITS}
+    used = dict.fromkeys(SPLITS, 0)
+    full = {s: False for s in SPLITS}
+    for split, pair in _rows(spec, sources):
+        if full[split]:
+            if all(full.values()):
+                break
+            continue
+        n = _pair_tokens(tok, [pair])[0]
+        budget = spec.budget(split)
+        if budget is not None and used[split] + n > budget:
+            full[split] = True
+            continue
+        pairs[split].append(pair)
+        used[split] += n
+    return pairs, {s: not full[s] for s in SPLITS}
+
+
+def _check_budget(spec: DataSpec, split: str, pairs: list[Pair], ran_out: bool, tok) -> None:
+    if not pairs:
+        raise ValueError(f"dataset {spec.name!r} has no pairs in its {split!r} split (check datasets[].splits and "
+                         "the budgets)")
+    budget = spec.budget(split)
+    if budget is not None and ran_out:
+        used = sum(_pair_tokens(tok, pairs))
+        if used < budget:
+            field = "train_tokens" if split == "train" else "eval_tokens"
+            warnings.warn(f"dataset {spec.name!r}: datasets[].{field} asks for {budget:,} {split} tokens, the data "
+                          f"had {used:,} in whole pairs; using {used:,}", DataBudgetWarning, stacklevel=3)
+
+
+def _write(corpus: PairCorpus, tok, tok_path: Path, path: Path) -> None:
     fields: dict[str, dict] = {k: {} for k in ("source_tokens", "source_offsets", "target_tokens", "target_offsets",
                                                "documents", "summaries", "pair_ids")}
     for split in SPLITS:
         pairs = corpus.splits[split]
-        if not pairs:
-            raise ValueError(f"dataset {corpus.source!r} has no pairs in its {split!r} split")
         for kind, texts in (("source", [p.document for p in pairs]), ("target", [p.summary for p in pairs])):
             encoded = [torch.tensor(e.ids, dtype=torch.long) for e in tok.encode_batch(texts)]
             fields[f"{kind}_tokens"][split] = torch.cat(encoded)

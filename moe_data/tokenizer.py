@@ -2,17 +2,34 @@
 checkpoint's own tokenizer (`datasets[].tokenizer`), so its token ids mean what the checkpoint learned."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Protocol
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-from moe_data.corpus import Corpus
-from moe_data.pairs import PairCorpus
 
 EOS = "<|endoftext|>"  # also the decoder's start symbol and padding of summarization batches
 
 
-def train_or_load_tokenizer(corpus: Corpus | PairCorpus, vocab_size: int, cache_dir: Path) -> tuple[Tokenizer, Path]:
+class TrainingTexts(Protocol):
+    """What a BPE is trained from: a Corpus, a PairCorpus, or a TextSample of a stream."""
+    fingerprint: str
+
+    def training_texts(self) -> Iterator[str]: ...
+
+
+@dataclass
+class TextSample:
+    """The first training texts of a stream, up to a character budget: what a BPE is trained on when the corpus is
+    too large to read twice. Its fingerprint is the dataset spec's key (the stream's content is not hashed)."""
+    fingerprint: str
+    texts: list[str]
+
+    def training_texts(self) -> Iterator[str]:
+        return iter(self.texts)
+
+
+def train_or_load_tokenizer(corpus: TrainingTexts, vocab_size: int, cache_dir: Path) -> tuple[Tokenizer, Path]:
     path = cache_dir / f"bpe-{corpus.fingerprint}-{vocab_size}.json"
     if path.exists():
         return Tokenizer.from_file(str(path)), path

@@ -1,13 +1,12 @@
 """Offline data: domain-labelled corpus, deterministic splits, fingerprints, tokenizer, batches."""
-import json
-
 import pytest
 import torch
 
 from moe_data.builtin import load_domains
 from moe_data.corpus import SPLITS
-from moe_data.prepare import load_prepared, prepare, sample_batch
-from moe_data.sources import load_corpus, parse_name
+from moe_data.prepare import load_prepared, prepare
+from moe_data.sources import parse_name
+from moe_data.spec import DataSpec
 from moe_data.tokenizer import train_or_load_tokenizer
 
 
@@ -45,30 +44,20 @@ def test_tokenizer_round_trips_and_is_cached(corpus, tmp_path):
 
 
 def test_prepared_batches_are_shifted_windows_with_domains(tmp_path):
-    path = prepare("builtin:domains", 512, 40_000, tmp_path)
-    assert prepare("builtin:domains", 512, 40_000, tmp_path) == path  # cached by fingerprint
+    path = prepare(DataSpec("builtin:domains", 512, 40_000), tmp_path)
+    assert prepare(DataSpec("builtin:domains", 512, 40_000), tmp_path) == path  # cached by fingerprint
     data = load_prepared(path)
-    x, y, dom = sample_batch(data, "train", 4, 32, torch.Generator().manual_seed(0))
+    x, y, dom = data.sample("train", 4, torch.Generator().manual_seed(0), 32).inputs
     assert x.shape == y.shape == dom.shape == (4, 32)
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert set(dom.unique().tolist()) <= {0, 1, 2}
-    x2, _, _ = sample_batch(data, "train", 4, 32, torch.Generator().manual_seed(0))
+    x2, _, _ = data.sample("train", 4, torch.Generator().manual_seed(0), 32).inputs
     assert torch.equal(x, x2)
-
-
-def test_local_jsonl_loads_through_hf_datasets(tmp_path):
-    rows = [{"text": f"document number {i} " * 20, "domain": "a" if i % 2 else "b"} for i in range(200)]
-    path = tmp_path / "docs.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    corpus = load_corpus(f"file:{path}", 10**9)
-    assert corpus.domains == ["a", "b"]
-    assert sum(len(v) for v in corpus.splits.values()) == 200
-    assert all(corpus.splits[s] for s in SPLITS)
 
 
 @pytest.mark.parametrize("name,message", [
     ("domains", "must be one of"), ("builtin:nope", "unknown built-in dataset"),
-    ("file:/no/such.jsonl", "does not exist"), ("file:/tmp/x.csv", "suffix must be one of"),
+    ("file:/no/such.jsonl", "matches no file"), ("file:/tmp/x.csv", "suffix must be one of"),
 ])
 def test_bad_dataset_names_are_rejected(name, message):
     with pytest.raises(ValueError, match=message):

@@ -8,7 +8,8 @@ from moe_data.corpus import SPLITS
 from moe_data.docstrings import load_docstrings
 from moe_data.prepare import load_prepared, prepare
 from moe_data.prepared_pairs import IGNORE_INDEX, PreparedPairs
-from moe_data.sources import load_corpus, task_of
+from moe_data.sources import task_of
+from moe_data.spec import DataSpec
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_task_of_dataset_names():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> PreparedPairs:
-    return load_prepared(prepare("builtin:docstrings", 512, 300_000, tmp_path_factory.mktemp("pairs")))
+    return load_prepared(prepare(DataSpec("builtin:docstrings", 512, 300_000), tmp_path_factory.mktemp("pairs")))
 
 
 def test_teacher_forcing_batch_shifts_labels_and_pads_with_ignore(prepared):
@@ -77,9 +78,10 @@ def test_local_jsonl_pairs_with_configured_columns(tmp_path):
     rows = [{"article": f"document {i} " + "words " * 40, "highlights": f"summary {i}"} for i in range(120)]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    corpus = load_corpus(f"file:{path}", 10**6, text_column="article", summary_column="highlights")
-    assert sum(len(corpus.splits[s]) for s in SPLITS) == 120
-    pair = corpus.splits["train"][0]
-    assert pair.summary.startswith("summary ") and pair.document.startswith("document ")
-    with pytest.raises(ValueError, match="no column 'summary'"):
-        load_corpus(f"file:{path}", 10**6, text_column="article", summary_column="summary")
+    spec = DataSpec(f"file:{path}", 300, text_column="article", summary_column="highlights")
+    prepared = load_prepared(prepare(spec, tmp_path / "cache"))
+    assert sum(prepared.num_pairs(s) for s in SPLITS) == 120
+    assert prepared.summaries["train"][0].startswith("summary ")
+    assert prepared.documents["train"][0].startswith("document ")
+    with pytest.raises(ValueError, match="summary_column: .* has no column 'summary'"):
+        prepare(DataSpec(f"file:{path}", 300, text_column="article", summary_column="summary"), tmp_path / "cache")

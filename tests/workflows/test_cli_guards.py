@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from moe_data.prepare import load_prepared, prepare
+from moe_data.spec import DataSpec
 from tests.processes import REPO
 
 QUICKSTART = REPO / "studies" / "quickstart.yaml"
@@ -77,7 +78,7 @@ class RunsCode:
 
 
 def test_prepared_files_load_as_plain_data_and_never_unpickle_objects(tmp_path):
-    path = prepare("builtin:domains", 300, 20_000, tmp_path)
+    path = prepare(DataSpec("builtin:docstrings", 300, 20_000), tmp_path)
     assert load_prepared(path).vocab_size == 300  # what prepare writes is tensors, numbers and text
     hostile = tmp_path / "data-hostile-300.pt"
     torch.save({"tokens": RunsCode()}, hostile)

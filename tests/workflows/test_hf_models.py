@@ -161,13 +161,16 @@ def test_a_checkpoints_own_tokenizer_tokenizes_its_lm_data(tmp_path, folders):
     from tests.hf_tiny import _tokenizer
 
     from moe_data.prepare import load_prepared, prepare
+    from moe_data.spec import DataSpec
 
     tokenizer = _tokenizer(tmp_path / "tok")
-    data = load_prepared(prepare("builtin:domains", 300, 20_000, tmp_path / "cache", tokenizer=str(tmp_path / "tok")))
+    spec = DataSpec("builtin:domains", 300, 20_000, tokenizer=str(tmp_path / "tok"))
+    data = load_prepared(prepare(spec, tmp_path / "cache"))
     assert data.vocab_size == len(tokenizer) and data.tokenizer_path == str(tmp_path / "tok")
-    first = data.tokens["train"][:6].tolist()
+    train = data.split("train").contiguous(0, data.split("train").num_tokens)[0]
+    first = train[:6].tolist()
     assert tokenizer.decode(first) and first == tokenizer(tokenizer.decode(first))["input_ids"][:6]
-    assert (data.tokens["train"] == tokenizer.eos_token_id).sum() > 0  # documents separated by its EOS
+    assert (train == tokenizer.eos_token_id).sum() > 0  # documents separated by its EOS
     swap = with_model({"name": "hf", "pretrained": folders["mixtral"]}, [{"name": "topk", "k": 2}])
     assert any("set datasets[].tokenizer to the checkpoint" in w for w in parse_study(swap).warnings())
     swap["datasets"][0]["tokenizer"] = str(tmp_path / "tok")

@@ -1,13 +1,15 @@
-"""Evaluation of a cell on fixed validation windows: loss and every routing metric per MoE block, router
+"""Evaluation of a cell on the fixed evaluation set (the whole validation budget, every token once): loss and every routing metric per MoE block, router
 saturation, and at the end the cost metrics (FLOPs, MFU, router latency share) and peak memory."""
 from __future__ import annotations
 
 import math
 import resource
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
+from moe_data.batch import Batch
 from moe_data.prepare import PreparedData
 from moe_data.prepared_pairs import PreparedPairs
 from moe_models.analytics import NON_SCALAR, add_sums, difficulty_sums, pearson, saturation, summarize
@@ -27,7 +29,7 @@ from workflows.metric_names import (
 )
 from workflows.study.cells import Cell
 
-EVAL_SEED = 1234  # every cell and every eval sees the same validation windows
+EVAL_SEED = 1234  # every cell and every eval sees the same validation pairs (and the same timing batch)
 
 
 def layer_metrics(prefix: str, moe: dict[int, dict[str, torch.Tensor]]) -> tuple[dict[str, float], dict]:
@@ -59,17 +61,37 @@ class Evaluation:
     sequence_losses: list[float]
 
 
+def eval_batches(data: PreparedData | PreparedPairs, cell: Cell, w: Worker) -> Iterator[Batch]:
+    """The fixed evaluation set, this rank's share. LM data: the whole validation split (its `eval_tokens` budget)
+    in consecutive windows, every token a target once, the windows dealt round-robin to the ranks (all ranks run
+    the same number of forwards, which expert parallelism's collectives need: up to world_size-1 tail windows are
+    left out). Summarization pairs: `eval_batches` micro-batches of pairs drawn with a fixed seed."""
+    t = cell.training
+    if isinstance(data, PreparedData):
+        windows = data.eval_windows("validation", t.seq_len)
+        if windows < w.world:
+            raise ValueError(f"the validation split holds {windows} windows of seq_len={t.seq_len}, fewer than the "
+                             f"{w.world} workers (raise datasets[].eval_tokens)")
+        mine = list(range(w.rank, windows - windows % w.world, w.world))
+        for lo in range(0, len(mine), t.micro_batch_size):
+            yield data.eval_batch("validation", mine[lo:lo + t.micro_batch_size], t.seq_len)
+        return
+    gen = torch.Generator().manual_seed(EVAL_SEED + w.rank)
+    for _ in range(t.eval_batches):
+        yield data.sample("validation", t.micro_batch_size, gen, t.seq_len, t.target_len)
+
+
 @torch.no_grad()
 def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) -> Evaluation:
-    t = cell.training
     engine.eval()
-    gen = torch.Generator().manual_seed(EVAL_SEED + w.rank)
     loss_sum, sums, difficulty, routes = torch.zeros(2), {}, None, {}  # routes: block -> per-batch masks
     by_example = None  # experts per token against predictive entropy, both averaged per sequence
     sequence_losses: list[torch.Tensor] = []
     unscaled: dict[int, dict[str, float]] = {}
-    for _ in range(t.eval_batches):
-        batch = data.sample("validation", t.micro_batch_size, gen, t.seq_len, t.target_len).to(engine.device)
+    num_batches = 0
+    for batch in eval_batches(data, cell, w):
+        batch = batch.to(engine.device)
+        num_batches += 1
         out: LMOutput = engine(*batch.inputs)
         loss_sum += torch.tensor([out.lm_loss.item() * batch.num_targets, batch.num_targets])
         if out.sequence_nll_B is not None:
@@ -85,13 +107,14 @@ def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) 
         for i, aux in out.moe.items():
             sums[i] = add_sums(sums.get(i), aux.sums)
             routes.setdefault(i, []).append(aux.expert_mask_TE.cpu())  # kept to the end, and checkpointed
-            for name, value in aux.unscaled.items():  # rank 0's mean over batches; the load metrics are global
+            for name, value in aux.unscaled.items():  # rank 0's sum over batches (a mean below); load metrics are global
                 layer = unscaled.setdefault(i, {})
-                layer[name] = layer.get(name, 0.0) + value.item() / t.eval_batches
+                layer[name] = layer.get(name, 0.0) + value.item()
     engine.train()
     total = all_reduce_sum(loss_sum)
     loss = float(total[0] / total[1])
     metrics, tables = layer_metrics(EVAL_MOE, sums)
+    unscaled = {i: {name: v / num_batches for name, v in layer.items()} for i, layer in unscaled.items()}
     metrics.update(aux_loss_metrics(EVAL_MOE, unscaled, cell.router.balancing))
     metrics.update({EVAL_LOSS: loss, EVAL_PERPLEXITY: math.exp(min(loss, 50.0))})
     if difficulty is not None:  # Pearson r; NaN (not logged) for fixed-k routers

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from workflows import storage
+from workflows.driver.ray_cluster import init_ray
 from workflows.driver.workspace import Workspace
 from workflows.study.cells import Cell
 from workflows.study.entries import DatasetEntry
@@ -27,9 +28,9 @@ def prepare_datasets(study: Study, ws: Workspace) -> dict[DatasetEntry, Prepared
 
     prepared = {}
     for entry in study.datasets:
-        path = prepare(entry.name, entry.vocab_size, entry.max_chars_per_domain, ws.cache_dir,
-                       text_column=entry.text_column, domain_column=entry.domain_column, hf_config=entry.hf_config,
-                       summary_column=entry.summary_column, tokenizer=entry.tokenizer)
+        if entry.task == "lm" and not entry.name.startswith("builtin:"):
+            init_ray(None)  # a Ray Data job: the study's own Ray (joined already on a cluster), started once
+        path = prepare(entry.data_spec(), ws.cache_dir)
         data = load_prepared(path)
         location = str(path)
         if ws.published_cache:

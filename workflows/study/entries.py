@@ -18,12 +18,13 @@ from pydantic import (
 )
 
 from moe_data.sources import parse_name, task_of
+from moe_data.spec import DataSpec
 from moe_models.balancing import BALANCING_LOSSES
 from moe_models.models import MODELS
 from moe_models.options import StrictOptions
 from moe_models.routers import ROUTER_OPTIONS
 from moe_models.spec import DENSE, RoutingSpec
-from workflows.study.identity import CELL_KEY, NotCellKey
+from workflows.study.identity import CELL_KEY, CellKeyUnlessDefault, NotCellKey
 
 
 def _split_options(data: Any, own_fields: set[str]) -> Any:
@@ -160,6 +161,17 @@ class ModelEntry(StrictOptions):
         return self.routers is None or router.display() in self.routers
 
 
+ADDED = "added after cells existed; the default is what they did"
+
+
+class SplitNames(StrictOptions):
+    """The dataset's own names for moelab's splits, where it calls them otherwise (validation: dev). A split the
+    dataset lacks is carved out of its only split by a hash of each document's text (90/5/5)."""
+    train: str = "train"
+    validation: str = "validation"
+    test: str = "test"
+
+
 class DatasetEntry(StrictOptions):
     name: Annotated[str, CELL_KEY]  # builtin:<name> (moe_data/builtin.py: BUILTIN) | hf:<hub name> | file:<path>
     vocab_size: Annotated[int, CELL_KEY] = Field(default=2048, ge=260, le=65536)  # >= 256 byte symbols + specials
@@ -172,12 +184,39 @@ class DatasetEntry(StrictOptions):
     # A pretrained checkpoint's tokenizer (folder or hub name) for LM data an `hf` model trains on; None = a BPE of
     # vocab_size trained on the corpus (what moelab's own models, and the checkpoints they export, use).
     tokenizer: Annotated[str | None, CELL_KEY] = None
+    revision: Annotated[str | None, CellKeyUnlessDefault(ADDED)] = None  # a hub dataset's commit, tag or branch
+    # Read a hub dataset as a stream: nothing is downloaded beyond the budgets (which it then needs).
+    streaming: Annotated[bool, NotCellKey("how the rows are read, not which")] = False
+    splits: Annotated[SplitNames, CellKeyUnlessDefault(ADDED)] = SplitNames()
+    # Token budgets: the training split, and each of validation and test (None: all the data has). The validation
+    # budget is the fixed evaluation set, evaluated in full.
+    train_tokens: Annotated[PositiveInt | None, CellKeyUnlessDefault(ADDED)] = None
+    eval_tokens: Annotated[PositiveInt | None, CellKeyUnlessDefault(ADDED)] = None
+    # A domain mix: {domain: weight}; each domain gets its share of every budget, other domains are left out.
+    domain_mix: Annotated[tuple[tuple[str, PositiveFloat], ...] | None, CellKeyUnlessDefault(ADDED)] = None
+    tokenizer_sample_chars: Annotated[PositiveInt, CellKeyUnlessDefault(ADDED)] = 50_000_000
 
     @field_validator("name")
     @classmethod
     def _parse(cls, name: str) -> str:
         parse_name(name)
         return name
+
+    @field_validator("domain_mix", mode="before")
+    @classmethod
+    def _mix_as_pairs(cls, mix: Any) -> Any:
+        """Written as a mapping; held as (domain, weight) pairs in the file's order (a mapping is not hashable)."""
+        return tuple(mix.items()) if isinstance(mix, dict) else mix
+
+    @model_validator(mode="after")
+    def _budgets_for_streams(self) -> "DatasetEntry":
+        if self.streaming and (self.train_tokens is None or self.eval_tokens is None):
+            raise ValueError("streaming: a stream may not end; set train_tokens and eval_tokens")
+        if self.domain_mix is not None and (self.train_tokens is None or self.eval_tokens is None):
+            raise ValueError("domain_mix: shares of a budget; set train_tokens and eval_tokens")
+        if self.domain_mix is not None and len({d for d, _ in self.domain_mix}) != len(self.domain_mix):
+            raise ValueError("domain_mix: a domain is named twice")
+        return self
 
     @model_validator(mode="after")
     def _tokenizer_for_lm_data(self) -> "DatasetEntry":
@@ -189,3 +228,10 @@ class DatasetEntry(StrictOptions):
     @property
     def task(self) -> str:
         return task_of(self.name, self.summary_column)
+
+    def data_spec(self) -> DataSpec:
+        """What moe_data prepares: this entry as its typed spec."""
+        return DataSpec(self.name, self.vocab_size, self.max_chars_per_domain, self.text_column, self.domain_column,
+                        self.summary_column, self.hf_config, self.revision, self.streaming,
+                        tuple(self.splits.model_dump().items()), self.train_tokens, self.eval_tokens,
+                        self.domain_mix, self.tokenizer, self.tokenizer_sample_chars)

@@ -1,0 +1,130 @@
+"""Preparation of a hub or local LM dataset as a Ray Data job: rows are read and tokenized in parallel (`map_batches`
+on every node's CPUs), and the driver appends the tokenized documents, in the source's order, to the split's shards
+until each token budget is met. Memory on the driver: a few batches in flight, whatever the corpus size.
+
+Local parquet / jsonl files are read with `ray.data.read_parquet` / `read_json`, one read task per file (a cluster
+tokenizes them on all its nodes). Hub datasets and save_to_disk folders go through `ray.data.from_huggingface`: a hub
+dataset with parquet files is read in parallel by Ray; any other IterableDataset by one streaming task, whose
+tokenizer then uses the threads of its node.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from moe_data.prepare import building
+from moe_data.shards import INDEX
+from moe_data.sources import SplitSource, _local_files, hashed_split, open_splits, parse_name
+from moe_data.spec import SPLITS, DataSpec
+from moe_data.token_sink import TokenSink
+from moe_data.tokenizer import EOS, TextSample, pretrained_tokenizer, train_or_load_tokenizer
+
+ROWS_PER_BATCH = 512
+
+
+@lru_cache(maxsize=2)
+def _tokenizer(tokenizer_json: str):
+    """Built once per Ray worker process (a BPE of 50k merges takes a while to parse)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json)
+
+
+def tokenize_rows(batch: dict[str, np.ndarray], *, tokenizer_json: str, text_column: str, domain_column: str | None,
+                  split: str | None, threads: bool) -> dict[str, np.ndarray]:
+    """One batch of rows -> (split, domain, ids) per document. The tokenizer's own threads are on only where Ray runs
+    a single task; elsewhere Ray's tasks are the parallelism, and threads on top would oversubscribe the cores."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads else "false"
+    texts = [str(t) for t in batch[text_column]]
+    encoded = _tokenizer(tokenizer_json).encode_batch(texts)
+    domains = [str(d) for d in batch[domain_column]] if domain_column and domain_column in batch else [""] * len(texts)
+    splits = [split or hashed_split(t) for t in texts]
+    ids = np.empty(len(texts), dtype=object)
+    ids[:] = [np.asarray(e.ids, dtype=np.int32) for e in encoded]
+    return {"split": np.array(splits), "domain": np.array(domains), "ids": ids}
+
+
+def prepare_streamed(spec: DataSpec, cache_dir: Path) -> Path:
+    folder = cache_dir / f"tokens-{spec.key()}"
+    if (folder / INDEX).exists():
+        return folder
+    sources = open_splits(spec)
+    if spec.tokenizer is None:
+        tok, tok_path = train_or_load_tokenizer(training_sample(spec, sources), spec.vocab_size, cache_dir)
+        eos = tok.token_to_id(EOS)
+    else:
+        (tok, eos), tok_path = pretrained_tokenizer(spec.tokenizer), spec.tokenizer
+    _ensure_ray()
+    with building(folder) as tmp:
+        sink = TokenSink(tmp, spec, tok.get_vocab_size(), eos)
+        for source in sources:
+            fed = SPLITS if source.split is None else (source.split,)
+            if all(sink.full(s) for s in fed):
+                continue
+            for batch in _tokenized(spec, source, tok.to_str()):
+                for split, domain, ids in zip(batch["split"], batch["domain"], batch["ids"]):
+                    sink.add(str(split), ids, str(domain) if domain != "" else None)
+                if all(sink.full(s) for s in fed):
+                    break  # leaving the iterator stops the Ray Data job: nothing past the budget is read
+        sink.finish(str(tok_path), spec.name)
+    return folder
+
+
+def _tokenized(spec: DataSpec, source: SplitSource, tokenizer_json: str):
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # the source's order: reproducible
+    rows = _read(spec, source)
+    parallel_reads = rows is not None
+    if rows is None:
+        rows = ray.data.from_huggingface(source.rows)
+    kwargs = {"tokenizer_json": tokenizer_json, "text_column": spec.text_column, "domain_column": spec.domain_column,
+              "split": source.split, "threads": not parallel_reads}
+    tokenized = rows.map_batches(tokenize_rows, fn_kwargs=kwargs, batch_size=ROWS_PER_BATCH, batch_format="numpy")
+    yield from tokenized.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+
+
+def _read(spec: DataSpec, source: SplitSource):
+    """Local parquet / jsonl files read by Ray's own readers (a read task per file); None for anything else."""
+    import ray.data
+
+    scheme, rest = parse_name(spec.name)
+    if scheme != "file":
+        return None
+    found = _local_files(rest)
+    if isinstance(found, Path) or found[0].suffix not in (".parquet", ".jsonl"):
+        return None
+    columns = [c for c in (spec.text_column, spec.domain_column) if c]
+    paths = [str(p) for p in found]
+    if found[0].suffix == ".parquet":
+        present = set(ray.data.read_parquet(paths[:1]).schema().names)
+        return ray.data.read_parquet(paths, columns=[c for c in columns if c in present])
+    return ray.data.read_json(paths, lines=True)
+
+
+def training_sample(spec: DataSpec, sources: list[SplitSource]):
+    """The first training documents of the stream, up to `tokenizer_sample_chars`: a BPE needs text before anything
+    can be tokenized, and a corpus of hundreds of GB is not read twice."""
+    texts, chars = [], 0
+    for source in sources:
+        for row in source.rows:
+            text = str(row[spec.text_column])
+            if (source.split or hashed_split(text)) == "train":
+                texts.append(text)
+                chars += len(text)
+                if chars >= spec.tokenizer_sample_chars:
+                    return TextSample(f"sample-{spec.key()}", texts)
+        if source.split == "train":
+            break
+    return TextSample(f"sample-{spec.key()}", texts)
+
+
+def _ensure_ray() -> None:
+    """Inside a study the driver has joined its Ray already; a bare call (a test, the benchmark) starts a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
