@@ -4,11 +4,12 @@ until each token budget is met. Memory on the driver: a few batches in flight, w
 
 Local parquet / jsonl files are read with `ray.data.read_parquet` / `read_json`, one read task per file (a cluster
 tokenizes them on all its nodes). Hub datasets and save_to_disk folders go through `ray.data.from_huggingface`: a hub
-dataset with parquet files is read in parallel by Ray; any other IterableDataset by one streaming task, whose
-tokenizer then uses the threads of its node.
+dataset with parquet files is read in parallel by Ray; any other IterableDataset by one streaming task, whose rows
+are tokenized by tasks spread over the cluster.
 """
 from __future__ import annotations
 
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +24,9 @@ from moe_data.token_sink import TokenSink
 from moe_data.tokenizer import EOS, TextSample, pretrained_tokenizer, train_or_load_tokenizer
 
 ROWS_PER_BATCH = 512
+# Ray Data's block size for this job: a streamed read hands rows on in blocks of this size (its default, 128 MiB,
+# would read that much before the first token is written), and each tokenizing task takes about one block.
+BLOCK_BYTES = 16 * 2**20
 
 
 @lru_cache(maxsize=2)
@@ -34,10 +38,13 @@ def _tokenizer(tokenizer_json: str):
 
 
 def tokenize_rows(batch: dict[str, np.ndarray], *, tokenizer_json: str, text_column: str, domain_column: str | None,
-                  split: str | None, threads: bool) -> dict[str, np.ndarray]:
-    """One batch of rows -> (split, domain, ids) per document. The tokenizer's own threads are on only where Ray runs
-    a single task; elsewhere Ray's tasks are the parallelism, and threads on top would oversubscribe the cores."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads else "false"
+                  split: str | None) -> dict[str, np.ndarray]:
+    """One batch of rows -> (split, domain, ids) per document. Ray's tasks are the parallelism (one CPU each): the
+    tokenizer's own threads on top would oversubscribe the cores."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if text_column not in batch:
+        raise ValueError(f"datasets[].text_column: the data has no column {text_column!r}; columns: "
+                         f"{', '.join(batch)}")
     texts = [str(t) for t in batch[text_column]]
     encoded = _tokenizer(tokenizer_json).encode_batch(texts)
     domains = [str(d) for d in batch[domain_column]] if domain_column and domain_column in batch else [""] * len(texts)
@@ -76,14 +83,21 @@ def prepare_streamed(spec: DataSpec, cache_dir: Path) -> Path:
 def _tokenized(spec: DataSpec, source: SplitSource, tokenizer_json: str):
     import ray.data
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # the source's order: reproducible
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # the source's order: shards reproducible run to run
+    context.enable_progress_bars = False  # the study prints its own progress; Ray Data's goes to its logs
+    context.target_max_block_size = BLOCK_BYTES
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     rows = _read(spec, source)
-    parallel_reads = rows is not None
+    # Local files: a read task per file, and tokenizing fused into it. A stream: one read task, and the tokenizing
+    # tasks kept apart from it (a remote-args function prevents Ray Data's fusion), spread over the cluster's nodes.
+    spread = {} if rows is not None else {"ray_remote_args_fn": _spread}
     if rows is None:
-        rows = ray.data.from_huggingface(source.rows)
+        rows = _from_iterable(source.rows, hub=parse_name(spec.name)[0] == "hf")
     kwargs = {"tokenizer_json": tokenizer_json, "text_column": spec.text_column, "domain_column": spec.domain_column,
-              "split": source.split, "threads": not parallel_reads}
-    tokenized = rows.map_batches(tokenize_rows, fn_kwargs=kwargs, batch_size=ROWS_PER_BATCH, batch_format="numpy")
+              "split": source.split}
+    tokenized = rows.map_batches(tokenize_rows, fn_kwargs=kwargs, batch_size=ROWS_PER_BATCH, batch_format="numpy",
+                                 **spread)
     yield from tokenized.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
 
 
@@ -103,6 +117,26 @@ def _read(spec: DataSpec, source: SplitSource):
         present = set(ray.data.read_parquet(paths[:1]).schema().names)
         return ray.data.read_parquet(paths, columns=[c for c in columns if c in present])
     return ray.data.read_json(paths, lines=True)
+
+
+def _spread() -> dict[str, str]:
+    return {"scheduling_strategy": "SPREAD"}
+
+
+def _from_iterable(rows, hub: bool):
+    """A hub dataset through `from_huggingface`, which reads the hub's parquet files in parallel where it has them
+    (else it streams). A local IterableDataset (a save_to_disk folder) by Ray's streaming Hugging Face datasource
+    directly: `from_huggingface` would first ask the hub about a dataset that is not there."""
+    import ray.data
+
+    if hub:
+        return ray.data.from_huggingface(rows)
+    # Internal path, the datasource `from_huggingface` itself falls back on (Ray 2.60).
+    from ray.data._internal.datasource.huggingface_datasource import HuggingFaceDatasource
+
+    # One block stream, passed on as it is read (not split into blocks after the task ends).
+    return ray.data.read_datasource(HuggingFaceDatasource(dataset=rows, batch_size=ROWS_PER_BATCH),
+                                    override_num_blocks=1)
 
 
 def training_sample(spec: DataSpec, sources: list[SplitSource]):

@@ -120,8 +120,8 @@ def _iterable(rows):
 
 def _check_columns(spec: DataSpec, rows) -> None:
     columns = rows.column_names
-    if columns is None:  # a generator-backed stream may not know its columns before the first row
-        columns = list(next(iter(rows)).keys())
+    if columns is None:  # a generator-backed stream without features: checked as its rows arrive (tokenize_rows)
+        return
     needed = [c for c in (spec.text_column, spec.summary_column) if c]
     absent = [c for c in needed if c not in columns]
     if absent:
