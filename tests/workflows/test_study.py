@@ -51,7 +51,7 @@ BAD = {
     "unknown training key": (lambda s: s.update(training={"stepz": 3}), ["training.stepz: unknown key"]),
     "missing datasets": (lambda s: s.pop("datasets"), ["datasets: Field required"]),
     "missing dataset file": (lambda s: s.update(datasets=[{"name": "file:/nope/x.jsonl"}]),
-                             ["datasets[0].name", "does not exist"]),
+                             ["datasets[0].name", "matches no file"]),
     "bad schedule": (lambda s: s.update(training={"schedule": "cosin"}),
                      ["training.schedule", "'cosine', 'linear' or 'constant'"]),
     "non-causal router in a decoder": (lambda s: s["routers"].append({"name": "expert_choice"}),
