@@ -70,6 +70,8 @@ def summarize(sums: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
         "load_cv": load_cv,
         "max_violation": float(routes_E.max() / mean_load - 1) if mean_load > 0 else 0.0,
         "experts_per_token": total_routes / tokens,
+        # Spread of experts per token across tokens: 0 for fixed-k routers; how much a dynamic router adapts.
+        "experts_per_token_std": _hist_std(sums["experts_hist"].double() / tokens),
         "router_entropy": float(sums["entropy"]) / tokens,
         # Normalized by log E so 1 = uniform router, comparable across expert counts.
         "router_entropy_norm": float(sums["entropy"]) / tokens / math.log(num_experts) if num_experts > 1 else 0.0,
@@ -93,6 +95,13 @@ def summarize(sums: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
                                     / sums["domain_expert_DE"].sum(1, keepdim=True).double().clamp_min(1)).tolist()}
            if "domain_expert_DE" in sums else {}),
     }
+
+
+def _hist_std(share_N: torch.Tensor) -> float:
+    """Standard deviation of n under the distribution share_N[n] (the experts-per-token histogram)."""
+    n = torch.arange(share_N.numel(), dtype=torch.float64)
+    mean = float((n * share_N).sum())
+    return math.sqrt(max(0.0, float((n * n * share_N).sum()) - mean * mean))
 
 
 def coactivation(counts_EE: torch.Tensor) -> torch.Tensor:

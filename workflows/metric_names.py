@@ -23,6 +23,7 @@ EVAL_MOE_LOAD_CV = "eval/moe/load_cv"
 EVAL_MOE_UTILIZATION = "eval/moe/utilization"
 EVAL_MOE_DROP_FRACTION = "eval/moe/drop_fraction"
 EVAL_MOE_EXPERTS_PER_TOKEN = "eval/moe/experts_per_token"
+EVAL_MOE_EXPERTS_PER_TOKEN_STD = "eval/moe/experts_per_token_std"
 EVAL_MOE_ROUTER_ENTROPY_NORM = "eval/moe/router_entropy_norm"
 EVAL_MOE_MEAN_TOPK_PROB = "eval/moe/mean_topk_prob"
 EVAL_MOE_PURITY = "eval/moe/purity"
@@ -63,13 +64,14 @@ GLOSSARY: dict[str, str] = {
     TRAIN_SKIPPED_STEPS: "fp16 optimizer steps skipped on overflow so far",
     TRAIN_MOE: "prefix: train/moe/block<i>/<loss>_unscaled and _scaled per balancing loss",
     EVAL: "prefix of every evaluation metric",
-    EVAL_LOSS: "cross-entropy on the fixed validation windows, nats",
+    EVAL_LOSS: "cross-entropy per token over the fixed evaluation set (the whole validation budget), nats",
     EVAL_PERPLEXITY: "exp(eval/loss)",
     EVAL_MOE: "prefix: routing measures, mean over MoE blocks (eval/moe/block<i>/... per block)",
     EVAL_MOE_LOAD_CV: "coefficient of variation of routes per expert",
     EVAL_MOE_UTILIZATION: "share of experts that received at least one route",
     EVAL_MOE_DROP_FRACTION: "share of routes dropped by expert capacity",
     EVAL_MOE_EXPERTS_PER_TOKEN: "mean number of experts a token is routed to",
+    EVAL_MOE_EXPERTS_PER_TOKEN_STD: "standard deviation of experts per token across tokens (0 for fixed k)",
     EVAL_MOE_ROUTER_ENTROPY_NORM: "router distribution entropy over log(E)",
     EVAL_MOE_MEAN_TOPK_PROB: "mean router probability of the selected experts",
     EVAL_MOE_PURITY: "share of an expert's routes from its dominant domain, averaged over experts (specialization)",

@@ -1,11 +1,16 @@
 """Entropy-adaptive k: each token gets as many experts as its router distribution is uncertain.
 
-Rule (our construction; no canonical paper): k_t = clip(ceil(exp(H(p_t))), min_k, max_k), where exp(H) is the
-perplexity of the router distribution — the effective number of experts it spreads over (1 for a one-hot router,
-E for a uniform one). The k_t most probable experts are selected, weights are their probabilities renormalized
-over the selection.
+Rules (`rule`):
+- normalized (default; report 003, "Dynamic routing in GPT-2 MoE", §III-F): the router entropy normalized to [0, 1]
+  by log E, mapped linearly onto [min_k, max_k] and rounded: k_t = round(min_k + H(p_t) / log E · (max_k − min_k)).
+- perplexity (our earlier construction): k_t = clip(ceil(exp H(p_t)), min_k, max_k), exp(H) being the effective number
+  of experts the distribution spreads over. It saturates at max_k whenever the router is near uniform (exp H ≈ E),
+  which is where a freshly initialized or upcycled router sits.
+The k_t most probable experts are selected, weights are their probabilities renormalized over the selection.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -15,9 +20,12 @@ from moe_models.routers.options import EntropyAdaptiveOptions
 from moe_models.routing import RoutingDecision
 
 
-def adaptive_k(probs_TE: torch.Tensor, min_k: int, max_k: int) -> torch.Tensor:
+def adaptive_k(probs_TE: torch.Tensor, min_k: int, max_k: int, rule: str = "normalized") -> torch.Tensor:
     entropy_T = -(probs_TE * probs_TE.clamp_min(1e-12).log()).sum(-1)
-    return entropy_T.exp().ceil().clamp(min_k, max_k).long()
+    if rule == "perplexity":
+        return entropy_T.exp().ceil().clamp(min_k, max_k).long()
+    normalized_T = (entropy_T / math.log(probs_TE.shape[-1])).clamp(0.0, 1.0)  # report 003: decoupled from E
+    return (min_k + normalized_T * (max_k - min_k)).round().long()
 
 
 @ROUTERS.register("entropy_adaptive")
@@ -29,7 +37,7 @@ class EntropyAdaptiveRouter(LinearScoreRouter):
         logits_TE = self.expert_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         top_TK, ids_TK = probs_TE.topk(self.options.max_k, dim=-1)
-        k_T = adaptive_k(probs_TE.detach(), self.options.min_k, self.options.max_k)
+        k_T = adaptive_k(probs_TE.detach(), self.options.min_k, self.options.max_k, self.options.rule)
         active_TK = torch.arange(self.options.max_k, device=x_TD.device) < k_T.unsqueeze(-1)
         kept_TK = top_TK * active_TK
         weights_TK = kept_TK / kept_TK.sum(-1, keepdim=True)

@@ -80,6 +80,8 @@ class AttentionOptions(TopKOptions):
 class EntropyAdaptiveOptions(RouterOptions):
     min_k: PositiveInt = 1
     max_k: PositiveInt = 2
+    # normalized: report 003's rule, entropy / log E mapped linearly onto [min_k, max_k]; perplexity: ceil(exp H)
+    rule: Literal["normalized", "perplexity"] = "normalized"
 
     @model_validator(mode="after")
     def _order(self) -> "EntropyAdaptiveOptions":

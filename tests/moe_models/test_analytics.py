@@ -1,6 +1,7 @@
 """Routing analytics on hand-built routing decisions with known answers."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +80,7 @@ def test_coactivation_histogram_and_drop_accounting():
     assert c[0].tolist() == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])  # 3 tokens at expert 0: 2 also at 1, 1 at 2
     assert c[1, 0] == 1.0 and c[3, 3] == 1.0 and c[3, 0] == 0.0
     assert s["experts_per_token_hist"] == pytest.approx([0, 0.25, 0.75, 0, 0])  # one token has 1 expert, three 2
+    assert s["experts_per_token_std"] == pytest.approx(float(np.std([1, 2, 2, 2])))
     assert s["tokens_lost_a_route"] == pytest.approx(0.5)  # tokens 1 and 2
     assert s["tokens_lost_all_routes"] == pytest.approx(0.25)  # token 2
     assert s["gate_mass_dropped"] == pytest.approx(1.5 / 3.5)  # 3 dropped half-weight routes of 7

@@ -151,15 +151,42 @@ def test_top_p_cap_and_entropy_loss():
     assert decision.router_losses["top_p_entropy"].item() == pytest.approx(0.5 * entropy.item(), rel=1e-5)
 
 
-def test_entropy_adaptive_k_follows_the_router_perplexity():
+def test_entropy_adaptive_k_maps_the_normalized_entropy_onto_its_range():
+    """Report 003: H / log E, mapped linearly onto [min_k, max_k] (its setting: min_k 1, max_k 9)."""
     from moe_models.routers.entropy_adaptive import adaptive_k
 
     probs = torch.tensor([[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.25] * 4, [0.6, 0.3, 0.1, 0.0]])
-    assert adaptive_k(probs, 1, 4).tolist() == [1, 2, 4, 3]  # exp(H): 1, 2, 4, 2.45 -> ceil
-    assert adaptive_k(probs, 2, 3).tolist() == [2, 2, 3, 3]
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(4)  # 0, 0.5, 1, 0.648
+    assert adaptive_k(probs, 1, 9).tolist() == [1, 5, 9, 6] == (1 + 8 * entropy).round().long().tolist()
+    assert adaptive_k(probs, 1, 4, "perplexity").tolist() == [1, 2, 4, 3]  # exp(H): 1, 2, 4, 2.45 -> ceil
+    assert adaptive_k(probs, 2, 3, "perplexity").tolist() == [2, 2, 3, 3]
     decision = make("entropy_adaptive", min_k=1, max_k=3)(*inputs())
     assert torch.equal(decision.experts_per_token_T, adaptive_k(decision.probs_TE, 1, 3))
     torch.testing.assert_close(decision.weights_TK.sum(-1), torch.ones(T))
+
+
+def test_entropy_adaptive_k_varies_across_tokens_once_the_router_has_trained():
+    """A near-uniform router gives every token about the same k; training it (here: to send each of four token
+    clusters to its own expert, through the layer's output) makes confident tokens take fewer experts."""
+    from moe_models.moe_ffn import moe_forward
+    from tests.tiny_layers import tiny_moe
+
+    layer = tiny_moe("entropy_adaptive", {"min_k": 1, "max_k": 4}, d_model=8, num_experts=4)
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 8, generator=gen) * 3
+    cluster = torch.randint(0, 4, (256,), generator=gen)
+    x = (centers[cluster] + 0.3 * torch.randn(256, 8, generator=gen)).unsqueeze(0)
+    target = torch.randn(4, 8, generator=gen)[cluster].unsqueeze(0)
+    before = layer.router(x.reshape(-1, 8), torch.zeros(256, dtype=torch.long)).experts_per_token_T.float()
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
+    for _ in range(150):
+        optimizer.zero_grad()
+        y, _ = moe_forward(layer, x, torch.zeros(1, 256, dtype=torch.long))
+        ((y - target) ** 2).mean().backward()
+        optimizer.step()
+    after = layer.router(x.reshape(-1, 8), torch.zeros(256, dtype=torch.long)).experts_per_token_T.float()
+    assert after.std() > 0.3 and after.std() > before.std()  # k differs across tokens
+    assert after.mean() < before.mean()  # and confident tokens take fewer experts
 
 
 def test_top_any_never_leaves_a_token_without_an_expert_and_trains_thresholds():
