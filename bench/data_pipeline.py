@@ -1,10 +1,10 @@
 """The data path at scale: a synthetic parquet corpus (written by this bench) prepared into token shards by the Ray
-Data job with 1 and 2 CPUs, and a worker that memory-maps the shards and draws batches.
+Data job with 1 and 2 CPUs, and a worker that reads batches from the shards.
 
 Measured at two corpus sizes (default 10M and 50M tokens), each in a fresh process:
 - preparation throughput (tokens/s) with 1 and 2 CPUs, and its scaling;
 - peak RSS of preparation: the driver alone, and the whole process tree (driver, raylet, Ray Data's workers);
-- a worker's RSS after memory-mapping the shards and drawing 100 batches.
+- a worker's RSS after opening the shards and drawing 100 batches.
 The ratios side by side (50M over 10M: 1.0 means memory does not grow with the corpus) come from one run.
 
   python bench/data_pipeline.py --out bench/results/data_pipeline_cpu2.json

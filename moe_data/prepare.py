@@ -5,7 +5,7 @@ Language-modelling corpora are handled here; summarization pairs in prepared_pai
 `sample(split, batch_size, generator, seq_len, target_len) -> Batch`, so the training loop does not care which.
 
 The driver prepares data before any cell starts: the built-in corpora (a few MB) in this process, every other source
-as a Ray Data job (moe_data/ray_prepare.py). Cell workers memory-map the shards (`load_prepared`). Each split is the
+as a Ray Data job (moe_data/ray_prepare.py). Cell workers read the windows they draw from the shards (`load_prepared`). Each split is the
 concatenation of its documents' tokens (EOS between documents) with a parallel per-token domain id, so windows can
 be sampled at any offset and still know each token's domain.
 """
@@ -32,7 +32,7 @@ ENCODE_BATCH = 256  # documents per tokenizer call: large enough for its threads
 
 
 class PreparedData:
-    """A prepared LM dataset: memory-mapped shards and their index. Nothing is read until a window is drawn."""
+    """A prepared LM dataset: token shards on disk and their index. Nothing is read until a window is drawn."""
     task = "lm"
 
     def __init__(self, folder: str | Path):

@@ -25,6 +25,10 @@ class RouterOptions(StrictOptions):
     # whole batch, which leaks future tokens in an autoregressive model.
     causal: ClassVar[bool] = True
     min_experts_per_token: ClassVar[int] = 1  # 0 where a token may be left unrouted (expert choice)
+    # Every token gets the same number of experts (experts/token and its spread are then constant by construction).
+    fixed_k: ClassVar[bool] = True
+    # Routes by a learned score (a fixed table routes with one-hot probabilities: zero entropy by construction).
+    learned: ClassVar[bool] = True
 
     def max_experts_per_token(self, num_experts: int) -> int:
         """Upper bound on experts per token in a layer of `num_experts`; the study validator checks it fits."""
@@ -78,6 +82,7 @@ class AttentionOptions(TopKOptions):
 # --- entropy_adaptive
 @ROUTER_OPTIONS.register("entropy_adaptive")
 class EntropyAdaptiveOptions(RouterOptions):
+    fixed_k: ClassVar[bool] = False
     min_k: PositiveInt = 1
     max_k: PositiveInt = 2
     # normalized: report 003's rule, entropy / log E mapped linearly onto [min_k, max_k]; perplexity: ceil(exp H)
@@ -96,6 +101,7 @@ class EntropyAdaptiveOptions(RouterOptions):
 # --- expert_choice
 @ROUTER_OPTIONS.register("expert_choice")
 class ExpertChoiceOptions(RouterOptions):
+    fixed_k: ClassVar[bool] = False
     causal: ClassVar[bool] = False  # each expert picks its tokens from the whole batch
     min_experts_per_token: ClassVar[int] = 0  # a token no expert picks is left unrouted
     capacity: PositiveFloat = 1.0  # c: tokens per expert = c * T / E (mean experts per token = c)
@@ -107,6 +113,7 @@ class ExpertChoiceOptions(RouterOptions):
 # --- hash
 @ROUTER_OPTIONS.register("hash")
 class HashOptions(RouterOptions):
+    learned: ClassVar[bool] = False
     table: Literal["random", "balanced"] = "random"
     k: PositiveInt = 1
 
@@ -137,6 +144,7 @@ class MLPHadamardOptions(MLPOptions):
 # --- reference
 @ROUTER_OPTIONS.register("reference")
 class ReferenceOptions(RouterOptions):
+    learned: ClassVar[bool] = False
     needs_domains: ClassVar[bool] = True
     def max_experts_per_token(self, num_experts: int) -> int:
         return 1  # B is only known with the dataset's domains; at most num_experts // num_domains
@@ -155,6 +163,7 @@ class SelfSupervisedOptions(TopKOptions):
 # --- top_any
 @ROUTER_OPTIONS.register("top_any")
 class TopAnyOptions(RouterOptions):
+    fixed_k: ClassVar[bool] = False
     tau: PositiveFloat = 10.0  # temperature of the cosine similarity
     init_threshold: float = 0.0  # G_e at initialization (threshold sigmoid(tau*G_e))
     diversity_loss: NonNegativeFloat = 0.0  # ||W^T W - I||_F on normalized expert embeddings
@@ -167,6 +176,7 @@ class TopAnyOptions(RouterOptions):
 # --- top_p
 @ROUTER_OPTIONS.register("top_p")
 class TopPOptions(RouterOptions):
+    fixed_k: ClassVar[bool] = False
     p: confloat(gt=0, le=1) = 0.4
     max_k: PositiveInt | None = None
     entropy_loss: NonNegativeFloat = 0.0

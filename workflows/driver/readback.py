@@ -122,6 +122,14 @@ def cmd_aggregate(args, out: TextIO) -> int:
         text = to_csv(rows)
     else:
         text = to_markdown(rows) + "\n### Seeds pooled\n\n" + pooled_report(cells, runs, study.baseline, tracker=tracker)
+    if study.claims and args.format != "csv":
+        from workflows.report.claims import claims_report
+        from workflows.report.exports import pool, sequence_losses
+
+        heading = "\n### Claims\n\n" if args.format == "md" else "\n"
+        text += heading + claims_report(study.claims, study.baseline, cells, runs,
+                                        pool(cells, runs, study.baseline, tracker),
+                                        sequence_losses(tracker, cells, runs), args.format)
     if study.sweep and args.format == "md":
         text += "\n" + _sweep_best(study, args)
     if args.format == "md" and any(cell.summarization for cell in cells):

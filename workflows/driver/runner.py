@@ -18,7 +18,7 @@ from workflows.driver.ray_cluster import connect_if_remote, init_ray
 from workflows.driver.workspace import Workspace
 from workflows.metric_names import EVAL_LOSS, SUMMARY_CELL_WALL_SECONDS, SUMMARY_TOKENS_PER_S
 from workflows.provenance import git_commit, package_versions
-from workflows.report.exports import pool, write_pooled_report
+from workflows.report.exports import pool, write_claims_report, write_pooled_report
 from workflows.report.plots import write_plots
 from workflows.report.summarization import write_summarization_report
 from workflows.report.table import table_rows, write_table
@@ -37,6 +37,7 @@ class StudyOutcome:
     failed: dict[str, str] = field(default_factory=dict)  # cell id -> reason
     table_path: Path | None = None
     pooled_path: Path | None = None  # seeds pooled, with the baseline test and the regime check
+    claims_path: Path | None = None  # each claim's computed verdict (studies with claims:)
     summarization_report: Path | None = None
     plots: list[Path] = field(default_factory=list)  # pareto, eval-loss curves, expert usage side by side
     timings: dict[str, float] = field(default_factory=dict)
@@ -121,6 +122,8 @@ def _run_study(study: Study, ws: Workspace, address: str | None, progress: Progr
     pooled = pool(cells, runs, study.baseline, tracker)  # one read of the cells' sequence losses, for both
     outcome.pooled_path = write_pooled_report(cells, runs, study.baseline, ws.root / study.name, tracker, parent,
                                               pooled)
+    if study.claims:
+        outcome.claims_path = write_claims_report(study, cells, runs, pooled, ws.root / study.name, tracker, parent)
     outcome.plots = write_plots(cells, runs, pooled, ws.root / f"{study.name}_plots", tracker, parent)
     outcome.summarization_report = write_summarization_report(
         study, cells, runs, tracker, summarization_texts(prepared), ws.root, parent,

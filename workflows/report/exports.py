@@ -88,3 +88,16 @@ def write_pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str |
         for path in paths:
             tracker.log_artifact(parent_run_id, path, "tables")
     return paths[0]
+
+
+def write_claims_report(study, cells: list[Cell], runs: dict[str, Run], pooled: list[PooledRow], stem: Path,
+                        tracker: Tracker, parent_run_id: str | None) -> Path:
+    """<study>_claims.md in the workdir and on the study's run: each claim's computed verdict."""
+    from workflows.report.claims import claims_report
+
+    path = stem.with_name(f"{stem.name}_claims.md")
+    path.write_text(claims_report(study.claims, study.baseline, cells, runs, pooled,
+                                  sequence_losses(tracker, cells, runs)))
+    if parent_run_id:
+        tracker.log_artifact(parent_run_id, path, "tables")
+    return path

@@ -12,6 +12,7 @@ from moe_models.pretrained.source import CELL_PREFIX
 from moe_models.routers import ROUTER_OPTIONS
 from moe_models.spec import DENSE
 from tuning.sweep_config import SweepConfig
+from workflows.study.claims import Claim, fixed_by_construction
 from workflows.study.entries import DatasetEntry, ModelEntry, RouterEntry
 from workflows.study.errors import problems_of, short
 from workflows.study.pretrained_sources import experts_and_moe_layers, hf_problems
@@ -32,6 +33,8 @@ class Study(StrictOptions):
     fault_injection: FaultInjection | None = None
     sweep: SweepConfig | None = None
     summarization: SummarizationConfig = SummarizationConfig()
+    # Hypotheses `moelab aggregate` decides from the finished cells (workflows/study/claims.py).
+    claims: list[Claim] = []
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Study":
@@ -94,9 +97,41 @@ class Study(StrictOptions):
                                 f"{self.resources.workers_per_cell}")
         problems.extend(self._duplicate_problems())
         problems.extend(self._moe_block_problems(shapes))
+        problems.extend(self._claim_problems(labels))
         if problems:
             raise ValueError("\n".join(dict.fromkeys(problems)))  # each once, in order
         return self
+
+    def _claim_problems(self, labels: list[str]) -> list[str]:
+        problems = []
+        routers = {r.display(): r for r in self.routers}
+        names = [c.name for c in self.claims]
+        for i, claim in enumerate(self.claims):
+            where = f"claims[{i}]"
+            if names.count(claim.name) > 1:
+                problems.append(f"{where}.name: {claim.name!r} names two claims")
+            against = claim.compared(self.baseline)
+            if against is None:
+                problems.append(f"{where}.against: name the router it is compared with (the study has no baseline)")
+            for field, label in (("system", claim.system), ("against", against)):
+                if label is None:
+                    continue
+                if label not in routers:
+                    problems.append(f"{where}.{field}: {short(label)} is not a router of this study; valid: "
+                                    f"{', '.join(labels)}")
+                    continue
+                router = routers[label]
+                why = fixed_by_construction(router.name, router.routing_spec().options, claim.metric)
+                if why:
+                    problems.append(f"{where}.metric: {claim.metric} of {label} is fixed by construction ({why}): "
+                                    "a claim on it would be true or false before any training, not a finding")
+            if claim.system == against:
+                problems.append(f"{where}.against: a router compared with itself")
+            if claim.model is not None and claim.model not in [m.display() for m in self.models]:
+                problems.append(f"{where}.model: {short(claim.model)} is not a model of this study")
+            if claim.dataset is not None and claim.dataset not in [d.name for d in self.datasets]:
+                problems.append(f"{where}.dataset: {short(claim.dataset)} is not a dataset of this study")
+        return problems
 
     def _duplicate_problems(self) -> list[str]:
         """Entries that would make the same cell twice (same id: one would overwrite the other's run)."""

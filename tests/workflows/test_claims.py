@@ -1,0 +1,113 @@
+"""Claims decided on hand-made MLflow runs (a real SQLite store) with known values: a clear effect is supported, its
+opposite refuted, noise is inconclusive (with the detectable effect), a tie inside its margin equivalent, Holm's
+correction across the study's claims changes a verdict, and a claim fixed by construction is refused."""
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+
+from moe_eval.verdicts import minimum_detectable_effect
+from workflows.report.claims import claim_rows, claims_report, verdicts
+from workflows.report.pooled import pooled_rows, regime_verdicts
+from workflows.study.cells import expand
+from workflows.study.errors import StudyError
+from workflows.study.loading import parse_study
+from tests.workflows.test_pooled_report import store
+
+SEEDS = [0, 1, 2, 3, 4]
+STUDY = {
+    "name": "claims", "seeds": SEEDS, "baseline": "topk(k=2)",
+    "routers": [{"name": "topk", "k": 2}, {"name": "hash"}, {"name": "topk", "k": 1},
+                {"name": "top_p", "p": 0.5, "max_k": 2}],
+    "models": [{"name": "gpt", "num_experts": 4}],
+    "datasets": [{"name": "builtin:domains"}],
+}
+rng = np.random.default_rng(0)
+TOP2 = [5.00, 5.10, 4.95, 5.05, 5.02]
+LOSSES = {
+    "topk(k=2)": TOP2,
+    "hash": [x + 0.10 + e for x, e in zip(TOP2, rng.normal(0, 0.01, 5))],  # clearly worse
+    "topk(k=1)": [x + e for x, e in zip(TOP2, [0.2, -0.25, 0.15, -0.1, 0.05])],  # noise around top-2
+    "top_p(max_k=2,p=0.5)": [x + e for x, e in zip(TOP2, [0.004, -0.003, 0.002, -0.004, 0.001])],  # a tie
+}
+
+
+def decided(tmp_path, claims: list[dict], losses=LOSSES) -> dict[str, object]:
+    raw = {**copy.deepcopy(STUDY), "claims": claims}
+    study = parse_study(raw)
+    cells, runs = store(tmp_path, losses, raw)
+    rows = claim_rows(study.claims, study.baseline, cells, runs, {})
+    return {v.row.claim.name: v for v in verdicts(rows, regime_verdicts(cells, pooled_rows(cells, runs)))}
+
+
+def claim(name, system, direction, **extra):
+    return {"name": name, "metric": "eval/loss", "system": system, "direction": direction, **extra}
+
+
+def test_supported_refuted_inconclusive_and_equivalent(tmp_path):
+    results = decided(tmp_path, [
+        claim("hash is worse", "hash", "greater", report="001"),
+        claim("hash is better", "hash", "less"),
+        claim("top-1 differs", "topk(k=1)", "less"),
+        claim("top-p ties top-2", "top_p(max_k=2,p=0.5)", "equivalent", margin=0.02),
+    ])
+    assert results["hash is worse"].decision.verdict == "supported"
+    assert results["hash is better"].decision.verdict == "refuted"
+    noisy = results["top-1 differs"]
+    assert noisy.decision.verdict == "inconclusive"  # never "a tie"
+    diffs = noisy.row.diffs
+    assert noisy.detectable == pytest.approx(minimum_detectable_effect(np.std(diffs, ddof=1), 5))
+    assert noisy.detectable > abs(np.mean(diffs))
+    assert noisy.seeds_needed is None or noisy.seeds_needed > 5  # None: more than 1,000 seeds
+    assert results["top-p ties top-2"].decision.verdict == "equivalent"
+    assert all(v.regime.startswith("unknown") for v in results.values())  # no dense baselines of two widths
+
+
+def test_holm_across_the_claims_can_turn_a_verdict_inconclusive(tmp_path):
+    # top-1 a little better than top-2: p ~ 0.04 alone; ranked third of five claims, Holm triples it
+    losses = {**LOSSES, "topk(k=1)": [x - 0.02 + e for x, e in zip(TOP2, [0.02, -0.015, 0.01, -0.012, 0.0])]}
+    alone = decided(tmp_path / "a", [claim("top-1 is better", "topk(k=1)", "less")], losses)
+    assert alone["top-1 is better"].decision.verdict == "supported"
+    many = decided(tmp_path / "b", [claim("top-1 is better", "topk(k=1)", "less"),
+                                    *[claim(f"noise {i}", "top_p(max_k=2,p=0.5)", "less") for i in range(1)],
+                                    claim("hash", "hash", "greater"),
+                                    claim("hash vs top-1", "hash", "greater", against="topk(k=1)"),
+                                    claim("top-p vs top-1", "top_p(max_k=2,p=0.5)", "greater", against="topk(k=1)")],
+                   losses)
+    raw = alone["top-1 is better"].row.deciding_p
+    adjusted = many["top-1 is better"].decision.adjusted_p
+    assert adjusted > raw and adjusted >= 0.05 > raw
+    assert many["top-1 is better"].decision.verdict == "inconclusive"
+
+
+def test_the_claims_table_names_its_test_and_both_p_values(tmp_path):
+    raw = {**copy.deepcopy(STUDY), "claims": [claim("hash is worse", "hash", "greater", report="001")]}
+    study = parse_study(raw)
+    cells, runs = store(tmp_path, LOSSES, raw)
+    text = claims_report(study.claims, study.baseline, cells, runs, pooled_rows(cells, runs), {})
+    assert "| hash is worse | 001 | hash vs topk(k=2) on eval/loss (greater)" in text
+    assert "| paired t |" in text and "| supported |" in text
+
+
+@pytest.mark.parametrize("bad,message", [
+    (claim("x", "hash", "less", metric="eval/moe/router_entropy_norm"), "fixed by construction"),
+    (claim("x", "topk(k=1)", "less", metric="eval/moe/experts_per_token"), "same number of experts"),
+    (claim("x", "top_p(max_k=2,p=0.5)", "greater", metric="eval/moe/experts_per_token_std", against="topk(k=1)"),
+     "experts_per_token_std of topk(k=1) is fixed by construction"),
+    (claim("x", "nope", "less"), "claims[0].system: 'nope' is not a router"),
+    (claim("x", "hash", "equivalent"), "margin"),
+    (claim("x", "hash", "less", test="bootstrap", metric="eval/moe/load_cv"), "bootstrap"),
+    (claim("x", "hash", "less", metric="eval/los"), "not a metric moelab logs"),
+    (claim("x", "topk(k=2)", "less"), "compared with itself"),
+])
+def test_a_bad_claim_is_refused_at_validation_naming_its_field(bad, message):
+    with pytest.raises(StudyError, match=re.escape(message)):
+        parse_study({**copy.deepcopy(STUDY), "claims": [bad]})
+
+
+def test_claims_do_not_change_the_cells():
+    with_claims = parse_study({**copy.deepcopy(STUDY), "claims": [claim("hash is worse", "hash", "greater")]})
+    assert [c.id for c in expand(with_claims)] == [c.id for c in expand(parse_study(copy.deepcopy(STUDY)))]

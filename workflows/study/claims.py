@@ -1,0 +1,87 @@
+"""A study's hypotheses (`claims:`), each decided by `moelab aggregate` from the finished cells (workflows/report/
+claims.py). A claim names what it compares and how, so its verdict is computed, never typed:
+
+    claims:
+      - name: top-2 reaches a lower validation loss than hash
+        report: "001"
+        metric: eval/loss
+        system: top2
+        against: hash            # default: the study's baseline
+        direction: less          # less | greater (system - against), or equivalent (within ±margin)
+        test: bootstrap          # paired_t (over seeds; the default) or bootstrap (seeds x sequences, eval/loss)
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import PositiveFloat, model_validator
+
+from moe_models.options import StrictOptions
+from workflows.metric_names import (
+    EVAL_LOSS,
+    EVAL_MOE,
+    EVAL_MOE_DIFFICULTY_CORR,
+    EVAL_MOE_DIFFICULTY_ENTROPY_CORR,
+    EVAL_MOE_EXPERTS_PER_TOKEN,
+    EVAL_MOE_EXPERTS_PER_TOKEN_STD,
+    EVAL_MOE_MEAN_TOPK_PROB,
+    EVAL_MOE_ROUTER_ENTROPY_NORM,
+    GLOSSARY,
+)
+
+# Metrics whose value a router fixes by construction: a claim on them is not a finding.
+_FIXED_BY_K = (EVAL_MOE_EXPERTS_PER_TOKEN, EVAL_MOE_EXPERTS_PER_TOKEN_STD, EVAL_MOE_DIFFICULTY_CORR,
+               EVAL_MOE_DIFFICULTY_ENTROPY_CORR)
+_FIXED_BY_TABLE = (EVAL_MOE_ROUTER_ENTROPY_NORM, f"{EVAL_MOE}/router_entropy", EVAL_MOE_MEAN_TOPK_PROB)
+
+
+class Claim(StrictOptions):
+    name: str  # the claim in words, as the table shows it
+    report: str | None = None  # the report it comes from (../shared: 000-003)
+    metric: str  # a metric every compared cell logs (docs: the metric glossary)
+    system: str  # a router label of the study
+    against: str | None = None  # a router label; None: the study's baseline
+    direction: Literal["less", "greater", "equivalent"]
+    margin: PositiveFloat | None = None  # equivalent: the tie's margin, in the metric's units
+    test: Literal["paired_t", "bootstrap"] = "paired_t"  # the one test that decides; the other is shown beside it
+    model: str | None = None  # which model / dataset, where the study has several (default: each, one row apiece)
+    dataset: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Claim":
+        if (self.direction == "equivalent") != (self.margin is not None):
+            raise ValueError("margin: set it for direction: equivalent (the tie's margin), and only then")
+        if self.test == "bootstrap" and self.metric != EVAL_LOSS:
+            raise ValueError(f"test: bootstrap resamples the per-sequence eval losses; it decides {EVAL_LOSS} only")
+        if self.test == "bootstrap" and self.direction == "equivalent":
+            raise ValueError("test: an equivalence claim is decided by two one-sided paired t-tests (paired_t)")
+        if not known_metric(self.metric):
+            raise ValueError(f"metric: {self.metric!r} is not a metric moelab logs (the glossary's names, "
+                             f"{EVAL_MOE}/<routing measure>, test/<summary metric>)")
+        return self
+
+    def compared(self, baseline: str | None) -> str | None:
+        return self.against or baseline
+
+
+def known_metric(metric: str) -> bool:
+    """A glossary metric, a routing measure (eval/moe/..., per block too) or a summary score (test/rouge1, ...)."""
+    from moe_eval.score_sheet import BLEU, MEAN_METRICS
+
+    return metric in GLOSSARY or metric.startswith(EVAL_MOE + "/") or \
+        metric.removeprefix("test/") in (BLEU, *MEAN_METRICS) and metric.startswith("test/")
+
+
+def fixed_by_construction(router_name: str, router_options, metric: str) -> str | None:
+    """Why a router's value of `metric` is fixed by its construction, or None."""
+    from moe_models.spec import DENSE
+
+    if router_name == DENSE and metric.startswith(EVAL_MOE):
+        return "a dense model has no routing"
+    if router_options is None:
+        return None
+    if router_options.fixed_k and metric in _FIXED_BY_K:
+        return "every token gets the same number of experts"
+    if not router_options.learned and metric in _FIXED_BY_TABLE:
+        return "it routes by a fixed table, not a learned score"
+    return None
