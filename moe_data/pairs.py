@@ -5,7 +5,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Iterator
 
-from moe_data.corpus import SPLITS, split_of
+from moe_data.corpus import SPLITS
 
 
 @dataclass(frozen=True)
@@ -40,21 +40,3 @@ class PairCorpus:
         for pair in self.splits["train"]:
             yield pair.document
             yield pair.summary
-
-
-def pairs_from_hf(loaded, source: str, document_column: str, summary_column: str) -> PairCorpus:
-    """A datasets.DatasetDict of (document, summary) rows; its own validation/test splits are kept where it has them
-    (XSum, CNN/DailyMail), otherwise rows are split by a hash of their index."""
-    splits: dict[str, list[Pair]] = {s: [] for s in SPLITS}
-    own_splits = set(loaded) & set(SPLITS) - {"train"}
-    for split_name, ds in loaded.items():
-        for column in (document_column, summary_column):
-            if column not in ds.column_names:
-                raise ValueError(f"{source}: no column {column!r}; columns: {', '.join(ds.column_names)} "
-                                 "(set datasets[].document_column / summary_column)")
-        for i, row in enumerate(ds):
-            pair = Pair(f"{split_name}/{i}", str(row[document_column]), str(row[summary_column]))
-            target = split_name if split_name in own_splits else split_of(pair.pair_id) if not own_splits else "train"
-            if target in splits:
-                splits[target].append(pair)
-    return PairCorpus(splits, source)

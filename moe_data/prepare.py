@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np

@@ -4,7 +4,6 @@ the fixed evaluation set is the same for every cell; bad input names its field."
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np

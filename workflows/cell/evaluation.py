@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import resource
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -150,8 +151,24 @@ def final_cost_metrics(engine, data: PreparedData | PreparedPairs, cell: Cell, t
     return {**metrics, **({SUMMARY_ROUTER_LATENCY_SHARE: share} if share is not None else {})}
 
 
+def reset_peak_memory() -> None:
+    """Start the peak-memory measure at this cell: Ray may hand a cell a worker process that ran other tasks (data
+    preparation, an earlier trial), whose peak would otherwise be reported as the cell's."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the process's RSS high-water mark (VmHWM)
+    except OSError:
+        pass  # elsewhere the peak stays the process's lifetime peak
+
+
 def peak_memory_mb() -> float:
-    """Peak accelerator memory where there is one, else this worker process's peak resident set size."""
+    """Peak accelerator memory where there is one, else this worker process's peak resident set size since
+    `reset_peak_memory` (Linux's VmHWM; the lifetime peak, ru_maxrss, where /proc is not there)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -23,7 +23,14 @@ from moe_models.lora import parameter_counts
 from workflows import storage
 from workflows.cell.artifacts import log_final_artifacts
 from workflows.cell.engine import build_engine, resume
-from workflows.cell.evaluation import Evaluation, evaluate, final_cost_metrics, peak_memory_mb, saturation_metrics
+from workflows.cell.evaluation import (
+    Evaluation,
+    evaluate,
+    final_cost_metrics,
+    peak_memory_mb,
+    reset_peak_memory,
+    saturation_metrics,
+)
 from workflows.cell.handoff import fetch_source_checkpoint, log_final_checkpoint
 from workflows.cell.job import CellJob
 from workflows.cell.loop import NonFiniteLoss, StepTimes, train_step
@@ -64,6 +71,7 @@ class Progress:
 
 def train_cell(job: CellJob) -> None:
     entered = time.perf_counter()
+    reset_peak_memory()  # the process may have run other Ray tasks before this cell (a reused worker)
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     rank = ctx.get_world_rank()
