@@ -11,10 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moe_eval.metric_modules import load_metric
-
-BLEU = "bleu"
-MEAN_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bertscore_f1", "bertscore_precision",
-                "bertscore_recall", "coverage", "density", "compression", "bigram_overlap", "summary_words")
+from moe_eval.score_names import BLEU, MEAN_METRICS  # noqa: F401  (re-exported: the sheet's columns)
 
 
 @dataclass

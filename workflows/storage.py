@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -72,7 +73,8 @@ def upload(local_file: Path, location: str) -> None:
 
 
 def local_copy(location: str, cache_dir: str | Path | None = None) -> Path:
-    """A local path for a shared file: the path itself, or for a URI a node-local copy, downloaded once."""
+    """A local path for a shared file or folder (a prepared shard folder): the path itself, or for a URI a node-local
+    copy, downloaded once."""
     if not is_uri(location):
         return Path(location)
     cache = Path(cache_dir or Path(tempfile.gettempdir()) / "moelab-cache")
@@ -83,8 +85,20 @@ def local_copy(location: str, cache_dir: str | Path | None = None) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         fs, path = _fs(location)
         partial = target.with_name(f"{target.name}.{os.getpid()}.part")
-        pyarrow.fs.copy_files(path, str(partial), source_filesystem=fs)
-        os.replace(partial, target)  # concurrent workers on a node: the last rename wins, content is identical
+        if fs.get_file_info(path).type == pyarrow.fs.FileType.Directory:
+            for found in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True)):
+                if found.type == pyarrow.fs.FileType.File:
+                    destination = partial / found.path[len(path):].lstrip("/")
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    pyarrow.fs.copy_files(found.path, str(destination), source_filesystem=fs)
+        else:
+            pyarrow.fs.copy_files(path, str(partial), source_filesystem=fs)
+        try:
+            os.replace(partial, target)  # concurrent workers on a node: the first rename wins, content is identical
+        except OSError:  # a folder cannot replace the one another worker renamed into place first
+            if not target.exists():
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

@@ -111,3 +111,35 @@ def test_a_bad_claim_is_refused_at_validation_naming_its_field(bad, message):
 def test_claims_do_not_change_the_cells():
     with_claims = parse_study({**copy.deepcopy(STUDY), "claims": [claim("hash is worse", "hash", "greater")]})
     assert [c.id for c in expand(with_claims)] == [c.id for c in expand(parse_study(copy.deepcopy(STUDY)))]
+
+
+def test_replication_decides_each_claim_again_on_other_seeds_and_says_whether_it_stands(tmp_path):
+    from workflows.report.pooled import pooled_rows
+    from workflows.study.loading import with_seeds
+
+    top2 = TOP2 + [5.03, 4.98, 5.07]
+    hash_ = [x + 0.1 for x in top2]  # worse on every seed
+    top1 = [x + e for x, e in zip(top2, [0.2, -0.25, 0.15, -0.1, 0.05, 0.3, -0.2, 0.1])]  # noise
+    raw = {**copy.deepcopy(STUDY), "seeds": list(range(8)),
+           "claims": [claim("hash is worse", "hash", "greater"), claim("top-1 is better", "topk(k=1)", "less")]}
+    cells, runs = store(tmp_path, {"topk(k=2)": top2, "hash": hash_, "topk(k=1)": top1,
+                                   "top_p(max_k=2,p=0.5)": top2}, raw)
+    study = parse_study(raw)
+    discovery, again = (expand(with_seeds(study, seeds)) for seeds in ("0,1,2,3,4", "5,6,7"))
+    assert {c.id for c in discovery} | {c.id for c in again} == {c.id for c in cells}  # same cells, split by seed
+    text = claims_report(study.claims, study.baseline, discovery, runs, pooled_rows(discovery, runs), {},
+                         replication=(again, pooled_rows(again, runs)))
+    hash_line = next(line for line in text.splitlines() if line.startswith("| hash is worse"))
+    assert "| supported |" in hash_line and hash_line.count("supported") == 2 and "| yes |" in hash_line
+    top1_line = next(line for line in text.splitlines() if line.startswith("| top-1 is better"))
+    assert "| inconclusive |" in top1_line and "| no |" in top1_line
+
+
+def test_seeds_on_the_command_line_must_be_integers(tmp_path):
+    from workflows.study.loading import with_seeds
+
+    study = parse_study(copy.deepcopy(STUDY))
+    with pytest.raises(StudyError, match="--seeds: 'a,b' is not a comma-separated list of integers"):
+        with_seeds(study, "a,b")
+    with pytest.raises(StudyError, match="--seeds: 1 is listed more than once"):
+        with_seeds(study, "1,1")

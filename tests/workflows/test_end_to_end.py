@@ -75,9 +75,16 @@ def cell_runs(client):
     return exp, client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'")
 
 
-def test_every_cell_finished_with_provenance_and_metrics(mini):
+def test_every_cell_finished_with_provenance_and_metrics(mini, tmp_path):
+    from moe_data.prepare import load_prepared, prepare
+    from moe_data.spec import DataSpec
+
     code, _, workdir, client = mini
     assert code == 0
+    dataset, seq_len = TINY["datasets"][0], TINY["training"]["seq_len"]
+    fixed_windows = load_prepared(prepare(DataSpec(dataset["name"], dataset["vocab_size"],
+                                                   dataset["max_chars_per_domain"]), tmp_path)).eval_windows(
+        "validation", seq_len)
     exp, runs = cell_runs(client)
     parents = client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'study'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -130,7 +137,8 @@ def test_every_cell_finished_with_provenance_and_metrics(mini):
         sequence_losses = json.loads(Path(mlflow.artifacts.download_artifacts(
             run_id=run.info.run_id, artifact_path="eval/sequence_losses.json",
             tracking_uri=client._tracking_client.tracking_uri)).read_text())
-        assert len(sequence_losses) == 2 * 4  # eval_batches x micro_batch_size sequences, the final evaluation's
+        # The final evaluation's sequences: every window of the fixed evaluation set (the whole validation split)
+        assert len(sequence_losses) == fixed_windows
         assert sum(sequence_losses) / len(sequence_losses) == pytest.approx(metrics["eval/loss"], rel=1e-4)
         config = json.loads(Path(mlflow.artifacts.download_artifacts(
             run_id=run.info.run_id, artifact_path="config/resolved_config.json",

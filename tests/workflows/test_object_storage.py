@@ -77,6 +77,15 @@ def test_storage_helpers_round_trip_through_the_bucket(bucket_uri, tmp_path):
     fetched = storage.local_copy(remote, tmp_path / "node-cache")
     assert fetched.read_bytes() == local.read_bytes() and fetched.parent == tmp_path / "node-cache"
     assert storage.subdirectories(bucket_uri, "no") == ["notes"]
+    folder = tmp_path / "tokens-x"  # a prepared shard folder travels whole, and is fetched once per node
+    folder.mkdir()
+    (folder / "index.json").write_text("{}")
+    (folder / "train-00000.tokens.bin").write_bytes(b"\x02\x00" * 500)
+    remote_folder = storage.join(bucket_uri, "cache", "tokens-x")
+    storage.upload(folder, remote_folder)
+    fetched = storage.local_copy(remote_folder, tmp_path / "node-cache")
+    assert sorted(p.name for p in fetched.iterdir()) == ["index.json", "train-00000.tokens.bin"]
+    assert (fetched / "train-00000.tokens.bin").read_bytes() == (folder / "train-00000.tokens.bin").read_bytes()
 
 
 def test_study_with_checkpoints_and_data_in_the_bucket_resumes_from_it(bucket_uri, tmp_path, in_process_ray, capsys):
@@ -85,7 +94,7 @@ def test_study_with_checkpoints_and_data_in_the_bucket_resumes_from_it(bucket_ur
     args = ["--workdir", str(work), "--storage-path", bucket_uri]
     assert main(["run", str(study), *args]) == 0
     assert not (work / "ray_results").exists()  # checkpoints went to the bucket, not the driver's disk
-    assert any(name.startswith("data-") for name in _names(storage.join(bucket_uri, "cache")))
+    assert any(name.startswith("tokens-") for name in _names(storage.join(bucket_uri, "cache")))  # the shard folder
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     exp = client.get_experiment_by_name("s3study")
     (run,) = client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'")

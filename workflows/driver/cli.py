@@ -67,9 +67,15 @@ def parser() -> argparse.ArgumentParser:
         c.set_defaults(fn=fn)
         return c
 
+    def seeds_option(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--seeds", metavar="3,4,5", help="the study on these seeds instead of its own, in the same "
+                                                        "workdir (a replication; aggregate: its cells only)")
+
     for name, fn, what in (("run", cmd_run, "run (or resume) a study"),
                            ("tune", cmd_tune, "run (or resume) the study's sweep with Ray Tune")):
         launch = command(name, fn, what)
+        if name == "run":
+            seeds_option(launch)
         launch.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
         launch.add_argument("--verbose", action="store_true",
                             help="stream Ray worker logs and library notices to the terminal")
@@ -96,10 +102,14 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true",
                         help="follow the running cells (step, loss, tokens/s, ETA) until the study ends")
     status.add_argument("--interval", type=float, default=5.0, help="seconds between readings with --watch")
+    seeds_option(status)
     agg = command("aggregate", cmd_aggregate, "print or write the comparison table")
     agg.add_argument("--format", choices=("md", "csv", "latex", "html"), default="md",
                      help="md: every cell, then seeds pooled; csv: one row per cell; latex, html: the pooled table")
     agg.add_argument("--out", help="write to this file instead of stdout")
+    seeds_option(agg)
+    agg.add_argument("--replicate", metavar="3,4,5", help="claims: also decide each claim on these seeds' cells, "
+                                                          "side by side; a verdict stands only where both agree")
     return p
 
 

@@ -7,12 +7,16 @@ from pathlib import Path
 from typing import TextIO
 
 
-def study_or_exit(path: str):
+def study_or_exit(path: str, seeds: str | None = None):
+    """The validated study (exit 2 with the problems otherwise); `seeds` ("3,4,5", from --seeds) replaces its seeds:
+    the same study on other seeds, in the same workdir and experiment (a replication)."""
     from workflows.study.errors import StudyError
-    from workflows.study.loading import load_study
+    from workflows.study.loading import load_study, with_seeds
 
     try:
         study = load_study(path)
+        if seeds is not None:
+            study = with_seeds(study, seeds)
     except StudyError as err:
         print(err, file=sys.stderr)
         raise SystemExit(2)
@@ -63,7 +67,7 @@ def cmd_run(args, out: TextIO) -> int:
     from workflows.driver.progress import progress_for
     from workflows.driver.runner import run_study
 
-    study = study_or_exit(args.study)
+    study = study_or_exit(args.study, args.seeds)
     ws = usable_workspace(args)
     echo = lambda line: print(line, file=out, flush=True)  # noqa: E731
     outcome = run_study(study, ws, args.address, echo, args.verbose, progress_for(out, echo, args.progress_every))

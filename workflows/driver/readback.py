@@ -33,7 +33,7 @@ def cmd_status(args, out: TextIO) -> int:
     from workflows.study.cells import expand
     from workflows.tracking import REASON
 
-    study = study_or_exit(args.study)
+    study = study_or_exit(args.study, args.seeds)
     tracker, runs, ws = _runs(study, args)
     if args.watch:
         runs = watch_cells(study, tracker, runs, out, args.interval)
@@ -105,6 +105,22 @@ def _sweep_status(study, tracker, ws, out: TextIO) -> None:
               + (f"  reason: {row['reason']}" if row["reason"] else ""), file=out)
 
 
+def _claims_section(study, cells, runs, tracker, args) -> str:
+    """The claims table; with --replicate, each claim decided again on those seeds' cells, side by side."""
+    from workflows.report.claims import claims_report
+    from workflows.report.exports import pool, sequence_losses
+    from workflows.study.cells import expand
+
+    replication = None
+    if args.replicate:
+        again = expand(study_or_exit(args.study, args.replicate))
+        replication = (again, pool(again, runs, study.baseline, tracker))
+    both = cells + (replication[0] if replication else [])
+    heading = "\n### Claims\n\n" if args.format == "md" else "\n"
+    return heading + claims_report(study.claims, study.baseline, cells, runs, pool(cells, runs, study.baseline, tracker),
+                                   sequence_losses(tracker, both, runs), args.format, replication)
+
+
 def cmd_aggregate(args, out: TextIO) -> int:
     """md: every cell, then the seeds pooled (with the regime check); csv: one row per cell (raw, for analysis);
     latex and html: the pooled table, ready for a paper or a page."""
@@ -112,7 +128,7 @@ def cmd_aggregate(args, out: TextIO) -> int:
     from workflows.report.table import table_rows, to_csv, to_markdown
     from workflows.study.cells import expand
 
-    study = study_or_exit(args.study)
+    study = study_or_exit(args.study, args.seeds)
     tracker, runs, ws = _runs(study, args)
     cells = expand(study)
     rows = table_rows(cells, runs)
@@ -123,13 +139,7 @@ def cmd_aggregate(args, out: TextIO) -> int:
     else:
         text = to_markdown(rows) + "\n### Seeds pooled\n\n" + pooled_report(cells, runs, study.baseline, tracker=tracker)
     if study.claims and args.format != "csv":
-        from workflows.report.claims import claims_report
-        from workflows.report.exports import pool, sequence_losses
-
-        heading = "\n### Claims\n\n" if args.format == "md" else "\n"
-        text += heading + claims_report(study.claims, study.baseline, cells, runs,
-                                        pool(cells, runs, study.baseline, tracker),
-                                        sequence_losses(tracker, cells, runs), args.format)
+        text += _claims_section(study, cells, runs, tracker, args)
     if study.sweep and args.format == "md":
         text += "\n" + _sweep_best(study, args)
     if args.format == "md" and any(cell.summarization for cell in cells):

@@ -25,6 +25,7 @@ from moe_eval.verdicts import (
     seeds_to_detect,
     tost,
 )
+from workflows.metric_names import EVAL_LOSS
 from workflows.report.pooled import PooledRow, RegimeVerdict, regime_verdicts
 from workflows.report.render import render
 from workflows.study.cells import Cell
@@ -92,7 +93,7 @@ def claim_rows(claims: list[Claim], baseline: str | None, cells: list[Cell], run
             t_p, _ = paired_t(diffs)
             boot = two_level_difference(sequences.get((claim.system, model, dataset), {}),
                                         sequences.get((against, model, dataset), {})) \
-                if claim.metric == "eval/loss" else None
+                if claim.metric == EVAL_LOSS else None
             if claim.direction == "equivalent":
                 deciding = tost(diffs, claim.margin)
             elif claim.test == "bootstrap":
@@ -153,10 +154,31 @@ def claims_frame(results: list[ClaimVerdict]) -> tuple[list[str], list[dict[str,
     return headers, lines
 
 
+def with_replication(headers: list[str], lines: list[dict[str, str]], discovery: list[ClaimVerdict],
+                     replication: list[ClaimVerdict]) -> tuple[list[str], list[dict[str, str]]]:
+    """The replication seeds' result beside each claim row, and whether the verdict stands: the same decided
+    verdict (supported, refuted or equivalent) on both seed sets."""
+    added = ["replication seeds", "replication Δ [95% CI]", "replication verdict", "stands"]
+    for line, first, again in zip(lines, discovery, replication):
+        low, high = again.row.interval()
+        line.update({"replication seeds": str(len(again.row.diffs)),
+                     "replication Δ [95% CI]": f"{_number(again.row.mean)} [{_number(low)}, {_number(high)}]",
+                     "replication verdict": again.decision.verdict,
+                     "stands": "yes" if first.decision.verdict == again.decision.verdict != INCONCLUSIVE else "no"})
+    return headers[:10] + added + headers[10:], lines
+
+
 def claims_report(claims: list[Claim], baseline: str | None, cells: list[Cell], runs: dict[str, Run],
-                  pooled: list[PooledRow], sequence_losses: dict[str, list[float]], fmt: str = "md") -> str:
+                  pooled: list[PooledRow], sequence_losses: dict[str, list[float]], fmt: str = "md",
+                  replication: tuple[list[Cell], list[PooledRow]] | None = None) -> str:
+    """replication: the same study's cells on other seeds (and their pooled rows), decided as a family of its own."""
     results = verdicts(claim_rows(claims, baseline, cells, runs, sequence_losses), regime_verdicts(cells, pooled))
     headers, lines = claims_frame(results)
+    if replication is not None:
+        again_cells, again_pooled = replication
+        again = verdicts(claim_rows(claims, baseline, again_cells, runs, sequence_losses),
+                         regime_verdicts(again_cells, again_pooled))
+        headers, lines = with_replication(headers, lines, results, again)
     table = render(headers, lines, fmt)
     if fmt != "md":
         return table

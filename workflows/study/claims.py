@@ -66,7 +66,7 @@ class Claim(StrictOptions):
 
 def known_metric(metric: str) -> bool:
     """A glossary metric, a routing measure (eval/moe/..., per block too) or a summary score (test/rouge1, ...)."""
-    from moe_eval.score_sheet import BLEU, MEAN_METRICS
+    from moe_eval.score_names import BLEU, MEAN_METRICS
 
     return metric in GLOSSARY or metric.startswith(EVAL_MOE + "/") or \
         metric.removeprefix("test/") in (BLEU, *MEAN_METRICS) and metric.startswith("test/")

@@ -92,3 +92,18 @@ def load_study(path: str | Path) -> Study:
         raise StudyError(source, [f"not valid YAML: {_yaml_problem(err)}"]) from None
     except RecursionError:
         raise StudyError(source, ["study: nested too deeply to be a study file"]) from None
+
+
+def with_seeds(study: Study, seeds: str) -> Study:
+    """The study on other seeds ("3,4,5"): everything else, and so every cell's identity but its seed, unchanged."""
+    try:
+        values = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise StudyError("--seeds", [f"--seeds: {short(seeds)} is not a comma-separated list of integers"]) from None
+    problems = [f"--seeds: {v} is negative" for v in values if v < 0]
+    problems += [f"--seeds: {v} is listed more than once" for v in sorted({v for v in values if values.count(v) > 1})]
+    if not values:
+        problems.append("--seeds: no seed given")
+    if problems:
+        raise StudyError("--seeds", problems)
+    return study.model_copy(update={"seeds": values})  # the rest was validated with the file
