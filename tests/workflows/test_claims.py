@@ -143,3 +143,47 @@ def test_seeds_on_the_command_line_must_be_integers(tmp_path):
         with_seeds(study, "a,b")
     with pytest.raises(StudyError, match="--seeds: 1 is listed more than once"):
         with_seeds(study, "1,1")
+
+
+def test_matched_compute_interpolates_the_references_at_the_systems_experts_per_token(tmp_path):
+    """top-p at ~1.5 experts/token against top-1 (1.0) and top-2 (2.0): the references' loss interpolated at each
+    seed's measured experts/token stands in for `against`."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows.report.claims import interpolate_at
+
+    raw = {**copy.deepcopy(STUDY), "claims": [
+        {"name": "top-p wins at matched compute", "metric": "eval/loss", "system": "top_p(max_k=2,p=0.5)",
+         "direction": "less", "matched_compute": {"metric": "eval/moe/experts_per_token",
+                                                  "references": ["topk(k=1)", "topk(k=2)"]}}]}
+    study = parse_study(raw)
+    cells = expand(study)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("claims", artifact_location=(tmp_path / "art").as_uri())
+    experts = {"topk(k=1)": 1.0, "topk(k=2)": 2.0, "top_p(max_k=2,p=0.5)": 1.5, "hash": 1.0}
+    runs, expected = {}, {}
+    for cell in cells:
+        router, s = cell.router.display(), cell.seed
+        compute = experts[router] + (0.1 * (s - 2) if router.startswith("top_p") else 0.0)
+        loss = {"topk(k=1)": TOP2[s] + 0.2, "topk(k=2)": TOP2[s], "hash": TOP2[s] + 0.1,
+                "top_p(max_k=2,p=0.5)": TOP2[s] + 0.2 * (2 - compute) - 0.05 + 0.002 * (-1) ** s}[router]
+        run = client.create_run(experiment)
+        client.log_metric(run.info.run_id, "eval/loss", loss)
+        client.log_metric(run.info.run_id, "eval/moe/experts_per_token", compute)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        runs[cell.id] = client.get_run(run.info.run_id)
+        if router.startswith("top_p"):
+            expected[s] = loss - interpolate_at(compute, [(1.0, TOP2[s] + 0.2), (2.0, TOP2[s])])
+    (row,) = claim_rows(study.claims, study.baseline, cells, runs, {})
+    assert row.diffs == pytest.approx([expected[s] for s in SEEDS])
+    assert np.mean(row.diffs) == pytest.approx(-0.05, abs=0.002)
+    (verdict,) = verdicts([row], [])
+    assert verdict.decision.verdict == "supported" and "at equal eval/moe/experts_per_token" in row.against
+    assert interpolate_at(2.5, [(1.0, 1.0), (2.0, 2.0)]) != interpolate_at(2.5, [(1.0, 1.0), (2.0, 2.0)])  # NaN
+
+
+def test_a_matched_compute_claim_names_references_of_the_study():
+    bad = {"name": "x", "metric": "eval/loss", "system": "top_p(max_k=2,p=0.5)", "direction": "less",
+           "matched_compute": {"metric": "eval/moe/experts_per_token", "references": ["topk(k=1)", "top9"]}}
+    with pytest.raises(StudyError, match=re.escape("claims[0].matched_compute.references: 'top9' is not a router")):
+        parse_study({**copy.deepcopy(STUDY), "claims": [bad]})

@@ -69,7 +69,7 @@ def claim_rows(claims: list[Claim], baseline: str | None, cells: list[Cell], run
     """Every claim on every model x dataset it applies to (its `model` / `dataset`, else each)."""
     per_seed: dict[tuple[str, str, str, str], dict[int, float]] = {}
     sequences: dict[tuple[str, str, str], dict[int, np.ndarray]] = {}
-    metrics = {c.metric for c in claims}
+    metrics = {c.metric for c in claims} | {c.matched_compute.metric for c in claims if c.matched_compute}
     for cell in cells:
         run = runs.get(cell.id)
         if run is None or run.info.status != "FINISHED":
@@ -87,13 +87,16 @@ def claim_rows(claims: list[Claim], baseline: str | None, cells: list[Cell], run
             if claim.model not in (None, model) or claim.dataset not in (None, dataset):
                 continue
             system_values = per_seed.get((claim.system, model, dataset, claim.metric), {})
-            against_values = per_seed.get((against, model, dataset, claim.metric), {})
+            if claim.matched_compute is not None:
+                against_values = matched_values(claim, per_seed, model, dataset)
+            else:
+                against_values = per_seed.get((against, model, dataset, claim.metric), {})
             seeds = sorted(set(system_values) & set(against_values))
             diffs = [system_values[s] - against_values[s] for s in seeds]
             t_p, _ = paired_t(diffs)
             boot = two_level_difference(sequences.get((claim.system, model, dataset), {}),
                                         sequences.get((against, model, dataset), {})) \
-                if claim.metric == EVAL_LOSS else None
+                if claim.metric == EVAL_LOSS and claim.matched_compute is None else None
             if claim.direction == "equivalent":
                 deciding = tost(diffs, claim.margin)
             elif claim.test == "bootstrap":
@@ -102,6 +105,32 @@ def claim_rows(claims: list[Claim], baseline: str | None, cells: list[Cell], run
                 deciding = t_p
             rows.append(ClaimRow(claim, model, dataset, against, diffs, t_p, boot, deciding))
     return rows
+
+
+def interpolate_at(compute: float, points: list[tuple[float, float]]) -> float:
+    """Linear interpolation of (compute, value) points at `compute`; NaN outside their range (no extrapolation)."""
+    points = sorted(points)
+    for (c0, v0), (c1, v1) in zip(points, points[1:]):
+        if c0 <= compute <= c1:
+            return v0 if c1 == c0 else v0 + (compute - c0) / (c1 - c0) * (v1 - v0)
+    return math.nan
+
+
+def matched_values(claim: Claim, per_seed: dict, model: str, dataset: str) -> dict[int, float]:
+    """Per seed: the references' metric interpolated at the system's compute (the same seed's cells), so the paired
+    test compares the system with what the fixed-k routers would reach at its compute. Seeds where the system's
+    compute lies outside the references' are left out (no extrapolation)."""
+    mc = claim.matched_compute
+    system_compute = per_seed.get((claim.system, model, dataset, mc.metric), {})
+    out = {}
+    for seed, compute in system_compute.items():
+        points = [(per_seed.get((r, model, dataset, mc.metric), {}).get(seed),
+                   per_seed.get((r, model, dataset, claim.metric), {}).get(seed)) for r in mc.references]
+        if all(c is not None and v is not None for c, v in points):
+            value = interpolate_at(compute, points)
+            if not math.isnan(value):
+                out[seed] = value
+    return out
 
 
 def verdicts(rows: list[ClaimRow], regimes: list[RegimeVerdict]) -> list[ClaimVerdict]:

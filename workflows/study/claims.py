@@ -35,6 +35,13 @@ _FIXED_BY_K = (EVAL_MOE_EXPERTS_PER_TOKEN, EVAL_MOE_EXPERTS_PER_TOKEN_STD, EVAL_
 _FIXED_BY_TABLE = (EVAL_MOE_ROUTER_ENTROPY_NORM, f"{EVAL_MOE}/router_entropy", EVAL_MOE_MEAN_TOPK_PROB)
 
 
+class MatchedCompute(StrictOptions):
+    """Compare at equal compute: the references' metric, interpolated per seed (linearly in `metric`, between the
+    two references that bracket the system's value) at the system's compute, stands in for `against`."""
+    metric: str  # the compute measure, e.g. eval/moe/experts_per_token or summary/train_gflops_per_token
+    references: list[str]  # fixed-k router labels spanning the system's compute, e.g. [top2, top3]
+
+
 class Claim(StrictOptions):
     name: str  # the claim in words, as the table shows it
     report: str | None = None  # the report it comes from (../shared: 000-003)
@@ -44,6 +51,7 @@ class Claim(StrictOptions):
     direction: Literal["less", "greater", "equivalent"]
     margin: PositiveFloat | None = None  # equivalent: the tie's margin, in the metric's units
     test: Literal["paired_t", "bootstrap"] = "paired_t"  # the one test that decides; the other is shown beside it
+    matched_compute: MatchedCompute | None = None  # instead of `against`: the references at the system's compute
     model: str | None = None  # which model / dataset, where the study has several (default: each, one row apiece)
     dataset: str | None = None
 
@@ -55,12 +63,24 @@ class Claim(StrictOptions):
             raise ValueError(f"test: bootstrap resamples the per-sequence eval losses; it decides {EVAL_LOSS} only")
         if self.test == "bootstrap" and self.direction == "equivalent":
             raise ValueError("test: an equivalence claim is decided by two one-sided paired t-tests (paired_t)")
+        if self.matched_compute is not None:
+            if self.against is not None:
+                raise ValueError("matched_compute: compares with the references interpolated at the system's "
+                                 "compute; leave `against` out")
+            if self.test != "paired_t":
+                raise ValueError("test: a matched-compute claim is decided over seeds (paired_t)")
+            if len(self.matched_compute.references) < 2:
+                raise ValueError("matched_compute.references: at least two routers, to interpolate between")
+            if not known_metric(self.matched_compute.metric):
+                raise ValueError(f"matched_compute.metric: {self.matched_compute.metric!r} is not a metric moelab logs")
         if not known_metric(self.metric):
             raise ValueError(f"metric: {self.metric!r} is not a metric moelab logs (the glossary's names, "
                              f"{EVAL_MOE}/<routing measure>, test/<summary metric>)")
         return self
 
     def compared(self, baseline: str | None) -> str | None:
+        if self.matched_compute is not None:
+            return f"{' / '.join(self.matched_compute.references)} at equal {self.matched_compute.metric}"
         return self.against or baseline
 
 

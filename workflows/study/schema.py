@@ -110,10 +110,13 @@ class Study(StrictOptions):
             where = f"claims[{i}]"
             if names.count(claim.name) > 1:
                 problems.append(f"{where}.name: {claim.name!r} names two claims")
-            against = claim.compared(self.baseline)
-            if against is None:
+            against = claim.compared(self.baseline) if claim.matched_compute is None else None
+            if against is None and claim.matched_compute is None:
                 problems.append(f"{where}.against: name the router it is compared with (the study has no baseline)")
-            for field, label in (("system", claim.system), ("against", against)):
+            sides = [("system", claim.system), ("against", against)]
+            if claim.matched_compute is not None:
+                sides += [("matched_compute.references", r) for r in claim.matched_compute.references]
+            for field, label in sides:
                 if label is None:
                     continue
                 if label not in routers:
@@ -125,6 +128,8 @@ class Study(StrictOptions):
                 if why:
                     problems.append(f"{where}.metric: {claim.metric} of {label} is fixed by construction ({why}): "
                                     "a claim on it would be true or false before any training, not a finding")
+            if claim.matched_compute is not None and claim.system in claim.matched_compute.references:
+                problems.append(f"{where}.matched_compute.references: the system itself is among them")
             if claim.system == against:
                 problems.append(f"{where}.against: a router compared with itself")
             if claim.model is not None and claim.model not in [m.display() for m in self.models]:
