@@ -140,6 +140,11 @@ def cmd_aggregate(args, out: TextIO) -> int:
         text = to_markdown(rows) + "\n### Seeds pooled\n\n" + pooled_report(cells, runs, study.baseline, tracker=tracker)
     if study.claims and args.format != "csv":
         text += _claims_section(study, cells, runs, tracker, args)
+    if args.format == "md":
+        from workflows.report.predictors import predictors_report
+
+        predicting = predictors_report(cells, runs)
+        text += ("\n### Which routing metrics predict validation loss\n\n" + predicting) if predicting else ""
     if study.sweep and args.format == "md":
         text += "\n" + _sweep_best(study, args)
     if args.format == "md" and any(cell.summarization for cell in cells):
