@@ -3,4 +3,5 @@ study's claims stays light."""
 
 BLEU = "bleu"
 MEAN_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bertscore_f1", "bertscore_precision",
-                "bertscore_recall", "coverage", "density", "compression", "bigram_overlap", "summary_words")
+                "bertscore_recall", "coverage", "density", "compression", "bigram_overlap", "summary_words",
+                "repetition")

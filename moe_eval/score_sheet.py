@@ -36,7 +36,9 @@ class ScoreSheet:
 
             stats = self.bleu_stats if rows is None else self.bleu_stats[rows]
             return float(SacreBLEU()._compute_score_from_stats(stats.sum(0).tolist()).score)
-        values = self.per_document[metric]
+        values = self.per_document.get(metric)
+        if values is None:  # a sheet scored before the metric existed
+            return float("nan")
         return float(values.mean() if rows is None else values[rows].mean())
 
     def to_rows(self) -> list[dict]:
@@ -58,6 +60,15 @@ class ScoreSheet:
                    np.sum([s.bleu_stats for s in sheets], axis=0), sheets[0].bleu_signature)
 
 
+def repetition(summary: str, n: int = 2) -> float:
+    """seq-rep-n (Welleck et al. 2019, "Neural Text Generation with Unlikelihood Training"): the share of a summary's
+    word n-grams that repeat an earlier one, 1 - unique / all; 0 below n + 1 words. Decoding with
+    no_repeat_ngram_size = n + 1 or less cannot show it, so a claim about repetition needs decoding that allows it."""
+    words = summary.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if len(grams) > 1 else 0.0
+
+
 def score_summaries(predictions: list[str], references: list[str], documents: list[str],
                     bertscore_model: str) -> ScoreSheet:
     rouge = load_metric("rouge").compute(predictions=predictions, references=references, use_aggregator=False,
@@ -70,6 +81,7 @@ def score_summaries(predictions: list[str], references: list[str], documents: li
                     "bertscore_f1": np.asarray(bert["f1"]), "bertscore_precision": np.asarray(bert["precision"]),
                     "bertscore_recall": np.asarray(bert["recall"]),
                     **{k: np.asarray(v, dtype=float) for k, v in extract.items()},
-                    "summary_words": np.array([len(p.split()) for p in predictions], dtype=float)}
+                    "summary_words": np.array([len(p.split()) for p in predictions], dtype=float),
+                    "repetition": np.array([repetition(p) for p in predictions], dtype=float)}
     return ScoreSheet(per_document, np.asarray(bleu["stats"], dtype=np.int64), bleu["signature"],
                       {"bertscore_model": bertscore_model, "bertscore_layers": str(bert["num_layers"])})

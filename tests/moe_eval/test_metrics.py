@@ -126,3 +126,13 @@ def test_pooled_sheet_averages_documents_and_sums_bleu_statistics():
     pooled = ScoreSheet.pooled([a, b])
     assert pooled.per_document["rouge1"].tolist() == pytest.approx([0.3, 0.6])
     assert pooled.bleu_stats.tolist() == [[4] * 10, [6] * 10]
+
+
+def test_repetition_is_the_share_of_repeated_bigrams():
+    from moe_eval.score_sheet import ScoreSheet, repetition
+
+    assert repetition("the cat sat on the mat") == 0.0  # five bigrams, all different
+    assert repetition("the cat the cat the cat") == pytest.approx(1 - 2 / 5)  # (the cat), (cat the) x ... 2 unique of 5
+    assert repetition("word") == 0.0 and repetition("a b") == 0.0
+    old = ScoreSheet.from_rows([{"rouge1": 0.5, "bleu_stats": [1] * 10}])  # scored before the metric existed
+    assert math.isnan(old.value("repetition"))

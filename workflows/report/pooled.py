@@ -253,7 +253,7 @@ def frame_rows(rows: list[PooledRow], baseline: str | None) -> tuple[list[str], 
 DOCUMENT_METRICS = (("ROUGE-1", "rouge1", 100), ("ROUGE-2", "rouge2", 100), ("ROUGE-L", "rougeL", 100),
                     ("ROUGE-Lsum", "rougeLsum", 100), ("BLEU", BLEU, 1), ("BERTScore F1", "bertscore_f1", 100),
                     ("bigrams in source", "bigram_overlap", 1), ("coverage", "coverage", 1), ("density", "density", 1),
-                    ("compression", "compression", 1), ("words", "summary_words", 1))
+                    ("compression", "compression", 1), ("words", "summary_words", 1), ("repetition", "repetition", 1))
 TESTED_DOCUMENT_METRICS = ("rouge1", "rouge2", "rougeL", BLEU, "bertscore_f1")
 
 
