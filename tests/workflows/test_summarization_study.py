@@ -106,6 +106,20 @@ def test_table_report_and_blind_rating_sheet(study_run):
     assert not any(label in sheet_path.read_text() for label in ("top2", "hash", "tiny-bart"))  # blind
     key = dict(list(csv.reader(io.StringIO(next(workdir.glob("mini_sum_*_rating_key.csv")).read_text())))[1:])
     assert sorted(key.values()) == ["hash", "tiny-bart", "tiny-bart+LoRA", "top2"]
+    # A rater fills the sheet (content: 5 for the reference-free top2, 1 for the rest); the study reads it back.
+    from workflows.report.ratings import criterion_header, pooled_ratings
+
+    for row in sheet:
+        assert all(row[criterion_header(c)] == "" for c in ("content", "fluency"))  # the scale is in the column
+        row[criterion_header("content")] = "5" if key[row["system_id"]] == "top2" else "1"
+    filled = workdir / "filled.csv"
+    with open(filled, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(sheet[0]))
+        writer.writeheader()
+        writer.writerows(sheet)
+    rated = {r.system: r for r in pooled_ratings([filled], next(workdir.glob("mini_sum_*_rating_key.csv")))}
+    assert rated["top2"].means["content"][0] == 5.0 and rated["hash"].means["content"][0] == 1.0
+    assert rated["top2"].n == 3
     parent = client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'study'")[0]
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "summarization")}
     assert {f"summarization/{sheet_path.name}", "summarization/mini_sum_summarization.md"} <= logged

@@ -108,6 +108,10 @@ def parser() -> argparse.ArgumentParser:
                      help="md: every cell, then seeds pooled; csv: one row per cell; latex, html: the pooled table")
     agg.add_argument("--out", help="write to this file instead of stdout")
     seeds_option(agg)
+    agg.add_argument("--ratings", nargs="+", metavar="SHEET", help="filled rating sheets (the study's "
+                     "*_rating_sheet.csv, scored 1-5): per-system means with 95%% intervals")
+    agg.add_argument("--ratings-key", metavar="KEY", help="the sheets' key (default: the *_rating_key.csv beside "
+                                                        "the first sheet's name, in the workdir)")
     agg.add_argument("--replicate", metavar="3,4,5", help="claims: also decide each claim on these seeds' cells, "
                                                           "side by side; a verdict stands only where both agree")
     return p

@@ -105,6 +105,26 @@ def _sweep_status(study, tracker, ws, out: TextIO) -> None:
               + (f"  reason: {row['reason']}" if row["reason"] else ""), file=out)
 
 
+def _ratings(args, out: TextIO) -> int:
+    """--ratings: the filled blind sheets joined with their key; exit 2 naming the file, row and column of a bad
+    entry."""
+    from workflows.report.ratings import RatingError, ratings_report
+
+    sheets = [Path(p) for p in args.ratings]
+    key = Path(args.ratings_key) if args.ratings_key else \
+        Path(args.workdir) / sheets[0].name.replace("_rating_sheet", "_rating_key")
+    for path, flag in [*((s, "--ratings") for s in sheets), (key, "--ratings-key")]:
+        if not path.is_file():
+            print(f"{flag}: {path} does not exist", file=sys.stderr)
+            return 2
+    try:
+        out.write(ratings_report(sheets, key, args.format if args.format != "csv" else "csv"))
+    except RatingError as err:
+        print(err, file=sys.stderr)
+        return 2
+    return 0
+
+
 def _claims_section(study, cells, runs, tracker, args) -> str:
     """The claims table; with --replicate, each claim decided again on those seeds' cells, side by side."""
     from workflows.report.claims import claims_report
@@ -129,6 +149,8 @@ def cmd_aggregate(args, out: TextIO) -> int:
     from workflows.study.cells import expand
 
     study = study_or_exit(args.study, args.seeds)
+    if args.ratings:
+        return _ratings(args, out)
     tracker, runs, ws = _runs(study, args)
     cells = expand(study)
     rows = table_rows(cells, runs)

@@ -18,11 +18,11 @@ from pathlib import Path
 from moe_eval.score_sheet import ScoreSheet
 from workflows.report.render import markdown
 from workflows.report.pooled import SystemRuns, document_difference_frame, document_metrics_frame
+from workflows.report.ratings import RATING_CRITERIA, criterion_header
 from workflows.study.cells import Cell, pretrained_cells
 from workflows.study.schema import Study
 from workflows.tracking import BLEU_SIGNATURE_TAG, PREDICTIONS_ARTIFACT, Tracker
 
-RATING_CRITERIA = ("content", "coherence", "fluency", "factuality")
 EXCERPT_CHARS = 300
 
 
@@ -75,14 +75,17 @@ def samples_table(systems: list[SystemRuns], documents: list[str], references: l
 
 
 def rating_sheet(systems: list[SystemRuns], documents: list[str], count: int, seed: int = 0) -> tuple[str, str]:
-    """(sheet CSV, key CSV): per document, every system's summary in a shuffled order under an anonymous id."""
+    """(sheet CSV, key CSV): per document, every system's summary in a shuffled order under an anonymous id. Each
+    criterion's column states its scale (workflows/report/ratings.py); `moelab aggregate --ratings` reads filled
+    sheets back."""
     rng = random.Random(seed)
     ids = [f"S{i + 1}" for i in range(len(systems))]
     rng.shuffle(ids)
     key = dict(zip(ids, (s.label for s in systems)))
     sheet, key_csv = io.StringIO(), io.StringIO()
     writer = csv.writer(sheet)
-    writer.writerow(["item", "document_id", "source_excerpt", "system_id", "summary", *RATING_CRITERIA])
+    writer.writerow(["item", "document_id", "source_excerpt", "system_id", "summary",
+                     *(criterion_header(c) for c in RATING_CRITERIA)])
     item = 0
     for i in range(min(count, len(documents))):
         order = list(zip(ids, systems))
