@@ -9,7 +9,8 @@
   python  the standard library's .py sources,
   c       CPython's C headers (the `include` directory),
   english pydoc's topic help texts (pydoc_data.topics), English prose.
-The mix is balanced by a per-domain character budget so no domain dominates the router's load.
+`domains` balances the mix by a per-domain character budget, so no domain dominates the router's load (a curated
+mix); `domains_natural` shares the same total in proportion to each domain's size (a natural mix).
 """
 from __future__ import annotations
 
@@ -59,11 +60,27 @@ def _domain_sources() -> dict[str, Iterable[Document]]:
 
 
 def load_domains(max_chars_per_domain: int) -> Corpus:
-    """Each split gets its share of the budget (90/5/5), per domain, so validation is balanced too."""
-    budget = {"train": 0.90 * max_chars_per_domain, "validation": 0.05 * max_chars_per_domain,
-              "test": 0.05 * max_chars_per_domain}
+    """The curated mix: every domain the same character budget. Each split gets its share of it (90/5/5), per
+    domain, so validation is balanced too."""
+    budgets = dict.fromkeys(_domain_sources(), float(max_chars_per_domain))
+    return _mix(budgets, f"builtin:domains(max_chars_per_domain={max_chars_per_domain})")
+
+
+def load_domains_natural(max_chars_per_domain: int) -> Corpus:
+    """The natural mix (the routing testbed's contrast to a curated one): the same total, 3 x max_chars_per_domain,
+    shared among the domains in proportion to how much text each has in this installation (the standard library's
+    sources outweigh the C headers and the help topics many times over)."""
+    sizes = {domain: sum(len(d.text) for d in docs) for domain, docs in _domain_sources().items()}
+    total = len(sizes) * max_chars_per_domain
+    budgets = {domain: total * size / sum(sizes.values()) for domain, size in sizes.items()}
+    return _mix(budgets, f"builtin:domains_natural(max_chars_per_domain={max_chars_per_domain})")
+
+
+def _mix(budgets: dict[str, float], source: str) -> Corpus:
     splits: dict[str, list[Document]] = {s: [] for s in SPLITS}
     for domain, docs in _domain_sources().items():
+        budget = {"train": 0.90 * budgets[domain], "validation": 0.05 * budgets[domain],
+                  "test": 0.05 * budgets[domain]}
         used = dict.fromkeys(SPLITS, 0)
         for doc in docs:
             split = split_of(doc.doc_id)
@@ -72,10 +89,10 @@ def load_domains(max_chars_per_domain: int) -> Corpus:
                 used[split] += len(doc.text)
             if all(used[s] >= budget[s] for s in SPLITS):
                 break
-    return Corpus(splits, source=f"builtin:domains(max_chars_per_domain={max_chars_per_domain})")
+    return Corpus(splits, source=source)
 
 
 # name -> loader(max_chars) returning a Corpus (language modelling) or a PairCorpus (summarization)
-BUILTIN = {"domains": load_domains, "docstrings": load_docstrings, "method_names": load_method_names,
+BUILTIN = {"domains": load_domains, "domains_natural": load_domains_natural, "docstrings": load_docstrings, "method_names": load_method_names,
            "function_names": load_function_names, "library_method_names": load_library_method_names}
 SUMMARIZATION_BUILTINS = {"docstrings", "method_names", "function_names", "library_method_names"}

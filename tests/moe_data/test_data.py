@@ -84,3 +84,18 @@ def test_the_shards_draw_what_the_in_memory_tensors_drew(tmp_path):
     assert digest([data.train_token_counts()]) == "edc3e037cc79ded5"
     validation = torch.from_numpy(data.split("validation").contiguous(0, data.split("validation").num_tokens)[0])
     assert digest([validation]) == "b9e08d760c18dff3"
+
+
+def test_the_natural_mix_shares_the_curated_total_by_each_domains_size(corpus):
+    from moe_data.builtin import _domain_sources, load_domains_natural
+
+    natural = load_domains_natural(60_000)
+    train = {d: sum(len(x.text) for x in natural.splits["train"] if x.domain == d) for d in natural.domains}
+    sizes = {d: sum(len(x.text) for x in docs) for d, docs in _domain_sources().items()}
+    assert max(sizes, key=sizes.get) == max(train, key=train.get) == "python"  # the library's sources dominate
+    shares = {d: train[d] / sum(train.values()) for d in train}
+    for d in train:  # each domain's share of the text follows its size (up to one document's overshoot)
+        assert shares[d] == pytest.approx(sizes[d] / sum(sizes.values()), abs=0.05)
+    curated = {d: sum(len(x.text) for x in corpus.splits["train"] if x.domain == d) for d in corpus.domains}
+    assert max(curated.values()) / min(curated.values()) < 2 < max(train.values()) / min(train.values())
+    assert sum(train.values()) == pytest.approx(0.9 * 3 * 60_000, rel=0.3)  # the same total budget

@@ -187,3 +187,28 @@ def test_a_matched_compute_claim_names_references_of_the_study():
            "matched_compute": {"metric": "eval/moe/experts_per_token", "references": ["topk(k=1)", "top9"]}}
     with pytest.raises(StudyError, match=re.escape("claims[0].matched_compute.references: 'top9' is not a router")):
         parse_study({**copy.deepcopy(STUDY), "claims": [bad]})
+
+
+def test_a_claim_can_compare_one_router_on_two_datasets(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    raw = {**copy.deepcopy(STUDY), "datasets": [{"name": "builtin:domains"}, {"name": "builtin:domains_natural"}],
+           "claims": [{"name": "curated specializes more", "metric": "eval/moe/purity", "system": "topk(k=2)",
+                       "dataset": "builtin:domains", "against_dataset": "builtin:domains_natural",
+                       "direction": "greater"}]}
+    study = parse_study(raw)
+    cells = expand(study)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("claims", artifact_location=(tmp_path / "art").as_uri())
+    runs = {}
+    for cell in cells:
+        run = client.create_run(experiment)
+        curated = cell.dataset.name == "builtin:domains"
+        client.log_metric(run.info.run_id, "eval/moe/purity", (0.6 if curated else 0.45) + 0.01 * cell.seed)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        runs[cell.id] = client.get_run(run.info.run_id)
+    (row,) = claim_rows(study.claims, study.baseline, cells, runs, {})
+    assert row.diffs == pytest.approx([0.15] * 5) and row.against == "topk(k=2) on builtin:domains_natural"
+    assert verdicts([row], [])[0].decision.verdict == "supported"
+    with pytest.raises(StudyError, match="against_dataset"):
+        parse_study({**raw, "claims": [{**raw["claims"][0], "dataset": None}]})

@@ -87,23 +87,26 @@ def claim_rows(claims: list[Claim], baseline: str | None, cells: list[Cell], run
             if claim.model not in (None, model) or claim.dataset not in (None, dataset):
                 continue
             system_values = per_seed.get((claim.system, model, dataset, claim.metric), {})
+            against_place = claim.against_dataset or dataset
             if claim.matched_compute is not None:
                 against_values = matched_values(claim, per_seed, model, dataset)
             else:
-                against_values = per_seed.get((against, model, dataset, claim.metric), {})
+                against_values = per_seed.get((against, model, against_place, claim.metric), {})
             seeds = sorted(set(system_values) & set(against_values))
             diffs = [system_values[s] - against_values[s] for s in seeds]
             t_p, _ = paired_t(diffs)
             boot = two_level_difference(sequences.get((claim.system, model, dataset), {}),
                                         sequences.get((against, model, dataset), {})) \
-                if claim.metric == EVAL_LOSS and claim.matched_compute is None else None
+                if claim.metric == EVAL_LOSS and claim.matched_compute is None and claim.against_dataset is None \
+                else None
             if claim.direction == "equivalent":
                 deciding = tost(diffs, claim.margin)
             elif claim.test == "bootstrap":
                 deciding = boot[3] if boot else math.nan
             else:
                 deciding = t_p
-            rows.append(ClaimRow(claim, model, dataset, against, diffs, t_p, boot, deciding))
+            shown = against if claim.against_dataset is None else f"{against} on {claim.against_dataset}"
+            rows.append(ClaimRow(claim, model, dataset, shown, diffs, t_p, boot, deciding))
     return rows
 
 

@@ -54,6 +54,8 @@ class Claim(StrictOptions):
     matched_compute: MatchedCompute | None = None  # instead of `against`: the references at the system's compute
     model: str | None = None  # which model / dataset, where the study has several (default: each, one row apiece)
     dataset: str | None = None
+    # Compare datasets instead of routers: `system` (or `against`) on `dataset` against itself on this one.
+    against_dataset: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "Claim":
@@ -63,6 +65,10 @@ class Claim(StrictOptions):
             raise ValueError(f"test: bootstrap resamples the per-sequence eval losses; it decides {EVAL_LOSS} only")
         if self.test == "bootstrap" and self.direction == "equivalent":
             raise ValueError("test: an equivalence claim is decided by two one-sided paired t-tests (paired_t)")
+        if self.against_dataset is not None and (self.dataset is None or self.matched_compute is not None):
+            raise ValueError("against_dataset: set `dataset` too (the two datasets compared), without matched_compute")
+        if self.against_dataset is not None and self.test != "paired_t":
+            raise ValueError("test: two datasets have different evaluation sets; compare them over seeds (paired_t)")
         if self.matched_compute is not None:
             if self.against is not None:
                 raise ValueError("matched_compute: compares with the references interpolated at the system's "
@@ -79,6 +85,8 @@ class Claim(StrictOptions):
         return self
 
     def compared(self, baseline: str | None) -> str | None:
+        if self.against_dataset is not None:
+            return self.against or self.system
         if self.matched_compute is not None:
             return f"{' / '.join(self.matched_compute.references)} at equal {self.matched_compute.metric}"
         return self.against or baseline

@@ -130,7 +130,9 @@ class Study(StrictOptions):
                                     "a claim on it would be true or false before any training, not a finding")
             if claim.matched_compute is not None and claim.system in claim.matched_compute.references:
                 problems.append(f"{where}.matched_compute.references: the system itself is among them")
-            if claim.system == against:
+            if claim.against_dataset is not None and claim.against_dataset not in [d.name for d in self.datasets]:
+                problems.append(f"{where}.against_dataset: {short(claim.against_dataset)} is not a dataset of this study")
+            if claim.system == against and claim.against_dataset is None:
                 problems.append(f"{where}.against: a router compared with itself")
             if claim.model is not None and claim.model not in [m.display() for m in self.models]:
                 problems.append(f"{where}.model: {short(claim.model)} is not a model of this study")
