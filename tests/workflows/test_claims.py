@@ -212,3 +212,28 @@ def test_a_claim_can_compare_one_router_on_two_datasets(tmp_path):
     assert verdicts([row], [])[0].decision.verdict == "supported"
     with pytest.raises(StudyError, match="against_dataset"):
         parse_study({**raw, "claims": [{**raw["claims"][0], "dataset": None}]})
+
+
+def test_the_findings_page_is_the_studies_claims_tables(tmp_path, capsys):
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from workflows.driver.cli import main
+
+    raw = {**copy.deepcopy(STUDY), "description": "hash against top-2",
+           "claims": [claim("hash is worse", "hash", "greater", report="001")]}
+    cells, runs = store(tmp_path, LOSSES, raw)  # the runs, in <tmp_path>/mlflow.db: tmp_path is the workdir
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for cell in cells:  # tagged as moelab tags its cell runs, so the read-back finds them
+        client.set_tag(runs[cell.id].info.run_id, "moelab.role", "cell")
+        client.set_tag(runs[cell.id].info.run_id, "moelab.cell_id", cell.id)
+    path = tmp_path / "claims.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    elsewhere = tmp_path / "other.yaml"
+    elsewhere.write_text(yaml.safe_dump({**raw, "name": "other"}))
+    page = tmp_path / "findings.md"
+    assert main(["findings", str(path), str(elsewhere), "--workdir", str(tmp_path), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# Findings") and "## claims\n\nhash against top-2." in text
+    assert "| hash is worse | 001 |" in text and "| supported |" in text
+    assert "## other" in text and "Not run in" in text  # a study without runs says so

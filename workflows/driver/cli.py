@@ -13,7 +13,7 @@ from typing import Iterator, TextIO
 
 # Nothing heavy at import: torch, DeepSpeed and Ray load inside a command, once stdout is kept for its results.
 from workflows.driver.commands import cmd_run, cmd_tune, cmd_validate
-from workflows.driver.readback import cmd_aggregate, cmd_routers, cmd_status
+from workflows.driver.readback import cmd_aggregate, cmd_findings, cmd_routers, cmd_status
 
 DEFAULT_WORKDIR = "./moelab-runs"
 
@@ -114,6 +114,14 @@ def parser() -> argparse.ArgumentParser:
                                                         "the first sheet's name, in the workdir)")
     agg.add_argument("--replicate", metavar="3,4,5", help="claims: also decide each claim on these seeds' cells, "
                                                           "side by side; a verdict stands only where both agree")
+    findings = sub.add_parser("findings", help="the findings page: every study's claims table, one command")
+    findings.add_argument("studies", nargs="+", help="study YAML files with claims:")
+    findings.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where they ran (one workdir for all)")
+    findings.add_argument("--tracking-uri")
+    findings.add_argument("--storage-path")
+    findings.add_argument("--replicate", metavar="3,4,5", help="also decide each claim on these seeds' cells")
+    findings.add_argument("--out", help="write the page to this file instead of stdout")
+    findings.set_defaults(fn=cmd_findings)
     return p
 
 
