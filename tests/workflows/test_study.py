@@ -88,6 +88,9 @@ BAD = {
                      ["sweep.space.k", "choice: needs at least one value"]),
     "sweep path through a value": (lambda s: s.update(sweep={"name": "s", "space": {"k.x": {"choice": [1]}}}),
                                    ["sweep.space.k.x", "'k.x' is not a path into this router"]),
+    # found by the fuzz test: a key that is not a path of identifiers is quoted, so the line still names one field
+    "sweep key not a field path": (lambda s: s.update(sweep={"name": "s", "space": {"0k": {"choice": [1]}}}),
+                                   ["sweep.space.'0k': value 1 is invalid for router"]),
     "no MoE block": (lambda s: s["models"][0].update(moe_every=0),
                      ["models[0].moe_every", "without an MoE block", "routers[0] (topk(k=2)) routes"]),
     "MoE every 3rd of 2 layers": (lambda s: s["models"][0].update(moe_every=3, n_layers=2),

@@ -216,10 +216,13 @@ class Study(StrictOptions):
                                 "sweep.models")
         min_experts = min((shape[0] for shape in shapes if shape and shape[0]), default=1)
         for router in self.sweep_routers():
-            for path, dim in sweep.space.items():
+            for key, dim in sweep.space.items():
+                # A path of identifiers reads as a field path (sweep.space.balancing.switch_lbl); anything else is
+                # quoted, so the message still names one field.
+                path = key if all(part.isidentifier() for part in key.split(".")) else repr(key)
                 for value in dim.probe_values():
                     try:
-                        swept = router.with_overrides({path: value})
+                        swept = router.with_overrides({key: value})
                     except ValidationError as err:
                         msg = "; ".join(p.split(": ", 1)[-1] for p in problems_of(err))
                         problems.append(f"sweep.space.{path}: value {short(value)} is invalid for router "
