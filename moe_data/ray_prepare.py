@@ -18,7 +18,7 @@ import numpy as np
 
 from moe_data.prepare import building
 from moe_data.shards import INDEX
-from moe_data.sources import SplitSource, _local_files, hashed_split, open_splits, parse_name
+from moe_data.sources import SplitSource, local_files, hashed_split, open_splits, parse_name
 from moe_data.spec import SPLITS, DataSpec
 from moe_data.token_sink import TokenSink
 from moe_data.tokenizer import EOS, TextSample, pretrained_tokenizer, train_or_load_tokenizer
@@ -108,7 +108,7 @@ def _read(spec: DataSpec, source: SplitSource):
     scheme, rest = parse_name(spec.name)
     if scheme != "file":
         return None
-    found = _local_files(rest)
+    found = local_files(rest)
     if isinstance(found, Path) or found[0].suffix not in (".parquet", ".jsonl"):
         return None
     columns = [c for c in (spec.text_column, spec.domain_column) if c]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +31,11 @@ def parse_name(name: str) -> tuple[str, str]:
     if scheme == "builtin" and rest not in BUILTIN:
         raise ValueError(f"unknown built-in dataset {rest[:100]!r}; valid: {', '.join('builtin:' + b for b in BUILTIN)}")
     if scheme == "file":
-        _local_files(rest)  # raises when there is nothing to read
+        local_files(rest)  # raises when there is nothing to read
     return scheme, rest
 
 
-def _local_files(rest: str) -> list[Path] | Path:
+def local_files(rest: str) -> list[Path] | Path:
     """The files a `file:` name matches (sorted), or the save_to_disk folder it names."""
     path = Path(rest)
     try:
@@ -61,7 +60,7 @@ def local_files_stamp(name: str) -> list[tuple[str, int, int]]:
     scheme, rest = name.partition(":")[::2]
     if scheme != "file":
         return []
-    found = _local_files(rest)
+    found = local_files(rest)
     files = sorted(p for p in found.rglob("*") if p.is_file()) if isinstance(found, Path) else found
     return [(str(p.resolve()), (s := p.stat()).st_size, int(s.st_mtime)) for p in files]
 
@@ -88,7 +87,7 @@ def open_splits(spec: DataSpec) -> list[SplitSource]:
     if scheme == "hf":
         loaded = datasets.load_dataset(rest, spec.hf_config, revision=spec.revision, streaming=spec.streaming)
     else:
-        found = _local_files(rest)
+        found = local_files(rest)
         if isinstance(found, Path):
             loaded = datasets.load_from_disk(str(found))
         else:
@@ -136,7 +135,3 @@ def hashed_split(text: str) -> str:
     """A single-split dataset's 90/5/5 split, by a hash of the document's text: independent of row order, so a
     parallel reader assigns every row the same split as a sequential one."""
     return split_of(hashlib.sha1(text.encode("utf-8", "replace")).hexdigest())
-
-
-def available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
