@@ -105,8 +105,7 @@ def prepare_pairs(spec: DataSpec, cache_dir: Path) -> Path:
         if path.exists():
             return path
         tok, tok_path = train_or_load_tokenizer(corpus, spec.vocab_size, cache_dir)
-        pairs = {split: _within_budget(tok, corpus.splits[split], spec.budget(split)) for split in SPLITS}
-        ran_out = {split: len(pairs[split]) == len(corpus.splits[split]) for split in SPLITS}
+        rows = ((split, pair) for split in SPLITS for pair in corpus.splits[split])
         source = corpus.source
     else:
         path = cache_dir / f"pairs-{spec.key()}.pt"
@@ -114,27 +113,13 @@ def prepare_pairs(spec: DataSpec, cache_dir: Path) -> Path:
             return path
         sources = open_splits(spec)
         tok, tok_path = train_or_load_tokenizer(_training_sample(spec, sources), spec.vocab_size, cache_dir)
-        pairs, ran_out = _streamed_pairs(spec, sources, tok)
+        rows = _rows(spec, sources)
         source = spec.name
+    pairs, used, ran_out = _within_budgets(spec, tok, rows)
     for split in SPLITS:
-        _check_budget(spec, split, pairs[split], ran_out[split], tok)
+        _check_budget(spec, split, pairs[split], used[split], ran_out[split])
     _write(PairCorpus(pairs, source), tok, tok_path, path)
     return path
-
-
-def _within_budget(tok, pairs: list[Pair], budget: int | None) -> list[Pair]:
-    """The leading pairs whose documents and summaries together fit the budget."""
-    if budget is None:
-        return pairs
-    kept, used = [], 0
-    for lo in range(0, len(pairs), 256):
-        chunk = pairs[lo:lo + 256]
-        for pair, n in zip(chunk, _pair_tokens(tok, chunk)):
-            if used + n > budget:
-                return kept
-            kept.append(pair)
-            used += n
-    return kept
 
 
 def _pair_tokens(tok, pairs: list[Pair]) -> list[int]:
@@ -152,7 +137,7 @@ def _rows(spec: DataSpec, sources: list[SplitSource]) -> Iterator[tuple[str, Pai
             yield split, Pair(f"{source.split or 'all'}/{i}", document, summary)
 
 
-def _training_sample(spec: DataSpec, sources: list[SplitSource]) -> _TextSample:
+def _training_sample(spec: DataSpec, sources: list[SplitSource]) -> TextSample:
     texts, chars = [], 0
     for split, pair in _rows(spec, sources):
         if split == "train":
@@ -163,33 +148,49 @@ def _training_sample(spec: DataSpec, sources: list[SplitSource]) -> _TextSample:
     return TextSample(f"sample-{spec.key()}", texts)
 
 
-def _streamed_pairs(spec: DataSpec, sources: list[SplitSource], tok) -> tuple[dict[str, list[Pair]], dict[str, bool]]:
-    """Pairs per split up to each budget, and whether the split ran out of data before its budget was full."""
+def _within_budgets(spec: DataSpec, tok, rows: Iterator[tuple[str, Pair]]
+                    ) -> tuple[dict[str, list[Pair]], dict[str, int], dict[str, bool]]:
+    """Pairs per split in the source's order, each split up to its budget (documents and summaries counted together,
+    whole pairs); the tokens each split used; and whether it ran out of data before its budget was full. Pairs are
+    tokenized in chunks, and only where a budget needs their length; the rows stop being read once every split is
+    full."""
     pairs: dict[str, list[Pair]] = {s: [] for s in SPLITS}
     used = dict.fromkeys(SPLITS, 0)
-    full = {s: False for s in SPLITS}
-    for split, pair in _rows(spec, sources):
-        if full[split]:
-            if all(full.values()):
-                break
-            continue
-        n = _pair_tokens(tok, [pair])[0]
-        budget = spec.budget(split)
-        if budget is not None and used[split] + n > budget:
-            full[split] = True
-            continue
-        pairs[split].append(pair)
-        used[split] += n
-    return pairs, {s: not full[s] for s in SPLITS}
+    full = dict.fromkeys(SPLITS, False)
+    for chunk in _chunks(rows, 256):
+        measured = [(split, pair) for split, pair in chunk if spec.budget(split) is not None and not full[split]]
+        lengths = dict(zip(map(id, (pair for _, pair in measured)), _pair_tokens(tok, [p for _, p in measured])))
+        for split, pair in chunk:
+            if full[split]:
+                continue
+            n, budget = lengths.get(id(pair), 0), spec.budget(split)
+            if budget is not None and used[split] + n > budget:
+                full[split] = True
+                continue
+            pairs[split].append(pair)
+            used[split] += n
+        if all(full.values()):
+            break
+    return pairs, used, {s: not full[s] for s in SPLITS}
 
 
-def _check_budget(spec: DataSpec, split: str, pairs: list[Pair], ran_out: bool, tok) -> None:
+def _chunks(rows: Iterator, size: int) -> Iterator[list]:
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _check_budget(spec: DataSpec, split: str, pairs: list[Pair], used: int, ran_out: bool) -> None:
     if not pairs:
         raise ValueError(f"dataset {spec.name!r} has no pairs in its {split!r} split (check datasets[].splits and "
                          "the budgets)")
     budget = spec.budget(split)
     if budget is not None and ran_out:
-        used = sum(_pair_tokens(tok, pairs))
         if used < budget:
             field = "train_tokens" if split == "train" else "eval_tokens"
             warnings.warn(f"dataset {spec.name!r}: datasets[].{field} asks for {budget:,} {split} tokens, the data "

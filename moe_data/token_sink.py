@@ -11,6 +11,7 @@ import numpy as np
 from moe_data.shards import MAX_DOMAINS, NO_DOMAIN, ShardIndex, SplitWriter
 from moe_data.spec import SPLITS, DataSpec
 
+COUNT_EVERY = 1 << 20  # training tokens buffered between two bincounts
 COUNTS = "train.counts.npy"  # (V,) int64 token frequencies of the training split: a balanced hash table's input
 
 
@@ -19,15 +20,16 @@ class DataBudgetWarning(UserWarning):
 
 
 class TokenSink:
-    def __init__(self, folder: Path, spec: DataSpec, vocab_size: int, eos_id: int, domains: list[str] | None = None,
-                 shard_tokens: int | None = None):
+    def __init__(self, folder: Path, spec: DataSpec, vocab_size: int, eos_id: int, domains: list[str] | None = None):
         self.folder, self.spec, self.vocab_size, self.eos_id = folder, spec, vocab_size, eos_id
         self.domains: list[str] = list(domains or [d for d, _ in spec.domain_mix or ()])
-        kwargs = {"shard_tokens": shard_tokens} if shard_tokens else {}
-        self.writers = {s: SplitWriter(folder, s, vocab_size, **kwargs) for s in SPLITS}
+        self.writers = {s: SplitWriter(folder, s, vocab_size) for s in SPLITS}
         self.per_domain = {s: spec.domain_budgets(s) for s in SPLITS}
         self.domain_written = {s: dict.fromkeys(self.domains, 0) for s in SPLITS}
         self.counts = np.zeros(vocab_size, dtype=np.int64)
+        # Training ids waiting to be counted: one bincount per ~1M tokens, not one (V,) array per document.
+        self._uncounted: list[np.ndarray] = []
+        self._uncounted_tokens = 0
         self.hash = hashlib.sha256(f"{spec.name}\0{vocab_size}\0{eos_id}".encode())
 
     def room(self, split: str, domain: str | None) -> int | None:
@@ -62,9 +64,17 @@ class TokenSink:
         if domain in self.domain_written[split]:
             self.domain_written[split][domain] += len(ids)
         if split == "train":
-            self.counts += np.bincount(ids, minlength=self.vocab_size)
+            self._uncounted.append(ids)
+            self._uncounted_tokens += len(ids)
+            if self._uncounted_tokens >= COUNT_EVERY:
+                self._count()
         self.hash.update(f"\0{split}\0{domain}\0".encode())
         self.hash.update(ids.astype(np.uint32).tobytes())
+
+    def _count(self) -> None:
+        if self._uncounted:
+            self.counts += np.bincount(np.concatenate(self._uncounted), minlength=self.vocab_size)
+        self._uncounted, self._uncounted_tokens = [], 0
 
     def _domain_id(self, domain: str | None) -> int:
         if domain is None:
@@ -90,6 +100,7 @@ class TokenSink:
             if budget is not None and written < budget:
                 warnings.warn(f"dataset {self.spec.name!r}: datasets[].{field} asks for {budget:,} {split} tokens, "
                               f"the data had {written:,}; using {written:,}", DataBudgetWarning, stacklevel=2)
+        self._count()
         np.save(self.folder / COUNTS, self.counts)
         index = ShardIndex(self.vocab_size, self.domains, self.hash.hexdigest()[:16], tokenizer_path, source,
                            self.eos_id, str(self.writers["train"].tokens_dtype), "int8",

@@ -96,7 +96,6 @@ def seeds_to_detect(effect: float, sd: float, alpha: float = ALPHA, power: float
 class Decision:
     verdict: str
     adjusted_p: float
-    reason: str
 
 
 def decide(direction: str, mean: float, adjusted_p: float, low: float, high: float, margin: float | None = None,
@@ -104,16 +103,15 @@ def decide(direction: str, mean: float, adjusted_p: float, low: float, high: flo
     """The verdict from the deciding test's Holm-adjusted p-value. direction: less | greater (system - against below
     / above zero) | equivalent (|system - against| < margin; adjusted_p is then the TOST p)."""
     if math.isnan(adjusted_p):
-        return Decision(INCONCLUSIVE, adjusted_p, "too few paired seeds for a test")
+        return Decision(INCONCLUSIVE, adjusted_p)
     if direction == "equivalent":
         if adjusted_p < alpha:
-            return Decision(EQUIVALENT, adjusted_p, f"both one-sided tests reject |difference| >= {margin:g}")
+            return Decision(EQUIVALENT, adjusted_p)
         if low > margin or high < -margin:
-            return Decision(REFUTED, adjusted_p, f"the interval lies outside ±{margin:g}")
-        return Decision(INCONCLUSIVE, adjusted_p, f"cannot place the difference inside ±{margin:g}")
+            return Decision(REFUTED, adjusted_p)
+        return Decision(INCONCLUSIVE, adjusted_p)
     if adjusted_p >= alpha:
-        return Decision(INCONCLUSIVE, adjusted_p, "the difference is within what the seeds cannot resolve")
-    claimed_negative = direction == "less"
-    if (mean < 0) == claimed_negative:
-        return Decision(SUPPORTED, adjusted_p, f"{direction} than the comparison, beyond the seeds' spread")
-    return Decision(REFUTED, adjusted_p, f"the opposite of {direction}, beyond the seeds' spread")
+        return Decision(INCONCLUSIVE, adjusted_p)
+    if (mean < 0) == (direction == "less"):
+        return Decision(SUPPORTED, adjusted_p)
+    return Decision(REFUTED, adjusted_p)

@@ -125,26 +125,26 @@ def _ratings(args, out: TextIO) -> int:
     return 0
 
 
-def _claims_section(study, cells, runs, tracker, args) -> str:
+def _claims_section(study, cells, runs, pooled, losses, tracker, args) -> str:
     """The claims table; with --replicate, each claim decided again on those seeds' cells, side by side."""
     from workflows.report.claims import claims_report
-    from workflows.report.exports import pool, sequence_losses
+    from workflows.report.exports import pool_with_losses
     from workflows.study.cells import expand
 
     replication = None
     if args.replicate:
         again = expand(study_or_exit(args.study, args.replicate))
-        replication = (again, pool(again, runs, study.baseline, tracker))
-    both = cells + (replication[0] if replication else [])
+        again_pooled, again_losses = pool_with_losses(again, runs, study.baseline, tracker, study.claims)
+        replication, losses = (again, again_pooled), {**losses, **again_losses}
     heading = "\n### Claims\n\n" if args.format == "md" else "\n"
-    return heading + claims_report(study.claims, study.baseline, cells, runs, pool(cells, runs, study.baseline, tracker),
-                                   sequence_losses(tracker, both, runs), args.format, replication)
+    return heading + claims_report(study.claims, study.baseline, cells, runs, pooled, losses, args.format,
+                                   replication)
 
 
 def cmd_aggregate(args, out: TextIO) -> int:
     """md: every cell, then the seeds pooled (with the regime check); csv: one row per cell (raw, for analysis);
     latex and html: the pooled table, ready for a paper or a page."""
-    from workflows.report.exports import pooled_report
+    from workflows.report.exports import pool_with_losses, pooled_report
     from workflows.report.table import table_rows, to_csv, to_markdown
     from workflows.study.cells import expand
 
@@ -154,14 +154,15 @@ def cmd_aggregate(args, out: TextIO) -> int:
     tracker, runs, ws = _runs(study, args)
     cells = expand(study)
     rows = table_rows(cells, runs)
-    if args.format in ("latex", "html"):
-        text = pooled_report(cells, runs, study.baseline, args.format, tracker=tracker)
-    elif args.format == "csv":
+    if args.format == "csv":
         text = to_csv(rows)
-    else:
-        text = to_markdown(rows) + "\n### Seeds pooled\n\n" + pooled_report(cells, runs, study.baseline, tracker=tracker)
-    if study.claims and args.format != "csv":
-        text += _claims_section(study, cells, runs, tracker, args)
+    else:  # the cells' sequence losses read once, for the pooled table and the claims
+        pooled, losses = pool_with_losses(cells, runs, study.baseline, tracker, study.claims)
+        text = pooled_report(cells, runs, study.baseline, args.format, rows=pooled)
+        if args.format == "md":
+            text = to_markdown(rows) + "\n### Seeds pooled\n\n" + text
+        if study.claims:
+            text += _claims_section(study, cells, runs, pooled, losses, tracker, args)
     if args.format == "md":
         from workflows.report.predictors import predictors_report
 
@@ -252,6 +253,7 @@ def cmd_findings(args, out: TextIO) -> int:
     workdir; nothing typed by hand. A study that has not run there says so."""
     import argparse
 
+    from workflows.report.exports import pool_with_losses
     from workflows.study.cells import expand
     from workflows.study.errors import StudyError
 
@@ -270,7 +272,9 @@ def cmd_findings(args, out: TextIO) -> int:
         except StudyError:
             parts += [f"Not run in {args.workdir}: `moelab run {path} --workdir {args.workdir}`.", ""]
             continue
-        parts.append(_claims_section(study, cells, runs, tracker, per_study).removeprefix("\n### Claims\n\n"))
+        pooled, losses = pool_with_losses(cells, runs, study.baseline, tracker, study.claims)
+        parts.append(_claims_section(study, cells, runs, pooled, losses, tracker, per_study)
+                     .removeprefix("\n### Claims\n\n"))
     page = "\n".join(parts)
     if args.out:
         Path(args.out).write_text(page)

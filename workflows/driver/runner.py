@@ -18,7 +18,7 @@ from workflows.driver.ray_cluster import connect_if_remote, init_ray
 from workflows.driver.workspace import Workspace
 from workflows.metric_names import EVAL_LOSS, SUMMARY_CELL_WALL_SECONDS, SUMMARY_TOKENS_PER_S
 from workflows.provenance import git_commit, package_versions
-from workflows.report.exports import pool, write_claims_report, write_pooled_report
+from workflows.report.exports import pool_with_losses, write_claims_report, write_pooled_report
 from workflows.report.plots import write_plots
 from workflows.report.summarization import write_summarization_report
 from workflows.report.table import table_rows, write_table
@@ -119,11 +119,13 @@ def _run_study(study: Study, ws: Workspace, address: str | None, progress: Progr
     runs = tracker.cell_runs(experiment_id)
     tracker.log_metrics(parent, headline_metrics(cells, runs), 0)
     outcome.table_path = write_table(table_rows(cells, runs), ws.root / study.name, tracker, parent)
-    pooled = pool(cells, runs, study.baseline, tracker)  # one read of the cells' sequence losses, for both
+    # One read of the cells' sequence losses, for the pooled table, the plots and the claims.
+    pooled, losses = pool_with_losses(cells, runs, study.baseline, tracker, study.claims)
     outcome.pooled_path = write_pooled_report(cells, runs, study.baseline, ws.root / study.name, tracker, parent,
                                               pooled)
     if study.claims:
-        outcome.claims_path = write_claims_report(study, cells, runs, pooled, ws.root / study.name, tracker, parent)
+        outcome.claims_path = write_claims_report(study, cells, runs, pooled, losses, ws.root / study.name, tracker,
+                                                  parent)
     outcome.plots = write_plots(cells, runs, pooled, ws.root / f"{study.name}_plots", tracker, parent)
     outcome.summarization_report = write_summarization_report(
         study, cells, runs, tracker, summarization_texts(prepared), ws.root, parent,

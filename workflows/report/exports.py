@@ -16,8 +16,10 @@ from workflows.report.pooled import (
     pooled_rows,
     regime_verdicts,
 )
+from workflows.metric_names import EVAL_LOSS
 from workflows.report.render import markdown, render
 from workflows.study.cells import Cell
+from workflows.study.claims import Claim
 from workflows.tracking import SEQUENCE_LOSSES, Tracker
 
 
@@ -38,8 +40,16 @@ def sequence_losses(tracker: Tracker, cells: list[Cell], runs: dict[str, Run]) -
 def pool(cells: list[Cell], runs: dict[str, Run], baseline: str | None,
          tracker: Tracker | None = None) -> list[PooledRow]:
     """Seeds pooled; with a tracker and a baseline, also the two-level bootstrap over the cells' sequence losses."""
-    losses = sequence_losses(tracker, cells, runs) if tracker is not None and baseline is not None else None
-    return pooled_rows(cells, runs, baseline, losses)
+    return pool_with_losses(cells, runs, baseline, tracker)[0]
+
+
+def pool_with_losses(cells: list[Cell], runs: dict[str, Run], baseline: str | None, tracker: Tracker | None,
+                     claims: list[Claim] = ()) -> tuple[list[PooledRow], dict[str, list[float]]]:
+    """Seeds pooled, and the cells' sequence losses, read once (one artifact per cell) for both the pooled table's
+    bootstrap and the claims on eval/loss; read only when one of them needs them."""
+    needed = tracker is not None and (baseline is not None or any(c.metric == EVAL_LOSS for c in claims))
+    losses = sequence_losses(tracker, cells, runs) if needed else {}
+    return pooled_rows(cells, runs, baseline, losses), losses
 
 
 def pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str | None, fmt: str = "md",
@@ -89,14 +99,14 @@ def write_pooled_report(cells: list[Cell], runs: dict[str, Run], baseline: str |
     return paths[0]
 
 
-def write_claims_report(study, cells: list[Cell], runs: dict[str, Run], pooled: list[PooledRow], stem: Path,
-                        tracker: Tracker, parent_run_id: str | None) -> Path:
+def write_claims_report(study, cells: list[Cell], runs: dict[str, Run], pooled: list[PooledRow],
+                        losses: dict[str, list[float]], stem: Path, tracker: Tracker,
+                        parent_run_id: str | None) -> Path:
     """<study>_claims.md in the workdir and on the study's run: each claim's computed verdict."""
     from workflows.report.claims import claims_report
 
     path = stem.with_name(f"{stem.name}_claims.md")
-    path.write_text(claims_report(study.claims, study.baseline, cells, runs, pooled,
-                                  sequence_losses(tracker, cells, runs)))
+    path.write_text(claims_report(study.claims, study.baseline, cells, runs, pooled, losses))
     if parent_run_id:
         tracker.log_artifact(parent_run_id, path, "tables")
     return path
