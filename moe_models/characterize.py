@@ -1,4 +1,4 @@
-"""Characterize every registered router on the same hidden states (the router-architectures report's table):
+"""Characterize every registered router, and the routing of today's open models, on the same hidden states (the router-architectures report's table):
 parameter count, forward latency, mean router entropy, mean probability mass selected, experts per token, load CV."""
 from __future__ import annotations
 
@@ -29,11 +29,36 @@ class RouterProfile:
         return asdict(self)
 
 
-def _build(name: str, d_model: int, num_experts: int, vocab_size: int, num_domains: int, seed: int):
+# The routing of today's open MoE models, as top-k options (moe_models/routers/topk.py), profiled beside every
+# registered router under "topk:<model>". Group counts are DeepSeek-V3's ratio (8 groups of 256, 4 kept) scaled down.
+MODEL_ROUTING: dict[str, dict] = {
+    "deepseek_v3": {"k": 2, "score": "sigmoid", "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5,
+                    "renormalize": True, "expert_bias_rate": 1e-3},
+    "deepseek_v4": {"k": 2, "score": "sqrt_softplus", "routed_scaling_factor": 1.5, "renormalize": True,
+                    "expert_bias_rate": 1e-3},
+    "gpt_oss": {"k": 2, "router_bias": True, "renormalize": True},
+    "quantile_balanced": {"k": 2, "score": "sigmoid", "quantile_balancing": True},
+    "forced_uniform": {"k": 2, "force_uniform": True},
+}
+
+
+def router_cases(num_experts: int) -> dict[str, tuple[str, dict]]:
+    """label -> (registered router, options): every router with its defaults, then MODEL_ROUTING where it fits."""
+    from moe_models.routers.options import TopKOptions
+
+    cases = {name: (name, {}) for name in ROUTERS.names()}
+    for model, options in MODEL_ROUTING.items():
+        if not TopKOptions(**options).layer_problems(num_experts) and options["k"] < num_experts:
+            cases[f"topk:{model}"] = ("topk", options)
+    return cases
+
+
+def _build(case: tuple[str, dict], d_model: int, num_experts: int, vocab_size: int, num_domains: int, seed: int):
     torch.manual_seed(seed)
+    name, options = case
     cls = ROUTERS.get(name)
     ctx = RouterContext(d_model, num_experts, vocab_size, 0, 0, num_domains=num_domains)
-    return cls(ctx, cls.Options()).eval()
+    return cls(ctx, cls.Options(**options)).eval()
 
 
 def profile_states(x_TD: torch.Tensor, token_ids_T: torch.Tensor, domain_ids_T: torch.Tensor, num_experts: int,
@@ -42,11 +67,12 @@ def profile_states(x_TD: torch.Tensor, token_ids_T: torch.Tensor, domain_ids_T: 
     """Every registered router, freshly initialized with each seed, on the same hidden states (e.g. a trained
     model's). Latency is timed round-robin: one forward of each router in turn, `repeats` rounds after 2 warm-up
     rounds, so a ratio between two routers is measured side by side."""
-    names = ROUTERS.names()
+    cases = router_cases(num_experts)
+    names = list(cases)
     num_domains = int(domain_ids_T.max()) + 1
     profiles = []
     for seed in seeds:
-        routers = {n: _build(n, x_TD.shape[1], num_experts, vocab_size, num_domains, seed) for n in names}
+        routers = {n: _build(cases[n], x_TD.shape[1], num_experts, vocab_size, num_domains, seed) for n in names}
         args = {n: (x_TD, token_ids_T, domain_ids_T) if r.needs_domains else (x_TD, token_ids_T)
                 for n, r in routers.items()}
         times: dict[str, list[float]] = {n: [] for n in names}

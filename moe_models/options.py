@@ -8,6 +8,8 @@ from __future__ import annotations
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 
@@ -40,6 +42,41 @@ def _holds_bool(value: Any, budget: int = 10_000) -> bool:
         elif isinstance(item, (list, tuple)):
             pending.extend(item)
     return False
+
+
+# Whether a field is part of a cell's identity, declared as field metadata (workflows/study/identity.py reads it).
+@dataclass(frozen=True)
+class CellKey:
+    """Part of the cell's identity."""
+
+
+@dataclass(frozen=True)
+class NotCellKey:
+    """Not part of the identity: changing it changes how a cell runs or is shown, not what it trains."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class CellKeyUnlessDefault:
+    """Part of the identity only when set away from its default: a field added after cells existed, whose default
+    is what those cells did, keeps their ids."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class CellKeyWhen:
+    """Part of the identity only when another field of the section has a value (a setting that exists only then)."""
+
+    field: str
+    value: Any
+
+
+CELL_KEY = CellKey()
+Decision = CellKey | NotCellKey | CellKeyUnlessDefault | CellKeyWhen
+# A router or model option added after cells existed: its default is what those cells did, so they keep their ids.
+ADDED_LATER = CellKeyUnlessDefault("added after cells existed; the default is what they did")
 
 
 # A name that becomes a folder or an MLflow experiment: no '..', no leading dot or dash, no separators.

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_models.routers.options import TopKOptions
 from moe_models.spec import RoutingSpec
 
 EXPORTABLE_FAMILIES = ("llama",)
@@ -25,9 +26,10 @@ def export_problem(family: str, opts, routing: RoutingSpec) -> str | None:
     if routing.is_dense:
         return None
     o = routing.options
-    if routing.router != "topk" or o.score != "softmax" or not o.renormalize or o.expert_bias_rate:
+    mixtral = TopKOptions(k=o.k, renormalize=True, jitter=o.jitter) if routing.router == "topk" else None
+    if o != mixtral:  # anything else routes differently from the checkpoint's router
         return ("an MoE source is exported as Mixtral, whose routing is softmax top-k, renormalized: the source's "
-                "router must be {name: topk, renormalize: true} (softmax, no expert bias)")
+                "router must be {name: topk, renormalize: true} (softmax, no expert bias, no other routing option)")
     if opts.moe_every != 1 or opts.num_shared_experts:
         return "an MoE source is exported as Mixtral: every block MoE (moe_every: 1), no shared experts"
     return None

@@ -8,12 +8,12 @@ class variables: whether it is causal, whether it routes by the domain label.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt, confloat, field_validator, model_validator
 
 from moe_models.assignment import ASSIGNMENTS
-from moe_models.options import StrictOptions
+from moe_models.options import ADDED_LATER, StrictOptions
 from moe_models.registry import Registry
 
 
@@ -34,6 +34,10 @@ class RouterOptions(StrictOptions):
         """Upper bound on experts per token in a layer of `num_experts`; the study validator checks it fits."""
         return 1
 
+    def layer_problems(self, num_experts: int) -> list[tuple[str, str]]:
+        """(option, what is wrong) for each option that does not fit a layer of `num_experts` experts."""
+        return []
+
 
 ROUTER_OPTIONS: Registry[type[RouterOptions]] = Registry("router")
 
@@ -42,7 +46,9 @@ ROUTER_OPTIONS: Registry[type[RouterOptions]] = Registry("router")
 @ROUTER_OPTIONS.register("topk")
 class TopKOptions(RouterOptions):
     k: PositiveInt = 1
-    score: Literal["softmax", "sigmoid"] = "softmax"
+    # sigmoid: DeepSeek-V3 (arXiv 2412.19437); sqrt_softplus: sqrt(log(1 + e^x)), DeepSeek-V4 (transformers'
+    # SqrtSoftplusActivation, Megatron's "sqrtsoftplus"). Both weight by the raw score, not a softmax over experts.
+    score: Literal["softmax", "sigmoid", "sqrt_softplus"] = "softmax"
     # Renormalizing the k selected weights to sum to 1 (Mixtral) removes the router's gradient through the
     # weights when k=1, so it is off by default (Switch uses the raw probability).
     renormalize: bool = False
@@ -53,6 +59,24 @@ class TopKOptions(RouterOptions):
     # How scores become choices (moe_models/assignment): greedy top-k, Sinkhorn (S-BASE) or BASE balanced
     # assignment at training; every method is greedy at evaluation.
     assignment: str = "greedy"
+    # Group-limited routing (DeepSeek-V3, arXiv 2412.19437 Sec. 2.1.2; device-limited in DeepSeek-V2): experts in
+    # n_group equal groups; a token keeps the topk_group groups whose two best scores sum highest, then picks its
+    # k experts there. None = every group.
+    n_group: Annotated[PositiveInt, ADDED_LATER] = 1
+    topk_group: Annotated[PositiveInt | None, ADDED_LATER] = None
+    # DeepSeek-V3's routed scaling factor: the k gate weights (renormalized or not) times a constant.
+    routed_scaling_factor: Annotated[PositiveFloat, ADDED_LATER] = 1.0
+    # A learned bias on the router's logits (GPT-OSS): trained by gradient and part of the gate weights, unlike the
+    # expert bias, which moves selection only.
+    router_bias: Annotated[bool, ADDED_LATER] = False
+    # Quantile Balancing (Su 2026, kexue.fm/archives/11619; Megatron-Core `quantile_balancing`): the selection bias
+    # solved after each optimizer step, per expert, as the score margin at which it would take exactly k*T/E of the
+    # step's tokens (Megatron's qb_dual_update), in place of the sign step of expert_bias_rate. EMA of the solution.
+    quantile_balancing: Annotated[bool, ADDED_LATER] = False
+    quantile_ema: Annotated[confloat(ge=0, lt=1), ADDED_LATER] = 0.0
+    # Uniform random routing for benchmarks (Megatron's force_load_balancing): the logits become N(0, 1) noise, and
+    # their gradient passes straight through to the router.
+    force_uniform: Annotated[bool, ADDED_LATER] = False
 
     @field_validator("assignment")
     @classmethod
@@ -67,10 +91,29 @@ class TopKOptions(RouterOptions):
                              "pick one")
         if self.assignment == "base" and self.k != 1:
             raise ValueError(f"assignment='base' is top-1 (BASE layers); got k={self.k}")
+        if self.quantile_balancing and (self.expert_bias_rate > 0 or self.assignment != "greedy"):
+            raise ValueError("quantile_balancing solves the selection bias that expert_bias_rate steps and "
+                             f"assignment={self.assignment!r} replaces; pick one")
+        if self.topk_group is not None and self.topk_group > self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} must be <= n_group={self.n_group}")
+        if self.assignment != "greedy" and self.n_group > 1:
+            raise ValueError(f"group-limited routing (n_group={self.n_group}) selects greedily; "
+                             f"assignment={self.assignment!r} does not limit groups")
         return self
 
     def max_experts_per_token(self, num_experts: int) -> int:
         return self.k
+
+    def layer_problems(self, num_experts: int) -> list[tuple[str, str]]:
+        problems = []
+        if num_experts % self.n_group:
+            problems.append(("n_group", f"{self.n_group} groups do not split {num_experts} experts evenly"))
+        elif self.k > (self.topk_group or self.n_group) * (num_experts // self.n_group):
+            problems.append(("k", f"k={self.k} exceeds the {(self.topk_group or self.n_group) * (num_experts // self.n_group)} "
+                                  "experts of the topk_group groups a token keeps"))
+        if self.quantile_balancing and self.k >= num_experts:
+            problems.append(("quantile_balancing", f"needs k < num_experts (each token's (k+1)-th choice); k={self.k}"))
+        return problems
 
 
 # --- attention

@@ -3,26 +3,34 @@ import json
 
 import pytest
 
-from moe_models.characterize import profile_all
+from moe_models.characterize import MODEL_ROUTING, profile_all, router_cases
 from moe_models.routers import ROUTERS
 from workflows.driver.cli import main
 
 
 def test_profiles_cover_every_router_with_consistent_values():
     profiles = {p.router: p for p in profile_all(tokens=256, d_model=32, num_experts=4)}
-    assert set(profiles) == set(ROUTERS.names())
+    assert set(profiles) == set(ROUTERS.names()) | {f"topk:{m}" for m in MODEL_ROUTING}
     assert profiles["hash"].parameters == 0 and profiles["reference"].parameters == 0
     assert profiles["topk"].parameters == 32 * 4  # one linear scorer, no bias
     assert profiles["mlp"].parameters > profiles["topk"].parameters
     assert profiles["hash"].entropy == 0 and profiles["hash"].mean_topk_prob == pytest.approx(1.0)
     for p in profiles.values():
         assert p.latency_ms > 0 and 0 <= p.mean_topk_prob <= 1 + 1e-6 and p.experts_per_token >= 1
+    assert profiles["topk:gpt_oss"].parameters == 32 * 4 + 4  # the learned logit bias
+    assert profiles["topk:deepseek_v3"].experts_per_token == 2
+    assert profiles["topk:forced_uniform"].load_cv < profiles["topk:gpt_oss"].load_cv  # random routing balances
+
+
+def test_a_model_routing_that_does_not_fit_the_layer_is_left_out():
+    assert "topk:deepseek_v3" in router_cases(8) and "topk:deepseek_v3" not in router_cases(6)  # 4 groups
+    assert not any(case.startswith("topk:") for case in router_cases(2))  # k=2 of 2 experts selects nothing
 
 
 def test_routers_command_prints_json(capsys):
     assert main(["routers", "--format", "json", "--tokens", "128", "--d-model", "16", "--experts", "4"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["router"] for r in rows} == set(ROUTERS.names())
+    assert {r["router"] for r in rows} == set(router_cases(4))
 
 
 def test_routers_are_characterized_on_a_pretrained_encoders_hidden_states(capsys):
@@ -67,6 +75,6 @@ def test_pooled_profiles_give_means_t_intervals_and_latency_against_linear_per_s
 def test_routers_command_pools_seeds_into_the_table(capsys):
     assert main(["routers", "--tokens", "128", "--d-model", "16", "--experts", "4", "--seeds", "3"]) == 0
     table = capsys.readouterr().out.strip().splitlines()
-    assert table[0].startswith("| router | hidden states | seeds |") and len(table) == 2 + len(ROUTERS.names())
+    assert table[0].startswith("| router | hidden states | seeds |") and len(table) == 2 + len(router_cases(4))
     hash_row = next(line for line in table if line.startswith("| hash |"))
     assert "| 3 | 0 |" in hash_row and "0.000 ± 0.000" in hash_row  # three seeds, no parameters, zero entropy

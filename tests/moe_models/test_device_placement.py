@@ -14,12 +14,16 @@ from moe_models.models import MODELS
 from moe_models.models.common import LMOutput
 from moe_models.routers import ROUTERS
 from moe_models.spec import RoutingSpec
+from tests.moe_models.test_modern_routing import MODERN
 
 V = 100
 ROUTER_OPTIONS = {"topk": {"k": 2}, "hash": {"k": 2}, "top_p": {"p": 0.5, "max_k": 4},
                   "entropy_adaptive": {"max_k": 3}, "top_any": {"init_threshold": -0.05},
                   "expert_choice": {"capacity": 1.5}, "mlp": {"k": 2}, "mlp_hadamard": {"k": 2},
                   "attention": {"k": 2}, "hybrid": {"k": 2}, "self_supervised": {"k": 2, "contrastive_tokens": 16}}
+# The routing options of today's open models (tests/moe_models/test_modern_routing.py), as "<router>:<case>".
+ROUTER_OPTIONS.update({"topk:deepseek_v3": MODERN["deepseek_v3"], "topk:gpt_oss": MODERN["gpt_oss"],
+                       "topk:quantile": MODERN["quantile"], "topk:uniform": MODERN["uniform"]})
 READS_THE_HOST = {"reference": "checks for unlabelled domain ids on the host (the testbed's upper bound)"}
 _DECODER = {"d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 64}
 MODEL_CASES = {"gpt": ("gpt", _DECODER),
@@ -46,7 +50,7 @@ def test_every_model_family_has_a_case():
 
 
 def test_every_router_has_a_case():
-    assert set(ROUTERS.names()) == set(ROUTER_OPTIONS) | set(READS_THE_HOST)
+    assert set(ROUTERS.names()) == {case.partition(":")[0] for case in ROUTER_OPTIONS} | set(READS_THE_HOST)
 
 
 def half_precision_on_meta(model: torch.nn.Module) -> torch.nn.Module:
@@ -79,7 +83,8 @@ def test_a_bf16_training_step_stays_on_the_models_device(router, model_case, mon
 
         monkeypatch.setattr(masking, "is_tracing", lambda *_: True)
     family = MODELS.get(model_name)
-    routing = RoutingSpec(router, ROUTERS.get(router).Options(**ROUTER_OPTIONS[router]),
+    name = router.partition(":")[0]
+    routing = RoutingSpec(name, ROUTERS.get(name).Options(**ROUTER_OPTIONS[router]),
                           {"switch_lbl": 0.01, "z_loss": 0.001})
     model = half_precision_on_meta(family.build(family.Options(**model_options), routing, V, 64, 0))
     out = training_step(model_name, model)

@@ -5,6 +5,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.suite import extended
 from tests.processes import interrupt_study, moelab_process, tail
 from workflows.driver.cli import main
 from workflows.driver.launch import registered_checkpoints
@@ -123,6 +124,9 @@ def checkpoint_registered(workdir, trial_id: str) -> bool:
     return any(registered_checkpoints(str(run_dir)) for run_dir in workdir.rglob(f"train-trial_id={trial_id}"))
 
 
+@extended("tests/tuning/test_sweep.py::test_grid_sweep_logs_one_child_run_per_trial_and_restores",
+          "tests/tuning/test_trial_restore.py::test_a_trial_asha_stopped_before_the_kill_reports_its_recorded_metric",
+          "tests/tuning/test_sweep_report.py::test_an_interrupted_sweep_leaves_no_run_running_and_keeps_closed_trials_as_they_were")
 def test_asha_sweep_interrupted_mid_trial_closes_its_runs_and_restores_with_decisions_kept(tmp_path):
     path, workdir = tmp_path / "asha.yaml", tmp_path / "work"
     path.write_text(yaml.safe_dump(ASHA_STUDY))

@@ -55,6 +55,8 @@ def one_cell(**changes):
     {"training": {"compile": True}},
     {"training": {"batching": "random"}},  # its default: the ids of cells from before the option existed
     {"training": {"fp16_initial_scale_power": 8}},  # exists only under fp16
+    # router options added after cells existed, at their defaults
+    {"routers": [{"name": "topk", "k": 2, "n_group": 1, "routed_scaling_factor": 1.0, "quantile_balancing": False}]},
     {"resources": {"cpus_per_worker": 2, "max_concurrent_cells": 1, "max_failures": 3}},
 ], ids=lambda c: json.dumps(c)[:60])
 def test_a_field_outside_the_identity_keeps_the_cell(changes):
@@ -70,6 +72,8 @@ def test_a_field_outside_the_identity_keeps_the_cell(changes):
     {"training": {"lr": 1e-3}},
     {"training": {"batching": "by_domain"}},
     {"resources": {"workers_per_cell": 2}},
+    {"routers": [{"name": "topk", "k": 2, "n_group": 2}]},
+    {"routers": [{"name": "topk", "k": 2, "router_bias": True}]},
 ], ids=lambda c: json.dumps(c)[:60])
 def test_a_field_of_the_identity_makes_a_new_cell(changes):
     assert one_cell(**changes).id != one_cell().id

@@ -23,8 +23,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.processes import REPO
+from tests.suite import extended
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, extended(
+    "tests/workflows/test_cluster_config.py::test_cluster_yaml_passes_rays_schema_and_installs_moelab_on_every_node",
+    "tests/workflows/test_cli_guards.py::test_an_unreachable_tracking_server_is_named_with_exit_2",
+    "tests/workflows/test_end_to_end.py::test_every_cell_finished_with_provenance_and_metrics")]
 
 STUDY = {
     "name": "cluster",

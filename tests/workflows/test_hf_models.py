@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.hf_tiny import tiny_causal_lm
 from tests.processes import moelab_process
+from tests.suite import extended
 from tests.workflows.test_resume import assert_one_point_per_step, wait_until_logged
 from workflows.study.cells import expand
 from workflows.study.errors import StudyError
@@ -115,6 +116,11 @@ def test_a_cell_source_runs_first_and_is_part_of_its_consumers_identity():
 
 
 @pytest.mark.slow
+@extended("tests/moe_models/test_pretrained_surgery.py::test_lora_trains_adapters_and_routers_only_and_starts_as_the_swapped_model",
+          "tests/moe_models/test_pretrained_surgery.py::test_function_preserving_upcycling_matches_the_dense_model_at_step_zero",
+          "tests/moe_models/test_pretrained_surgery.py::test_swapped_topk_router_from_the_gate_reproduces_the_moe_checkpoint",
+          "tests/workflows/test_hf_models.py::test_a_cell_source_runs_first_and_is_part_of_its_consumers_identity",
+          "tests/workflows/test_resume.py::test_sigkill_then_rerun_resumes_without_retraining_or_duplicates")
 def test_upcycled_and_swapped_checkpoints_train_with_lora_killed_and_resumed_without_duplicates(tmp_path, folders):
     """An upcycled cell: source and a router swap into a local Mixtral checkpoint, in one study."""
     study = copy.deepcopy(UPCYCLE)

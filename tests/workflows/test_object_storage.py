@@ -16,6 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.suite import extended
 from workflows import storage
 from workflows.driver.cli import main
 from workflows.driver.workspace import ray_checkpoints
@@ -88,6 +89,8 @@ def test_storage_helpers_round_trip_through_the_bucket(bucket_uri, tmp_path):
     assert (fetched / "train-00000.tokens.bin").read_bytes() == (folder / "train-00000.tokens.bin").read_bytes()
 
 
+@extended("tests/workflows/test_object_storage.py::test_storage_helpers_round_trip_through_the_bucket",
+          "tests/workflows/test_resume.py::test_sigkill_then_rerun_resumes_without_retraining_or_duplicates")
 def test_study_with_checkpoints_and_data_in_the_bucket_resumes_from_it(bucket_uri, tmp_path, in_process_ray, capsys):
     study, work = tmp_path / "s3study.yaml", tmp_path / "work"
     study.write_text(yaml.safe_dump(STUDY))

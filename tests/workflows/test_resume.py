@@ -12,19 +12,23 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.suite import extended
 from tests.processes import kill_study, moelab_process, tail
-from workflows.driver.launch import RAY_TRAIN_SNAPSHOT, registered_checkpoints
+from workflows.driver.launch import RAY_TRAIN_SNAPSHOT, prune_orphaned_checkpoints, registered_checkpoints
 from workflows.study.cells import expand
 from workflows.study.loading import parse_study
 
 pytestmark = pytest.mark.slow
 
+STEPS = 200
 STUDY = {
     "name": "resume",
     "routers": [{"name": "hash"}, {"name": "topk", "k": 2, "balancing": {"switch_lbl": 0.01}}],
-    "models": [{"name": "gpt", "d_model": 128, "n_layers": 4, "n_heads": 4, "num_experts": 4, "expert_hidden": 256}],
+    # A small model: the kills are placed by logged steps, so a step needs only to outlast the MLflow poll (0.2 s per
+    # 10 steps), and what the tests measure is orchestration, not compute.
+    "models": [{"name": "gpt", "d_model": 64, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 128}],
     "datasets": [{"name": "builtin:domains", "vocab_size": 300, "max_chars_per_domain": 40000}],
-    "training": {"steps": 100, "micro_batch_size": 16, "seq_len": 128, "warmup_steps": 2, "log_interval": 10,
+    "training": {"steps": STEPS, "micro_batch_size": 8, "seq_len": 64, "warmup_steps": 2, "log_interval": 10,
                  "eval_interval": 50, "eval_batches": 2, "checkpoint_interval": 20},
     "resources": {"workers_per_cell": 1, "cpus_per_worker": 1, "max_concurrent_cells": 1},
 }
@@ -108,6 +112,13 @@ def killed_twice(tmp_path_factory) -> KilledTwice:
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     experiment_id = client.get_experiment_by_name("resume").experiment_id
     before = cell_runs(client, experiment_id)
+    # Ray Train's own record of the killed cell's checkpoints is read as it wrote it: the folders it registered are
+    # kept, and a folder it never registered (the state a kill before registration leaves) is what the rerun prunes.
+    run_dir = workdir / "ray_results" / "resume" / second
+    on_disk, registered = {p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()}, registered_checkpoints(str(run_dir))
+    assert registered and registered <= on_disk  # the kill may have caught a checkpoint before its registration
+    (run_dir / "checkpoint_never_registered").mkdir()
+    assert set(prune_orphaned_checkpoints(str(run_dir))) == on_disk - registered | {"checkpoint_never_registered"}
 
     rerun = moelab_run(path, workdir)
     try:
@@ -134,7 +145,7 @@ def test_sigkill_then_rerun_resumes_without_retraining_or_duplicates(killed_twic
     assert k.after[k.second].info.run_id == k.before[k.second].info.run_id  # reopened, not duplicated
     assert k.first_resume >= 20 and k.first_resume % 20 == 0
     history = sorted(k.client.get_metric_history(k.after[k.second].info.run_id, "train/loss"), key=lambda m: m.timestamp)
-    assert [m.step for m in history] == list(range(10, 101, 10))  # steps replayed since a checkpoint: not logged again
+    assert [m.step for m in history] == list(range(10, STEPS + 1, 10))  # steps replayed since a checkpoint: not logged again
     assert_one_point_per_step(k.client, k.after[k.second])
 
 
@@ -145,10 +156,13 @@ def test_killed_train_worker_restarts_the_cell_from_its_checkpoint(killed_twice)
     run = k.after[k.second]
     restarted_from = int(run.data.tags["moelab.resumed_from_step"])
     assert restarted_from >= k.first_resume + 20 and restarted_from % 20 == 0
-    assert [m.step for m in k.client.get_metric_history(run.info.run_id, "train/loss")] == list(range(10, 101, 10))
+    assert [m.step for m in k.client.get_metric_history(run.info.run_id, "train/loss")] == list(range(10, STEPS + 1, 10))
     assert_one_point_per_step(k.client, run)
 
 
+@extended("tests/workflows/test_resume.py::test_sigkill_then_rerun_resumes_without_retraining_or_duplicates",
+          "tests/workflows/test_checkpoints.py::test_checkpoint_folders_ray_train_never_registered_are_pruned",
+          "tests/workflows/test_cell_job.py::test_a_resumed_run_logs_no_step_twice_and_the_first_metric_stays_first")
 def test_kill_before_ray_registered_the_checkpoint_restarts_without_repeating_steps(tmp_path):
     """A kill between a checkpoint folder appearing and Ray Train registering it: Ray does not know the folder, so
     the cell restarts from step 0. Reproduced exactly by removing Ray Train's record of its checkpoints after a kill
@@ -170,7 +184,7 @@ def test_kill_before_ray_registered_the_checkpoint_restarts_without_repeating_st
     exp = client.get_experiment_by_name("orphan")
     (run,) = client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'")
     assert run.info.status == "FINISHED" and "moelab.resumed_from_step" not in run.data.tags  # restarted from 0
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(10, 101, 10))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(10, STEPS + 1, 10))
     assert_one_point_per_step(client, run)
     left = {p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()}
     assert not left & set(orphans)  # pruned

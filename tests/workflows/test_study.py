@@ -41,6 +41,12 @@ BAD = {
                         "valid: " + ", ".join(sorted(ROUTERS.names()) + ["dense"])]),
     "k > experts": (lambda s: s["routers"].append({"name": "topk", "k": 5, "label": "big"}),
                     ["routers[3]", "5 experts per token", "at most models[0].num_experts=4"]),
+    "groups that do not split the experts": (
+        lambda s: s["routers"].append({"name": "topk", "k": 2, "n_group": 3, "label": "grouped"}),
+        ["routers[3].n_group: 3 groups do not split 4 experts evenly (models[0].num_experts=4)"]),
+    "quantile balancing beside the sign step": (
+        lambda s: s["routers"][0].update(quantile_balancing=True, expert_bias_rate=0.01),
+        ["routers[0]", "quantile_balancing solves the selection bias that expert_bias_rate steps"]),
     "negative alpha": (lambda s: s["routers"][0]["balancing"].update(switch_lbl=-0.1),
                        ["routers[0].balancing.switch_lbl", "greater than or equal to 0"]),
     "unknown balancing": (lambda s: s["routers"][0]["balancing"].update(lbl=0.1),

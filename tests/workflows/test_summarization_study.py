@@ -10,9 +10,16 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.hf_tiny import tiny_bart
+from tests.suite import extended
 from workflows.driver.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, extended(
+    "tests/workflows/test_precision.py::test_bf16_summarization_cell_trains_and_decodes_in_bf16",
+    "tests/workflows/test_pretrained.py::test_local_model_summarizes_every_document_deterministically",
+    "tests/workflows/test_pooled_summarization.py::test_rouge_is_pooled_across_seeds_like_every_metric",
+    "tests/workflows/test_pooled_summarization.py::test_document_table_and_bootstrap_against_the_baseline",
+    "tests/workflows/test_ratings.py::test_the_cli_reads_filled_sheets_and_exits_2_on_a_bad_one",
+    "tests/workflows/test_end_to_end.py::test_every_cell_finished_with_provenance_and_metrics")]
 
 MINI = {
     "name": "mini_sum",

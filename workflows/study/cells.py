@@ -14,7 +14,7 @@ from typing import Any
 
 from moe_models.pretrained.source import cell_source
 from workflows.study.entries import DatasetEntry, ModelEntry, RouterEntry
-from workflows.study.identity import identity
+from workflows.study.identity import identity, left_out
 from workflows.study.schema import Study
 from workflows.study.sections import PretrainedBaseline, ResourcesConfig, SummarizationConfig, TrainingConfig
 
@@ -52,6 +52,9 @@ class Cell:
         sections = {"router": self.router, "model": self.model, "dataset": self.dataset, "training": self.training,
                     "resources": self.resources, "summarization": self.summarization}
         key = {name: identity(sections[name], value) if name in sections else value for name, value in resolved.items()}
+        options = self.router.routing_spec().options  # inline in the router's record; they declare for themselves
+        if options is not None:
+            key["router"] = {k: v for k, v in key["router"].items() if k not in left_out(options)}
         blob = json.dumps(key, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -13,42 +13,12 @@ different trainings); tests/workflows/test_cell_identity.py fails until every fi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
-
-@dataclass(frozen=True)
-class CellKey:
-    """Part of the cell's identity."""
-
-
-@dataclass(frozen=True)
-class NotCellKey:
-    """Not part of the identity: changing it changes how a cell runs or is shown, not what it trains."""
-
-    why: str
-
-
-@dataclass(frozen=True)
-class CellKeyUnlessDefault:
-    """Part of the identity only when set away from its default: a field added after cells existed, whose default
-    is what those cells did, keeps their ids."""
-
-    why: str
-
-
-@dataclass(frozen=True)
-class CellKeyWhen:
-    """Part of the identity only when another field of the section has a value (a setting that exists only then)."""
-
-    field: str
-    value: Any
-
-
-CELL_KEY = CellKey()
-Decision = CellKey | NotCellKey | CellKeyUnlessDefault | CellKeyWhen
+# The vocabulary lives with the options base, so that router options declare their fields too.
+from moe_models.options import CELL_KEY, CellKey, CellKeyUnlessDefault, CellKeyWhen, Decision, NotCellKey  # noqa: F401
 
 
 def decision(model: type[BaseModel], name: str) -> Decision | None:
@@ -67,8 +37,13 @@ def in_identity(section: BaseModel, name: str) -> bool:
     return True
 
 
+def left_out(section: BaseModel) -> set[str]:
+    """The section's fields that its declarations leave out of the identity, as it is set."""
+    return {name for name in type(section).model_fields if not in_identity(section, name)}
+
+
 def identity(section: BaseModel, resolved: dict[str, Any]) -> dict[str, Any]:
     """`resolved` (the section's JSON record) less the fields its declarations leave out of the identity. Keys that
     are not fields (a component's options, written inline) stay: they are what it trains."""
-    left_out = {name for name in type(section).model_fields if not in_identity(section, name)}
-    return {key: value for key, value in resolved.items() if key not in left_out}
+    out = left_out(section)
+    return {key: value for key, value in resolved.items() if key not in out}

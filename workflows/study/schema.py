@@ -66,6 +66,9 @@ class Study(StrictOptions):
                 if router.name != DENSE and router.max_experts_per_token(experts) > experts:
                     problems.append(f"routers[{i}]: routes up to {router.max_experts_per_token(experts)} experts per token; "
                                     f"allowed: at most models[{j}].num_experts={experts}")
+                if router.name != DENSE:
+                    for option, problem in router.routing_spec().options.layer_problems(experts):
+                        problems.append(f"routers[{i}].{option}: {problem} (models[{j}].num_experts={experts})")
                 if (router.name != DENSE and not ROUTER_OPTIONS.get(router.name).causal and not router.allow_non_causal
                         and MODELS.get(model.name).autoregressive):
                     problems.append(f"routers[{i}].allow_non_causal: {router.name} is non-causal (a token's experts "
