@@ -39,6 +39,7 @@ MODEL_ROUTING: dict[str, dict] = {
     "gpt_oss": {"k": 2, "router_bias": True, "renormalize": True},
     "quantile_balanced": {"k": 2, "score": "sigmoid", "quantile_balancing": True},
     "forced_uniform": {"k": 2, "force_uniform": True},
+    "null_experts": {"k": 2, "null_experts": 2, "renormalize": True},  # MoE++ (zero experts), LongCat-Flash
 }
 
 

@@ -5,7 +5,7 @@ The `hf` family's checks that read a checkpoint's config.json alone (can this ro
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     Field,
@@ -17,7 +17,7 @@ from pydantic import (
 )
 
 from moe_models.dispatch import DISPATCH_BACKENDS
-from moe_models.options import StrictOptions
+from moe_models.options import ADDED_LATER, StrictOptions
 from moe_models.pretrained.architecture import Architecture
 from moe_models.spec import Activation
 
@@ -29,6 +29,11 @@ class MoEModelOptions(StrictOptions):
     num_experts: PositiveInt = 4
     expert_hidden: PositiveInt = 256  # F of each expert; the dense baseline scales it by its active experts
     moe_every: NonNegativeInt = 1  # MoE FFN in blocks where (index+1) % moe_every == 0; 0 = no MoE at all
+    # Dense FFNs in the first k blocks of each stack, MoE after them (DeepSeek-V3's first_k_dense_replace: 3).
+    first_k_dense: Annotated[NonNegativeInt, ADDED_LATER] = 0
+    # Megatron-Core's list pattern, one entry per block of each stack: 1 = MoE, 0 = dense. Replaces moe_every and
+    # first_k_dense.
+    moe_layer_pattern: Annotated[tuple[Literal[0, 1], ...] | None, ADDED_LATER] = None
     ep_size: PositiveInt = 1  # expert-parallel ranks (DeepSpeed ep_size); must divide num_experts
     dispatch: str = "grouped"  # dropless grouped GEMMs (dispatch/grouped.py); "deepspeed" = DeepSpeed's MOELayer
     dropout: confloat(ge=0, lt=1) = 0.0
@@ -48,6 +53,16 @@ class MoEModelOptions(StrictOptions):
             raise ValueError(f"dispatch={self.dispatch!r} unknown; valid: {', '.join(DISPATCH_BACKENDS.names())}")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("shared_expert_gate: gates the shared experts, and num_shared_experts is 0")
+        if self.moe_layer_pattern is not None:
+            if self.first_k_dense or self.moe_every != 1:
+                raise ValueError("moe_layer_pattern: names every block's FFN; leave moe_every and first_k_dense out")
+            depths = set(self.stack_depths())
+            if depths != {len(self.moe_layer_pattern)}:
+                raise ValueError(f"moe_layer_pattern: {len(self.moe_layer_pattern)} entries for stacks of "
+                                 f"{' and '.join(map(str, sorted(depths)))} blocks; give one per block")
+        elif self.first_k_dense and not all(any(map(self.is_moe_block, range(d))) for d in self.stack_depths()):
+            raise ValueError(f"first_k_dense={self.first_k_dense} leaves no MoE block in a stack of "
+                             f"{min(self.stack_depths())} (moe_every={self.moe_every})")
         return self
 
     def dense_width(self, active_experts: int) -> int:
@@ -64,7 +79,9 @@ class MoEModelOptions(StrictOptions):
 
     def is_moe_block(self, index: int) -> bool:
         """index counts the blocks of one stack (encoder and decoder separately)."""
-        return self.moe_every > 0 and (index + 1) % self.moe_every == 0
+        if self.moe_layer_pattern is not None:
+            return bool(self.moe_layer_pattern[index])
+        return index >= self.first_k_dense and self.moe_every > 0 and (index + 1) % self.moe_every == 0
 
 class GPTOptions(MoEModelOptions):
     n_layers: PositiveInt = 2

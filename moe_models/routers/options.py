@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt, confloat, field_validator, model_validator
+from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, confloat, field_validator, model_validator
 
 from moe_models.assignment import ASSIGNMENTS
 from moe_models.options import ADDED_LATER, StrictOptions
@@ -61,9 +61,9 @@ class TopKOptions(RouterOptions):
     assignment: str = "greedy"
     # Group-limited routing (DeepSeek-V3, arXiv 2412.19437 Sec. 2.1.2; device-limited in DeepSeek-V2): experts in
     # n_group equal groups; a token keeps the topk_group groups whose two best scores sum highest, then picks its
-    # k experts there. None = every group.
+    # k experts there.
     n_group: Annotated[PositiveInt, ADDED_LATER] = 1
-    topk_group: Annotated[PositiveInt | None, ADDED_LATER] = None
+    topk_group: Annotated[PositiveInt | None, ADDED_LATER] = None  # groups a token keeps; None = every group
     # DeepSeek-V3's routed scaling factor: the k gate weights (renormalized or not) times a constant.
     routed_scaling_factor: Annotated[PositiveFloat, ADDED_LATER] = 1.0
     # A learned bias on the router's logits (GPT-OSS): trained by gradient and part of the gate weights, unlike the
@@ -73,10 +73,14 @@ class TopKOptions(RouterOptions):
     # solved after each optimizer step, per expert, as the score margin at which it would take exactly k*T/E of the
     # step's tokens (Megatron's qb_dual_update), in place of the sign step of expert_bias_rate. EMA of the solution.
     quantile_balancing: Annotated[bool, ADDED_LATER] = False
-    quantile_ema: Annotated[confloat(ge=0, lt=1), ADDED_LATER] = 0.0
+    quantile_ema: Annotated[confloat(ge=0, lt=1), ADDED_LATER] = 0.0  # weight of the previous bias
     # Uniform random routing for benchmarks (Megatron's force_load_balancing): the logits become N(0, 1) noise, and
     # their gradient passes straight through to the router.
     force_uniform: Annotated[bool, ADDED_LATER] = False
+    # Zero-computation experts (MoE++, arXiv 2410.07348; LongCat-Flash): N more choices the router scores beside the
+    # real experts. A route to one outputs nothing and costs nothing, so a token may use fewer than k experts: the
+    # gate learns how much compute each token needs.
+    null_experts: Annotated[NonNegativeInt, ADDED_LATER] = 0
 
     @field_validator("assignment")
     @classmethod
@@ -96,10 +100,22 @@ class TopKOptions(RouterOptions):
                              f"assignment={self.assignment!r} replaces; pick one")
         if self.topk_group is not None and self.topk_group > self.n_group:
             raise ValueError(f"topk_group={self.topk_group} must be <= n_group={self.n_group}")
+        if self.null_experts and (self.biased_selection or self.assignment != "greedy" or self.n_group > 1):
+            raise ValueError("null_experts take part in plain greedy top-k only (no expert bias, quantile balancing, "
+                             "balanced assignment or groups)")
         if self.assignment != "greedy" and self.n_group > 1:
             raise ValueError(f"group-limited routing (n_group={self.n_group}) selects greedily; "
                              f"assignment={self.assignment!r} does not limit groups")
         return self
+
+    @property
+    def fixed_k(self) -> bool:  # a null route leaves a token fewer real experts
+        return self.null_experts == 0
+
+    @property
+    def biased_selection(self) -> bool:
+        """Whether a per-expert bias moves the selection (expert bias or Quantile Balancing)."""
+        return self.expert_bias_rate > 0 or self.quantile_balancing
 
     def max_experts_per_token(self, num_experts: int) -> int:
         return self.k
@@ -111,6 +127,8 @@ class TopKOptions(RouterOptions):
         elif self.k > (self.topk_group or self.n_group) * (num_experts // self.n_group):
             problems.append(("k", f"k={self.k} exceeds the {(self.topk_group or self.n_group) * (num_experts // self.n_group)} "
                                   "experts of the topk_group groups a token keeps"))
+        if self.null_experts and self.k > num_experts + self.null_experts:
+            problems.append(("k", f"k={self.k} exceeds the {num_experts} experts and {self.null_experts} null experts"))
         if self.quantile_balancing and self.k >= num_experts:
             problems.append(("quantile_balancing", f"needs k < num_experts (each token's (k+1)-th choice); k={self.k}"))
         return problems

@@ -1,7 +1,7 @@
 """Learned top-k router (Shazeer et al. 2017; Switch k=1, GShard/Mixtral k=2) with a linear scorer, and the options
 today's open MoE models add to it: sigmoid / sqrt-softplus scores, group-limited selection and a routed scaling
 factor (DeepSeek-V3/V4), a learned logit bias (GPT-OSS), and two selection biases for balance, the sign step (expert
-bias) and its closed-form solution (Quantile Balancing).
+bias) and its closed-form solution (Quantile Balancing), and null experts (MoE++).
 
 Other scorer architectures subclass it and override `expert_logits` only; selection, jitter, score function and
 renormalization stay here.
@@ -64,13 +64,14 @@ class TopKRouter(LinearScoreRouter, Fp32Buffers):
         self.register_buffer("step_counts_E", torch.zeros(ctx.num_experts), persistent=False)
         self.register_buffer("quantile_sum_E", torch.zeros(ctx.num_experts), persistent=False)
         self.register_buffer("quantile_count", torch.zeros(1), persistent=False)  # 1-dim: DeepSpeed broadcasts no scalars
-        self.logit_bias_E = nn.Parameter(torch.zeros(ctx.num_experts)) if options.router_bias else None
+        choices = ctx.num_experts + options.null_experts
+        # Null experts are scored by their own rows, so that any scorer architecture (MLP, attention) gets them.
+        self.null_proj = nn.Linear(ctx.d_model, options.null_experts, bias=False) if options.null_experts else None
+        if self.null_proj is not None:
+            nn.init.normal_(self.null_proj.weight, std=0.02)
+        self.logit_bias_E = nn.Parameter(torch.zeros(choices)) if options.router_bias else None
         for problem in options.layer_problems(ctx.num_experts):
             raise ValueError(f"{problem[0]}: {problem[1]}")
-
-    @property
-    def biased_selection(self) -> bool:
-        return self.options.expert_bias_rate > 0 or self.options.quantile_balancing
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
         opts = self.options
@@ -78,6 +79,8 @@ class TopKRouter(LinearScoreRouter, Fp32Buffers):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - opts.jitter, 1 + opts.jitter)
         # Router architectures (attention, MLP, hybrid, MLP-Hadamard) override expert_logits only.
         logits_TE = self.expert_logits(x_TD.float())
+        if self.null_proj is not None:  # E real + N null choices
+            logits_TE = torch.cat([logits_TE, F.linear(x_TD.float(), self.null_proj.weight.float())], dim=-1)
         if self.logit_bias_E is not None:
             logits_TE = logits_TE + self.logit_bias_E.float()
         if opts.force_uniform:  # N(0, 1) forward, identity backward (Megatron's RandomSTE)
@@ -89,6 +92,8 @@ class TopKRouter(LinearScoreRouter, Fp32Buffers):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         if opts.routed_scaling_factor != 1.0:
             weights_TK = weights_TK * opts.routed_scaling_factor
+        if self.null_proj is not None:
+            return self.without_null_routes(expert_ids_TK, weights_TK, probs_TE, logits_TE)
         active_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
         decision = RoutingDecision(expert_ids_TK, weights_TK, active_TK, probs_TE, logits_TE, all_active=True)
         if self.training and opts.expert_bias_rate > 0:
@@ -98,13 +103,23 @@ class TopKRouter(LinearScoreRouter, Fp32Buffers):
             self.quantile_count += 1
         return decision
 
+    def without_null_routes(self, expert_ids_TK, weights_TK, probs_TE, logits_TE) -> RoutingDecision:
+        """A route to a null expert becomes an inactive slot (no output, no compute; MoE++'s zero expert), keeping
+        the weights of the real routes as they were. The distribution the losses and analytics see is the one over
+        the real experts, renormalized; null routes count nowhere as load."""
+        E = self.ctx.num_experts
+        real_TK = expert_ids_TK < E
+        real_probs_TE = probs_TE[:, :E]
+        return RoutingDecision(expert_ids_TK.masked_fill(~real_TK, 0), weights_TK * real_TK, real_TK,
+                               real_probs_TE / real_probs_TE.sum(dim=-1, keepdim=True), logits_TE[:, :E])
+
     def select(self, scores_TE: torch.Tensor, logits_TE: torch.Tensor) -> torch.Tensor:
         """Each token's k experts: by score plus the selection bias, within its groups; or by a balanced assignment
         at training (moe_models/assignment)."""
         opts = self.options
-        if not self.biased_selection and opts.n_group == 1:
+        if not opts.biased_selection and opts.n_group == 1:
             return ASSIGNMENTS.get(opts.assignment)(logits_TE, opts.k, self.training)
-        choice_TE = scores_TE + self.expert_bias_E if self.biased_selection else scores_TE
+        choice_TE = scores_TE + self.expert_bias_E if opts.biased_selection else scores_TE
         if opts.n_group > 1:
             choice_TE = group_limited(choice_TE, opts.n_group, opts.topk_group or opts.n_group)
         return choice_TE.topk(opts.k, dim=-1).indices

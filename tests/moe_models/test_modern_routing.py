@@ -18,7 +18,8 @@ MODERN = {"deepseek_v3": {"k": 2, "score": "sigmoid", "n_group": 2, "topk_group"
                           "renormalize": True, "expert_bias_rate": 0.01},
           "gpt_oss": {"k": 2, "router_bias": True, "renormalize": True},
           "quantile": {"k": 2, "score": "sqrt_softplus", "quantile_balancing": True, "quantile_ema": 0.5},
-          "uniform": {"k": 2, "force_uniform": True}}
+          "uniform": {"k": 2, "force_uniform": True},
+          "null": {"k": 2, "null_experts": 2, "renormalize": True}}
 
 
 def ours(**options) -> torch.nn.Module:
@@ -188,6 +189,28 @@ def test_forced_uniform_routing_ignores_the_router_and_passes_its_gradient_strai
     torch.testing.assert_close(router.proj.weight.grad, x_TD.sum(0).expand(E, D))  # d(sum logits)/dW, unchanged
 
 
+def test_null_experts_leave_a_token_fewer_real_routes_with_the_gate_weights_it_chose():
+    router = ours(k=2, null_experts=4, renormalize=True)
+    torch.nn.init.normal_(router.proj.weight, std=1.0)
+    torch.nn.init.normal_(router.null_proj.weight, std=1.0)
+    x_TD = torch.randn(512, D)
+    decision = router(x_TD, torch.zeros(512, dtype=torch.long))
+    # The same selection and weights over all E + N choices, computed by hand:
+    logits = torch.cat([x_TD @ router.proj.weight.T, x_TD @ router.null_proj.weight.T], dim=-1)
+    top = logits.softmax(-1).topk(2, dim=-1)
+    weights = top.values / top.values.sum(-1, keepdim=True)
+    real = top.indices < E
+    assert torch.equal(decision.active_TK, real)
+    torch.testing.assert_close(decision.weights_TK, weights * real)
+    assert torch.equal(decision.expert_ids_TK[real], top.indices[real])
+    assert (decision.expert_ids_TK[~real] == 0).all()  # an inactive slot, as top-p leaves them
+    per_token = decision.experts_per_token_T
+    assert set(per_token.unique().tolist()) == {0, 1, 2}  # adaptive: some tokens skip the experts entirely
+    assert decision.probs_TE.shape == (512, E) and torch.allclose(decision.probs_TE.sum(-1), torch.ones(512))
+    assert decision.routes_per_expert_E().sum() == per_token.sum()  # null routes are nobody's load
+    assert not TopKOptions(k=2, null_experts=4).fixed_k and TopKOptions(k=2).fixed_k
+
+
 def test_options_that_do_not_fit_the_layer_are_refused_naming_the_option():
     with pytest.raises(ValueError, match="n_group: 3 groups do not split 8 experts"):
         ours(k=2, n_group=3)
@@ -195,5 +218,7 @@ def test_options_that_do_not_fit_the_layer_are_refused_naming_the_option():
         ours(k=5, n_group=4, topk_group=2)
     with pytest.raises(ValueError, match="quantile_balancing solves the selection bias"):
         TopKOptions(k=2, quantile_balancing=True, expert_bias_rate=0.01)
+    with pytest.raises(ValueError, match="null_experts take part in plain greedy top-k only"):
+        TopKOptions(k=2, null_experts=2, expert_bias_rate=0.01)
     with pytest.raises(ValueError, match="topk_group=3 must be <= n_group=2"):
         TopKOptions(k=2, n_group=2, topk_group=3)

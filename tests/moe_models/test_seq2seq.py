@@ -8,6 +8,7 @@ from moe_models.models import MODELS
 from moe_models.models.seq2seq import IGNORE_INDEX, sinusoidal_positions
 from moe_models.routers import ROUTERS
 from moe_models.spec import RoutingSpec
+from tests.suite import extended
 
 V, EOS = 50, 0
 seq2seq = MODELS.get("seq2seq")
@@ -201,6 +202,10 @@ def test_separate_embeddings_and_learned_positions_build_and_train():
 
 
 @pytest.mark.slow
+@extended("tests/moe_models/test_seq2seq.py::test_padding_in_a_batch_changes_nothing",
+          "tests/moe_models/test_seq2seq.py::test_each_pairs_sequence_loss_is_its_loss_evaluated_alone",
+          "tests/moe_models/test_seq2seq.py::test_beam_search_finds_the_exhaustive_best_when_beams_cover_every_prefix",
+          "tests/workflows/test_precision.py::test_bf16_summarization_cell_trains_and_decodes_in_bf16")
 def test_encoder_decoder_learns_to_copy_through_cross_attention():
     """Summaries of this toy task are the first four source tokens: only a working encoder, cross-attention with its
     padding mask, and positions solve it. Greedy decoding of held-out sources must reproduce them exactly.

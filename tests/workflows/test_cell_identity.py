@@ -57,6 +57,7 @@ def one_cell(**changes):
     {"training": {"fp16_initial_scale_power": 8}},  # exists only under fp16
     # router options added after cells existed, at their defaults
     {"routers": [{"name": "topk", "k": 2, "n_group": 1, "routed_scaling_factor": 1.0, "quantile_balancing": False}]},
+    {"models": [{**STUDY["models"][0], "first_k_dense": 0}]},  # a model option added later, at its default
     {"resources": {"cpus_per_worker": 2, "max_concurrent_cells": 1, "max_failures": 3}},
 ], ids=lambda c: json.dumps(c)[:60])
 def test_a_field_outside_the_identity_keeps_the_cell(changes):
@@ -74,6 +75,8 @@ def test_a_field_outside_the_identity_keeps_the_cell(changes):
     {"resources": {"workers_per_cell": 2}},
     {"routers": [{"name": "topk", "k": 2, "n_group": 2}]},
     {"routers": [{"name": "topk", "k": 2, "router_bias": True}]},
+    {"models": [{**STUDY["models"][0], "first_k_dense": 1}]},
+    {"models": [{**STUDY["models"][0], "moe_layer_pattern": [0, 1]}]},
 ], ids=lambda c: json.dumps(c)[:60])
 def test_a_field_of_the_identity_makes_a_new_cell(changes):
     assert one_cell(**changes).id != one_cell().id

@@ -52,9 +52,10 @@ class Cell:
         sections = {"router": self.router, "model": self.model, "dataset": self.dataset, "training": self.training,
                     "resources": self.resources, "summarization": self.summarization}
         key = {name: identity(sections[name], value) if name in sections else value for name, value in resolved.items()}
-        options = self.router.routing_spec().options  # inline in the router's record; they declare for themselves
-        if options is not None:
-            key["router"] = {k: v for k, v in key["router"].items() if k not in left_out(options)}
+        # A router's and a model's options are inline in their records; they declare their identity themselves.
+        for name, options in (("router", self.router.routing_spec().options), ("model", self.model.resolved_options())):
+            if options is not None:
+                key[name] = {k: v for k, v in key[name].items() if k not in left_out(options)}
         blob = json.dumps(key, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
