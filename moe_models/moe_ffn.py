@@ -31,6 +31,7 @@ class MoEAux:
     unscaled: dict[str, torch.Tensor] = field(default_factory=dict)  # per-method loss before its coefficient
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # analytics.routing_sums (evaluation only)
     expert_mask_TE: torch.Tensor | None = None  # bool, each token's selected experts (evaluation only)
+    decision: RoutingDecision | None = None  # the real tokens' routing, detached (evaluation only: the trace)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class MoEFeedForward(Fp32Buffers):
         # Routed experts only: served routes x FLOPs per route (shared experts count with the dense linears).
         aux.sums["expert_flops"] = kept_TK.sum().float() * self.dispatch.spec.flops_per_route
         aux.expert_mask_TE = decision.expert_mask_TE().bool()
+        aux.decision = decision
 
     def _accumulate_window(self, routes_E: torch.Tensor) -> torch.Tensor:
         routes_E = routes_E.clone()

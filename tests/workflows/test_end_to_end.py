@@ -31,7 +31,8 @@ TINY = {
     "models": [{"name": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 32}],
     "datasets": [{"name": "builtin:domains", "vocab_size": 300, "max_chars_per_domain": 40000}],
     "training": {"steps": 6, "micro_batch_size": 4, "grad_accum_steps": 2, "seq_len": 16, "warmup_steps": 2,
-                 "log_interval": 2, "eval_interval": 3, "eval_batches": 2, "checkpoint_interval": 3},
+                 "log_interval": 2, "eval_interval": 3, "eval_batches": 2, "checkpoint_interval": 3,
+                 "routing_trace_tokens": 24},
     "resources": {"workers_per_cell": 1, "cpus_per_worker": 1, "max_concurrent_cells": 2},
 }
 
@@ -109,6 +110,10 @@ def test_every_cell_finished_with_provenance_and_metrics(mini, tmp_path):
         assert metrics["summary/tflops_per_device"] == pytest.approx(
             metrics["summary/train_gflops_per_token"] * metrics["summary/tokens_per_s"] / 1e3, rel=1e-6)
         assert 0 < metrics["summary/router_latency_share"] < 1 and "summary/step_seconds" in metrics
+        # The final evaluation's routing trace: 24 tokens x 2 MoE blocks, each row the experts its router chose.
+        trace = pd.read_parquet(client.download_artifacts(run.info.run_id, "eval/routing_trace.parquet", str(tmp_path)))
+        assert len(trace) == 48 and set(trace.layer) == {0, 1}
+        assert set(trace.experts.map(len)) <= ({2} if tags["router"] == "topk(k=2)" else {1, 2, 3, 4})
         saturation = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/moe/saturation")}
         assert set(saturation) == {3, 6} and saturation[6] == 1.0 and 0.0 <= saturation[3] <= 1.0
         assert 0 < metrics["eval/moe/purity"] <= 1 and 0.25 <= metrics["eval/moe/utilization"] <= 1

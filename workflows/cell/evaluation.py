@@ -17,6 +17,7 @@ from moe_models.analytics import NON_SCALAR, add_sums, difficulty_sums, pearson,
 from moe_models.models.common import LMOutput
 from workflows.cell.cost_metrics import cost_metrics, measure_peak_tflops, router_latency_share
 from workflows.cell.loop import aux_loss_metrics
+from workflows.cell.routing_trace import RoutingTrace
 from workflows.cell.worker import Worker, all_reduce_sum
 from workflows.metric_names import (
     EVAL_LOSS,
@@ -60,6 +61,7 @@ class Evaluation:
     # sees the same sequences (EVAL_SEED), so the report can pair two cells sequence by sequence (the token level of
     # its two-level bootstrap).
     sequence_losses: list[float]
+    trace: RoutingTrace | None = None  # the final evaluation's routing trace, when the study asks for one
 
 
 def eval_batches(data: PreparedData | PreparedPairs, cell: Cell, w: Worker) -> Iterator[Batch]:
@@ -83,8 +85,10 @@ def eval_batches(data: PreparedData | PreparedPairs, cell: Cell, w: Worker) -> I
 
 
 @torch.no_grad()
-def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) -> Evaluation:
+def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker, trace_tokens: int = 0) -> Evaluation:
+    """`trace_tokens`: trace the routing of this rank's first tokens (LM data)."""
     engine.eval()
+    trace = RoutingTrace(trace_tokens) if trace_tokens and isinstance(data, PreparedData) else None
     loss_sum, sums, difficulty, routes = torch.zeros(2), {}, None, {}  # routes: block -> per-batch masks
     by_example = None  # experts per token against predictive entropy, both averaged per sequence
     sequence_losses: list[torch.Tensor] = []
@@ -105,6 +109,8 @@ def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) 
             if entropy_BS is not None and entropy_BS.numel() == experts_T.numel():
                 by_example = add_sums(by_example, difficulty_sums(experts_T.view_as(entropy_BS).mean(1),
                                                                   entropy_BS.mean(1)))
+        if trace is not None and not trace.full:
+            trace.add(batch.inputs, out.moe)
         for i, aux in out.moe.items():
             sums[i] = add_sums(sums.get(i), aux.sums)
             routes.setdefault(i, []).append(aux.expert_mask_TE.cpu())  # kept to the end, and checkpointed
@@ -123,7 +129,7 @@ def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker) 
     if by_example is not None:  # the report's form: per example, experts per token against predictive entropy
         metrics[EVAL_MOE_DIFFICULTY_ENTROPY_CORR] = pearson({k: all_reduce_sum(v) for k, v in by_example.items()})
     return Evaluation(metrics, tables, {i: torch.cat(masks) for i, masks in routes.items()},
-                      torch.cat(sequence_losses).tolist() if sequence_losses else [])
+                      torch.cat(sequence_losses).tolist() if sequence_losses else [], trace)
 
 
 def saturation_metrics(snapshot: dict[int, torch.Tensor], final: dict[int, torch.Tensor]) -> dict[str, float]:

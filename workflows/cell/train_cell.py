@@ -35,6 +35,7 @@ from workflows.cell.handoff import fetch_source_checkpoint, log_final_checkpoint
 from workflows.cell.job import CellJob
 from workflows.cell.loop import NonFiniteLoss, StepTimes, train_step
 from workflows.cell.metric_sink import MetricSink
+from workflows.cell.routing_trace import TRACE_ARTIFACT
 from workflows.cell.worker import Worker
 from workflows.metric_names import (
     EVAL,
@@ -116,7 +117,8 @@ def train(engine, data: Data, job: CellJob, w: Worker, sink: MetricSink, start: 
         last = step == t.steps
         evaluating, checkpointing = step % t.eval_interval == 0 or last, step % t.checkpoint_interval == 0 or last
         if evaluating:
-            metrics.update(evaluate_now(engine, data, job.cell, w, sink, step, progress))
+            metrics.update(evaluate_now(engine, data, job.cell, w, sink, step, progress,
+                                        trace_tokens=t.routing_trace_tokens if last else 0))
         if last:
             metrics.update(summary_metrics(engine, data, job.cell, w, tokens_per_step, progress))
             finish(engine, data, job, sink, step, progress)  # before the last step's metrics (see finish)
@@ -126,9 +128,9 @@ def train(engine, data: Data, job: CellJob, w: Worker, sink: MetricSink, start: 
 
 
 def evaluate_now(engine, data: Data, cell: Cell, w: Worker, sink: MetricSink, step: int,
-                 progress: Progress) -> dict[str, float]:
+                 progress: Progress, trace_tokens: int = 0) -> dict[str, float]:
     began = time.perf_counter()
-    progress.evaluation = evaluate(engine, data, cell, w)
+    progress.evaluation = evaluate(engine, data, cell, w, trace_tokens)
     progress.eval_seconds += time.perf_counter() - began
     progress.snapshots[step] = progress.evaluation.routes
     sink.latest_eval = progress.evaluation.metrics
@@ -163,6 +165,10 @@ def finish(engine, data: Data, job: CellJob, sink: MetricSink, step: int, progre
         return
     evaluation = progress.evaluation
     log_final_artifacts(sink.w, job.cell, evaluation.tables, data.domains)
+    if evaluation.trace is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = evaluation.trace.write(Path(tmp) / Path(TRACE_ARTIFACT).name)
+            sink.w.tracker.log_artifact(sink.w.run_id, trace, str(Path(TRACE_ARTIFACT).parent))
     if evaluation.sequence_losses:  # the final evaluation's per-sequence losses: the report's bootstrap pairs them
         sink.w.tracker.log_text(sink.w.run_id, json.dumps(evaluation.sequence_losses), SEQUENCE_LOSSES)
     if job.export_checkpoint:  # another cell of the study starts from this one

@@ -80,6 +80,9 @@ class Study(StrictOptions):
                     problems.append(f"datasets[{d}].name: {dataset.name} is a {dataset.task} dataset but models[{j}] "
                                     f"({model.name}) trains on {MODELS.get(model.name).task} data; valid model "
                                     f"families: {', '.join(n for n in MODELS.names() if MODELS.get(n).task == dataset.task)}")
+        if self.training.routing_trace_tokens and any(d.task == "summarization" for d in self.datasets):
+            problems.append("training.routing_trace_tokens: the routing trace covers LM cells only (an encoder-decoder "
+                            "routes two token streams); leave it 0 in a summarization study")
         systems = labels + [p.display() for p in self.summarization.pretrained]
         if self.baseline is not None and self.baseline not in labels:
             problems.append(f"baseline: {short(self.baseline)} is not a router of this study; valid: {', '.join(labels)}")

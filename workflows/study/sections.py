@@ -68,6 +68,10 @@ class TrainingConfig(StrictOptions):
     # Evaluation batches stay random either way, so metrics compare across orders.
     batching: Annotated[Literal["random", "by_domain"],
                         CellKeyUnlessDefault("added after cells existed; random is what they did")] = "random"
+    # Save the routing of the final evaluation's first N tokens (experts and gate weights per token and MoE block) as
+    # eval/routing_trace.parquet on the cell's run; 0 = off. LM cells (workflows/cell/routing_trace.py).
+    routing_trace_tokens: Annotated[NonNegativeInt, NotCellKey("what the final evaluation saves, not what is "
+                                                               "trained")] = Field(default=0, le=1_000_000)
     # Set per cell from the study's `fault_injection` block (tests only): poison the loss with NaN at this step.
     inject_nan_at_step: Annotated[PositiveInt | None, CELL_KEY] = None
 
