@@ -72,6 +72,7 @@ class TopKRouter(LinearScoreRouter, Fp32Buffers):
         self.logit_bias_E = nn.Parameter(torch.zeros(choices)) if options.router_bias else None
         for problem in options.layer_problems(ctx.num_experts):
             raise ValueError(f"{problem[0]}: {problem[1]}")
+        self.replay = None  # a RouterReplay (moe_models/router_replay.py) records or forces the selection
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
         opts = self.options
@@ -87,6 +88,8 @@ class TopKRouter(LinearScoreRouter, Fp32Buffers):
             logits_TE = logits_TE + (torch.randn_like(logits_TE) - logits_TE).detach()
         scores_TE, probs_TE = scores_and_probs(logits_TE, opts.score)
         expert_ids_TK = self.select(scores_TE.detach(), logits_TE.detach())
+        if self.replay is not None:  # recorded, or replaced by the recording; the gates below stay this router's
+            expert_ids_TK = self.replay.select(self.ctx.layer_index, expert_ids_TK)
         weights_TK = scores_TE.gather(1, expert_ids_TK)  # gate values: the unbiased scores
         if opts.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
