@@ -11,7 +11,7 @@ Flow:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
@@ -122,8 +122,13 @@ class MoEFeedForward(Fp32Buffers):
         unscaled = {name: fn(decision, scope) for name, (fn, _) in self.balancing.items()}
         loss = sum((coef * unscaled[name] for name, (_, coef) in self.balancing.items()), x_TD.new_zeros(()).float())
         loss = loss + sum(decision.router_losses.values(), x_TD.new_zeros(()).float())
-        out = self.dispatch(x_TD, decision)
+        dense_gradient = self.training and getattr(self.router.options, "dense_gradient", False)
+        # DenseMixer: the router learns from the dense mixture only, so the sparse output's weights are constants.
+        out = self.dispatch(x_TD, replace(decision, weights_TK=decision.weights_TK.detach()) if dense_gradient
+                            else decision)
         y_TD = out.y_TD.reshape_as(x_TD)
+        if dense_gradient:
+            y_TD = y_TD + self._dense_router_gradient(x_TD, decision.probs_TE).to(y_TD.dtype)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:
@@ -134,6 +139,19 @@ class MoEFeedForward(Fp32Buffers):
             self._add_analytics(aux, decision, out.kept_TK, domain_ids_T, inputs.valid_BS)
         self.recorder.record(self.router.ctx.layer_index, aux)
         return y_TD.view_as(x_BSD)
+
+    def _dense_router_gradient(self, x_TD: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
+        """Zero in the forward; in the backward, the gradient of sum_e p_e * E_e(x) with respect to the gates p, the
+        experts' outputs held constant (DenseMixer). Every expert's output comes through this layer's own dispatch,
+        one expert at a time with weight 1, so any backend and expert parallelism compute it."""
+        T, E = probs_TE.shape
+        with torch.no_grad():
+            ones_T1 = torch.ones(T, 1, dtype=torch.float32, device=x_TD.device)
+            outputs_ETD = torch.stack([self.dispatch(x_TD, RoutingDecision(
+                torch.full((T, 1), e, dtype=torch.long, device=x_TD.device), ones_T1, ones_T1.bool(),
+                probs_TE.detach(), all_active=True)).y_TD for e in range(E)])
+        dense_TD = torch.einsum("te,etd->td", probs_TE, outputs_ETD.float())
+        return dense_TD - dense_TD.detach()
 
     def _scope(self, decision: RoutingDecision, sequence_length: int) -> BalanceScope:
         window_E = None

@@ -81,6 +81,10 @@ class TopKOptions(RouterOptions):
     # real experts. A route to one outputs nothing and costs nothing, so a token may use fewer than k experts: the
     # gate learns how much compute each token needs.
     null_experts: Annotated[NonNegativeInt, ADDED_LATER] = 0
+    # DenseMixer (Yao et al. 2025, "Improving MoE post-training with precise router gradients"): the forward stays
+    # sparse, but the router's gradient is the dense mixture's, sum over every expert of p_e * E_e(x), with each
+    # expert's output computed without gradient (E expert forwards per token at training). Dropless layers only.
+    dense_gradient: Annotated[bool, ADDED_LATER] = False
 
     @field_validator("assignment")
     @classmethod

@@ -24,7 +24,7 @@ ROUTER_OPTIONS = {"topk": {"k": 2}, "hash": {"k": 2}, "top_p": {"p": 0.5, "max_k
 # The routing options of today's open models (tests/moe_models/test_modern_routing.py), as "<router>:<case>".
 ROUTER_OPTIONS.update({"topk:deepseek_v3": MODERN["deepseek_v3"], "topk:gpt_oss": MODERN["gpt_oss"],
                        "topk:quantile": MODERN["quantile"], "topk:uniform": MODERN["uniform"],
-                       "topk:null": MODERN["null"]})
+                       "topk:null": MODERN["null"], "topk:densemixer": MODERN["densemixer"]})
 READS_THE_HOST = {"reference": "checks for unlabelled domain ids on the host (the testbed's upper bound)"}
 _DECODER = {"d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 64}
 MODEL_CASES = {"gpt": ("gpt", _DECODER),

@@ -19,7 +19,8 @@ MODERN = {"deepseek_v3": {"k": 2, "score": "sigmoid", "n_group": 2, "topk_group"
           "gpt_oss": {"k": 2, "router_bias": True, "renormalize": True},
           "quantile": {"k": 2, "score": "sqrt_softplus", "quantile_balancing": True, "quantile_ema": 0.5},
           "uniform": {"k": 2, "force_uniform": True},
-          "null": {"k": 2, "null_experts": 2, "renormalize": True}}
+          "null": {"k": 2, "null_experts": 2, "renormalize": True},
+          "densemixer": {"k": 2, "dense_gradient": True}}
 
 
 def ours(**options) -> torch.nn.Module:
@@ -209,6 +210,49 @@ def test_null_experts_leave_a_token_fewer_real_routes_with_the_gate_weights_it_c
     assert decision.probs_TE.shape == (512, E) and torch.allclose(decision.probs_TE.sum(-1), torch.ones(512))
     assert decision.routes_per_expert_E().sum() == per_token.sum()  # null routes are nobody's load
     assert not TopKOptions(k=2, null_experts=4).fixed_k and TopKOptions(k=2).fixed_k
+
+
+@pytest.mark.parametrize("backend", ["grouped", "deepspeed"])
+def test_densemixer_keeps_the_sparse_forward_and_gives_the_router_the_dense_mixtures_gradient(backend):
+    from moe_models.moe_ffn import moe_forward
+    from tests.tiny_layers import tiny_moe
+
+    torch.manual_seed(4)
+    sparse = tiny_moe("topk", {"k": 2}, d_model=D, expert_hidden=16, num_experts=4, vocab_size=50, backend=backend)
+    dense = tiny_moe("topk", {"k": 2, "dense_gradient": True}, d_model=D, expert_hidden=16, num_experts=4,
+                     vocab_size=50, backend=backend)
+    dense.load_state_dict(sparse.state_dict())
+    x, ids = torch.randn(2, 12, D), torch.randint(50, (2, 12))
+    g = torch.randn(2, 12, D)
+    y_sparse, _ = moe_forward(sparse.train(), x, ids)
+    y_dense, _ = moe_forward(dense.train(), x, ids)
+    torch.testing.assert_close(y_dense, y_sparse)  # the forward is the sparse one
+    (y_sparse * g).sum().backward()
+    (y_dense * g).sum().backward()
+    # Experts learn from the sparse routes as before.
+    expert_grads = {n: p.grad for n, p in sparse.named_parameters() if "router" not in n and p.grad is not None}
+    for name, p in dense.named_parameters():
+        if name in expert_grads:
+            torch.testing.assert_close(p.grad, expert_grads[name], rtol=1e-5, atol=1e-6)
+    # The router's gradient is the dense mixture's: d/dW of sum_t g_t . sum_e p_te E_e(x_t), outputs held constant.
+    x_TD = x.reshape(-1, D)
+    with torch.no_grad():
+        outputs = torch.stack([expert_output(dense, e, x_TD) for e in range(4)])  # (E, T, D)
+    proj = dense.router.proj.weight.detach().clone().requires_grad_(True)
+    probs = (x_TD @ proj.T).softmax(-1)
+    (torch.einsum("te,etd->td", probs, outputs) * g.reshape(-1, D)).sum().backward()
+    torch.testing.assert_close(dense.router.proj.weight.grad, proj.grad, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(sparse.router.proj.weight.grad, proj.grad)  # and it is not the sparse one
+
+
+def expert_output(layer, e, x_TD):
+    """Expert e's output for every token, through the layer's dispatch with weight 1."""
+    from moe_models.routing import RoutingDecision
+
+    T = x_TD.shape[0]
+    ones = torch.ones(T, 1)
+    return layer.dispatch(x_TD, RoutingDecision(torch.full((T, 1), e), ones, ones.bool(), torch.full((T, 4), 0.25),
+                                                all_active=True)).y_TD
 
 
 def test_options_that_do_not_fit_the_layer_are_refused_naming_the_option():

@@ -47,6 +47,9 @@ BAD = {
     "quantile balancing beside the sign step": (
         lambda s: s["routers"][0].update(quantile_balancing=True, expert_bias_rate=0.01),
         ["routers[0]", "quantile_balancing solves the selection bias that expert_bias_rate steps"]),
+    "dense router gradient with token dropping": (
+        lambda s: s["routers"][0].update(dense_gradient=True, capacity_factor=1.0),
+        ["routers[0].dense_gradient: the dense router gradient runs every expert on every token"]),
     "negative alpha": (lambda s: s["routers"][0]["balancing"].update(switch_lbl=-0.1),
                        ["routers[0].balancing.switch_lbl", "greater than or equal to 0"]),
     "unknown balancing": (lambda s: s["routers"][0]["balancing"].update(lbl=0.1),

@@ -59,6 +59,9 @@ class Study(StrictOptions):
                     problems.append(f"models[{j}].routers: {short(name)} is not a router of this study; valid: "
                                     f"{', '.join(labels)}")
         for i, router in enumerate(self.routers):
+            if router.options.get("dense_gradient") and router.capacity_factor is not None:
+                problems.append(f"routers[{i}].dense_gradient: the dense router gradient runs every expert on every "
+                                "token, which a capacity factor would drop; leave capacity_factor out (dropless)")
             for j, model in enumerate(self.models):
                 if shapes[j] is None or not shapes[j][0] or not model.crossed_with(router):
                     continue  # an unreadable source is reported above
