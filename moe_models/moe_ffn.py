@@ -90,10 +90,14 @@ class MoEFeedForward(Fp32Buffers):
 
     def __init__(self, router: Router, dispatch: nn.Module, balancing: dict[str, float],
                  balancing_scope: str = "micro_batch", shared_experts: nn.Module | None = None,
-                 shared_expert_gate: bool = False):
+                 shared_expert_gate: bool = False, latent: tuple[int, int] | None = None):
         super().__init__()
         self.router = router
         self.dispatch = dispatch
+        # Latent MoE (model width, expert width): the routed experts see a shared down-projection of the token and
+        # their output is projected back up (Nemotron 3). Outside `dispatch`, so FLOPs count them as linears.
+        self.latent_down = nn.Linear(*latent, bias=False) if latent else None
+        self.latent_up = nn.Linear(*reversed(latent), bias=False) if latent else None
         # Always-on experts added to the routed output (DeepSeekMoE, Qwen-MoE); with a gate, each token scales theirs
         # by sigmoid(w . x) (Qwen2-MoE's shared_expert_gate). Routing and its metrics never see them.
         self.shared_experts = shared_experts
@@ -123,12 +127,14 @@ class MoEFeedForward(Fp32Buffers):
         loss = sum((coef * unscaled[name] for name, (_, coef) in self.balancing.items()), x_TD.new_zeros(()).float())
         loss = loss + sum(decision.router_losses.values(), x_TD.new_zeros(()).float())
         dense_gradient = self.training and getattr(self.router.options, "dense_gradient", False)
+        experts_in_TD = x_TD if self.latent_down is None else self.latent_down(x_TD)
         # DenseMixer: the router learns from the dense mixture only, so the sparse output's weights are constants.
-        out = self.dispatch(x_TD, replace(decision, weights_TK=decision.weights_TK.detach()) if dense_gradient
-                            else decision)
-        y_TD = out.y_TD.reshape_as(x_TD)
+        out = self.dispatch(experts_in_TD, replace(decision, weights_TK=decision.weights_TK.detach())
+                            if dense_gradient else decision)
+        routed_TD = out.y_TD
         if dense_gradient:
-            y_TD = y_TD + self._dense_router_gradient(x_TD, decision.probs_TE).to(y_TD.dtype)
+            routed_TD = routed_TD + self._dense_router_gradient(experts_in_TD, decision.probs_TE).to(routed_TD.dtype)
+        y_TD = (routed_TD if self.latent_up is None else self.latent_up(routed_TD)).reshape_as(x_TD)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:

@@ -68,10 +68,12 @@ def build_ffn(opts: MoEModelOptions, stack_index: int, layer_index: int, routing
         return ExpertFFN(opts.d_model, opts.expert_hidden, activation)
     shared = ExpertFFN(opts.d_model, opts.num_shared_experts * opts.expert_hidden, activation) \
         if opts.num_shared_experts else None  # N shared experts of width F add up to one FFN of width N*F
-    return moe_block(LayerShape(opts.d_model, opts.expert_hidden, opts.num_experts, activation), opts.ep_size,
-                     opts.dispatch, routing, RouterContext(opts.d_model, opts.num_experts, vocab_size, layer_index,
-                                                           seed, num_domains, token_counts_V),
-                     shared, opts.shared_expert_gate)
+    latent = opts.moe_latent_size
+    return moe_block(LayerShape(latent or opts.d_model, opts.expert_hidden, opts.num_experts, activation),
+                     opts.ep_size, opts.dispatch, routing,
+                     RouterContext(opts.d_model, opts.num_experts, vocab_size, layer_index, seed, num_domains,
+                                   token_counts_V),
+                     shared, opts.shared_expert_gate, model_width=opts.d_model)
 
 
 @dataclass(frozen=True)
@@ -83,15 +85,18 @@ class LayerShape:
 
 
 def moe_block(shape: LayerShape, ep_size: int, dispatch: str, routing: RoutingSpec, ctx: RouterContext,
-              shared_experts: nn.Module | None = None, shared_expert_gate: bool = False) -> MoEFeedForward:
+              shared_experts: nn.Module | None = None, shared_expert_gate: bool = False,
+              model_width: int | None = None) -> MoEFeedForward:
     """An MoE FFN: the study's router (unique per ctx.layer_index), a dispatch backend, optional shared experts.
-    Our model families and the surgery on pretrained checkpoints (moe_models/pretrained/) both build it here."""
+    Our model families and the surgery on pretrained checkpoints (moe_models/pretrained/) both build it here.
+    `model_width` above shape.d_model: a latent MoE, its experts at shape.d_model between two projections."""
     router_cls = ROUTERS.get(routing.router)
     router = router_cls(ctx, routing.options or router_cls.Options())
     spec = DispatchSpec(shape.d_model, shape.expert_hidden, shape.num_experts, ep_size, routing.capacity_factor,
                         routing.drop_policy, shape.activation)
+    latent = (model_width, shape.d_model) if model_width and model_width != shape.d_model else None
     return MoEFeedForward(router, DISPATCH_BACKENDS.get(dispatch)(spec), routing.balancing,
-                          routing.balancing_scope, shared_experts, shared_expert_gate)
+                          routing.balancing_scope, shared_experts, shared_expert_gate, latent)
 
 
 _LOCAL_EXPERT = re.compile(r"deepspeed_experts\.(\d+)\.")

@@ -34,6 +34,10 @@ class MoEModelOptions(StrictOptions):
     # Megatron-Core's list pattern, one entry per block of each stack: 1 = MoE, 0 = dense. Replaces moe_every and
     # first_k_dense.
     moe_layer_pattern: Annotated[tuple[Literal[0, 1], ...] | None, ADDED_LATER] = None
+    # Latent MoE (Nemotron 3; Megatron-Core's moe_latent_size): routed experts run at this width, between a
+    # down-projection of the token and an up-projection back, both shared by the layer's experts. The router and the
+    # shared experts see the full width. None = experts at d_model.
+    moe_latent_size: Annotated[PositiveInt | None, ADDED_LATER] = None
     ep_size: PositiveInt = 1  # expert-parallel ranks (DeepSpeed ep_size); must divide num_experts
     dispatch: str = "grouped"  # dropless grouped GEMMs (dispatch/grouped.py); "deepspeed" = DeepSpeed's MOELayer
     dropout: confloat(ge=0, lt=1) = 0.0
@@ -53,6 +57,9 @@ class MoEModelOptions(StrictOptions):
             raise ValueError(f"dispatch={self.dispatch!r} unknown; valid: {', '.join(DISPATCH_BACKENDS.names())}")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("shared_expert_gate: gates the shared experts, and num_shared_experts is 0")
+        if self.moe_latent_size is not None and self.moe_latent_size >= self.d_model:
+            raise ValueError(f"moe_latent_size={self.moe_latent_size} must be below d_model={self.d_model} (a latent "
+                             "width at d_model or above only adds the projections)")
         if self.moe_layer_pattern is not None:
             if self.first_k_dense or self.moe_every != 1:
                 raise ValueError("moe_layer_pattern: names every block's FFN; leave moe_every and first_k_dense out")

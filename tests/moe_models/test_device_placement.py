@@ -31,6 +31,7 @@ MODEL_CASES = {"gpt": ("gpt", _DECODER),
                "gpt-swiglu-shared": ("gpt", {**_DECODER, "expert_activation": "swiglu", "num_shared_experts": 1,
                                              "shared_expert_gate": True}),
                "llama": ("llama", {**_DECODER, "n_heads": 4, "n_kv_heads": 2}),
+               "gpt-latent-first-dense": ("gpt", {**_DECODER, "moe_latent_size": 16, "first_k_dense": 1}),
                "seq2seq": ("seq2seq", {"d_model": 32, "n_heads": 2, "encoder_layers": 1, "decoder_layers": 1,
                                        "num_experts": 4, "expert_hidden": 64}),
                # transformers' own models with our MoE layer swapped in / upcycled (checkpoints written per session)
