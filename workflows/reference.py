@@ -149,6 +149,19 @@ def routers_page() -> str:
     return "".join(parts)
 
 
+def models_page() -> str:
+    from moe_models.models import MODELS
+
+    parts = [f"# Models\n\n{GENERATED}Every model family, as a study file names it (`models[].name`), with its "
+             "options. Options marked *unless default* were added after cells existed: at their default, a cell "
+             "keeps its id.\n"]
+    for name in MODELS.names():
+        family = MODELS.get(name)
+        doc = _module_doc(Path(__file__).resolve().parent.parent / "moe_models" / "models" / f"{name}.py")
+        parts.append(f"\n## `{name}` ({family.task})\n\n{doc}\n\n{fields_table(family.Options)}")
+    return "".join(parts)
+
+
 def study_page() -> str:
     from workflows.study.entries import DatasetEntry, ModelEntry, RouterEntry
     from workflows.study.schema import Study
@@ -160,14 +173,14 @@ def study_page() -> str:
                 ("`summarization`", SummarizationConfig, (), True)]
     parts = [f"# Study file\n\n{GENERATED}Every field a study file may set, by section. *Cell identity* says "
              "whether the field is part of a cell's id (`workflows/study/identity.py`): changing one that is makes "
-             "a new cell; the rest change how a study runs or is shown. A router's options are listed on the "
-             "routers page; a model family's on the models page of the guide.\n"]
+             "a new cell; the rest change how a study runs or is shown. A router's options are on the routers page, "
+             "a model family's on the models page.\n"]
     for title, cls, skip, identity in sections:
         parts.append(f"\n## {title}\n\n{fields_table(cls, skip, identity)}")
     return "".join(parts)
 
 
-PAGES = {"metrics.md": metrics_page, "routers.md": routers_page, "study.md": study_page}
+PAGES = {"metrics.md": metrics_page, "models.md": models_page, "routers.md": routers_page, "study.md": study_page}
 
 
 def write(folder: Path) -> list[Path]:
