@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -66,6 +66,9 @@ def build_ffn(opts: MoEModelOptions, stack_index: int, layer_index: int, routing
         return ExpertFFN(opts.d_model, opts.dense_width(routing.dense_active_experts), activation)
     if not opts.is_moe_block(stack_index):
         return ExpertFFN(opts.d_model, opts.expert_hidden, activation)
+    own = opts.layer_router(stack_index)
+    if own is not None:  # this block's own router; the cell's balancing, capacity and scope
+        routing = replace(routing, router=own[0], options=own[1])
     shared = ExpertFFN(opts.d_model, opts.num_shared_experts * opts.expert_hidden, activation) \
         if opts.num_shared_experts else None  # N shared experts of width F add up to one FFN of width N*F
     latent = opts.moe_latent_size

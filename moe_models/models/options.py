@@ -5,7 +5,7 @@ The `hf` family's checks that read a checkpoint's config.json alone (can this ro
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     Field,
@@ -34,6 +34,10 @@ class MoEModelOptions(StrictOptions):
     # Megatron-Core's list pattern, one entry per block of each stack: 1 = MoE, 0 = dense. Replaces moe_every and
     # first_k_dense.
     moe_layer_pattern: Annotated[tuple[Literal[0, 1], ...] | None, ADDED_LATER] = None
+    # Another router in some MoE blocks, by block index within each stack: {0: {name: hash}} hash-routes the first
+    # block, as DeepSeek-V4 does its first layers; the cell's router serves the rest. Balancing, capacity and scope
+    # stay the cell's.
+    layer_routers: Annotated[dict[NonNegativeInt, dict[str, Any]] | None, ADDED_LATER] = None
     # Latent MoE (Nemotron 3; Megatron-Core's moe_latent_size): routed experts run at this width, between a
     # down-projection of the token and an up-projection back, both shared by the layer's experts. The router and the
     # shared experts see the full width. None = experts at d_model.
@@ -60,6 +64,11 @@ class MoEModelOptions(StrictOptions):
         if self.moe_latent_size is not None and self.moe_latent_size >= self.d_model:
             raise ValueError(f"moe_latent_size={self.moe_latent_size} must be below d_model={self.d_model} (a latent "
                              "width at d_model or above only adds the projections)")
+        for index, entry in (self.layer_routers or {}).items():
+            if index >= max(self.stack_depths()) or not self.is_moe_block(index):
+                raise ValueError(f"layer_routers: block {index} is not an MoE block of this model (blocks "
+                                 f"{[i for i in range(max(self.stack_depths())) if self.is_moe_block(i)]} are)")
+            self.layer_router(index)  # a known router with valid options
         if self.moe_layer_pattern is not None:
             if self.first_k_dense or self.moe_every != 1:
                 raise ValueError("moe_layer_pattern: names every block's FFN; leave moe_every and first_k_dense out")
@@ -83,6 +92,19 @@ class MoEModelOptions(StrictOptions):
 
     def moe_blocks(self) -> int:
         return sum(self.is_moe_block(i) for depth in self.stack_depths() for i in range(depth))
+
+    def layer_router(self, index: int) -> tuple[str, Any] | None:
+        """(router name, its options) for a block with a router of its own, else None."""
+        from moe_models.routers.options import ROUTER_OPTIONS
+
+        entry = dict((self.layer_routers or {}).get(index) or {})
+        if not entry:
+            return None
+        name = entry.pop("name", None)
+        if name not in ROUTER_OPTIONS:
+            raise ValueError(f"layer_routers[{index}].name: {name!r} is not a router; valid: "
+                             f"{', '.join(ROUTER_OPTIONS.names())}")
+        return name, ROUTER_OPTIONS.get(name)(**entry)
 
     def is_moe_block(self, index: int) -> bool:
         """index counts the blocks of one stack (encoder and decoder separately)."""

@@ -63,3 +63,27 @@ def test_a_pattern_that_does_not_fit_the_stack_is_refused_naming_the_field():
         fam.Options(**SMALL, n_layers=3, moe_layer_pattern=[1, 0])
     with pytest.raises(ValidationError, match="leave moe_every and first_k_dense out"):
         fam.Options(**SMALL, n_layers=2, moe_layer_pattern=[1, 0], first_k_dense=1)
+
+
+def test_a_block_may_have_a_router_of_its_own():
+    """DeepSeek-V4 hash-routes its first layers: block 0 a hash router, the rest the cell's top-k."""
+    from moe_models.routers.hash import HashRouter
+    from moe_models.routers.topk import TopKRouter
+
+    model = build("gpt", n_layers=3, layer_routers={0: {"name": "hash", "k": 2}})
+    routers = [m.router for m in model.modules() if isinstance(m, MoEFeedForward)]
+    assert [type(r) for r in routers] == [HashRouter, TopKRouter, TopKRouter]
+    assert routers[0].options.k == 2 and [r.ctx.layer_index for r in routers] == [0, 1, 2]
+    ids = torch.randint(V, (2, 8))
+    out = model.eval()(ids, ids)
+    assert out.moe[0].decision.expert_ids_TK.shape == (16, 2)
+
+
+def test_a_router_for_a_dense_block_or_an_unknown_router_is_refused():
+    fam = MODELS.get("gpt")
+    with pytest.raises(ValidationError, match=r"layer_routers: block 0 is not an MoE block of this model \(blocks \[1, 2\] are\)"):
+        fam.Options(**SMALL, n_layers=3, first_k_dense=1, layer_routers={0: {"name": "hash"}})
+    with pytest.raises(ValidationError, match="layer_routers\\[1\\].name: 'hsh' is not a router"):
+        fam.Options(**SMALL, n_layers=3, layer_routers={1: {"name": "hsh"}})
+    with pytest.raises(ValidationError, match="k"):
+        fam.Options(**SMALL, n_layers=3, layer_routers={1: {"name": "hash", "k": 0}})

@@ -50,6 +50,9 @@ BAD = {
     "dense router gradient with token dropping": (
         lambda s: s["routers"][0].update(dense_gradient=True, capacity_factor=1.0),
         ["routers[0].dense_gradient: the dense router gradient runs every expert on every token"]),
+    "a router for a dense block": (
+        lambda s: s["models"][0].update(n_layers=3, first_k_dense=1, layer_routers={0: {"name": "hash"}}),
+        ["models[0]: layer_routers: block 0 is not an MoE block of this model (blocks [1, 2] are)"]),
     "negative alpha": (lambda s: s["routers"][0]["balancing"].update(switch_lbl=-0.1),
                        ["routers[0].balancing.switch_lbl", "greater than or equal to 0"]),
     "unknown balancing": (lambda s: s["routers"][0]["balancing"].update(lbl=0.1),
