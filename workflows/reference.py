@@ -162,6 +162,31 @@ def models_page() -> str:
     return "".join(parts)
 
 
+def cli_page() -> str:
+    """From the argparse parsers themselves: every command, its arguments, their defaults and help."""
+    import argparse
+
+    from workflows.driver.cli import parser
+
+    root = parser()
+    sub = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {choice.dest: choice.help for choice in sub._choices_actions}
+    parts = [f"# Command line\n\n{GENERATED}`moelab <command> ...`, from the CLI's own parsers. Exit codes: 0 "
+             "success, 1 a cell failed (the study went on), 2 a bad study or argument, named.\n"]
+    for name, command in sub.choices.items():
+        parts.append(f"\n## `moelab {name}`\n\n{helps.get(name) or ''}\n\n| argument | default | help |\n|---|---|---|\n")
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = ", ".join(action.option_strings) or action.dest.upper()
+            if action.nargs in ("*", "+"):
+                flag += " ..."
+            default = "" if action.default in (None, argparse.SUPPRESS, False) else f"`{action.default}`"
+            text = (action.help or "").replace("|", "\\|").replace("\n", " ")
+            parts.append(f"| `{flag}` | {default} | {text} |\n")
+    return "".join(parts)
+
+
 def study_page() -> str:
     from workflows.study.entries import DatasetEntry, ModelEntry, RouterEntry
     from workflows.study.schema import Study
@@ -180,7 +205,7 @@ def study_page() -> str:
     return "".join(parts)
 
 
-PAGES = {"metrics.md": metrics_page, "models.md": models_page, "routers.md": routers_page, "study.md": study_page}
+PAGES = {"cli.md": cli_page, "metrics.md": metrics_page, "models.md": models_page, "routers.md": routers_page, "study.md": study_page}
 
 
 def write(folder: Path) -> list[Path]:
