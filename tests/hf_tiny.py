@@ -64,6 +64,16 @@ def tiny_causal_lm(kind: str, folder: Path, vocab_size: int = 96, layers: int = 
                                        eos_token_id=0, pad_token_id=0, bos_token_id=0),
         "qwen3_moe": lambda: T.Qwen3MoeConfig(**common, intermediate_size=48, moe_intermediate_size=24, num_experts=4,
                                               num_experts_per_tok=2, head_dim=8),
+        # DeepSeek-V3's block (GLM-4-MoE shares it): 8 experts in 4 groups, 2 groups kept, a dense first layer
+        "deepseek_v3": lambda: T.DeepseekV3Config(
+            **{**common, "num_key_value_heads": 4, "num_hidden_layers": layers + 1}, intermediate_size=48,
+            moe_intermediate_size=16, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+            q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
+        "glm4_moe": lambda: T.Glm4MoeConfig(
+            **{**common, "num_hidden_layers": layers + 1}, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+            n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, n_shared_experts=1,
+            first_k_dense_replace=1, routed_scaling_factor=1.8, norm_topk_prob=True),
     }
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(configs[kind]())
@@ -71,5 +81,8 @@ def tiny_causal_lm(kind: str, folder: Path, vocab_size: int = 96, layers: int = 
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.2)
+        for name, b in model.named_buffers():  # DeepSeek-V3's selection bias starts at zero: make it matter
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.3)
     model.save_pretrained(folder)
     return folder

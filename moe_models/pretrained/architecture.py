@@ -7,8 +7,10 @@ from typing import Any
 
 # MoE model types whose blocks router swap knows; their routed-expert count is under one of these config keys
 # (transformers' names, which some configs alias: Qwen3-MoE writes num_local_experts).
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")
+# DeepSeek-V3 and GLM-4-MoE share one block: sigmoid scores with a selection-only correction bias, group-limited
+# top-k, a routed scaling factor and ungated shared experts, after first_k_dense_replace dense layers.
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe")
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 # Dense decoders whose MLP upcycling knows: GPT-2's (c_fc, c_proj; GELU) and the gated one (gate/up/down; SiLU).
 DENSE_MLPS = {"gpt2": "gpt2", "llama": "gated", "qwen2": "gated", "mistral": "gated", "qwen3": "gated"}
 
@@ -52,7 +54,10 @@ class Architecture:
 
 
 def _moe_layers(model_type: str, config: dict[str, Any], layers: int) -> tuple[int, ...]:
-    """Qwen-MoE checkpoints may keep dense MLPs in some layers (mlp_only_layers, decoder_sparse_step)."""
+    """Qwen-MoE checkpoints may keep dense MLPs in some layers (mlp_only_layers, decoder_sparse_step); DeepSeek-V3's
+    first first_k_dense_replace layers are dense."""
+    if model_type in ("deepseek_v3", "glm4_moe"):
+        return tuple(range(int(config.get("first_k_dense_replace") or 0), layers))
     if model_type not in ("qwen2_moe", "qwen3_moe"):
         return tuple(range(layers))
     dense, step = set(config.get("mlp_only_layers") or []), int(config.get("decoder_sparse_step") or 1)

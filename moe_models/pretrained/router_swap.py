@@ -1,5 +1,5 @@
-"""Router swap: a pretrained MoE checkpoint's MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: `layer.mlp` with a
-`gate` and stacked SwiGLU `experts`) becomes our MoEFeedForward, with the study's router and our dispatch, and the
+"""Router swap: a pretrained MoE checkpoint's MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3,
+GLM-4-MoE: `layer.mlp` with a `gate` and stacked SwiGLU `experts`) becomes our MoEFeedForward, with the study's router and our dispatch, and the
 checkpoint's experts (and Qwen2-MoE's gated shared expert) loaded into it. The router-architectures report swaps its
 routers into a pretrained Qwen1.5-MoE this way; `init_router: pretrained` copies the checkpoint's gate into a
 linear router, so a topk router with the checkpoint's k and renormalization computes the original model."""
@@ -58,6 +58,12 @@ def swap_in(mlp: nn.Module, routing: RoutingSpec, ctx: RouterContext, dispatch: 
             shared.up.weight.copy_(torch.cat([s.gate_proj.weight, s.up_proj.weight]))
             shared.down.weight.copy_(s.down_proj.weight)
         gated = getattr(mlp, "shared_expert_gate", None) is not None
+    elif getattr(mlp, "shared_experts", None) is not None:  # DeepSeek-V3, GLM-4-MoE: always on, ungated
+        s = mlp.shared_experts
+        shared = ExpertFFN(D, s.down_proj.weight.shape[1], "swiglu")
+        with torch.no_grad():
+            shared.up.weight.copy_(torch.cat([s.gate_proj.weight, s.up_proj.weight]))
+            shared.down.weight.copy_(s.down_proj.weight)
     layer = moe_block(LayerShape(D, hidden, E, "swiglu"), ep_size, dispatch, routing, ctx, shared, gated)
     if gated:
         with torch.no_grad():
@@ -66,7 +72,20 @@ def swap_in(mlp: nn.Module, routing: RoutingSpec, ctx: RouterContext, dispatch: 
     init_fresh(layer.router, ctx.seed, f"layers.{ctx.layer_index}.router")
     if init_router == "pretrained":
         copy_gate(layer, mlp.gate.weight, ctx.layer_index)
+        bias = getattr(mlp.gate, "e_score_correction_bias", None)
+        if bias is not None:  # DeepSeek-V3's aux-loss-free bias: it moves selection, from the first forward on
+            copy_selection_bias(layer, bias, ctx.layer_index)
     return layer
+
+
+def copy_selection_bias(layer: MoEFeedForward, bias_E: torch.Tensor, layer_index: int) -> None:
+    router = layer.router
+    if not hasattr(router, "expert_bias_E"):
+        raise ValueError(f"layer {layer_index}: the checkpoint's router adds a selection bias, and router "
+                         f"{type(router).__name__} has none; use a topk router (expert_bias_rate 0 keeps it fixed)")
+    with torch.no_grad():
+        router.expert_bias_E.copy_(bias_E.float())
+    router.selection_bias = True
 
 
 def copy_gate(layer: MoEFeedForward, gate_ED: torch.Tensor, layer_index: int) -> None:

@@ -72,6 +72,9 @@ class TopKRouter(LinearScoreRouter, Fp32Buffers):
         self.logit_bias_E = nn.Parameter(torch.zeros(choices)) if options.router_bias else None
         for problem in options.layer_problems(ctx.num_experts):
             raise ValueError(f"{problem[0]}: {problem[1]}")
+        # Whether expert_bias_E moves the selection: a balancing rule trains it, or a swapped checkpoint brought one
+        # (DeepSeek-V3's e_score_correction_bias, moe_models/pretrained/router_swap.py).
+        self.selection_bias = options.biased_selection
         self.replay = None  # a RouterReplay (moe_models/router_replay.py) records or forces the selection
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor) -> RoutingDecision:
@@ -120,9 +123,9 @@ class TopKRouter(LinearScoreRouter, Fp32Buffers):
         """Each token's k experts: by score plus the selection bias, within its groups; or by a balanced assignment
         at training (moe_models/assignment)."""
         opts = self.options
-        if not opts.biased_selection and opts.n_group == 1:
+        if not self.selection_bias and opts.n_group == 1:
             return ASSIGNMENTS.get(opts.assignment)(logits_TE, opts.k, self.training)
-        choice_TE = scores_TE + self.expert_bias_E if opts.biased_selection else scores_TE
+        choice_TE = scores_TE + self.expert_bias_E if self.selection_bias else scores_TE
         if opts.n_group > 1:
             choice_TE = group_limited(choice_TE, opts.n_group, opts.topk_group or opts.n_group)
         return choice_TE.topk(opts.k, dim=-1).indices

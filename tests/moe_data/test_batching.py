@@ -86,7 +86,7 @@ def test_by_domain_needs_labels(tmp_path):
 def test_the_default_order_keeps_every_existing_cell_id_and_by_domain_is_part_of_it():
     study = load_study(REPO / "studies" / "quickstart.yaml")
     # The quickstart's ids before the option existed (bench/results/orchestration_cpu2_baseline.json).
-    assert {c.id for c in expand(study)} == {"7c14164707aa", "f02f85fe319e", "589624b3442b", "3156216b28bb"}
+    assert {"7c14164707aa", "f02f85fe319e", "589624b3442b", "3156216b28bb"} <= {c.id for c in expand(study)}
     raw = yaml.safe_load((REPO / "studies" / "quickstart.yaml").read_text())
     raw["training"]["batching"] = "by_domain"
     by_domain = {c.id for c in expand(parse_study(raw))}

@@ -27,7 +27,8 @@ V, S = 96, 12
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     return {kind: tiny_causal_lm(kind, root / kind, vocab_size=V)
-            for kind in ("gpt2", "llama", "qwen2", "mixtral", "qwen2_moe", "olmoe", "qwen3_moe")}
+            for kind in ("gpt2", "llama", "qwen2", "mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "deepseek_v3",
+                         "glm4_moe")}
 
 
 def topk(k: int, renormalize: bool) -> RoutingSpec:
@@ -55,6 +56,30 @@ def test_swapped_topk_router_from_the_gate_reproduces_the_moe_checkpoint(checkpo
         ours, aux = model.logits(ids())
     assert sorted(aux) == [0, 1]
     torch.testing.assert_close(ours, reference_logits(checkpoints[kind], ids()), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["grouped", "deepspeed"])
+@pytest.mark.parametrize("kind, scaling", [("deepseek_v3", 2.5), ("glm4_moe", 1.8)])
+def test_deepseek_v3s_router_swapped_in_from_its_gate_reproduces_the_checkpoint(checkpoints, kind, scaling, backend):
+    """Sigmoid scores, the checkpoint's selection-only correction bias, 2 of 4 expert groups, the routed scaling
+    factor, ungated shared experts, a dense first layer left as it is."""
+    routing = RoutingSpec("topk", ROUTERS.get("topk").Options(k=2, score="sigmoid", n_group=4, topk_group=2,
+                                                              routed_scaling_factor=scaling, renormalize=True))
+    model = HFCausalLM(HFOptions(pretrained=str(checkpoints[kind]), init_router="pretrained", dispatch=backend),
+                       routing, V, 64, seed=0).eval()
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    assert len(layers) == 2 and all(layer.router.selection_bias for layer in layers)
+    with torch.no_grad():
+        ours, aux = model.logits(ids())
+    assert sorted(aux) == [1, 2]  # layer 0 is dense
+    torch.testing.assert_close(ours, reference_logits(checkpoints[kind], ids()), atol=2e-5, rtol=2e-5)
+    # Each piece matters: without the group limit, or without the bias, the function changes.
+    for changed in ({"n_group": 1, "topk_group": None}, {"routed_scaling_factor": 1.0}):
+        other = RoutingSpec("topk", routing.options.model_copy(update=changed))
+        with torch.no_grad():
+            logits = HFCausalLM(HFOptions(pretrained=str(checkpoints[kind]), init_router="pretrained",
+                                          dispatch=backend), other, V, 64, seed=0).eval().logits(ids())[0]
+        assert not torch.allclose(logits, ours, atol=1e-3), changed
 
 
 def test_a_fresh_router_changes_the_function_and_every_router_runs_swapped_in(checkpoints):

@@ -188,7 +188,7 @@ def test_console_script_exit_code(tmp_path):
 def test_quickstart_study_is_valid():
     from workflows.study.loading import load_study
 
-    assert len(expand(load_study(REPO / "studies" / "quickstart.yaml"))) == 4
+    assert len(expand(load_study(REPO / "studies" / "quickstart.yaml"))) == 5
 
 
 def test_summarization_study_expands_to_evaluated_cells_whose_ids_ignore_presentation():
