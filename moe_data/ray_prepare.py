@@ -37,6 +37,18 @@ def _tokenizer(tokenizer_json: str):
     return Tokenizer.from_str(tokenizer_json)
 
 
+def domain_labels(batch: dict[str, np.ndarray], domain_column: str | None, rows: int) -> list[str]:
+    """Each row's domain: a column, or a field inside one (`meta.redpajama_set_name`, SlimPajama's layout); "" where
+    there is none."""
+    top, *inner = (domain_column or "").split(".")
+    if not top or top not in batch:
+        return [""] * rows
+    values = list(batch[top])
+    for key in inner:
+        values = [v.get(key) if isinstance(v, dict) else None for v in values]
+    return ["" if v is None else str(v) for v in values]
+
+
 def tokenize_rows(batch: dict[str, np.ndarray], *, tokenizer_json: str, text_column: str, domain_column: str | None,
                   split: str | None) -> dict[str, np.ndarray]:
     """One batch of rows -> (split, domain, ids) per document. Ray's tasks are the parallelism (one CPU each): the
@@ -47,7 +59,7 @@ def tokenize_rows(batch: dict[str, np.ndarray], *, tokenizer_json: str, text_col
                          f"{', '.join(batch)}")
     texts = [str(t) for t in batch[text_column]]
     encoded = _tokenizer(tokenizer_json).encode_batch(texts)
-    domains = [str(d) for d in batch[domain_column]] if domain_column and domain_column in batch else [""] * len(texts)
+    domains = domain_labels(batch, domain_column, len(texts))
     splits = [split or hashed_split(t) for t in texts]
     ids = np.empty(len(texts), dtype=object)
     ids[:] = [np.asarray(e.ids, dtype=np.int32) for e in encoded]
@@ -111,7 +123,7 @@ def _read(spec: DataSpec, source: SplitSource):
     found = local_files(rest)
     if isinstance(found, Path) or found[0].suffix not in (".parquet", ".jsonl"):
         return None
-    columns = [c for c in (spec.text_column, spec.domain_column) if c]
+    columns = [c.split(".")[0] for c in (spec.text_column, spec.domain_column) if c]
     paths = [str(p) for p in found]
     if found[0].suffix == ".parquet":
         present = set(ray.data.read_parquet(paths[:1]).schema().names)

@@ -126,7 +126,7 @@ def _check_columns(spec: DataSpec, rows) -> None:
     if absent:
         field = "text_column" if spec.text_column in absent else "summary_column"
         raise ValueError(f"datasets[].{field}: {spec.name} has no column {absent[0]!r}; columns: {', '.join(columns)}")
-    if spec.domain_mix is not None and (spec.domain_column is None or spec.domain_column not in columns):
+    if spec.domain_mix is not None and (spec.domain_column is None or spec.domain_column.split(".")[0] not in columns):
         raise ValueError(f"datasets[].domain_mix needs a domain column; {spec.name} has no column "
                          f"{spec.domain_column!r} (columns: {', '.join(columns)})")
 

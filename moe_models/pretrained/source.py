@@ -10,9 +10,11 @@ import json
 import os
 import re
 import socket
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 CELL_PREFIX = "cell:"
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")  # huggingface_hub's repo ids
@@ -37,6 +39,32 @@ def cell_source(pretrained: str) -> CellSource | None:
 
 def _shown(name: str) -> str:
     return repr(name if len(name) <= 80 else name[:80] + "...")
+
+
+# Set while a study is validated without the hub (`moelab validate --no-hub`): the checks only the hub could answer.
+_SKIPPED_HUB_CHECKS: ContextVar[list[str] | None] = ContextVar("skipped_hub_checks", default=None)
+
+
+class HubCheckSkipped(Exception):
+    """A check that needs the hub, left out on purpose (`without_hub`); its message says which."""
+
+
+@contextmanager
+def without_hub() -> Iterator[list[str]]:
+    """Validate without the hub: a hub name not in the local cache skips the checks that need its config.json, and
+    the returned list names each one skipped."""
+    skipped: list[str] = []
+    token = _SKIPPED_HUB_CHECKS.set(skipped)
+    try:
+        yield skipped
+    finally:
+        _SKIPPED_HUB_CHECKS.reset(token)
+
+
+def skip_hub_check(what: str) -> None:
+    skipped = _SKIPPED_HUB_CHECKS.get()
+    if skipped is not None and what not in skipped:
+        skipped.append(what)
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -71,6 +99,8 @@ def read_config(pretrained: str) -> dict[str, Any]:
     cached = try_to_load_from_cache(pretrained, "config.json")
     if isinstance(cached, str):
         return json.loads(Path(cached).read_text())
+    if _SKIPPED_HUB_CHECKS.get() is not None:
+        raise HubCheckSkipped(f"{pretrained}: its config.json (architecture, the routers and LoRA targets on it)")
     if not hub_reachable():
         raise ValueError(f"{_shown(pretrained)} is not a local folder, not in the Hugging Face cache, and the hub "
                          f"({HUB_HOST[0]}) is unreachable from here: download it where there is a network "

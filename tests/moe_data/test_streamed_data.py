@@ -75,6 +75,26 @@ def test_a_domain_mix_gives_each_domain_its_exact_share(ray_local, parquet_corpu
     assert "law" not in data.domains
 
 
+def test_a_domain_inside_a_struct_column_is_read_by_its_path(ray_local, parquet_corpus, tmp_path):
+    """SlimPajama keeps its domain at meta.redpajama_set_name: the same corpus with the domain nested in a struct
+    gives the same shards as with a flat column."""
+    folder, rows = parquet_corpus
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"text": r["text"], "meta": {"set": r["topic"], "n": 1}} for r in rows]),
+                   nested / "part-0.parquet")
+    budgets = dict(train_tokens=9_001, eval_tokens=600, domain_mix=(("news", 2.0), ("code", 1.0)))
+    flat = load_prepared(prepare(DataSpec(f"file:{folder}/*.parquet", 300, domain_column="topic", **budgets),
+                                 tmp_path / "flat"))
+    inner = load_prepared(prepare(DataSpec(f"file:{nested}/*.parquet", 300, domain_column="meta.set", **budgets),
+                                  tmp_path / "inner"))
+    assert sorted(inner.domains) == sorted(flat.domains) == ["code", "news"]
+    for split in SPLITS:
+        a, b = (d.split(split).contiguous(0, d.split(split).num_tokens) for d in (flat, inner))
+        assert np.array_equal(a[0], b[0])
+        assert [flat.domains[i] for i in a[1][:50]] == [inner.domains[i] for i in b[1][:50]]
+
+
 def test_preparation_is_cached_and_reproducible(ray_local, parquet_corpus, tmp_path):
     folder, _ = parquet_corpus
     spec = DataSpec(f"file:{folder}/*.parquet", 300, train_tokens=8_000, eval_tokens=500)

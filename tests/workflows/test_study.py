@@ -279,3 +279,23 @@ def test_intervals_past_the_last_step_validate_with_a_warning(tmp_path, capsys):
     assert code == 0
     assert "warning: training.eval_interval: 50 is more than steps=20" in err
     assert "warning: training.checkpoint_interval: 50 is more than steps=20" in err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "studies" / "reports").glob("*.yaml")), ids=lambda p: p.name)
+def test_each_reports_own_setup_validates_offline_naming_the_checks_it_skipped(path, capsys):
+    """The four reports at their own size (hub checkpoints and datasets, GPUs): everything but the hub is checked."""
+    code = main(["validate", "--no-hub", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "valid —" in out
+    hub_models = [m for m in yaml.safe_load(path.read_text())["models"] if m["name"] == "hf"]
+    assert err.count("skipped (needs the hub): models[") == len(hub_models)
+
+
+def test_without_no_hub_a_checkpoint_the_hub_must_answer_for_is_a_problem(tmp_path, capsys, monkeypatch):
+    from moe_models.pretrained import source
+
+    monkeypatch.setattr(source, "hub_reachable", lambda timeout_s=3.0: False)  # this machine has no network anyway
+    study = REPO / "studies" / "reports" / "003_dynamic_routing_gpt2.yaml"
+    code, err = validate(tmp_path, capsys, yaml.safe_load(study.read_text()))
+    assert code == 2 and "openai-community/gpt2-medium' is not a local folder, not in the Hugging Face cache" in err

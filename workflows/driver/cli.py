@@ -81,7 +81,10 @@ def parser() -> argparse.ArgumentParser:
                             help="stream Ray worker logs and library notices to the terminal")
         launch.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
                             help="off a terminal: at most one progress line per running cell this often (default 10)")
-    command("validate", cmd_validate, "validate a study file only", workdir=False)
+    validate = command("validate", cmd_validate, "validate a study file only", workdir=False)
+    validate.add_argument("--no-hub", action="store_true",
+                          help="check everything but what only the Hugging Face hub can answer (a checkpoint's "
+                               "config.json not in the local cache), and name each check skipped")
     routers = sub.add_parser("routers", help="the router registry, characterized on random hidden states (and, "
                                               "with --study, on a trained cell's)")
     routers.add_argument("--format", choices=("table", "json"), default="table")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from moe_models.models.options import moe_layers, num_experts, routing_problem
 from moe_models.pretrained.architecture import Architecture
-from moe_models.pretrained.source import cell_source, read_config
+from moe_models.pretrained.source import HubCheckSkipped, cell_source, read_config, skip_hub_check
 from moe_models.spec import DENSE
 
 
@@ -25,6 +25,9 @@ def hf_problems(study, j: int) -> list[str]:
     try:
         config = source_config(study, j)
         arch = Architecture.from_config(config)
+    except HubCheckSkipped as skipped:
+        skip_hub_check(f"models[{j}].pretrained {skipped}")
+        return []
     except ValueError as err:
         return [f"models[{j}].pretrained: {err}"]
     routers = [(i, r) for i, r in enumerate(study.routers) if model.crossed_with(r)]
@@ -107,6 +110,6 @@ def experts_and_moe_layers(study, j: int) -> tuple[int, int] | None:
         return opts.num_experts, opts.moe_blocks()
     try:
         arch = Architecture.from_config(source_config(study, j))
-    except ValueError:
+    except (ValueError, HubCheckSkipped):  # reported (or named as skipped) by hf_problems
         return None
     return num_experts(arch, opts), moe_layers(arch, opts)
