@@ -35,6 +35,9 @@ EVAL_MOE_DIFFICULTY_CORR = "eval/moe/difficulty_corr"
 EVAL_MOE_DIFFICULTY_ENTROPY_CORR = "eval/moe/difficulty_entropy_corr"
 
 # Summary, logged once at the last step.
+# Inference, measured once at a cell's end (workflows/cell/inference_cost.py)
+EVAL_INFERENCE_PREFILL_TOKENS_PER_S = "eval/inference/prefill_tokens_per_s"
+EVAL_INFERENCE_PEAK_MB = "eval/inference/peak_mb"
 SUMMARY_TOKENS_PER_S = "summary/tokens_per_s"
 SUMMARY_TRAIN_SECONDS = "summary/train_seconds"
 SUMMARY_FIRST_STEP_SECONDS = "summary/first_step_seconds"
@@ -81,6 +84,9 @@ GLOSSARY: dict[str, str] = {
     EVAL_MOE_EXPERT_FLOPS_PER_TOKEN: "FLOPs of the served expert routes per token, summed over MoE blocks",
     EVAL_MOE_DIFFICULTY_CORR: "correlation of experts per token with the token's loss",
     EVAL_MOE_DIFFICULTY_ENTROPY_CORR: "correlation of experts per token with the predictive entropy",
+    EVAL_INFERENCE_PREFILL_TOKENS_PER_S: "tokens of one evaluation micro-batch per second of a no-grad forward "
+                                         "at the cell's end (median of 5)",
+    EVAL_INFERENCE_PEAK_MB: "peak memory during those inference forwards alone (peak counter reset before them)",
     SUMMARY_TOKENS_PER_S: "steady-state training throughput over the run (first step excluded)",
     SUMMARY_TRAIN_SECONDS: "wall time of the training steps of this (resumed part of the) run",
     SUMMARY_FIRST_STEP_SECONDS: "wall time of the first step (compile, lazy init)",

@@ -32,6 +32,7 @@ from workflows.cell.evaluation import (
     saturation_metrics,
 )
 from workflows.cell.handoff import fetch_source_checkpoint, log_final_checkpoint
+from workflows.cell.inference_cost import inference_metrics
 from workflows.cell.job import CellJob
 from workflows.cell.loop import NonFiniteLoss, StepTimes, train_step
 from workflows.cell.metric_sink import MetricSink
@@ -153,6 +154,7 @@ def summary_metrics(engine, data: Data, cell: Cell, w: Worker, tokens_per_step: 
         metrics[SUMMARY_SKIPPED_STEPS] = engine.skipped_steps
     metrics.update(final_cost_metrics(engine, data, cell, tokens_per_s / w.world, progress.evaluation.metrics,
                                       times.steady_step_seconds))
+    metrics.update(inference_metrics(engine, data, cell))  # after the training peak above: it resets the counter
     if cell.summarization is not None:
         metrics.update(summarize_test_split(engine, data, cell, w))
     return metrics

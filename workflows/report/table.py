@@ -26,6 +26,8 @@ from workflows.metric_names import (
     SUMMARY_PARAMS_TOTAL,
     SUMMARY_PARAMS_TRAINABLE,
     SUMMARY_PEAK_MEMORY_MB,
+    EVAL_INFERENCE_PEAK_MB,
+    EVAL_INFERENCE_PREFILL_TOKENS_PER_S,
     SUMMARY_ROUTER_LATENCY_SHARE,
     SUMMARY_TOKENS_PER_S,
 )
@@ -69,6 +71,8 @@ METRIC_COLUMNS = (
     Column("MFU %", SUMMARY_MFU, 1, 100),
     Column("router share", SUMMARY_ROUTER_LATENCY_SHARE, 3),
     Column("peak MB", SUMMARY_PEAK_MEMORY_MB, 0),
+    Column("inference tokens/s", EVAL_INFERENCE_PREFILL_TOKENS_PER_S, 0),
+    Column("inference peak MB", EVAL_INFERENCE_PEAK_MB, 0),
 )
 ID_HEADERS = ("cell", "router", "model", "dataset", "seed", "status")
 

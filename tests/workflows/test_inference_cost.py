@@ -1,0 +1,35 @@
+"""Inference cost at a cell's end: forward throughput and the peak memory of inference alone."""
+import pytest
+
+from tests.in_process import in_process_cell
+from workflows.cell.evaluation import peak_memory_mb
+from workflows.cell.inference_cost import inference_metrics
+from workflows.metric_names import EVAL_INFERENCE_PEAK_MB, EVAL_INFERENCE_PREFILL_TOKENS_PER_S
+
+
+def cell(tmp_path, k: int):
+    return in_process_cell(tmp_path / f"k{k}", {
+        "routers": [{"name": "topk", "k": k}],
+        # Wide experts, so that what a token's experts compute dominates the forward.
+        "models": [{"name": "gpt", "d_model": 64, "n_layers": 2, "n_heads": 2, "num_experts": 8,
+                    "expert_hidden": 512}],
+        "datasets": [{"name": "builtin:domains", "vocab_size": 300, "max_chars_per_domain": 20000}],
+        "training": {"steps": 2, "micro_batch_size": 8, "seq_len": 128, "warmup_steps": 1}})
+
+
+def test_more_experts_per_token_cost_inference_throughput_on_the_same_model(tmp_path):
+    """Measured side by side on this machine, as a ratio: top-8 runs 8x the expert FLOPs of top-1 per token."""
+    (e1, c1, d1), (e8, c8, d8) = cell(tmp_path, 1), cell(tmp_path, 8)
+    one, eight = inference_metrics(e1, d1, c1), inference_metrics(e8, d8, c8)
+    assert one[EVAL_INFERENCE_PREFILL_TOKENS_PER_S] > 1.5 * eight[EVAL_INFERENCE_PREFILL_TOKENS_PER_S]
+
+
+def test_the_inference_peak_is_measured_from_a_reset_not_the_training_peak(tmp_path):
+    engine, c, data = cell(tmp_path, 2)
+    ballast = bytearray(300 * 2**20)  # a 300 MB training peak, gone before inference
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    training_peak = peak_memory_mb()
+    del ballast
+    metrics = inference_metrics(engine, data, c)
+    assert 0 < metrics[EVAL_INFERENCE_PEAK_MB] < training_peak - 200
+    assert metrics[EVAL_INFERENCE_PREFILL_TOKENS_PER_S] > 0
