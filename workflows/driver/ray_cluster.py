@@ -42,6 +42,9 @@ def connect_if_remote(ws: Workspace, address: str | None, verbose: bool) -> None
 # Measured on the quickstart (2 cores): 3.7-4.9 s from a cell's last step to fit() returning at 2 s, 0.9-1.2 s at
 # 0.25 s. Ray Train propagates the variable from the process that calls fit() to its controller.
 RAY_TRAIN_POLLING = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# A Ray of our own is one node, which no cloud provider drains: Ray Train's preemption watcher (an actor, hence one
+# more Python process per cell) would watch for nothing. Clusters keep it, and so does a user who sets the variable.
+LOCAL_RAY_TRAIN = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def _free_port() -> int:
@@ -65,8 +68,10 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     # A Ray of our own gets a free dashboard port: with Ray's fixed 8265 a second study on the same machine would
     # start without a dashboard, and its ASHA-stopped trials would leak their CPUs (see above).
     dashboard = {"dashboard_port": _free_port()} if address == "local" else {}
+    env_vars = {"PYTHONWARNINGS": "ignore::DeprecationWarning", **RAY_TRAIN_POLLING,
+                **({k: v for k, v in LOCAL_RAY_TRAIN.items() if k not in os.environ} if address == "local" else {})}
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose, **dashboard,
-             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning", **RAY_TRAIN_POLLING}})
+             runtime_env={"env_vars": env_vars})
     if not verbose:
         _drop_worker_pool_notices()
 
