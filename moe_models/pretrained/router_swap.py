@@ -50,20 +50,10 @@ def swap_in(mlp: nn.Module, routing: RoutingSpec, ctx: RouterContext, dispatch: 
         raise ValueError(f"layer {ctx.layer_index}: experts use {act}; router swap knows SwiGLU (SiLU) experts")
     E, _, D = experts.gate_up_proj.shape
     hidden = experts.down_proj.shape[-1]
-    shared, gated = None, False
-    if getattr(mlp, "shared_expert", None) is not None:  # Qwen2-MoE: one always-on expert, gated per token
-        s = mlp.shared_expert
-        shared = ExpertFFN(D, s.down_proj.weight.shape[1], "swiglu")
-        with torch.no_grad():
-            shared.up.weight.copy_(torch.cat([s.gate_proj.weight, s.up_proj.weight]))
-            shared.down.weight.copy_(s.down_proj.weight)
-        gated = getattr(mlp, "shared_expert_gate", None) is not None
-    elif getattr(mlp, "shared_experts", None) is not None:  # DeepSeek-V3, GLM-4-MoE: always on, ungated
-        s = mlp.shared_experts
-        shared = ExpertFFN(D, s.down_proj.weight.shape[1], "swiglu")
-        with torch.no_grad():
-            shared.up.weight.copy_(torch.cat([s.gate_proj.weight, s.up_proj.weight]))
-            shared.down.weight.copy_(s.down_proj.weight)
+    # Qwen2-MoE: one always-on expert, gated per token; DeepSeek-V3, GLM-4-MoE: always on, ungated.
+    source = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
+    shared = None if source is None else shared_expert(source, D)
+    gated = getattr(mlp, "shared_expert_gate", None) is not None
     layer = moe_block(LayerShape(D, hidden, E, "swiglu"), ep_size, dispatch, routing, ctx, shared, gated)
     if gated:
         with torch.no_grad():
@@ -86,6 +76,15 @@ def copy_selection_bias(layer: MoEFeedForward, bias_E: torch.Tensor, layer_index
     with torch.no_grad():
         router.expert_bias_E.copy_(bias_E.float())
     router.selection_bias = True
+
+
+def shared_expert(mlp: nn.Module, d_model: int) -> ExpertFFN:
+    """A checkpoint's SwiGLU MLP (gate_proj, up_proj, down_proj) as our ExpertFFN, weights copied."""
+    shared = ExpertFFN(d_model, mlp.down_proj.weight.shape[1], "swiglu")
+    with torch.no_grad():
+        shared.up.weight.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        shared.down.weight.copy_(mlp.down_proj.weight)
+    return shared
 
 
 def copy_gate(layer: MoEFeedForward, gate_ED: torch.Tensor, layer_index: int) -> None:

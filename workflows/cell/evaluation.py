@@ -148,13 +148,18 @@ def final_cost_metrics(engine, data: PreparedData | PreparedPairs, cell: Cell, t
     metrics = cost_metrics(model, cell.training.seq_len, tokens_per_s_per_device,
                            latest_eval.get(EVAL_MOE_EXPERT_FLOPS_PER_TOKEN, 0.0),
                            measure_peak_tflops(param.device, param.dtype), step_seconds)
-    t = cell.training
-    batch = data.sample("validation", t.micro_batch_size, torch.Generator().manual_seed(EVAL_SEED), t.seq_len,
-                        t.target_len).to(engine.device)
+    batch = timing_batch(data, cell, engine.device)
     engine.eval()
     share = router_latency_share(model, lambda: engine(*batch.inputs))
     engine.train()
     return {**metrics, **({SUMMARY_ROUTER_LATENCY_SHARE: share} if share is not None else {})}
+
+
+def timing_batch(data: PreparedData | PreparedPairs, cell: Cell, device) -> Batch:
+    """The evaluation micro-batch every cell of a study times its forwards on (router share, inference cost)."""
+    t = cell.training
+    return data.sample("validation", t.micro_batch_size, torch.Generator().manual_seed(EVAL_SEED), t.seq_len,
+                       t.target_len).to(device)
 
 
 def reset_peak_memory() -> None:

@@ -17,7 +17,7 @@ import torch
 from moe_data.prepare import PreparedData
 from moe_data.prepared_pairs import PreparedPairs
 from moe_models.moe_ffn import routing_analytics_off
-from workflows.cell.evaluation import EVAL_SEED, peak_memory_mb, reset_peak_memory
+from workflows.cell.evaluation import peak_memory_mb, reset_peak_memory, timing_batch
 from workflows.metric_names import EVAL_INFERENCE_PEAK_MB, EVAL_INFERENCE_PREFILL_TOKENS_PER_S
 from workflows.study.cells import Cell
 
@@ -31,9 +31,7 @@ def _synchronize(device: torch.device) -> None:
 def inference_metrics(engine, data: PreparedData | PreparedPairs, cell: Cell, repeats: int = 5,
                       warmup: int = 2) -> dict[str, float]:
     """Call after the training peak was read: this resets the peak counter."""
-    t = cell.training
-    batch = data.sample("validation", t.micro_batch_size, torch.Generator().manual_seed(EVAL_SEED), t.seq_len,
-                        t.target_len).to(engine.device)
+    batch = timing_batch(data, cell, engine.device)
     tokens = batch.inputs[0].numel()
     engine.eval()
     reset_peak_memory()
