@@ -19,7 +19,7 @@ def test_profiles_cover_every_router_with_consistent_values():
         assert p.latency_ms > 0 and 0 <= p.mean_topk_prob <= 1 + 1e-6 and p.experts_per_token >= 1
     assert profiles["topk:gpt_oss"].parameters == 32 * 4 + 4  # the learned logit bias
     assert profiles["topk:deepseek_v3"].experts_per_token == 2
-    assert profiles["topk:forced_uniform"].load_cv < profiles["topk:gpt_oss"].load_cv  # random routing balances
+    assert 1 <= profiles["topk:null_experts"].experts_per_token < 2  # a null route leaves a token fewer experts
 
 
 def test_a_model_routing_that_does_not_fit_the_layer_is_left_out():
