@@ -39,12 +39,14 @@ def decoder_layers(hf: nn.Module) -> nn.ModuleList:
 
 class HFCausalLM(nn.Module):
     def __init__(self, opts: HFOptions, routing: RoutingSpec, vocab_size: int, max_seq_len: int, seed: int,
-                 num_domains: int = 0, token_counts_V: torch.Tensor | None = None):
+                 num_domains: int = 0, token_counts_V: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+        """dtype: what the checkpoint is loaded in, the training precision's (bf16 training never holds an fp32 copy
+        of the model); the new MoE layers' experts are cast to it one layer at a time, their routers stay fp32."""
         super().__init__()
         from transformers import AutoModelForCausalLM
 
         self.opts = opts
-        self.hf = AutoModelForCausalLM.from_pretrained(opts.pretrained, dtype=torch.float32)
+        self.hf = AutoModelForCausalLM.from_pretrained(opts.pretrained, dtype=dtype)
         self.hf.config.use_cache = False
         arch = Architecture.from_config(self.hf.config.to_dict())
         self.d_model, self.attention_layers = arch.hidden_size, arch.num_layers  # for cost.py's FLOPs
@@ -54,6 +56,9 @@ class HFCausalLM(nn.Module):
             ctx = RouterContext(arch.hidden_size, 0, vocab_size, i, seed, num_domains, token_counts_V)
             moe = self._routed(layer.mlp, i, arch, routing, ctx, ep_rank)
             if moe is not None:
+                for part in (moe.dispatch, moe.shared_experts, moe.shared_expert_gate):
+                    if part is not None:
+                        part.to(dtype)  # built fp32 from the checkpoint's tensors; at its dtype before the next layer
                 layer.mlp = moe  # `mlp(hidden_states) -> hidden_states`, as transformers calls it
         self.moe_recorder = share_recorder(self)
 

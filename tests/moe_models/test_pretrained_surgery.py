@@ -174,3 +174,22 @@ def test_lora_trains_adapters_and_routers_only_and_starts_as_the_swapped_model(c
     frozen = dict(model.named_parameters())["hf.model.layers.0.self_attn.q_proj.base_layer.weight"]
     assert frozen.grad is None
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_a_bf16_checkpoint_in_shards_loads_in_bf16_with_the_routers_in_fp32(checkpoints, tmp_path):
+    """A bf16 cell loads the checkpoint as bf16 (no fp32 copy of the model); the swapped layers' experts follow it,
+    their routers stay fp32, and the logits are transformers' own bf16 model's."""
+    folder = tmp_path / "mixtral-bf16"
+    AutoModelForCausalLM.from_pretrained(checkpoints["mixtral"], dtype=torch.float32).to(torch.bfloat16).save_pretrained(
+        folder, max_shard_size="8KB")
+    assert len(list(folder.glob("*.safetensors"))) >= 3  # sharded, as real checkpoints are
+    model = HFCausalLM(HFOptions(pretrained=str(folder), init_router="pretrained"), topk(2, True), V, 64, seed=0,
+                       dtype=torch.bfloat16).eval()
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    assert {p.dtype for layer in layers for p in layer.dispatch.parameters()} == {torch.bfloat16}
+    assert {p.dtype for layer in layers for p in layer.router.parameters()} == {torch.float32}
+    assert model.hf.model.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        ours = model.logits(ids())[0].float()
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()(input_ids=ids()).logits
+    torch.testing.assert_close(ours, reference.float(), atol=0.05, rtol=0.05)

@@ -38,6 +38,9 @@ def skip_shared_memory_allreduce_op() -> None:
     compatible["deepspeed_shm_comm"] = False
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def build_engine(cell: Cell, data: PreparedData | PreparedPairs,
                  pretrained_path: str | None = None) -> deepspeed.DeepSpeedEngine:
     """pretrained_path: where the source cell's checkpoint was fetched to (its `pretrained: cell:...` stands in)."""
@@ -48,9 +51,11 @@ def build_engine(cell: Cell, data: PreparedData | PreparedPairs,
     options = cell.model.resolved_options()
     if pretrained_path:
         options = options.model_copy(update={"pretrained": pretrained_path})
+    # A checkpoint loads at the training precision: a bf16 cell never holds an fp32 copy of a pretrained model.
+    load = {"dtype": PRECISION_DTYPES[t.precision]} if cell.model.name == "hf" else {}
     model = family.build(options, cell.router.routing_spec(), data.vocab_size,
                          max(t.seq_len, t.target_len), cell.seed, num_domains=len(data.domains),
-                         token_counts_V=data.train_token_counts())
+                         token_counts_V=data.train_token_counts(), **load)
     if t.lora and cell.model.name == "hf":  # from-scratch models (a cell: source among them) train in full
         apply_lora(model, t.lora)
     # Frozen parameters (LoRA) stay out of the optimizer: AdamW state only for what trains.
