@@ -63,3 +63,18 @@ def interrupt_study(proc: subprocess.Popen, timeout: float = 120) -> int:
 
 def tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
+
+
+def experiment_created(db: Path, name: str) -> bool:
+    """Whether a study process has created its MLflow experiment in this SQLite file, read with plain sqlite3: an
+    MlflowClient opened on a database another process is still creating runs MLflow's schema setup a second time,
+    and the two setups collide ("table ... already exists" kills the study)."""
+    import sqlite3
+
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as connection:
+            return connection.execute("SELECT 1 FROM experiments WHERE name = ?", (name,)).fetchone() is not None
+    except sqlite3.Error:  # no experiments table yet, or a write lock held a moment
+        return False

@@ -6,7 +6,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.suite import extended
-from tests.processes import interrupt_study, moelab_process, tail
+from tests.processes import experiment_created, interrupt_study, moelab_process, tail
 from workflows.driver.cli import main
 from workflows.driver.launch import registered_checkpoints
 
@@ -132,10 +132,12 @@ def test_asha_sweep_interrupted_mid_trial_closes_its_runs_and_restores_with_deci
     path.write_text(yaml.safe_dump(ASHA_STUDY))
     log = tmp_path / "interrupted.log"
     proc = moelab_process("tune", path, workdir, log)
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    client = None  # opened once the sweep created its database: opening one creates it (racing the sweep's setup)
     # Kill once a trial has been closed (finished or stopped by ASHA) and a later one is past its first checkpoint.
     for _poll in range(3000):  # bounded wait, a hang guard
-        exp = client.get_experiment_by_name("asha") if (workdir / "mlflow.db").exists() else None
+        if client is None and experiment_created(workdir / "mlflow.db", "asha"):
+            client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+        exp = client.get_experiment_by_name("asha") if client else None
         state = trial_state(client, exp.experiment_id) if exp else {}
         closed = {t: s for t, s in state.items() if s[1] != "RUNNING"}
         running = [s for t, s in state.items()

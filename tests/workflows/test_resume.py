@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.suite import extended
-from tests.processes import kill_study, moelab_process, tail
+from tests.processes import experiment_created, kill_study, moelab_process, tail
 from workflows.driver.launch import RAY_TRAIN_SNAPSHOT, prune_orphaned_checkpoints, registered_checkpoints
 from workflows.study.cells import expand
 from workflows.study.loading import parse_study
@@ -42,9 +42,11 @@ def wait_until_logged(proc: subprocess.Popen, workdir: Path, study: str, cell_id
     """Poll MLflow until the cell has logged `step`. Killing only after the cell moved past a checkpoint avoids
     the window between a checkpoint directory appearing and Ray Train registering it (a kill there restarts from
     the previous checkpoint, which is correct but not what these tests check)."""
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    client = None  # opened once the study created its database: opening one creates it (and races the study's setup)
     for _poll in range(3000):  # bounded wait, a hang guard
-        exp = client.get_experiment_by_name(study) if (workdir / "mlflow.db").exists() else None
+        if client is None and experiment_created(workdir / "mlflow.db", study):
+            client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+        exp = client.get_experiment_by_name(study) if client else None
         runs = client.search_runs([exp.experiment_id], f"tags.`moelab.cell_id` = '{cell_id}'") if exp else []
         if runs and any(m.step >= step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")):
             return
