@@ -84,11 +84,10 @@ def default_text(field: FieldInfo) -> str:
     return f"`{value!r}`" if value not in ({}, [], None) else f"`{value}`"
 
 
-def identity_text(field: FieldInfo) -> str:
-    from moe_models.options import CellKeyUnlessDefault, CellKeyWhen, NotCellKey
+def identity_text(cls: type[BaseModel], name: str) -> str:
+    from workflows.study.identity import CellKeyUnlessDefault, CellKeyWhen, NotCellKey, decision
 
-    rule = next((m for m in field.metadata if type(m).__name__ in ("CellKey", "NotCellKey", "CellKeyUnlessDefault",
-                                                                    "CellKeyWhen")), None)
+    rule = decision(cls, name)
     if isinstance(rule, NotCellKey):
         return "no"
     if isinstance(rule, CellKeyUnlessDefault):
@@ -108,7 +107,7 @@ def fields_table(cls: type[BaseModel], skip: tuple[str, ...] = (), identity: boo
             continue
         cells = [f"`{name}`", type_name(field.annotation) + constraints(field), default_text(field)]
         if identity:
-            cells.append(identity_text(field))
+            cells.append(identity_text(cls, name))
         cells.append(notes.get(name, "").replace("|", "\\|"))
         rows.append("| " + " | ".join(cells) + " |")
     return header + "\n".join(rows) + "\n"

@@ -149,15 +149,15 @@ class TopKRouter(LinearScoreRouter, Fp32Buffers):
 
     def _solve_quantile_bias(self) -> None:
         """b = ema * b + (1 - ema) * mean over micro-batches and ranks of their solutions, re-centred (Megatron's
-        _update_router_qb_beta)."""
-        if self.quantile_count.item() == 0:  # no training forward since the last step
-            return
-        solved_E = self.quantile_sum_E / self.quantile_count
+        _update_router_qb_beta). A step without a training forward keeps the bias; decided on the device, without
+        reading the count back to the host."""
+        solved_E = self.quantile_sum_E / self.quantile_count.clamp(min=1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(solved_E)
             solved_E /= torch.distributed.get_world_size()
         ema = self.options.quantile_ema
-        self.expert_bias_E.copy_(ema * self.expert_bias_E + (1 - ema) * solved_E)
-        self.expert_bias_E -= self.expert_bias_E.mean()
+        updated_E = ema * self.expert_bias_E + (1 - ema) * solved_E
+        updated_E -= updated_E.mean()
+        self.expert_bias_E.copy_(torch.where(self.quantile_count > 0, updated_E, self.expert_bias_E))
         self.quantile_sum_E.zero_()
         self.quantile_count.zero_()

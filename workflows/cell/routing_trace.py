@@ -42,13 +42,12 @@ class RoutingTrace:
         domain_BS = inputs[2] if len(inputs) > 2 else None
         domains = domain_BS.reshape(-1)[:take].tolist() if domain_BS is not None else [None] * take
         for layer, aux in sorted(moe.items()):
-            decision = aux.decision
-            ids_TK, weights_TK = decision.expert_ids_TK[:take].cpu(), decision.weights_TK[:take].float().cpu()
-            active_TK = decision.active_TK[:take].cpu()
-            for t in range(take):
-                active = active_TK[t]
-                self.columns["experts"].append(ids_TK[t][active].tolist())
-                self.columns["weights"].append(weights_TK[t][active].tolist())
+            decision = aux.decision  # one copy to the host per block, then plain lists (no per-token tensor ops)
+            ids, weights = decision.expert_ids_TK[:take].tolist(), decision.weights_TK[:take].float().tolist()
+            active = decision.active_TK[:take].tolist()
+            for ids_K, weights_K, active_K in zip(ids, weights, active):
+                self.columns["experts"].append([e for e, a in zip(ids_K, active_K) if a])
+                self.columns["weights"].append([w for w, a in zip(weights_K, active_K) if a])
             self.columns["layer"] += [layer] * take
             self.columns["sequence"] += sequences
             self.columns["position"] += positions
