@@ -77,7 +77,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="print each contender's top kernels (stderr)")
     p.add_argument("--out")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, time nothing")
     args = p.parse_args()
+    if args.dry_run:  # bench/gpu_check.sh --dry-run: a typo in the GPU call fails here, on CPU
+        names = list(contenders(args.k, args.backends))
+        if unknown := [n for n in args.only or [] if n not in names]:
+            raise SystemExit(f"model_step: unknown contenders {unknown}; known: {names}")
+        emit({"benchmark": "model_step", "dry_run": True, "device": args.device, "contenders": args.only or names,
+              "eager_and_compiled": args.eager_and_compiled,
+              "shape": {k: getattr(args, k) for k in ("layers", "d_model", "heads", "experts", "expert_hidden", "k",
+                                                        "batch", "seq")}}, args.out)
+        return
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)

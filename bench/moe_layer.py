@@ -177,10 +177,19 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile every contender (dense, MoE, router)")
     p.add_argument("--activation", choices=ACTIVATIONS, default="gelu", help="expert (and dense twin) activation")
     p.add_argument("--out")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, time nothing")
     args = p.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")] if args.shapes
               else GPU_SHAPES if args.device == "cuda" else CPU_SHAPES)
+    if args.dry_run:  # bench/gpu_check.sh --dry-run: a typo in the GPU call fails here, on CPU
+        unknown = [b for b in args.backends if b not in DISPATCH_BACKENDS.names()]
+        unknown += [r for r in args.routers if r not in ROUTERS.names()]
+        if unknown or any(len(s) != 5 for s in shapes):
+            raise SystemExit(f"moe_layer: unknown {unknown} or a shape that is not T,d,f,E,k: {shapes}")
+        emit({"benchmark": "moe_layer_fwd_bwd", "dry_run": True, "device": args.device, "dtype": str(dtype),
+              "shapes": shapes, "backends": args.backends, "routers": args.routers, "compile": args.compile}, args.out)
+        return
     if args.device == "cpu":
         torch.set_num_threads(torch.get_num_threads())
     results = [row for s in shapes for router in args.routers
