@@ -232,8 +232,11 @@ def test_the_findings_page_is_the_studies_claims_tables(tmp_path, capsys):
     elsewhere = tmp_path / "other.yaml"
     elsewhere.write_text(yaml.safe_dump({**raw, "name": "other"}))
     page = tmp_path / "findings.md"
-    assert main(["findings", str(path), str(elsewhere), "--workdir", str(tmp_path), "--out", str(page)]) == 0
+    empty = tmp_path / "empty-workdir"  # searched first: the study is read from the first workdir where it ran
+    (empty / "mlflow.db").parent.mkdir()
+    assert main(["findings", str(path), str(elsewhere), "--workdir", str(empty), "--workdir", str(tmp_path),
+                 "--out", str(page)]) == 0
     text = page.read_text()
     assert text.startswith("# Findings") and "## claims\n\nhash against top-2." in text
     assert "| hash is worse | 001 |" in text and "| supported |" in text
-    assert "## other" in text and "Not run in" in text  # a study without runs says so
+    assert "## other" in text and f"Not run in {empty}, {tmp_path}" in text  # a study without runs says so

@@ -14,8 +14,7 @@ from typing import Iterator, TextIO
 # Nothing heavy at import: torch, DeepSpeed and Ray load inside a command, once stdout is kept for its results.
 from workflows.driver.commands import cmd_run, cmd_tune, cmd_validate
 from workflows.driver.readback import cmd_aggregate, cmd_findings, cmd_routers, cmd_status
-
-DEFAULT_WORKDIR = "./moelab-runs"
+from workflows.driver.workspace import DEFAULT_WORKDIR
 
 
 @contextlib.contextmanager
@@ -119,7 +118,9 @@ def parser() -> argparse.ArgumentParser:
                                                           "side by side; a verdict stands only where both agree")
     findings = sub.add_parser("findings", help="the findings page: every study's claims table, one command")
     findings.add_argument("studies", nargs="+", help="study YAML files with claims:")
-    findings.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where they ran (one workdir for all)")
+    findings.add_argument("--workdir", action="append", metavar="DIR",
+                          help=f"where they ran; repeat it for studies run in different workdirs, each study read "
+                               f"from the first where it ran (default: {DEFAULT_WORKDIR})")
     findings.add_argument("--tracking-uri")
     findings.add_argument("--storage-path")
     findings.add_argument("--replicate", metavar="3,4,5", help="also decide each claim on these seeds' cells")

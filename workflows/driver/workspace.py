@@ -6,6 +6,8 @@ from pathlib import Path
 
 from workflows import storage
 
+DEFAULT_WORKDIR = "./moelab-runs"  # a study's state (MLflow database, Ray Train storage) unless --workdir says otherwise
+
 
 @dataclass
 class Workspace:
