@@ -60,4 +60,4 @@ def test_the_block_validates(page, index, text, tmp_path):
 
 
 def test_every_page_with_a_study_is_read():
-    assert {p.name for p, _, _ in BLOCKS} >= {"README.md", "guide.md", "claims.md", "data.md"}
+    assert {p.name for p, _, _ in BLOCKS} >= {"README.md", "studies.md", "sweeps.md", "claims.md", "data.md"}
