@@ -35,8 +35,8 @@ find "$work/site" -name '*.js.map' -delete
 rm -rf "$work/site/bin"  # console scripts with this machine's interpreter path
 cat > "$work/site/moelab_bundle.json" <<JSON
 {"python": "$PY_VERSION", "tag": "$TAG", "built": "$(date -u +%FT%TZ)",
- "modules": ["ray", "ray.train", "ray.tune", "mlflow", "deepspeed", "datasets", "evaluate", "pydantic", "optuna",
-             "rouge_score", "sqlalchemy", "alembic"]}
+ "modules": ["ray", "ray.train", "ray.tune", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "deepspeed",
+             "datasets", "evaluate", "pydantic", "optuna", "rouge_score", "sqlalchemy", "alembic"]}
 JSON
 XZ_OPT=-9 tar -cJf .gpu/site.tar.xz -C "$work/site" .
 size_mb=$(( $(stat -c %s .gpu/site.tar.xz) / 1000000 ))

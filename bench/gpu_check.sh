@@ -97,8 +97,10 @@ PYCODE
 
 environment() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "nvidia-smi: none here"
-  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda',
-torch.version.cuda, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+  # the image's torch and transformers, not CI's pins (torch 2.13, transformers 5.23): the log says which ran
+  "$PY" -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'transformers', transformers.__version__, 'cuda', torch.version.cuda,
+'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
   nproc; free -g | head -2
 }
 

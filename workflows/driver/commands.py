@@ -52,15 +52,27 @@ def cmd_validate(args, out: TextIO) -> int:
     if args.no_hub:  # every check but those only the hub answers, each named
         with without_hub() as skipped:
             study = study_or_exit(args.study)
+            memory = _memory_estimates(study)
         for check in skipped:
             print(f"{args.study}: skipped (needs the hub): {check}", file=sys.stderr)
     else:
         study = study_or_exit(args.study)
+        memory = _memory_estimates(study)
     filtered = ", less the pairs models[].routers leaves out" if any(m.routers for m in study.models) else ""
     print(f"{args.study}: valid — {len(expand(study))} cells "
           f"({len(study.routers)} routers x {len(study.models)} models x {len(study.datasets)} datasets x "
           f"{len(study.seeds)} seeds{filtered})", file=out)
+    for line in memory:
+        print(line, file=out)
     return 0
+
+
+def _memory_estimates(study) -> list[str]:
+    """One line per `hf` model: its estimated memory per rank (workflows/study/memory.py)."""
+    from workflows.study.pretrained_sources import model_memory
+
+    return [f"  models[{j}] ({model.display()}): {memory.describe()}" for j, model in enumerate(study.models)
+            if model.name == "hf" and (memory := model_memory(study, j)) is not None]
 
 
 def _torch_first() -> None:

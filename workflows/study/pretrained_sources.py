@@ -61,14 +61,38 @@ def _has_linear_gate(router, arch: Architecture) -> bool:
     return isinstance(proj, torch.nn.Linear) and tuple(proj.weight.shape) == (arch.num_experts, arch.hidden_size)
 
 
-def lora_problems(targets: list[str], config: dict, j: int) -> list[str]:
-    """LoRA targets that name no linear of the checkpoint (its modules built on the meta device: no weights)."""
+def meta_model(config: dict):
+    """The checkpoint's model built from its config.json on the meta device: its modules and shapes, no weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version")}
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+
+
+def model_memory(study, j: int):
+    """models[j]'s estimated memory per rank (an `hf` model whose config.json can be had), or None."""
+    from workflows.study.memory import checkpoint_parameters, rank_memory
+
+    model = study.models[j]
+    if model.name != "hf":
+        return None
+    opts = model.resolved_options()
+    try:
+        params = checkpoint_parameters(source_config(study, j), opts.upcycle)
+    except (ValueError, HubCheckSkipped):  # reported (or named as skipped) by hf_problems
+        return None
+    t = study.training
+    return rank_memory(params, t.precision, t.zero_stage, study.resources.workers_per_cell, opts.ep_size,
+                       train_dense=t.lora is None, train_experts=t.lora is None or t.lora.train_experts)
+
+
+def lora_problems(targets: list[str], config: dict, j: int) -> list[str]:
+    """LoRA targets that name no linear of the checkpoint (its modules built on the meta device: no weights)."""
+    import torch
+
+    model = meta_model(config)
     linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
     return [f"training.lora.target_modules: {t!r} is no linear of models[{j}]'s checkpoint; valid: "

@@ -197,6 +197,24 @@ class Study(StrictOptions):
                 warnings.append(f"models[{j}].pretrained: {pretrained!r} reads token ids of a BPE trained on "
                                 f"{', '.join(untokenized)}, not of its own tokenizer; set datasets[].tokenizer to the "
                                 "checkpoint (unless it was trained on that BPE, as moelab's exports are)")
+        warnings.extend(self._memory_warnings())
+        return warnings
+
+    def _memory_warnings(self) -> list[str]:
+        """An `hf` model whose estimated state per rank exceeds resources.memory_per_worker_gb."""
+        from workflows.study.memory import GiB
+        from workflows.study.pretrained_sources import model_memory
+
+        limit = self.resources.memory_per_worker_gb
+        if limit is None:
+            return []
+        warnings = []
+        for j, model in enumerate(self.models):
+            memory = model_memory(self, j) if model.name == "hf" else None
+            if memory is not None and max(memory.steady, memory.load_peak) > limit * GiB:
+                warnings.append(f"models[{j}] ({model.display()}): {memory.describe()}, more than "
+                                f"resources.memory_per_worker_gb={limit:g}; raise zero_stage, ep_size or "
+                                "workers_per_cell, or train LoRA adapters (training.lora)")
         return warnings
 
     def _fp16_problems(self) -> list[str]:

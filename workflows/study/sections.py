@@ -192,6 +192,10 @@ class ResourcesConfig(StrictOptions):
     gpus_per_worker: Annotated[NonNegativeFloat,
                                NotCellKey("placement, not training")] = Field(default=0, le=64)
     max_concurrent_cells: Annotated[PositiveInt, NotCellKey("scheduling of the study, not of a cell")] = 2
+    # What each worker has for the model: the GPU's memory on GPU workers, the host's share on CPU workers. Validation
+    # estimates a rank's memory for an `hf` model's state from its config.json and warns when it exceeds this.
+    memory_per_worker_gb: Annotated[PositiveFloat | None,
+                                    NotCellKey("placement: what a worker has, not what it trains")] = None
     # Ray Train restarts of a cell from its latest checkpoint
     max_failures: Annotated[NonNegativeInt, NotCellKey("retries resume the same training")] = 1
 
