@@ -87,11 +87,12 @@ import importlib, json, sys
 bundle = json.load(open(sys.argv[1]))
 here = "%d.%d" % sys.version_info[:2]
 if bundle["python"] != here:  # a cp312 bundle cannot load its compiled modules on another Python (the CPU rehearsal)
-    print(f"bundle built for Python {bundle['python']}, this is {here}: imports not checked")
+    print(f"bundle built for Python {bundle['python']}, this is {here}: not used, imports not checked")
     sys.exit(0)
 for name in bundle["modules"]:
     module = importlib.import_module(name)
     print(f"{name} {getattr(module, '__version__', '')} from {module.__file__}")
+open(sys.argv[1].replace("moelab_bundle.json", ".usable"), "w").close()
 PYCODE
 }
 
@@ -110,7 +111,9 @@ STEP_ARGS=(--only dense topk/grouped --eager-and-compiled)  # 8 layers, d 1024, 
 
 export -f install_bundle environment moelab
 step install "$LOG" 120 install_bundle
-export PYTHONPATH=$WORK/site:$REPO${PYTHONPATH:+:$PYTHONPATH}  # workers Ray starts inherit it
+# workers Ray starts inherit it; a bundle for another Python (the CPU rehearsal) would shadow this one's packages
+[ -f "$WORK/site/.usable" ] && SITE="$WORK/site:" || SITE=
+export PYTHONPATH=$SITE$REPO${PYTHONPATH:+:$PYTHONPATH}
 step env "$LOG" 60 environment
 
 if [ $DRY_RUN -eq 1 ]; then
