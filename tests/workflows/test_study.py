@@ -299,3 +299,19 @@ def test_without_no_hub_a_checkpoint_the_hub_must_answer_for_is_a_problem(tmp_pa
     study = REPO / "studies" / "reports" / "003_dynamic_routing_gpt2.yaml"
     code, err = validate(tmp_path, capsys, yaml.safe_load(study.read_text()))
     assert code == 2 and "openai-community/gpt2-medium' is not a local folder, not in the Hugging Face cache" in err
+
+
+def test_variants_of_one_router_are_named_by_what_sets_them_apart():
+    """Balancing variants of one router would share a generated name (names are made of options): each gets the
+    entry fields where they differ, a labeled router keeps its label, and the names touch no cell's identity."""
+    variants = [{"name": "topk", "k": 2},
+                {"name": "topk", "k": 2, "balancing": {"switch_lbl": 0.01}},
+                {"name": "topk", "k": 2, "balancing": {"switch_lbl": 0.01}, "balancing_scope": "global_batch"},
+                {"name": "topk", "k": 2, "balancing": {"switch_lbl": 0.01}, "capacity_factor": 1.0, "label": "drop"},
+                {"name": "hash"}]
+    study = parse_study({**GOOD, "routers": variants, "baseline": "topk(k=2)+switch_lbl=0.01"})
+    assert [r.display() for r in study.routers] == [
+        "topk(k=2)", "topk(k=2)+switch_lbl=0.01", "topk(k=2)+switch_lbl=0.01+balancing_scope=global_batch", "drop",
+        "hash"]
+    labeled = parse_study({**GOOD, "routers": [{**r, "label": r.get("label", f"r{i}")} for i, r in enumerate(variants)]})
+    assert [c.id for c in expand(study)] == [c.id for c in expand(labeled)]

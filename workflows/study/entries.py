@@ -126,6 +126,35 @@ class RouterEntry(StrictOptions):
         return f"{self.name}({opts})" if opts else self.name
 
 
+def distinct_router_names(entries: list[RouterEntry]) -> list[str | None]:
+    """A name for each unlabeled router whose generated name another one shares, or None where it needs none.
+    Names are made of options, so two variants of one router that differ only in entry fields (a balancing loss, its
+    scope, a capacity) would share one: each gets `+field=value` for the fields set apart from their defaults where
+    the variants differ, e.g. `topk(k=2)+switch_lbl=0.01+balancing_scope=global_batch` (and plain `topk(k=2)`). A
+    router with a label, or a name no other shares, keeps it: committed studies' names do not move."""
+    groups: dict[str, list[int]] = {}
+    for i, entry in enumerate(entries):
+        if entry.label is None:
+            groups.setdefault(entry.display(), []).append(i)
+    names: list[str | None] = [None] * len(entries)
+    defaults = {field: info.get_default(call_default_factory=True) for field, info in RouterEntry.model_fields.items()}
+    for base, members in groups.items():
+        if len(members) < 2:
+            continue
+        fields = [entries[i].model_dump(exclude={"name", "label", "options"}) for i in members]
+        differing = [f for f in fields[0] if any(x[f] != fields[0][f] for x in fields)]
+        for i, values in zip(members, fields):
+            parts = [_shown(field, values[field]) for field in differing if values[field] != defaults[field]]
+            names[i] = "+".join([base, *parts]) if parts else None
+    return names
+
+
+def _shown(field: str, value: Any) -> str:
+    if isinstance(value, dict):  # balancing: {switch_lbl: 0.01} reads as switch_lbl=0.01
+        return "+".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(value.items()))
+    return f"{field}={value:g}" if isinstance(value, float) else f"{field}={value}"
+
+
 class ModelEntry(StrictOptions):
     name: Annotated[str, CELL_KEY]
     label: Annotated[str | None, NotCellKey("a display name")] = None

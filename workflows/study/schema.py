@@ -3,6 +3,7 @@ summarization section, with the checks that span sections. Validated before anyt
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from pydantic import Field, NonNegativeInt, ValidationError, model_validator
 
@@ -13,7 +14,7 @@ from moe_models.routers import ROUTER_OPTIONS
 from moe_models.spec import DENSE
 from tuning.sweep_config import SweepConfig
 from workflows.study.claims import Claim, fixed_by_construction
-from workflows.study.entries import DatasetEntry, ModelEntry, RouterEntry
+from workflows.study.entries import DatasetEntry, ModelEntry, RouterEntry, distinct_router_names
 from workflows.study.errors import problems_of, short
 from workflows.study.pretrained_sources import experts_and_moe_layers, hf_problems
 from workflows.study.sections import FaultInjection, ResourcesConfig, SummarizationConfig, TrainingConfig
@@ -35,6 +36,22 @@ class Study(StrictOptions):
     summarization: SummarizationConfig = SummarizationConfig()
     # Hypotheses `moelab aggregate` decides from the finished cells (workflows/study/claims.py).
     claims: list[Claim] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_router_variants(cls, data: Any) -> Any:
+        """Routers whose generated names collide get names that say how they differ (distinct_router_names)."""
+        if not isinstance(data, dict) or not isinstance(data.get("routers"), list):
+            return data
+        try:
+            entries = [r if isinstance(r, RouterEntry) else RouterEntry.model_validate(r) for r in data["routers"]]
+        except (ValidationError, TypeError, ValueError):
+            return data  # the routers field's own validation names what is wrong
+        names = distinct_router_names(entries)
+        if not any(names):
+            return data
+        return {**data, "routers": [e.model_copy(update={"label": n}) if n else raw
+                                    for raw, e, n in zip(data["routers"], entries, names)]}
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Study":
