@@ -133,6 +133,11 @@ def test_replication_decides_each_claim_again_on_other_seeds_and_says_whether_it
     assert "| supported |" in hash_line and hash_line.count("supported") == 2 and "| yes |" in hash_line
     top1_line = next(line for line in text.splitlines() if line.startswith("| top-1 is better"))
     assert "| inconclusive |" in top1_line and "| no |" in top1_line
+    unrun = expand(with_seeds(study, "8,9"))  # replication seeds with no runs: not decided, not "inconclusive"
+    text = claims_report(study.claims, study.baseline, discovery, runs, pooled_rows(discovery, runs), {},
+                         replication=(unrun, pooled_rows(unrun, runs)))
+    hash_line = next(line for line in text.splitlines() if line.startswith("| hash is worse"))
+    assert "| 0 | — | not run | — |" in hash_line and hash_line.count("supported") == 1
 
 
 def test_seeds_on_the_command_line_must_be_integers(tmp_path):

@@ -192,6 +192,10 @@ def with_replication(headers: list[str], lines: list[dict[str, str]], discovery:
     verdict (supported, refuted or equivalent) on both seed sets."""
     added = ["replication seeds", "replication Δ [95% CI]", "replication verdict", "stands"]
     for line, first, again in zip(lines, discovery, replication):
+        if not again.row.diffs:  # the replication seeds have not run (or not finished): nothing is decided yet
+            line.update({"replication seeds": "0", "replication Δ [95% CI]": "—", "replication verdict": "not run",
+                         "stands": "—"})
+            continue
         low, high = again.row.interval()
         line.update({"replication seeds": str(len(again.row.diffs)),
                      "replication Δ [95% CI]": f"{_number(again.row.mean)} [{_number(low)}, {_number(high)}]",
