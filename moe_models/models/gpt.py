@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_models.models.common import LMOutput, build_ffn, init_parameters, next_token_output
+from moe_models.models.kv_cache import LayerCache
 from moe_models.models.options import GPTOptions
 from moe_models.moe_ffn import share_recorder
 from moe_models.spec import RoutingSpec
@@ -22,13 +23,14 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(dim=2)
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2))
+        causal = True
+        if cache is not None:  # decoding: attend to the cached positions too (kv_cache.py)
+            k, v, causal = cache.extend(k, v)
         y = F.scaled_dot_product_attention(  # (B, nh, S, hs)
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+            q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -39,8 +41,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(d_model, n_heads, dropout)
         self.ffn = ffn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache)
         return x + self.ffn(self.ln2(x))
 
 
@@ -72,3 +74,17 @@ class GPT(nn.Module):
             x = block(x)
         logits_BSV = self.lm_head(self.ln_f(x))
         return next_token_output(logits_BSV, targets_BS, self.moe_recorder.take())
+
+    def new_decoding_state(self) -> list[LayerCache]:
+        return [LayerCache() for _ in self.blocks]
+
+    def decode_step(self, input_ids_BS: torch.Tensor, caches: list[LayerCache]) -> torch.Tensor:
+        """The next-token logits (B, V) after these tokens, which follow the cached ones (kv_cache.py)."""
+        start = caches[0].length
+        positions = torch.arange(start, start + input_ids_BS.shape[1], device=input_ids_BS.device)
+        x = self.tok_emb(input_ids_BS) + self.pos_emb(positions)
+        self.moe_recorder.begin(input_ids_BS)  # hash routing reads the token ids
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cache)
+        self.moe_recorder.take()
+        return self.lm_head(self.ln_f(x[:, -1]))

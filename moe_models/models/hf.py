@@ -91,6 +91,19 @@ class HFCausalLM(nn.Module):
         logits_BSV, aux = self.logits(input_ids_BS, domain_ids_BS)
         return next_token_output(logits_BSV, targets_BS, aux)
 
+    def new_decoding_state(self):
+        """transformers' own key/value cache (moe_models/models/kv_cache.py decodes with it)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.hf.config)
+
+    def decode_step(self, input_ids_BS: torch.Tensor, cache) -> torch.Tensor:
+        """The next-token logits (B, V) after these tokens, which follow the cached ones."""
+        self.moe_recorder.begin(input_ids_BS)  # hash routing reads the token ids
+        logits = self.hf(input_ids=input_ids_BS, past_key_values=cache, use_cache=True).logits[:, -1]
+        self.moe_recorder.take()
+        return logits
+
 
 def _check_fits(arch: Architecture, routing: RoutingSpec, opts: HFOptions, vocab_size: int, max_seq_len: int) -> None:
     """What the study validator checks too, repeated where the checkpoint is finally loaded."""

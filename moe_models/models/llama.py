@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_models.models.common import LMOutput, build_ffn, init_parameters, next_token_output
+from moe_models.models.kv_cache import LayerCache
 from moe_models.models.options import LlamaOptions
 from moe_models.moe_ffn import share_recorder
 from moe_models.spec import RoutingSpec
@@ -41,14 +42,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(opts.d_model, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, opts.d_model, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BSD).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BSD).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
         cos_Sd, sin_Sd = cos_Sd.to(q.dtype), sin_Sd.to(q.dtype)  # fp32 tables; DeepSpeed casts parameters only
         q, k = rotate(q, cos_Sd, sin_Sd), rotate(k, cos_Sd, sin_Sd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+        causal = True
+        if cache is not None:  # decoding: attend to the cached positions too (kv_cache.py)
+            k, v, causal = cache.extend(k, v)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
 
@@ -61,8 +66,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(opts.d_model, eps=opts.rms_norm_eps)
         self.mlp = ffn
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -96,3 +102,18 @@ class Llama(nn.Module):
             x = block(x, cos, sin)
         logits_BSV = self.lm_head(self.norm(x))
         return next_token_output(logits_BSV, targets_BS, self.moe_recorder.take())
+
+    def new_decoding_state(self) -> list[LayerCache]:
+        return [LayerCache() for _ in self.blocks]
+
+    def decode_step(self, input_ids_BS: torch.Tensor, caches: list[LayerCache]) -> torch.Tensor:
+        """The next-token logits (B, V) after these tokens, which follow the cached ones (kv_cache.py)."""
+        start = caches[0].length
+        end = start + input_ids_BS.shape[1]
+        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        x = self.embed_tokens(input_ids_BS)
+        self.moe_recorder.begin(input_ids_BS)  # hash routing reads the token ids
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cos, sin, cache)
+        self.moe_recorder.take()
+        return self.lm_head(self.norm(x[:, -1]))

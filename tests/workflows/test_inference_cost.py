@@ -4,7 +4,11 @@ import pytest
 from tests.in_process import in_process_cell
 from workflows.cell.evaluation import peak_memory_mb
 from workflows.cell.inference_cost import inference_metrics
-from workflows.metric_names import EVAL_INFERENCE_PEAK_MB, EVAL_INFERENCE_PREFILL_TOKENS_PER_S
+from workflows.metric_names import (
+    EVAL_INFERENCE_MS_PER_TOKEN,
+    EVAL_INFERENCE_PEAK_MB,
+    EVAL_INFERENCE_PREFILL_TOKENS_PER_S,
+)
 
 
 def cell(tmp_path, k: int):
@@ -22,6 +26,20 @@ def test_more_experts_per_token_cost_inference_throughput_on_the_same_model(tmp_
     (e1, c1, d1), (e8, c8, d8) = cell(tmp_path, 1), cell(tmp_path, 8)
     one, eight = inference_metrics(e1, d1, c1), inference_metrics(e8, d8, c8)
     assert one[EVAL_INFERENCE_PREFILL_TOKENS_PER_S] > 1.5 * eight[EVAL_INFERENCE_PREFILL_TOKENS_PER_S]
+    assert 0 < one[EVAL_INFERENCE_MS_PER_TOKEN] < 1000 and 0 < eight[EVAL_INFERENCE_MS_PER_TOKEN] < 1000
+
+
+def test_decoding_latency_is_greedy_at_batch_one_past_a_prompt_within_one_window(tmp_path, monkeypatch):
+    from workflows.cell import inference_cost
+
+    engine, c, data = cell(tmp_path, 2)
+    calls = []
+    real = inference_cost.greedy_decode
+    monkeypatch.setattr(inference_cost, "greedy_decode",
+                        lambda model, prompt, n: calls.append((tuple(prompt.shape), n)) or real(model, prompt, n))
+    inference_metrics(engine, data, c)
+    assert set(calls) == {((1, 16), 32), ((1, 16), 1)}  # n and 1 new tokens after the same 16-token prompt
+    assert 16 + 32 <= c.training.seq_len
 
 
 def test_the_inference_peak_is_measured_from_a_reset_not_the_training_peak(tmp_path):

@@ -5,8 +5,11 @@ every cell of a study):
 - `eval/inference/peak_mb`: the worker's peak memory during those forwards alone: the accelerator's peak counter,
   or on CPU the process's resident high-water mark (Linux VmHWM), each reset just before, so that training's peak
   cannot hide it. On CPU it includes what is resident then: the weights, and the optimizer state beside them.
-Every rank runs the forwards (expert parallelism holds collectives in them); rank 0's figures are logged.
-Decoding latency per generated token needs a KV cache, which moelab's own families do not have yet."""
+- `eval/inference/ms_per_token`: decoder LMs only (gpt, llama, hf): greedy decoding at batch 1 with a key/value
+  cache (moe_models/models/kv_cache.py) after a prompt of the batch's first window, each new token one cached
+  forward; (time of n tokens - time of 1) / (n - 1), so the prompt's prefill is not counted, medians of 3.
+  Summarization models decode without a cache (moe_models/generation.py) and report no figure.
+Every rank runs the forwards (expert parallelism holds collectives in them); rank 0's figures are logged."""
 from __future__ import annotations
 
 import statistics
@@ -16,9 +19,16 @@ import torch
 
 from moe_data.prepare import PreparedData
 from moe_data.prepared_pairs import PreparedPairs
+from moe_models.models.kv_cache import can_decode, greedy_decode
 from moe_models.moe_ffn import routing_analytics_off
 from workflows.cell.evaluation import peak_memory_mb, reset_peak_memory, timing_batch
-from workflows.metric_names import EVAL_INFERENCE_PEAK_MB, EVAL_INFERENCE_PREFILL_TOKENS_PER_S
+from workflows.metric_names import (
+    EVAL_INFERENCE_MS_PER_TOKEN,
+    EVAL_INFERENCE_PEAK_MB,
+    EVAL_INFERENCE_PREFILL_TOKENS_PER_S,
+)
+
+PROMPT_TOKENS, NEW_TOKENS = 16, 32
 from workflows.study.cells import Cell
 
 
@@ -44,6 +54,29 @@ def inference_metrics(engine, data: PreparedData | PreparedPairs, cell: Cell, re
             _synchronize(engine.device)
             if i >= warmup:
                 seconds.append(time.perf_counter() - began)
+    peak = peak_memory_mb()
+    metrics = {EVAL_INFERENCE_PREFILL_TOKENS_PER_S: tokens / statistics.median(seconds), EVAL_INFERENCE_PEAK_MB: peak}
+    if can_decode(engine.module):
+        metrics[EVAL_INFERENCE_MS_PER_TOKEN] = decode_ms_per_token(engine.module, batch.inputs[0], engine.device)
     engine.train()
-    return {EVAL_INFERENCE_PREFILL_TOKENS_PER_S: tokens / statistics.median(seconds),
-            EVAL_INFERENCE_PEAK_MB: peak_memory_mb()}
+    return metrics
+
+
+def decode_ms_per_token(model, windows_BS: torch.Tensor, device: torch.device, repeats: int = 3) -> float:
+    """Milliseconds per generated token at batch 1: greedy decoding of n and of 1 token after the same prompt,
+    the difference over n - 1 (the prefill cancels). The prompt and the new tokens fit in one training window,
+    so no position goes past what the model was built for."""
+    prompt = windows_BS[:1, :min(PROMPT_TOKENS, windows_BS.shape[1] // 2)]
+    new = min(NEW_TOKENS, windows_BS.shape[1] - prompt.shape[1])
+
+    def seconds(n: int) -> float:
+        _synchronize(device)
+        began = time.perf_counter()
+        greedy_decode(model, prompt, n)
+        _synchronize(device)
+        return time.perf_counter() - began
+
+    seconds(new)  # warm-up: kernels, allocator, the cache's growth
+    many = statistics.median(seconds(new) for _ in range(repeats))
+    one = statistics.median(seconds(1) for _ in range(repeats))
+    return max(many - one, 0.0) / (new - 1) * 1e3

@@ -27,6 +27,7 @@ from workflows.metric_names import (
     SUMMARY_PARAMS_TRAINABLE,
     SUMMARY_PEAK_MEMORY_MB,
     EVAL_INFERENCE_PEAK_MB,
+    EVAL_INFERENCE_MS_PER_TOKEN,
     EVAL_INFERENCE_PREFILL_TOKENS_PER_S,
     SUMMARY_ROUTER_LATENCY_SHARE,
     SUMMARY_TOKENS_PER_S,
@@ -72,6 +73,7 @@ METRIC_COLUMNS = (
     Column("router share", SUMMARY_ROUTER_LATENCY_SHARE, 3),
     Column("peak MB", SUMMARY_PEAK_MEMORY_MB, 0),
     Column("inference tokens/s", EVAL_INFERENCE_PREFILL_TOKENS_PER_S, 0),
+    Column("ms/token", EVAL_INFERENCE_MS_PER_TOKEN, 2),
     Column("inference peak MB", EVAL_INFERENCE_PEAK_MB, 0),
 )
 ID_HEADERS = ("cell", "router", "model", "dataset", "seed", "status")

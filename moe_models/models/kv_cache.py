@@ -1,0 +1,56 @@
+"""Greedy decoding with a key/value cache for moelab's decoder families (gpt, llama): the cost of a generated token,
+which the dynamic-routing and router-architecture reports compare routers on, measured as a model serves it (one
+new token's forward against the cached keys and values of everything before it), not by re-running the prefix.
+
+A family that decodes has `new_decoding_state()` and `decode_step(ids_BS, state) -> logits_BV` (the next-token
+logits after the last position): gpt and llama keep a LayerCache per block, `hf` models transformers' own
+DynamicCache. Shapes: B batch, H heads, S new positions, T cached positions, d head dim.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_models.moe_ffn import routing_analytics_off
+
+
+class LayerCache:
+    """One attention layer's keys and values so far, (B, H, T, d) each."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(every key, every value, causal?): a prefill (nothing cached) attends causally; one new token attends to
+        all that came before it, so it needs no mask. Several new tokens after a prefill would need a mask that
+        neither case gives: refused."""
+        past = self.length
+        if past and k_BHSd.shape[2] != 1:
+            raise ValueError(f"{k_BHSd.shape[2]} new positions after {past} cached ones: decode one token at a time")
+        self.k = k_BHSd if self.k is None else torch.cat([self.k, k_BHSd], dim=2)
+        self.v = v_BHSd if self.v is None else torch.cat([self.v, v_BHSd], dim=2)
+        return self.k, self.v, past == 0
+
+
+def can_decode(model: nn.Module) -> bool:
+    return hasattr(model, "decode_step")
+
+
+@torch.no_grad()
+def greedy_decode(model: nn.Module, prompt_BS: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The prompt followed by `new_tokens` greedy tokens, (B, S + new_tokens): one prefill, then one cached forward
+    per token. Routing analytics are off: nothing reads them while decoding."""
+    state = model.new_decoding_state()
+    tokens = prompt_BS
+    with routing_analytics_off(model):
+        logits_BV = model.decode_step(prompt_BS, state)
+        for _ in range(new_tokens):
+            next_B1 = logits_BV.argmax(dim=-1, keepdim=True)
+            tokens = torch.cat([tokens, next_B1], dim=1)
+            logits_BV = model.decode_step(next_B1, state)
+    return tokens
