@@ -7,7 +7,7 @@ from typing import Literal
 from moe_models.routers import RouterOptions
 
 # An expert's (and a dense FFN's) nonlinearity (experts.py).
-Activation = Literal["gelu", "gelu_tanh", "swiglu"]
+Activation = Literal["gelu", "gelu_tanh", "swiglu", "clamped_swiglu"]
 # Which routes a full expert drops (dispatch/capacity.py): the latest in the batch, or the least likely.
 DropPolicy = Literal["position", "probs"]
 DENSE = "dense"  # pseudo-router name: the dense baseline replaces every MoE FFN by one FFN

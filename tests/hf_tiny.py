@@ -74,6 +74,10 @@ def tiny_causal_lm(kind: str, folder: Path, vocab_size: int = 96, layers: int = 
             **{**common, "num_hidden_layers": layers + 1}, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
             n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, n_shared_experts=1,
             first_k_dense_replace=1, routed_scaling_factor=1.8, norm_topk_prob=True),
+        # GPT-OSS: a router with a logit bias, clamped-SwiGLU experts with biases, attention sinks, sliding windows
+        "gpt_oss": lambda: T.GptOssConfig(
+            **common, head_dim=8, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"][:layers] + ["full_attention"] * max(0, layers - 2)),
     }
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(configs[kind]())

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_models.dispatch.fused import AddBias, BiasGelu, fused_swiglu
-from moe_models.experts import Activation, activate, has_biases, up_width
+from moe_models.experts import Activation, activate, clamped_swiglu, has_biases, up_width
 
 
 class StackedExperts(nn.Module):
     """nn.Linear layout per expert. GELU: up (E, F, D) + (E, F), down (E, D, F) + (E, D). SwiGLU: up (E, 2F, D)
-    holding [gate; up], down (E, D, F), no biases: exactly transformers' MixtralExperts (gate_up_proj, down_proj)."""
+    holding [gate; up], down (E, D, F), no biases: exactly transformers' MixtralExperts (gate_up_proj, down_proj).
+    Clamped SwiGLU (GPT-OSS): the SwiGLU layout with biases (E, 2F) and (E, D)."""
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, activation: Activation = "gelu"):
         super().__init__()
@@ -27,14 +28,14 @@ class StackedExperts(nn.Module):
         self.up_weight_EFD = nn.Parameter(torch.randn(num_experts, up_width(hidden, activation), d_model) * 0.02)
         self.down_weight_EDF = nn.Parameter(torch.randn(num_experts, d_model, hidden) * 0.02)
         biased = has_biases(activation)
-        self.up_bias_EF = nn.Parameter(torch.zeros(num_experts, hidden)) if biased else None
+        self.up_bias_EF = nn.Parameter(torch.zeros(num_experts, up_width(hidden, activation))) if biased else None
         self.down_bias_ED = nn.Parameter(torch.zeros(num_experts, d_model)) if biased else None
 
     @torch.no_grad()
     def load_gate_up_down(self, gate_up_EXD: torch.Tensor, down_EDF: torch.Tensor) -> None:
         """SwiGLU weights in transformers' stacked layout (MixtralExperts, Qwen2MoeExperts, OlmoeExperts)."""
         if self.activation != "swiglu":
-            raise ValueError("gate/up/down weights are SwiGLU experts'; these experts are GELU")
+            raise ValueError(f"gate/up/down weights are SwiGLU experts'; these experts are {self.activation}")
         self.up_weight_EFD.copy_(gate_up_EXD)
         self.down_weight_EDF.copy_(down_EDF)
 
@@ -59,6 +60,8 @@ class StackedExperts(nn.Module):
         h = torch._grouped_mm(x_RD, self.up_weight_EFD.transpose(1, 2), offs=offsets_E)
         if self.activation == "swiglu":
             h = fused_swiglu(h)
+        elif self.activation == "clamped_swiglu":  # no fused kernel: the bias gathered per route, then the unit
+            h = clamped_swiglu(h + self.up_bias_EF[expert_R])
         elif self.activation == "gelu_tanh":  # no fused kernel for the tanh approximation: the eager gather
             h = F.gelu(h + self.up_bias_EF[expert_R], approximate="tanh")
         else:

@@ -59,7 +59,8 @@ class HFCausalLM(nn.Module):
                 for part in (moe.dispatch, moe.shared_experts, moe.shared_expert_gate):
                     if part is not None:
                         part.to(dtype)  # built fp32 from the checkpoint's tensors; at its dtype before the next layer
-                layer.mlp = moe  # `mlp(hidden_states) -> hidden_states`, as transformers calls it
+                # `mlp(hidden_states) -> hidden_states`, as transformers calls it (GPT-OSS's layer takes a pair)
+                layer.mlp = PairOutput(moe) if arch.mlp_returns_pair else moe
         self.moe_recorder = share_recorder(self)
 
     def _routed(self, mlp: nn.Module, index: int, arch: Architecture, routing: RoutingSpec, ctx: RouterContext,
@@ -103,6 +104,17 @@ class HFCausalLM(nn.Module):
         logits = self.hf(input_ids=input_ids_BS, past_key_values=cache, use_cache=True).logits[:, -1]
         self.moe_recorder.take()
         return logits
+
+
+class PairOutput(nn.Module):
+    """Our MoE layer where the decoder layer unpacks (hidden_states, router_scores) from its mlp."""
+
+    def __init__(self, moe: MoEFeedForward):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.moe(hidden_states), None
 
 
 def _check_fits(arch: Architecture, routing: RoutingSpec, opts: HFOptions, vocab_size: int, max_seq_len: int) -> None:

@@ -9,7 +9,8 @@ from typing import Any
 # (transformers' names, which some configs alias: Qwen3-MoE writes num_local_experts).
 # DeepSeek-V3 and GLM-4-MoE share one block: sigmoid scores with a selection-only correction bias, group-limited
 # top-k, a routed scaling factor and ungated shared experts, after first_k_dense_replace dense layers.
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe")
+# GPT-OSS: a router with a logit bias (softmax over the top-k logits) and clamped-SwiGLU experts with biases.
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss")
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 # Dense decoders whose MLP upcycling knows: GPT-2's (c_fc, c_proj; GELU) and the gated one (gate/up/down; SiLU).
 DENSE_MLPS = {"gpt2": "gpt2", "llama": "gated", "qwen2": "gated", "mistral": "gated", "qwen3": "gated"}
@@ -31,6 +32,11 @@ class Architecture:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def mlp_returns_pair(self) -> bool:
+        """GPT-OSS's decoder layer unpacks `hidden_states, router_scores = self.mlp(...)`."""
+        return self.model_type == "gpt_oss"
+
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Architecture":
         model_type = config.get("model_type", "?")
@@ -46,7 +52,7 @@ class Architecture:
             return cls(**common, num_experts=int(count),
                        moe_layers=_moe_layers(model_type, config, layers),
                        experts_per_token=int(config.get("num_experts_per_tok", 0)),
-                       norm_topk_prob=model_type == "mixtral" or bool(config.get("norm_topk_prob", False)))
+                       norm_topk_prob=model_type in ("mixtral", "gpt_oss") or bool(config.get("norm_topk_prob", False)))
         if model_type in DENSE_MLPS:
             return cls(**common, num_experts=0, moe_layers=())
         raise ValueError(f"model_type {model_type!r} is neither an MoE moelab can swap routers in "

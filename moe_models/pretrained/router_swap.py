@@ -1,6 +1,7 @@
 """Router swap: a pretrained MoE checkpoint's MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3,
-GLM-4-MoE: `layer.mlp` with a `gate` and stacked SwiGLU `experts`) becomes our MoEFeedForward, with the study's router and our dispatch, and the
-checkpoint's experts (and Qwen2-MoE's gated shared expert) loaded into it. The router-architectures report swaps its
+GLM-4-MoE: `layer.mlp` with a `gate` and stacked SwiGLU `experts`; GPT-OSS: a biased `router` and clamped-SwiGLU
+experts with biases) becomes our MoEFeedForward, with the study's router and our dispatch, and the checkpoint's
+experts (and Qwen2-MoE's gated shared expert) loaded into it. The router-architectures report swaps its
 routers into a pretrained Qwen1.5-MoE this way; `init_router: pretrained` copies the checkpoint's gate into a
 linear router, so a topk router with the checkpoint's k and renormalization computes the original model."""
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_models.experts import ExpertFFN
+from moe_models.experts import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, ExpertFFN
 from moe_models.models.common import LayerShape, init_fresh, moe_block
 from moe_models.moe_ffn import MoEFeedForward
 from moe_models.routers import RouterContext
@@ -17,9 +18,33 @@ from moe_models.spec import RoutingSpec
 LOCAL_EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts"  # both backends' per-expert state-dict layout
 
 
+def gate_of(mlp: nn.Module) -> nn.Module | None:
+    """The block's router: `gate` in most families, `router` in GPT-OSS."""
+    return getattr(mlp, "gate", None) or getattr(mlp, "router", None)
+
+
 def is_moe_block(mlp: nn.Module) -> bool:
     experts = getattr(mlp, "experts", None)
-    return hasattr(mlp, "gate") and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj")
+    return gate_of(mlp) is not None and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj")
+
+
+def expert_weights(experts: nn.Module, layer_index: int):
+    """(up (E, 2F, D) as [gate; up], down (E, D, F), up bias, down bias, activation) of a checkpoint's stacked
+    experts, in our nn.Linear layout."""
+    if hasattr(experts, "gate_up_proj_bias"):  # GPT-OSS: (E, D, 2F), gate and up interleaved column by column
+        if (experts.alpha, experts.limit) != (CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT):
+            raise ValueError(f"layer {layer_index}: clamped SwiGLU with alpha {experts.alpha}, limit {experts.limit}; "
+                             f"moelab's is GPT-OSS's ({CLAMPED_SWIGLU_ALPHA}, {CLAMPED_SWIGLU_LIMIT})")
+        w, b = experts.gate_up_proj.detach(), experts.gate_up_proj_bias.detach()
+        up = torch.cat([w[..., 0::2], w[..., 1::2]], dim=-1).transpose(1, 2)
+        up_bias = torch.cat([b[:, 0::2], b[:, 1::2]], dim=-1)
+        return (up, experts.down_proj.detach().transpose(1, 2), up_bias, experts.down_proj_bias.detach(),
+                "clamped_swiglu")
+    act = type(getattr(experts, "act_fn", None)).__name__
+    if act not in ("SiLU", "SiLUActivation"):
+        raise ValueError(f"layer {layer_index}: experts use {act}; router swap knows SwiGLU (SiLU) experts and "
+                         "GPT-OSS's clamped SwiGLU")
+    return experts.gate_up_proj.detach(), experts.down_proj.detach(), None, None, "swiglu"
 
 
 def load_experts(layer: MoEFeedForward, up_EXD: torch.Tensor, down_EDF: torch.Tensor, ep_rank: int = 0,
@@ -44,25 +69,25 @@ def load_experts(layer: MoEFeedForward, up_EXD: torch.Tensor, down_EDF: torch.Te
 def swap_in(mlp: nn.Module, routing: RoutingSpec, ctx: RouterContext, dispatch: str, ep_size: int, ep_rank: int,
             init_router: str) -> MoEFeedForward:
     """Our MoE FFN computing what `mlp` computed, up to the router (the study's, fresh or from the gate)."""
-    experts = mlp.experts
-    act = type(getattr(experts, "act_fn", None)).__name__
-    if act not in ("SiLU", "SiLUActivation"):
-        raise ValueError(f"layer {ctx.layer_index}: experts use {act}; router swap knows SwiGLU (SiLU) experts")
-    E, _, D = experts.gate_up_proj.shape
-    hidden = experts.down_proj.shape[-1]
+    up_EXD, down_EDF, up_bias, down_bias, activation = expert_weights(mlp.experts, ctx.layer_index)
+    E, _, D = up_EXD.shape
+    hidden = down_EDF.shape[-1]
     # Qwen2-MoE: one always-on expert, gated per token; DeepSeek-V3, GLM-4-MoE: always on, ungated.
     source = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
     shared = None if source is None else shared_expert(source, D)
     gated = getattr(mlp, "shared_expert_gate", None) is not None
-    layer = moe_block(LayerShape(D, hidden, E, "swiglu"), ep_size, dispatch, routing, ctx, shared, gated)
+    layer = moe_block(LayerShape(D, hidden, E, activation), ep_size, dispatch, routing, ctx, shared, gated)
     if gated:
         with torch.no_grad():
             layer.shared_expert_gate.weight.copy_(mlp.shared_expert_gate.weight)
-    load_experts(layer, experts.gate_up_proj.detach(), experts.down_proj.detach(), ep_rank)
+    load_experts(layer, up_EXD, down_EDF, ep_rank, up_bias, down_bias)
     init_fresh(layer.router, ctx.seed, f"layers.{ctx.layer_index}.router")
     if init_router == "pretrained":
-        copy_gate(layer, mlp.gate.weight, ctx.layer_index)
-        bias = getattr(mlp.gate, "e_score_correction_bias", None)
+        gate = gate_of(mlp)
+        copy_gate(layer, gate.weight, ctx.layer_index)
+        if getattr(gate, "bias", None) is not None:  # GPT-OSS's logit bias: it moves selection and the gates alike
+            copy_logit_bias(layer, gate.bias, ctx.layer_index)
+        bias = getattr(gate, "e_score_correction_bias", None)
         if bias is not None:  # DeepSeek-V3's aux-loss-free bias: it moves selection, from the first forward on
             copy_selection_bias(layer, bias, ctx.layer_index)
     return layer
@@ -76,6 +101,15 @@ def copy_selection_bias(layer: MoEFeedForward, bias_E: torch.Tensor, layer_index
     with torch.no_grad():
         router.expert_bias_E.copy_(bias_E.float())
     router.selection_bias = True
+
+
+def copy_logit_bias(layer: MoEFeedForward, bias_E: torch.Tensor, layer_index: int) -> None:
+    router_bias = getattr(layer.router, "logit_bias_E", None)
+    if router_bias is None:
+        raise ValueError(f"layer {layer_index}: the checkpoint's router adds a learned bias to its logits, and "
+                         f"router {type(layer.router).__name__} has none; use a topk router with router_bias: true")
+    with torch.no_grad():
+        router_bias.copy_(bias_E.float())
 
 
 def shared_expert(mlp: nn.Module, d_model: int) -> ExpertFFN:

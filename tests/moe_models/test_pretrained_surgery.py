@@ -28,7 +28,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     return {kind: tiny_causal_lm(kind, root / kind, vocab_size=V)
             for kind in ("gpt2", "llama", "qwen2", "mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "deepseek_v3",
-                         "glm4_moe")}
+                         "glm4_moe", "gpt_oss")}
 
 
 def topk(k: int, renormalize: bool) -> RoutingSpec:
@@ -80,6 +80,24 @@ def test_deepseek_v3s_router_swapped_in_from_its_gate_reproduces_the_checkpoint(
             logits = HFCausalLM(HFOptions(pretrained=str(checkpoints[kind]), init_router="pretrained",
                                           dispatch=backend), other, V, 64, seed=0).eval().logits(ids())[0]
         assert not torch.allclose(logits, ours, atol=1e-3), changed
+
+
+@pytest.mark.parametrize("backend", ["grouped", "deepspeed"])
+def test_gpt_osss_router_swapped_in_from_its_gate_reproduces_the_checkpoint(checkpoints, backend):
+    """A learned logit bias with a softmax over the top-k logits, clamped-SwiGLU experts with biases (gate and up
+    interleaved in the checkpoint), attention sinks and sliding windows left to transformers."""
+    routing = RoutingSpec("topk", ROUTERS.get("topk").Options(k=2, router_bias=True, renormalize=True))
+    model = HFCausalLM(HFOptions(pretrained=str(checkpoints["gpt_oss"]), init_router="pretrained", dispatch=backend),
+                       routing, V, 64, seed=0).eval()
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    assert len(layers) == 2 and all(layer.dispatch.spec.activation == "clamped_swiglu" for layer in layers)
+    with torch.no_grad():
+        ours, _ = model.logits(ids())
+    torch.testing.assert_close(ours, reference_logits(checkpoints["gpt_oss"], ids()), atol=2e-5, rtol=2e-5)
+    without_bias = RoutingSpec("topk", ROUTERS.get("topk").Options(k=2, renormalize=True))
+    with pytest.raises(ValueError, match="router_bias: true"):
+        HFCausalLM(HFOptions(pretrained=str(checkpoints["gpt_oss"]), init_router="pretrained", dispatch=backend),
+                   without_bias, V, 64, seed=0)
 
 
 def test_a_fresh_router_changes_the_function_and_every_router_runs_swapped_in(checkpoints):

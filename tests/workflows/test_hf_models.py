@@ -51,7 +51,7 @@ def with_model(model: dict, routers: list[dict] | None = None, **training) -> di
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {kind: str(tiny_causal_lm(kind, root / kind, vocab_size=320)) for kind in ("llama", "mixtral")}
+    return {kind: str(tiny_causal_lm(kind, root / kind, vocab_size=320)) for kind in ("llama", "mixtral", "gpt_oss")}
 
 
 def test_bad_hf_entries_fail_before_launch_naming_the_field(folders, monkeypatch):
@@ -95,6 +95,9 @@ def test_bad_hf_entries_fail_before_launch_naming_the_field(folders, monkeypatch
         "a model crossed with a router the study lacks": (
             {**UPCYCLE, "models": [{**LLAMA, "routers": ["top3"]}]},
             "models[0].routers: 'top3' is not a router of this study; valid: dense, top2"),
+        "GPT-OSS's gate copied into a router without its logit bias": (
+            with_model({"name": "hf", "pretrained": folders["gpt_oss"], "init_router": "pretrained"}, top2),
+            "init_router: pretrained copies GPT-OSS's router with its learned logit bias; set router_bias: true"),
         "a malformed cell source": (
             with_model({"name": "hf", "pretrained": "cell:llama"}),
             "a cell source is cell:<model label>/<router label>"),

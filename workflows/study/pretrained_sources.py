@@ -38,6 +38,11 @@ def hf_problems(study, j: int) -> list[str]:
                         f"checkpoint's linear gate, and {r.display()} has no linear scorer to copy it into; use "
                         "init_router: random, or a linear router (topk, top_p, ...)"
                         for i, r in routers if r.name != DENSE and not _has_linear_gate(r, arch))
+    if opts.init_router == "pretrained" and arch.model_type == "gpt_oss":
+        problems.extend(f"routers[{i}]: on models[{j}] ({model.display()}), init_router: pretrained copies GPT-OSS's "
+                        "router with its learned logit bias; set router_bias: true"
+                        for i, r in routers if r.name != DENSE and not getattr(r.routing_spec().options,
+                                                                               "router_bias", False))
     if study.training.lora:
         problems.extend(lora_problems(study.training.lora.target_modules, config, j))
     return problems
