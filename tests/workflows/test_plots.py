@@ -31,3 +31,23 @@ def test_front_points_are_undominated_and_every_other_point_is_dominated(points)
     for i in set(range(len(points))) - front:
         assert any(dominates(points[j], points[i]) for j in range(len(points)))
     assert front
+
+
+def test_the_plot_draws_quality_against_each_cost_it_has_inference_latency_included(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from workflows.report.plots import pareto_plot
+    from workflows.report.pooled import Estimate, PooledRow
+
+    def row(router, loss, mflop, ms):
+        return PooledRow(router, "gpt", "builtin:domains", [0, 1, 2],
+                         {"eval loss": Estimate(loss, 0.01, 3), "train MFLOP/token": Estimate(mflop, 0.01, 3),
+                          "ms/token": Estimate(ms, 0.1, 3)})
+
+    panels = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: panels.extend(ax.get_xlabel() for ax in fig.axes) or real(fig, *a, **k))
+    path = pareto_plot([row("top1", 4.0, 1.0, 2.0), row("top2", 3.9, 1.5, 2.6)], tmp_path / "pareto.png")
+    assert path.exists()
+    assert panels == ["train MFLOP/token (lower is better)", "ms/token (lower is better)"]  # no tokens/s logged

@@ -24,7 +24,7 @@ from workflows.study.cells import Cell
 from workflows.tracking import Tracker
 
 QUALITY_AXES = (("ROUGE-L", True), ("eval loss", False))  # (pooled column, higher is better), first present wins
-COST_AXES = (("train MFLOP/token", False), ("tokens/s", True))
+COST_AXES = (("train MFLOP/token", False), ("tokens/s", True), ("ms/token", False))  # training; inference latency
 
 
 def pareto_front(points: list[tuple[float, float]], x_higher: bool, y_higher: bool) -> list[int]:
