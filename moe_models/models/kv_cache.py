@@ -2,9 +2,10 @@
 which the dynamic-routing and router-architecture reports compare routers on, measured as a model serves it (one
 new token's forward against the cached keys and values of everything before it), not by re-running the prefix.
 
-A family that decodes has `new_decoding_state()` and `decode_step(ids_BS, state) -> logits_BV` (the next-token
-logits after the last position): gpt and llama keep a LayerCache per block, `hf` models transformers' own
-DynamicCache. Shapes: B batch, H heads, S new positions, T cached positions, d head dim.
+A family that decodes has `decode_step(ids_BS, state) -> logits_BV` (the next-token logits after the last position)
+and a state to start from: `new_decoding_state()` for decoder LMs (gpt and llama keep a LayerCache per block, `hf`
+models transformers' own DynamicCache), `start_decoding(src, src_valid)` for the encoder-decoder (the encoded source,
+and per decoder block a self-attention cache and the memory's cross-attention keys and values). Shapes: B batch, H heads, S new positions, T cached positions, d head dim.
 """
 from __future__ import annotations
 
@@ -42,10 +43,11 @@ def can_decode(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def greedy_decode(model: nn.Module, prompt_BS: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def greedy_decode(model: nn.Module, prompt_BS: torch.Tensor, new_tokens: int, state=None) -> torch.Tensor:
     """The prompt followed by `new_tokens` greedy tokens, (B, S + new_tokens): one prefill, then one cached forward
-    per token. Routing analytics are off: nothing reads them while decoding."""
-    state = model.new_decoding_state()
+    per token. Routing analytics are off: nothing reads them while decoding. state: where decoding starts (a
+    seq2seq model's encoded source, `start_decoding`); by default the model's empty cache."""
+    state = model.new_decoding_state() if state is None else state
     tokens = prompt_BS
     with routing_analytics_off(model):
         logits_BV = model.decode_step(prompt_BS, state)

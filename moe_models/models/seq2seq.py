@@ -8,17 +8,28 @@ being processed), which is what hash routing needs. Shapes: B batch, S source le
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moe_models.models.common import LMOutput, build_ffn, init_parameters
+from moe_models.models.kv_cache import LayerCache
 from moe_models.models.options import Seq2SeqOptions
 from moe_models.moe_ffn import share_recorder
 from moe_models.spec import RoutingSpec
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class Seq2SeqDecoding:
+    """What decoding keeps between tokens: the encoded source, and per decoder block its self-attention cache and
+    its cross-attention keys and values of the memory."""
+    memory: torch.Tensor
+    memory_valid: torch.Tensor
+    caches: list[tuple[LayerCache, LayerCache]]
 
 
 def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
@@ -41,13 +52,21 @@ class Attention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
 
     def forward(self, x_BQD: torch.Tensor, memory_BKD: torch.Tensor, keys_valid_BK: torch.Tensor | None,
-                causal: bool = False) -> torch.Tensor:
+                causal: bool = False, cache: LayerCache | None = None) -> torch.Tensor:
+        """cache (decoding, kv_cache.py): self-attention extends it with this step's keys and values; cross-attention
+        (not causal) computes the memory's once and reads them from it afterwards."""
         B, Q, D = x_BQD.shape
         h = self.n_heads
         q = self.q(x_BQD).view(B, Q, h, D // h).transpose(1, 2)
-        k, v = self.kv(memory_BKD).view(B, -1, 2, h, D // h).unbind(dim=2)
+        if cache is not None and not causal and cache.length:
+            k, v = cache.k, cache.v
+        else:
+            k, v = (t.transpose(1, 2) for t in self.kv(memory_BKD).view(B, -1, 2, h, D // h).unbind(dim=2))
+            if cache is not None:
+                k, v, first = cache.extend(k, v)
+                causal = causal and first
         mask = None if keys_valid_BK is None else keys_valid_BK[:, None, None, :]  # True = may attend
-        y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, Q, D))
 
@@ -75,10 +94,12 @@ class DecoderBlock(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(dropout)  # on each sub-layer's output (Vaswani et al. 2017, 5.4)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_valid: torch.Tensor,
+                caches: tuple[LayerCache, LayerCache] | None = None) -> torch.Tensor:
+        self_cache, cross_cache = caches or (None, None)
         h = self.ln1(x)
-        x = x + self.drop(self.self_attn(h, h, None, causal=True))  # right padding: real positions never see it
-        x = x + self.drop(self.cross_attn(self.ln2(x), memory, memory_valid))
+        x = x + self.drop(self.self_attn(h, h, None, causal=True, cache=self_cache))  # right padding: never seen
+        x = x + self.drop(self.cross_attn(self.ln2(x), memory, memory_valid, cache=cross_cache))
         return x + self.drop(self.ffn(self.ln3(x)))
 
 
@@ -112,12 +133,13 @@ class Seq2SeqMoE(nn.Module):
         self.lm_head.weight = self.dec_emb.weight  # tied after init: one tensor, drawn once
         self.moe_recorder = share_recorder(self)
 
-    def _embed(self, emb: nn.Embedding, ids_BS: torch.Tensor) -> torch.Tensor:
-        n = ids_BS.shape[1]
+    def _embed(self, emb: nn.Embedding, ids_BS: torch.Tensor, start: int = 0) -> torch.Tensor:
+        end = start + ids_BS.shape[1]
         x = emb(ids_BS) * self.embed_scale
         # The sinusoid table is a buffer, and DeepSpeed's bf16/fp16 engines keep buffers fp32: cast it, or it would
         # promote the whole residual stream to fp32 (and LayerNorm refuses fp32 input with bf16 weights).
-        pos = self.pos_emb.weight[:n] if self.opts.positions == "learned" else self.pos_table[:n].to(x.dtype)
+        pos = self.pos_emb.weight[start:end] if self.opts.positions == "learned" else self.pos_table[start:end].to(
+            x.dtype)
         return self.drop(x + pos)
 
     def encode(self, src_BS: torch.Tensor, src_valid_BS: torch.Tensor) -> torch.Tensor:
@@ -136,6 +158,24 @@ class Seq2SeqMoE(nn.Module):
         for block in self.decoder:
             x = block(x, memory_BSD, src_valid_BS)
         return self.lm_head(self.ln_dec(x))
+
+    def start_decoding(self, src_BS: torch.Tensor, src_valid_BS: torch.Tensor) -> Seq2SeqDecoding:
+        """Encode the source once; decode_step then generates against it (kv_cache.py)."""
+        self.moe_recorder.reset()
+        memory = self.encode(src_BS, src_valid_BS)
+        self.moe_recorder.take()
+        return Seq2SeqDecoding(memory, src_valid_BS, [(LayerCache(), LayerCache()) for _ in self.decoder])
+
+    def decode_step(self, decoder_in_BL: torch.Tensor, state: Seq2SeqDecoding) -> torch.Tensor:
+        """The next-token logits (B, V) after these decoder tokens, which follow the cached ones."""
+        start = state.caches[0][0].length
+        self.moe_recorder.reset()
+        self.moe_recorder.feed(decoder_in_BL, None, None)  # hash routing reads the decoder's token ids
+        x = self._embed(self.dec_emb, decoder_in_BL, start)
+        for block, caches in zip(self.decoder, state.caches):
+            x = block(x, state.memory, state.memory_valid, caches)
+        self.moe_recorder.take()
+        return self.lm_head(self.ln_dec(x[:, -1]))
 
     def forward(self, src_BS: torch.Tensor, src_valid_BS: torch.Tensor, decoder_in_BL: torch.Tensor,
                 labels_BL: torch.Tensor) -> LMOutput:

@@ -81,3 +81,31 @@ def test_a_router_swapped_checkpoint_decodes_with_transformers_cache_as_its_full
             tokens = torch.cat([tokens, seen[-1][:, -1].argmax(-1, keepdim=True)], dim=1)
     hook.remove()
     assert torch.equal(greedy_decode(m, prompt, 10), tokens)
+
+
+@pytest.mark.parametrize("routing", ["topk", "hash"])
+def test_the_encoder_decoder_decodes_with_its_caches_as_its_full_decoder(routing):
+    """Self-attention keys and values cached, the memory's cross-attention ones computed once: the same tokens and
+    logits as re-running the decoder over the whole prefix against the encoded source (padding in the source)."""
+    seq2seq = MODELS.get("seq2seq")
+    torch.manual_seed(0)
+    m = seq2seq.build(seq2seq.Options(d_model=32, n_heads=2, encoder_layers=1, decoder_layers=2, num_experts=4,
+                                      expert_hidden=32), ROUTINGS[routing], V, S, 0).eval()
+    src = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(3))
+    valid = torch.ones_like(src, dtype=torch.bool)
+    valid[1, 7:] = False
+    start = torch.zeros(2, 1, dtype=torch.long)
+    tokens, reference_logits = start, []
+    with torch.no_grad():
+        m.moe_recorder.reset()
+        memory = m.encode(src, valid)
+        for _ in range(8):
+            reference_logits.append(m.decode(memory, valid, tokens)[:, -1])
+            m.moe_recorder.take()
+            tokens = torch.cat([tokens, reference_logits[-1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(greedy_decode(m, start, 8, m.start_decoding(src, valid)), tokens)
+    with torch.no_grad():
+        state = m.start_decoding(src, valid)
+        steps = [m.decode_step(tokens[:, i:i + 1], state) for i in range(8)]
+    for got, want in zip(steps, reference_logits):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

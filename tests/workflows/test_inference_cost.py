@@ -22,11 +22,14 @@ def cell(tmp_path, k: int):
 
 
 def test_more_experts_per_token_cost_inference_throughput_on_the_same_model(tmp_path):
-    """Measured side by side on this machine, as a ratio: top-8 runs 8x the expert FLOPs of top-1 per token."""
+    """Measured side by side on this machine, as ratios: top-8 runs 8x the expert FLOPs of top-1 per token, in a
+    prefill and in each decoded token."""
     (e1, c1, d1), (e8, c8, d8) = cell(tmp_path, 1), cell(tmp_path, 8)
     one, eight = inference_metrics(e1, d1, c1), inference_metrics(e8, d8, c8)
     assert one[EVAL_INFERENCE_PREFILL_TOKENS_PER_S] > 1.5 * eight[EVAL_INFERENCE_PREFILL_TOKENS_PER_S]
-    assert 0 < one[EVAL_INFERENCE_MS_PER_TOKEN] < 1000 and 0 < eight[EVAL_INFERENCE_MS_PER_TOKEN] < 1000
+    # and each generated token: measured here at about 1.0 ms against 1.7 ms (batch 1, 2 layers)
+    assert 0 < one[EVAL_INFERENCE_MS_PER_TOKEN] and eight[EVAL_INFERENCE_MS_PER_TOKEN] > 1.25 * one[
+        EVAL_INFERENCE_MS_PER_TOKEN]
 
 
 def test_decoding_latency_is_greedy_at_batch_one_past_a_prompt_within_one_window(tmp_path, monkeypatch):
@@ -35,8 +38,8 @@ def test_decoding_latency_is_greedy_at_batch_one_past_a_prompt_within_one_window
     engine, c, data = cell(tmp_path, 2)
     calls = []
     real = inference_cost.greedy_decode
-    monkeypatch.setattr(inference_cost, "greedy_decode",
-                        lambda model, prompt, n: calls.append((tuple(prompt.shape), n)) or real(model, prompt, n))
+    monkeypatch.setattr(inference_cost, "greedy_decode", lambda model, prompt, n, state: calls.append(
+        (tuple(prompt.shape), n)) or real(model, prompt, n, state))
     inference_metrics(engine, data, c)
     assert set(calls) == {((1, 16), 32), ((1, 16), 1)}  # n and 1 new tokens after the same 16-token prompt
     assert 16 + 32 <= c.training.seq_len

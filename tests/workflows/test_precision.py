@@ -11,10 +11,12 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from tests.in_process import in_process_cell
+from workflows.cell.inference_cost import inference_metrics
+from workflows.cell.loop import train_step
 from workflows.cell.summarize import generate_summaries
 from workflows.cell.summarize import test_documents as documents_to_summarize
-from workflows.cell.loop import train_step
 from workflows.cell.worker import Worker
+from workflows.metric_names import EVAL_INFERENCE_MS_PER_TOKEN, EVAL_INFERENCE_PREFILL_TOKENS_PER_S
 
 ROUTER = {"name": "topk", "k": 2, "expert_bias_rate": 0.01}
 GPT = {"name": "gpt", "d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "expert_hidden": 64}
@@ -78,6 +80,8 @@ def test_bf16_summarization_cell_trains_and_decodes_in_bf16(tmp_path):
     assert all(math.isfinite(loss) for loss in curve)
     summaries = generate_summaries(engine.module, data, cell.summarization, cell.training.seq_len)
     assert len(summaries) == documents_to_summarize(data, cell.summarization) > 0
+    cost = inference_metrics(engine, data, cell)  # cached greedy decoding against the source, in bf16 too
+    assert cost[EVAL_INFERENCE_MS_PER_TOKEN] > 0 and cost[EVAL_INFERENCE_PREFILL_TOKENS_PER_S] > 0
 
 
 @pytest.fixture

@@ -5,10 +5,11 @@ every cell of a study):
 - `eval/inference/peak_mb`: the worker's peak memory during those forwards alone: the accelerator's peak counter,
   or on CPU the process's resident high-water mark (Linux VmHWM), each reset just before, so that training's peak
   cannot hide it. On CPU it includes what is resident then: the weights, and the optimizer state beside them.
-- `eval/inference/ms_per_token`: decoder LMs only (gpt, llama, hf): greedy decoding at batch 1 with a key/value
-  cache (moe_models/models/kv_cache.py) after a prompt of the batch's first window, each new token one cached
-  forward; (time of n tokens - time of 1) / (n - 1), so the prompt's prefill is not counted, medians of 3.
-  Summarization models decode without a cache (moe_models/generation.py) and report no figure.
+- `eval/inference/ms_per_token`: greedy decoding at batch 1 with a key/value cache (moe_models/models/kv_cache.py),
+  each new token one cached forward: a decoder LM (gpt, llama, hf) after a prompt of the batch's first window, an
+  encoder-decoder from its start token against the first source; (time of n tokens - time of 1) / (n - 1), so the
+  prompt's prefill (the source's encoding) is not counted, medians of 3. (The summaries a summarization cell scores
+  are decoded by moe_models/generation.py: beam search, no cache.)
 Every rank runs the forwards (expert parallelism holds collectives in them); rank 0's figures are logged."""
 from __future__ import annotations
 
@@ -56,23 +57,38 @@ def inference_metrics(engine, data: PreparedData | PreparedPairs, cell: Cell, re
                 seconds.append(time.perf_counter() - began)
     peak = peak_memory_mb()
     metrics = {EVAL_INFERENCE_PREFILL_TOKENS_PER_S: tokens / statistics.median(seconds), EVAL_INFERENCE_PEAK_MB: peak}
-    if can_decode(engine.module):
-        metrics[EVAL_INFERENCE_MS_PER_TOKEN] = decode_ms_per_token(engine.module, batch.inputs[0], engine.device)
+    decoding = decoding_of(engine.module, batch.inputs)
+    if decoding is not None:
+        metrics[EVAL_INFERENCE_MS_PER_TOKEN] = decode_ms_per_token(engine.module, *decoding, engine.device)
     engine.train()
     return metrics
 
 
-def decode_ms_per_token(model, windows_BS: torch.Tensor, device: torch.device, repeats: int = 3) -> float:
-    """Milliseconds per generated token at batch 1: greedy decoding of n and of 1 token after the same prompt,
-    the difference over n - 1 (the prefill cancels). The prompt and the new tokens fit in one training window,
-    so no position goes past what the model was built for."""
-    prompt = windows_BS[:1, :min(PROMPT_TOKENS, windows_BS.shape[1] // 2)]
-    new = min(NEW_TOKENS, windows_BS.shape[1] - prompt.shape[1])
+def decoding_of(model, inputs: tuple[torch.Tensor, ...]):
+    """(prompt, where decoding starts, new tokens) at batch 1 for a model that decodes with a cache, or None.
+    A decoder LM continues the first window's first tokens; an encoder-decoder generates from its start token
+    against the first source. The prompt and the new tokens fit in one training window or target, so no position
+    goes past what the model was built for."""
+    if hasattr(model, "start_decoding"):  # (source, source mask, decoder input, labels)
+        src, valid, decoder_in = inputs[0][:1], inputs[1][:1], inputs[2][:1]
+        new = min(NEW_TOKENS, decoder_in.shape[1] - 1)
+        return decoder_in[:, :1], lambda: model.start_decoding(src, valid), new
+    if can_decode(model):
+        windows = inputs[0]
+        prompt = windows[:1, :min(PROMPT_TOKENS, windows.shape[1] // 2)]
+        return prompt, model.new_decoding_state, min(NEW_TOKENS, windows.shape[1] - prompt.shape[1])
+    return None
+
+
+def decode_ms_per_token(model, prompt_BS: torch.Tensor, start, new: int, device: torch.device,
+                        repeats: int = 3) -> float:
+    """Milliseconds per generated token at batch 1: greedy decoding of `new` and of 1 token from the same start,
+    the difference over new - 1 (the prefill, or the encoding, cancels)."""
 
     def seconds(n: int) -> float:
         _synchronize(device)
         began = time.perf_counter()
-        greedy_decode(model, prompt, n)
+        greedy_decode(model, prompt_BS, n, start())
         _synchronize(device)
         return time.perf_counter() - began
 
