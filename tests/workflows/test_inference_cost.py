@@ -1,9 +1,11 @@
 """Inference cost at a cell's end: forward throughput and the peak memory of inference alone."""
+import statistics
+
 import pytest
 
 from tests.in_process import in_process_cell
-from workflows.cell.evaluation import peak_memory_mb
-from workflows.cell.inference_cost import inference_metrics
+from workflows.cell.evaluation import peak_memory_mb, timing_batch
+from workflows.cell.inference_cost import decode_ms_per_token, decoding_of, inference_metrics
 from workflows.metric_names import (
     EVAL_INFERENCE_MS_PER_TOKEN,
     EVAL_INFERENCE_PEAK_MB,
@@ -27,9 +29,12 @@ def test_more_experts_per_token_cost_inference_throughput_on_the_same_model(tmp_
     (e1, c1, d1), (e8, c8, d8) = cell(tmp_path, 1), cell(tmp_path, 8)
     one, eight = inference_metrics(e1, d1, c1), inference_metrics(e8, d8, c8)
     assert one[EVAL_INFERENCE_PREFILL_TOKENS_PER_S] > 1.5 * eight[EVAL_INFERENCE_PREFILL_TOKENS_PER_S]
-    # and each generated token: measured here at about 1.0 ms against 1.7 ms (batch 1, 2 layers)
-    assert 0 < one[EVAL_INFERENCE_MS_PER_TOKEN] and eight[EVAL_INFERENCE_MS_PER_TOKEN] > 1.25 * one[
-        EVAL_INFERENCE_MS_PER_TOKEN]
+    assert one[EVAL_INFERENCE_MS_PER_TOKEN] > 0 and eight[EVAL_INFERENCE_MS_PER_TOKEN] > 0
+    # and each generated token (about 1.0 ms against 1.7 ms here, batch 1, 2 layers): timed in alternation, so that
+    # a burst of load elsewhere on the machine falls on both
+    rounds = [[decode_ms_per_token(e.module, *decoding_of(e.module, timing_batch(d, c, e.device).inputs), e.device)
+               for e, c, d in ((e1, c1, d1), (e8, c8, d8))] for _ in range(5)]
+    assert statistics.median(b / a for a, b in rounds) > 1.25
 
 
 def test_decoding_latency_is_greedy_at_batch_one_past_a_prompt_within_one_window(tmp_path, monkeypatch):
