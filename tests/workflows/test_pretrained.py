@@ -50,6 +50,7 @@ def test_lora_finetuning_learns_the_training_summaries_and_trains_adapters_only(
 
     from workflows.cell.baseline_finetune import finetune_lora
 
+    torch.manual_seed(0)  # the tiny model's init and the adapters' draw: the same run whichever tests ran before
     folder = build(tmp_path)
     targets = ["c_attn", "c_fc", "c_proj"] if kind == "causal" else ["q_proj", "v_proj", "fc1", "fc2"]
     baseline = PretrainedBaseline(model=str(folder), kind=kind, finetune={"steps": 60, "lr": 3e-2, "batch_size": 2,
