@@ -89,7 +89,8 @@ GLOSSARY: dict[str, str] = {
                                          "at the cell's end (median of 5)",
     EVAL_INFERENCE_PEAK_MB: "peak memory during those inference forwards alone (peak counter reset before them)",
     EVAL_INFERENCE_MS_PER_TOKEN: "milliseconds per generated token, greedy at batch 1 with a key/value cache (after a "
-                                 "16-token prompt, or from the start token against a source)",
+                                 "16-token prompt, or from the start token against a source; none for the reference "
+                                 "router, which reads domain labels)",
     SUMMARY_TOKENS_PER_S: "steady-state training throughput over the run (first step excluded)",
     SUMMARY_TRAIN_SECONDS: "wall time of the training steps of this (resumed part of the) run",
     SUMMARY_FIRST_STEP_SECONDS: "wall time of the first step (compile, lazy init)",

@@ -21,7 +21,7 @@ import torch
 from moe_data.prepare import PreparedData
 from moe_data.prepared_pairs import PreparedPairs
 from moe_models.models.kv_cache import can_decode, greedy_decode
-from moe_models.moe_ffn import routing_analytics_off
+from moe_models.moe_ffn import MoEFeedForward, routing_analytics_off
 from workflows.cell.evaluation import peak_memory_mb, reset_peak_memory, timing_batch
 from workflows.metric_names import (
     EVAL_INFERENCE_MS_PER_TOKEN,
@@ -68,7 +68,10 @@ def decoding_of(model, inputs: tuple[torch.Tensor, ...]):
     """(prompt, where decoding starts, new tokens) at batch 1 for a model that decodes with a cache, or None.
     A decoder LM continues the first window's first tokens; an encoder-decoder generates from its start token
     against the first source. The prompt and the new tokens fit in one training window or target, so no position
-    goes past what the model was built for."""
+    goes past what the model was built for. A router that reads domain labels (the reference router, an oracle)
+    cannot serve generated tokens, which have none: no figure."""
+    if any(getattr(m.router, "needs_domains", False) for m in model.modules() if isinstance(m, MoEFeedForward)):
+        return None
     if hasattr(model, "start_decoding"):  # (source, source mask, decoder input, labels)
         src, valid, decoder_in = inputs[0][:1], inputs[1][:1], inputs[2][:1]
         new = min(NEW_TOKENS, decoder_in.shape[1] - 1)
