@@ -38,8 +38,16 @@ def paired_p_value(system: list[ScoreSheet], baseline: list[ScoreSheet], metric:
         drawn = [ScoreSheet.pooled([sheets[i] for i in rng.integers(0, len(sheets), size=len(sheets))])
                  for sheets in (system, baseline)]
         diffs[r] = drawn[0].value(metric, rows) - drawn[1].value(metric, rows)
-    opposite = np.mean(diffs <= 0) if observed > 0 else np.mean(diffs >= 0)
-    return float(min(1.0, 2 * opposite))
+    return two_sided_p(diffs, observed)
+
+
+def two_sided_p(draws: np.ndarray, observed: float) -> float:
+    """Twice the share of resampled differences on the other side of zero, counting the observed one among them, so
+    that a bootstrap p is never 0: (count + 1) / (resamples + 1) (Davison & Hinkley 1997, section 4.4)."""
+    if observed == 0:
+        return 1.0
+    opposite = int(np.sum(draws <= 0 if observed > 0 else draws >= 0))
+    return float(min(1.0, 2 * (opposite + 1) / (len(draws) + 1)))
 
 
 # Intervals across seeds are shown from this many seeds on: below it a t-interval is too wide to say anything, and the
@@ -78,5 +86,4 @@ def two_level_difference(system: dict[int, np.ndarray], baseline: dict[int, np.n
         draws[r] = rows[:, rng.integers(0, num_sequences, size=num_sequences)].mean()
     tail = (1 - level) / 2 * 100
     low, high = float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
-    p = 1.0 if observed == 0 else float(min(1.0, 2 * np.mean(draws <= 0 if observed > 0 else draws >= 0)))
-    return observed, low, high, p
+    return observed, low, high, two_sided_p(draws, observed)
