@@ -245,3 +245,13 @@ def test_the_findings_page_is_the_studies_claims_tables(tmp_path, capsys):
     assert text.startswith("# Findings") and "## claims\n\nhash against top-2." in text
     assert "| hash is worse | 001 |" in text and "| supported |" in text
     assert "## other" in text and f"Not run in {empty}, {tmp_path}" in text  # a study without runs says so
+    pages = tmp_path / "pages"
+    assert main(["findings", str(path), str(elsewhere), "--workdir", str(tmp_path), "--out-dir", str(pages)]) == 0
+    page = (pages / "claims.md").read_text()
+    assert page.startswith(f"# claims\n\nGenerated on ") and f"`moelab findings {path} --workdir {tmp_path}`" in page
+    assert "| hash is worse | 001 |" in page and not (pages / "other.md").exists()
+    assert "| `" + str(elsewhere) + "` | not run yet |" in (pages / "index.md").read_text()
+    (pages / "other.md").write_text("# other\n\nan earlier run's page\n")  # kept, and linked, when it did not run
+    assert main(["findings", str(path), str(elsewhere), "--workdir", str(tmp_path), "--out-dir", str(pages)]) == 0
+    assert (pages / "other.md").read_text() == "# other\n\nan earlier run's page\n"
+    assert "[other](other.md)" in (pages / "index.md").read_text()
