@@ -1,5 +1,7 @@
-"""Characterize every registered router, and the routing of today's open models, on the same hidden states (the router-architectures report's table):
-parameter count, forward latency, mean router entropy, mean probability mass selected, experts per token, load CV."""
+"""Characterize every registered router, and the routing of today's open models, on the same hidden states (the
+router-architectures report's table): parameter count, forward latency, mean router entropy, mean probability mass
+selected, experts per token, load CV; and what a router costs a model that serves it: milliseconds per generated
+token of a small GPT-MoE decoding with a key/value cache (models/kv_cache.py), each router in the same model."""
 from __future__ import annotations
 
 import math
@@ -24,6 +26,9 @@ class RouterProfile:
     mean_topk_prob: float  # mean probability mass of the selected experts
     experts_per_token: float
     load_cv: float
+    # a 2-block GPT-MoE with this router, greedy at batch 1; NaN for a router no decoder can serve (one that reads
+    # domain labels, or a non-causal one)
+    decode_ms_per_token: float = math.nan
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -64,10 +69,11 @@ def _build(case: tuple[str, dict], d_model: int, num_experts: int, vocab_size: i
 
 def profile_states(x_TD: torch.Tensor, token_ids_T: torch.Tensor, domain_ids_T: torch.Tensor, num_experts: int,
                    vocab_size: int, source: str, seeds: tuple[int, ...] = (0,),
-                   repeats: int = 20) -> list[RouterProfile]:
+                   repeats: int = 20, decoding: bool = True) -> list[RouterProfile]:
     """Every registered router, freshly initialized with each seed, on the same hidden states (e.g. a trained
     model's). Latency is timed round-robin: one forward of each router in turn, `repeats` rounds after 2 warm-up
-    rounds, so a ratio between two routers is measured side by side."""
+    rounds, so a ratio between two routers is measured side by side. decoding: also time each router in a small
+    decoder (a model's cost does not depend on whose hidden states the router table used: once per command)."""
     cases = router_cases(num_experts)
     names = list(cases)
     num_domains = int(domain_ids_T.max()) + 1
@@ -86,13 +92,37 @@ def profile_states(x_TD: torch.Tensor, token_ids_T: torch.Tensor, domain_ids_T: 
                     times[n].append((time.perf_counter() - began) * 1e3)
         for n, router in routers.items():
             stats = summarize(routing_sums(decisions[n], decisions[n].active_TK))
+            decode = decoder_ms_per_token(cases[n], x_TD.shape[1], num_experts, vocab_size, seed) if decoding \
+                else math.nan
             profiles.append(RouterProfile(n, source, seed, sum(p.numel() for p in router.parameters()),
                                           statistics.median(times[n][2:]), stats["router_entropy"],
-                                          stats["mean_topk_prob"], stats["experts_per_token"], stats["load_cv"]))
+                                          stats["mean_topk_prob"], stats["experts_per_token"], stats["load_cv"],
+                                          decode))
     return profiles
 
 
-POOLED = ("latency_ms", "entropy", "mean_topk_prob", "experts_per_token", "load_cv")
+POOLED = ("latency_ms", "entropy", "mean_topk_prob", "experts_per_token", "load_cv", "decode_ms_per_token")
+DECODER_PROMPT, DECODER_TOKENS = 16, 32
+
+
+def decoder_ms_per_token(case: tuple[str, dict], d_model: int, num_experts: int, vocab_size: int,
+                         seed: int) -> float:
+    """ms per generated token of a small GPT-MoE (2 blocks, this router in both, experts 2 x d_model wide)."""
+    from moe_models.models import MODELS
+    from moe_models.models.kv_cache import decode_ms_per_token
+    from moe_models.spec import RoutingSpec
+
+    name, options = case
+    cls = ROUTERS.get(name)
+    if cls.needs_domains or not cls.causal:
+        return math.nan
+    gpt = MODELS.get("gpt")
+    torch.manual_seed(seed)
+    model = gpt.build(gpt.Options(d_model=d_model, n_layers=2, n_heads=4, num_experts=num_experts,
+                                  expert_hidden=2 * d_model), RoutingSpec(name, cls.Options(**options)), vocab_size,
+                      DECODER_PROMPT + DECODER_TOKENS, seed).eval()
+    prompt = torch.randint(vocab_size, (1, DECODER_PROMPT), generator=torch.Generator().manual_seed(seed))
+    return decode_ms_per_token(model, prompt, model.new_decoding_state, DECODER_TOKENS, torch.device("cpu"))
 
 
 def pool_profiles(profiles: list[RouterProfile], reference: str = "topk") -> list[dict]:
@@ -108,7 +138,10 @@ def pool_profiles(profiles: list[RouterProfile], reference: str = "topk") -> lis
     for (source, router), group in groups.items():
         row: dict = {"router": router, "hidden_states": source, "seeds": len(group), "parameters": group[0].parameters}
         for measure in POOLED:
-            values = [getattr(p, measure) for p in group]
+            values = [v for p in group if not math.isnan(v := getattr(p, measure))]
+            if not values:  # not measured for this router (a decoder cannot serve it): None, not NaN, in JSON too
+                row[measure], row[f"{measure}_ci"] = None, None
+                continue
             mean, half_width = t_interval(values)
             row[measure], row[f"{measure}_ci"] = mean, None if math.isnan(half_width) else half_width
         linear = {p.seed: p.latency_ms for p in groups.get((source, reference), [])}

@@ -9,6 +9,9 @@ and per decoder block a self-attention cache and the memory's cross-attention ke
 """
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 from torch import nn
 
@@ -56,3 +59,28 @@ def greedy_decode(model: nn.Module, prompt_BS: torch.Tensor, new_tokens: int, st
             tokens = torch.cat([tokens, next_B1], dim=1)
             logits_BV = model.decode_step(next_B1, state)
     return tokens
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the accelerator, so that a host clock times its work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_ms_per_token(model: nn.Module, prompt_BS: torch.Tensor, start, new: int, device: torch.device,
+                        repeats: int = 3) -> float:
+    """Milliseconds per generated token: greedy decoding of `new` and of 1 token from the same start (`start()`
+    makes a fresh decoding state), the difference over new - 1, so that the prefill (or the encoding) cancels;
+    medians of `repeats` after one warm-up."""
+
+    def seconds(n: int) -> float:
+        synchronize(device)
+        began = time.perf_counter()
+        greedy_decode(model, prompt_BS, n, start())
+        synchronize(device)
+        return time.perf_counter() - began
+
+    seconds(new)  # warm-up: kernels, allocator, the cache's growth
+    many = statistics.median(seconds(new) for _ in range(repeats))
+    one = statistics.median(seconds(1) for _ in range(repeats))
+    return max(many - one, 0.0) / (new - 1) * 1e3

@@ -78,3 +78,12 @@ def test_routers_command_pools_seeds_into_the_table(capsys):
     assert table[0].startswith("| router | hidden states | seeds |") and len(table) == 2 + len(router_cases(4))
     hash_row = next(line for line in table if line.startswith("| hash |"))
     assert "| 3 | 0 |" in hash_row and "0.000 ± 0.000" in hash_row  # three seeds, no parameters, zero entropy
+
+
+def test_each_router_is_timed_serving_a_small_decoder_where_a_decoder_can_serve_it():
+    from moe_models.characterize import pool_profiles
+
+    rows = {r["router"]: r for r in pool_profiles(profile_all(tokens=256, d_model=32, num_experts=4))}
+    assert rows["topk"]["decode_ms_per_token"] > 0 and rows["hash"]["decode_ms_per_token"] > 0
+    assert rows["reference"]["decode_ms_per_token"] is None  # it reads domain labels, which generated tokens lack
+    assert rows["expert_choice"]["decode_ms_per_token"] is None  # non-causal: no decoder serves it

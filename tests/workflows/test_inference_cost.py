@@ -38,12 +38,12 @@ def test_more_experts_per_token_cost_inference_throughput_on_the_same_model(tmp_
 
 
 def test_decoding_latency_is_greedy_at_batch_one_past_a_prompt_within_one_window(tmp_path, monkeypatch):
-    from workflows.cell import inference_cost
+    from moe_models.models import kv_cache
 
     engine, c, data = cell(tmp_path, 2)
     calls = []
-    real = inference_cost.greedy_decode
-    monkeypatch.setattr(inference_cost, "greedy_decode", lambda model, prompt, n, state: calls.append(
+    real = kv_cache.greedy_decode
+    monkeypatch.setattr(kv_cache, "greedy_decode", lambda model, prompt, n, state: calls.append(
         (tuple(prompt.shape), n)) or real(model, prompt, n, state))
     inference_metrics(engine, data, c)
     assert set(calls) == {((1, 16), 32), ((1, 16), 1)}  # n and 1 new tokens after the same 16-token prompt

@@ -20,7 +20,7 @@ import torch
 
 from moe_data.prepare import PreparedData
 from moe_data.prepared_pairs import PreparedPairs
-from moe_models.models.kv_cache import can_decode, greedy_decode
+from moe_models.models.kv_cache import can_decode, decode_ms_per_token, synchronize
 from moe_models.moe_ffn import MoEFeedForward, routing_analytics_off
 from workflows.cell.evaluation import peak_memory_mb, reset_peak_memory, timing_batch
 from workflows.metric_names import (
@@ -31,11 +31,6 @@ from workflows.metric_names import (
 
 PROMPT_TOKENS, NEW_TOKENS = 16, 32
 from workflows.study.cells import Cell
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -49,10 +44,10 @@ def inference_metrics(engine, data: PreparedData | PreparedPairs, cell: Cell, re
     seconds = []
     with routing_analytics_off(engine.module):
         for i in range(warmup + repeats):
-            _synchronize(engine.device)
+            synchronize(engine.device)
             began = time.perf_counter()
             engine(*batch.inputs)
-            _synchronize(engine.device)
+            synchronize(engine.device)
             if i >= warmup:
                 seconds.append(time.perf_counter() - began)
     peak = peak_memory_mb()
@@ -81,21 +76,3 @@ def decoding_of(model, inputs: tuple[torch.Tensor, ...]):
         prompt = windows[:1, :min(PROMPT_TOKENS, windows.shape[1] // 2)]
         return prompt, model.new_decoding_state, min(NEW_TOKENS, windows.shape[1] - prompt.shape[1])
     return None
-
-
-def decode_ms_per_token(model, prompt_BS: torch.Tensor, start, new: int, device: torch.device,
-                        repeats: int = 3) -> float:
-    """Milliseconds per generated token at batch 1: greedy decoding of `new` and of 1 token from the same start,
-    the difference over new - 1 (the prefill, or the encoding, cancels)."""
-
-    def seconds(n: int) -> float:
-        _synchronize(device)
-        began = time.perf_counter()
-        greedy_decode(model, prompt_BS, n, start())
-        _synchronize(device)
-        return time.perf_counter() - began
-
-    seconds(new)  # warm-up: kernels, allocator, the cache's growth
-    many = statistics.median(seconds(new) for _ in range(repeats))
-    one = statistics.median(seconds(1) for _ in range(repeats))
-    return max(many - one, 0.0) / (new - 1) * 1e3

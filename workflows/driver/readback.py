@@ -207,7 +207,7 @@ def cmd_routers(args, out: TextIO) -> int:
         study = study_or_exit(args.study)
         ws = usable_workspace(args, study)
         x, ids, dom, experts, vocab, title = trained_hidden_states(study, ws, args.tokens)
-        profiles += profile_states(x, ids, dom, experts, vocab, f"trained: {title}", seeds)
+        profiles += profile_states(x, ids, dom, experts, vocab, f"trained: {title}", seeds, decoding=False)
     if args.hidden_states:  # and on a pretrained encoder's hidden states over the built-in domain corpus
         from workflows.driver.encoder_states import encoder_hidden_states
 
@@ -217,7 +217,7 @@ def cmd_routers(args, out: TextIO) -> int:
             print(f"moelab routers: --hidden-states {args.hidden_states!r}: {str(err).splitlines()[0][:300]}",
                   file=sys.stderr)
             return 2
-        profiles += profile_states(x, ids, dom, args.experts, vocab, title, seeds)
+        profiles += profile_states(x, ids, dom, args.experts, vocab, title, seeds, decoding=False)
     rows = pool_profiles(profiles)
     if args.format == "json":
         print(json.dumps(rows, indent=2), file=out)
@@ -237,11 +237,13 @@ def router_table(rows: list[dict]) -> str:
         return f"{row[measure]:.{digits}f}" + (f" ± {ci:.{digits}f}" if shown else "")
 
     headers = ["router", "hidden states", "seeds", "parameters", "latency ms", "× linear", "entropy",
-               "mean top-k prob", "experts/token", "load CV"]
+               "mean top-k prob", "experts/token", "load CV", "decoder ms/token"]
     table = [dict(zip(headers, (r["router"], r["hidden_states"], r["seeds"], r["parameters"], cell(r, "latency_ms", 3),
                                 "—" if r["latency_vs_linear"] is None else f"{r['latency_vs_linear']:.2f}",
                                 cell(r, "entropy", 3), cell(r, "mean_topk_prob", 3), cell(r, "experts_per_token", 2),
-                                cell(r, "load_cv", 3)))) for r in rows]
+                                cell(r, "load_cv", 3),
+                                "—" if r["decode_ms_per_token"] is None else cell(r, "decode_ms_per_token", 2))))
+             for r in rows]
     text = render(headers, table, "md").rstrip("\n")
     if rows and min(r["seeds"] for r in rows) < MIN_SEEDS_FOR_INTERVAL:
         text += (f"\n\nFewer than {MIN_SEEDS_FOR_INTERVAL} seeds: no intervals "
