@@ -3,7 +3,7 @@
 # for CPython 3.12 on x86-64 and compressed with xz, to travel with the working tree (`run(carry=[".gpu"])`).
 # Needs PyPI (run it here, not there). The device tool carries at most 64 MiB with the tree, and Ray's wheel alone is
 # 79 MB: the bundle leaves out Ray's Java jars, the dashboard's source maps, RLlib and Ray LLM, and MLflow's web UI,
-# none of which a cell loads; xz then packs 256 MB into ~44 MB where the wheels' zip packs ~73 MB.
+# none of which a cell loads; xz then packs 271 MB into 43 MB where the wheels' zip packs ~75 MB.
 #   bash bench/gpu_bundle.sh   # -> .gpu/site.tar.xz and its size
 set -euo pipefail
 # deepspeed's setup.py imports torch: build with the project's venv (scripts/setup.sh)
