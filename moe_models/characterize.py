@@ -73,7 +73,8 @@ def profile_states(x_TD: torch.Tensor, token_ids_T: torch.Tensor, domain_ids_T: 
     """Every registered router, freshly initialized with each seed, on the same hidden states (e.g. a trained
     model's). Latency is timed round-robin: one forward of each router in turn, `repeats` rounds after 2 warm-up
     rounds, so a ratio between two routers is measured side by side. decoding: also time each router in a small
-    decoder (a model's cost does not depend on whose hidden states the router table used: once per command)."""
+    decoder, with the first seed's initialization (a model's cost does not depend on whose hidden states the router
+    table used, nor much on the seed: once per command)."""
     cases = router_cases(num_experts)
     names = list(cases)
     num_domains = int(domain_ids_T.max()) + 1
@@ -92,8 +93,8 @@ def profile_states(x_TD: torch.Tensor, token_ids_T: torch.Tensor, domain_ids_T: 
                     times[n].append((time.perf_counter() - began) * 1e3)
         for n, router in routers.items():
             stats = summarize(routing_sums(decisions[n], decisions[n].active_TK))
-            decode = decoder_ms_per_token(cases[n], x_TD.shape[1], num_experts, vocab_size, seed) if decoding \
-                else math.nan
+            decode = decoder_ms_per_token(cases[n], x_TD.shape[1], num_experts, vocab_size, seed) \
+                if decoding and seed == seeds[0] else math.nan  # a model's decode step varies little by seed
             profiles.append(RouterProfile(n, source, seed, sum(p.numel() for p in router.parameters()),
                                           statistics.median(times[n][2:]), stats["router_entropy"],
                                           stats["mean_topk_prob"], stats["experts_per_token"], stats["load_cv"],
@@ -102,14 +103,13 @@ def profile_states(x_TD: torch.Tensor, token_ids_T: torch.Tensor, domain_ids_T: 
 
 
 POOLED = ("latency_ms", "entropy", "mean_topk_prob", "experts_per_token", "load_cv", "decode_ms_per_token")
-DECODER_PROMPT, DECODER_TOKENS = 16, 32
 
 
 def decoder_ms_per_token(case: tuple[str, dict], d_model: int, num_experts: int, vocab_size: int,
                          seed: int) -> float:
     """ms per generated token of a small GPT-MoE (2 blocks, this router in both, experts 2 x d_model wide)."""
     from moe_models.models import MODELS
-    from moe_models.models.kv_cache import decode_ms_per_token
+    from moe_models.models.kv_cache import NEW_TOKENS, PROMPT_TOKENS, decode_ms_per_token
     from moe_models.spec import RoutingSpec
 
     name, options = case
@@ -120,9 +120,9 @@ def decoder_ms_per_token(case: tuple[str, dict], d_model: int, num_experts: int,
     torch.manual_seed(seed)
     model = gpt.build(gpt.Options(d_model=d_model, n_layers=2, n_heads=4, num_experts=num_experts,
                                   expert_hidden=2 * d_model), RoutingSpec(name, cls.Options(**options)), vocab_size,
-                      DECODER_PROMPT + DECODER_TOKENS, seed).eval()
-    prompt = torch.randint(vocab_size, (1, DECODER_PROMPT), generator=torch.Generator().manual_seed(seed))
-    return decode_ms_per_token(model, prompt, model.new_decoding_state, DECODER_TOKENS, torch.device("cpu"))
+                      PROMPT_TOKENS + NEW_TOKENS, seed).eval()
+    prompt = torch.randint(vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(seed))
+    return decode_ms_per_token(model, prompt, model.new_decoding_state, NEW_TOKENS, torch.device("cpu"))
 
 
 def pool_profiles(profiles: list[RouterProfile], reference: str = "topk") -> list[dict]:

@@ -17,6 +17,9 @@ from torch import nn
 
 from moe_models.moe_ffn import routing_analytics_off
 
+# How decoding latency is measured, in cells and in `moelab routers`: a prompt this long, then this many new tokens.
+PROMPT_TOKENS, NEW_TOKENS = 16, 32
+
 
 class LayerCache:
     """One attention layer's keys and values so far, (B, H, T, d) each."""

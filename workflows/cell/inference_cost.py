@@ -20,7 +20,7 @@ import torch
 
 from moe_data.prepare import PreparedData
 from moe_data.prepared_pairs import PreparedPairs
-from moe_models.models.kv_cache import can_decode, decode_ms_per_token, synchronize
+from moe_models.models.kv_cache import NEW_TOKENS, PROMPT_TOKENS, can_decode, decode_ms_per_token, synchronize
 from moe_models.moe_ffn import MoEFeedForward, routing_analytics_off
 from workflows.cell.evaluation import peak_memory_mb, reset_peak_memory, timing_batch
 from workflows.metric_names import (
@@ -28,8 +28,6 @@ from workflows.metric_names import (
     EVAL_INFERENCE_PEAK_MB,
     EVAL_INFERENCE_PREFILL_TOKENS_PER_S,
 )
-
-PROMPT_TOKENS, NEW_TOKENS = 16, 32
 from workflows.study.cells import Cell
 
 
