@@ -5,7 +5,8 @@ new token's forward against the cached keys and values of everything before it),
 A family that decodes has `decode_step(ids_BS, state) -> logits_BV` (the next-token logits after the last position)
 and a state to start from: `new_decoding_state()` for decoder LMs (gpt and llama keep a LayerCache per block, `hf`
 models transformers' own DynamicCache), `start_decoding(src, src_valid)` for the encoder-decoder (the encoded source,
-and per decoder block a self-attention cache and the memory's cross-attention keys and values). Shapes: B batch, H heads, S new positions, T cached positions, d head dim.
+and per decoder block a self-attention cache and the memory's cross-attention keys and values).
+Shapes: B batch, H heads, S new positions, T cached positions, d head dim.
 """
 from __future__ import annotations
 
@@ -57,10 +58,11 @@ def greedy_decode(model: nn.Module, prompt_BS: torch.Tensor, new_tokens: int, st
     tokens = prompt_BS
     with routing_analytics_off(model):
         logits_BV = model.decode_step(prompt_BS, state)
-        for _ in range(new_tokens):
+        for i in range(new_tokens):
             next_B1 = logits_BV.argmax(dim=-1, keepdim=True)
             tokens = torch.cat([tokens, next_B1], dim=1)
-            logits_BV = model.decode_step(next_B1, state)
+            if i < new_tokens - 1:  # the last token's own logits would go unread
+                logits_BV = model.decode_step(next_B1, state)
     return tokens
 
 
@@ -73,7 +75,8 @@ def synchronize(device: torch.device) -> None:
 def decode_ms_per_token(model: nn.Module, prompt_BS: torch.Tensor, start, new: int, device: torch.device,
                         repeats: int = 3) -> float:
     """Milliseconds per generated token: greedy decoding of `new` and of 1 token from the same start (`start()`
-    makes a fresh decoding state), the difference over new - 1, so that the prefill (or the encoding) cancels;
+    makes a fresh decoding state), the difference over new - 1 (the cached forwards between them), so that the
+    prefill (or the encoding) cancels;
     medians of `repeats` after one warm-up."""
 
     def seconds(n: int) -> float:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from moe_models.cost import training_flops_per_token
+from moe_models.models.kv_cache import synchronize
 from moe_models.moe_ffn import MoEFeedForward
 from workflows.metric_names import (
     SUMMARY_MFU,
@@ -23,21 +24,16 @@ from workflows.metric_names import (
 )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """Best of 10 n^3 matmuls after 3 warm-ups (n = 8192 on GPU, 1024 on CPU): ~20 ms on an H100, ~0.3 s on 2 cores."""
     n = 8192 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for i in range(13):
-        _sync(device)
+        synchronize(device)
         began = time.perf_counter()
         a @ b
-        _sync(device)
+        synchronize(device)
         if i >= 3:
             best = min(best, time.perf_counter() - began)
     return 2 * n**3 / best / 1e12
@@ -54,12 +50,12 @@ def router_latency_share(model: nn.Module, forward: Callable[[], object], repeat
     started: dict[int, float] = {}
 
     def enter(module, *_):
-        _sync(device)
+        synchronize(device)
         started[id(module)] = time.perf_counter()
 
     def leave(kind: str):
         def hook(module, *_):
-            _sync(device)
+            synchronize(device)
             totals[kind] += time.perf_counter() - started.pop(id(module))
         return hook
 

@@ -256,6 +256,8 @@ def cmd_findings(args, out: TextIO) -> int:
     the workdirs where it ran; nothing typed by hand. One page (stdout or --out), where a study that ran in none of
     the workdirs says so; or with --out-dir one page per study that ran there, the pages of the others left as they
     were (each says which command and day made it), and an index of them all."""
+    from workflows.study.cells import expand
+
     workdirs = args.workdir or [DEFAULT_WORKDIR]
     studies = [(path, study) for path in args.studies if (study := study_or_exit(path)).claims]
     if args.out_dir:
@@ -266,7 +268,7 @@ def cmd_findings(args, out: TextIO) -> int:
     for path, study in studies:
         section = _study_findings(study, path, args, workdirs)
         parts += [f"## {study.name}", "",
-                  section or f"{_setup_paragraph(study, path)}\n\nNot run in {', '.join(workdirs)}: "
+                  section or f"{_setup_paragraph(study, path, len(expand(study)))}\n\nNot run in {', '.join(workdirs)}: "
                              f"`moelab run {path} --workdir {workdirs[0]}`.\n"]
     page = "\n".join(parts)
     if args.out:
@@ -311,7 +313,7 @@ def _study_findings(study, path: str, args, workdirs: list[str]) -> str | None:
     per_study, (tracker, runs, _) = found
     pooled, losses = pool_with_losses(cells, runs, study.baseline, tracker, study.claims)
     table = _claims_section(study, cells, runs, pooled, losses, tracker, per_study).removeprefix("\n### Claims\n\n")
-    return f"{_setup_paragraph(study, path)}\n\n{table}"
+    return f"{_setup_paragraph(study, path, len(cells))}\n\n{table}"
 
 
 def _first_run(study, path: str, args, workdirs: list[str]):
@@ -329,10 +331,7 @@ def _first_run(study, path: str, args, workdirs: list[str]):
     return None
 
 
-def _setup_paragraph(study, path: str) -> str:
-    from workflows.study.cells import expand
-
-    num_cells = len(expand(study))
+def _setup_paragraph(study, path: str, num_cells: int) -> str:
     reports = sorted({c.report for c in study.claims if c.report})
     return (f"{study.description or study.name}. `{path}`: {len(study.routers)} routers x {len(study.models)} "
             f"models x {len(study.datasets)} datasets x seeds {', '.join(map(str, study.seeds))} ({num_cells} cells), "

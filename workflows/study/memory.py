@@ -4,6 +4,8 @@ precision, ZeRO stage, worker count and expert parallelism. Activations are not 
 the sequence length and checkpointing, and the model state is what a checkpoint of tens of GB makes too large."""
 from __future__ import annotations
 
+import functools
+import json
 import re
 from dataclasses import dataclass
 
@@ -96,7 +98,13 @@ def rank_memory(params: ParamCount, precision: str, zero_stage: int, workers: in
 
 
 def _named_parameter_counts(config: dict) -> dict[str, int]:
-    """name -> element count of every parameter of the checkpoint's model, built on the meta device."""
+    """name -> element count of every parameter of the checkpoint's model, built on the meta device (once per
+    config: validation's printed estimate and its warning ask for the same model)."""
+    return dict(_counts_of(json.dumps(config, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=16)
+def _counts_of(config_json: str) -> tuple[tuple[str, int], ...]:
     from workflows.study.pretrained_sources import meta_model
 
-    return {name: p.numel() for name, p in meta_model(config).named_parameters()}
+    return tuple((name, p.numel()) for name, p in meta_model(json.loads(config_json)).named_parameters())
