@@ -50,6 +50,7 @@ SUMMARY_GENERATE_SECONDS = "summary/generate_seconds"
 SUMMARY_PEAK_MEMORY_MB = "summary/peak_memory_mb"
 SUMMARY_PARAMS_TOTAL = "summary/params_total"
 SUMMARY_PARAMS_TRAINABLE = "summary/params_trainable"
+SUMMARY_CHECKPOINT_EXPERT_SHARE = "summary/checkpoint_expert_share"
 SUMMARY_SKIPPED_STEPS = "summary/skipped_steps"
 SUMMARY_TRAIN_GFLOPS_PER_TOKEN = "summary/train_gflops_per_token"
 SUMMARY_TFLOPS_PER_DEVICE = "summary/tflops_per_device"
@@ -102,6 +103,8 @@ GLOSSARY: dict[str, str] = {
     SUMMARY_PEAK_MEMORY_MB: "peak resident (or device) memory of the worker",
     SUMMARY_PARAMS_TOTAL: "parameters of the model (a tied weight counts once)",
     SUMMARY_PARAMS_TRAINABLE: "parameters the optimizer updates",
+    SUMMARY_CHECKPOINT_EXPERT_SHARE: "share of an MoE checkpoint's routed experts that rank 0 read while loading: "
+                                     "1/ep_size where each rank reads only its own, 1 where it was loaded whole",
     SUMMARY_SKIPPED_STEPS: "fp16 optimizer steps skipped on overflow, whole run",
     SUMMARY_TRAIN_GFLOPS_PER_TOKEN: "training FLOPs per token (forward + backward), GFLOP",
     SUMMARY_TFLOPS_PER_DEVICE: "achieved training TFLOP/s per device",

@@ -23,6 +23,7 @@ from moe_models.models.common import LMOutput, next_token_output
 from moe_models.moe_ffn import MoEAux, MoEFeedForward, share_recorder
 from moe_models.models.options import HFOptions, routing_problem
 from moe_models.pretrained.architecture import Architecture
+from moe_models.pretrained.expert_sharded_load import ExpertReader, load_without_experts, still_on_meta
 from moe_models.routers import RouterContext
 from moe_models.spec import RoutingSpec
 
@@ -43,18 +44,18 @@ class HFCausalLM(nn.Module):
         """dtype: what the checkpoint is loaded in, the training precision's (bf16 training never holds an fp32 copy
         of the model); the new MoE layers' experts are cast to it one layer at a time, their routers stay fp32."""
         super().__init__()
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig
 
         self.opts = opts
-        self.hf = AutoModelForCausalLM.from_pretrained(opts.pretrained, dtype=dtype)
-        self.hf.config.use_cache = False
-        arch = Architecture.from_config(self.hf.config.to_dict())
+        arch = Architecture.from_config(AutoConfig.from_pretrained(opts.pretrained).to_dict())
         self.d_model, self.attention_layers = arch.hidden_size, arch.num_layers  # for cost.py's FLOPs
         _check_fits(arch, routing, opts, vocab_size, max_seq_len)
+        self.hf, reader = _load(opts.pretrained, dtype, swapping=arch.is_moe and not routing.is_dense)
+        self.hf.config.use_cache = False
         ep_rank = dist.get_rank() % opts.ep_size if dist.is_available() and dist.is_initialized() else 0
         for i, layer in enumerate(decoder_layers(self.hf)):
             ctx = RouterContext(arch.hidden_size, 0, vocab_size, i, seed, num_domains, token_counts_V)
-            moe = self._routed(layer.mlp, i, arch, routing, ctx, ep_rank)
+            moe = self._routed(layer.mlp, i, arch, routing, ctx, ep_rank, reader)
             if moe is not None:
                 for part in (moe.dispatch, moe.shared_experts, moe.shared_expert_gate):
                     if part is not None:
@@ -62,9 +63,18 @@ class HFCausalLM(nn.Module):
                 # `mlp(hidden_states) -> hidden_states`, as transformers calls it (GPT-OSS's layer takes a pair)
                 layer.mlp = PairOutput(moe) if arch.mlp_returns_pair else moe
         self.moe_recorder = share_recorder(self)
+        # What this rank read from the checkpoint, by tensor name (empty where from_pretrained loaded it whole), and
+        # the share of a swapped MoE checkpoint's experts among it.
+        self.checkpoint_reads: tuple[str, ...] = tuple(reader.tensors.reads) if reader else ()
+        self.checkpoint_expert_share: float | None = None
+        if arch.is_moe and not routing.is_dense:
+            self.checkpoint_expert_share = reader.experts_read / (reader.blocks * arch.num_experts) if reader else 1.0
+        left = still_on_meta(self.hf)
+        if left:
+            raise ValueError(f"{opts.pretrained}: {', '.join(left[:5])} not loaded (no MoE block of a known kind)")
 
     def _routed(self, mlp: nn.Module, index: int, arch: Architecture, routing: RoutingSpec, ctx: RouterContext,
-                ep_rank: int) -> MoEFeedForward | None:
+                ep_rank: int, reader: ExpertReader | None) -> MoEFeedForward | None:
         from moe_models.pretrained.router_swap import is_moe_block, swap_in
         from moe_models.pretrained.upcycle import upcycle
 
@@ -73,8 +83,10 @@ class HFCausalLM(nn.Module):
         if arch.is_moe:
             if not is_moe_block(mlp):
                 return None  # a Qwen-MoE layer kept dense (mlp_only_layers)
+            local = arch.num_experts // self.opts.ep_size
+            experts = reader.experts(mlp.experts, index, ep_rank * local, local) if reader else None
             return swap_in(mlp, routing, replace(ctx, num_experts=arch.num_experts), self.opts.dispatch,
-                           self.opts.ep_size, ep_rank, self.opts.init_router)
+                           self.opts.ep_size, ep_rank, self.opts.init_router, experts)
         up = self.opts.upcycle
         if not up.is_moe_layer(index):
             return None
@@ -104,6 +116,18 @@ class HFCausalLM(nn.Module):
         logits = self.hf(input_ids=input_ids_BS, past_key_values=cache, use_cache=True).logits[:, -1]
         self.moe_recorder.take()
         return logits
+
+
+def _load(pretrained: str, dtype: torch.dtype, swapping: bool) -> tuple[nn.Module, ExpertReader | None]:
+    """The checkpoint at dtype. Where router swap replaces its MoE blocks, every tensor but the experts is loaded and
+    each rank reads only its own experts later (expert_sharded_load.py); otherwise, or where the checkpoint's experts
+    are not named as that expects, transformers loads it whole."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_without_experts(pretrained, dtype) if swapping else None
+    if loaded is not None:
+        return loaded
+    return AutoModelForCausalLM.from_pretrained(pretrained, dtype=dtype), None
 
 
 class PairOutput(nn.Module):

@@ -6,6 +6,8 @@ routers into a pretrained Qwen1.5-MoE this way; `init_router: pretrained` copies
 linear router, so a topk router with the checkpoint's k and renormalization computes the original model."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -28,33 +30,57 @@ def is_moe_block(mlp: nn.Module) -> bool:
     return gate_of(mlp) is not None and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj")
 
 
-def expert_weights(experts: nn.Module, layer_index: int):
-    """(up (E, 2F, D) as [gate; up], down (E, D, F), up bias, down bias, activation) of a checkpoint's stacked
-    experts, in our nn.Linear layout."""
-    if hasattr(experts, "gate_up_proj_bias"):  # GPT-OSS: (E, D, 2F), gate and up interleaved column by column
+@dataclass(frozen=True)
+class CheckpointExperts:
+    """Global experts [first, first + n) of one MoE block, in our nn.Linear layout: up (n, 2F, D) as [gate; up],
+    down (n, D, F), GPT-OSS's biases (n, 2F) and (n, D)."""
+    up_EXD: torch.Tensor
+    down_EDF: torch.Tensor
+    up_bias_EF: torch.Tensor | None
+    down_bias_ED: torch.Tensor | None
+    activation: str
+    first: int = 0
+
+
+def expert_activation(experts: nn.Module, layer_index: int) -> str:
+    if hasattr(experts, "gate_up_proj_bias"):
         if (experts.alpha, experts.limit) != (CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT):
             raise ValueError(f"layer {layer_index}: clamped SwiGLU with alpha {experts.alpha}, limit {experts.limit}; "
                              f"moelab's is GPT-OSS's ({CLAMPED_SWIGLU_ALPHA}, {CLAMPED_SWIGLU_LIMIT})")
-        w, b = experts.gate_up_proj.detach(), experts.gate_up_proj_bias.detach()
-        up = torch.cat([w[..., 0::2], w[..., 1::2]], dim=-1).transpose(1, 2)
-        up_bias = torch.cat([b[:, 0::2], b[:, 1::2]], dim=-1)
-        return (up, experts.down_proj.detach().transpose(1, 2), up_bias, experts.down_proj_bias.detach(),
-                "clamped_swiglu")
+        return "clamped_swiglu"
     act = type(getattr(experts, "act_fn", None)).__name__
     if act not in ("SiLU", "SiLUActivation"):
         raise ValueError(f"layer {layer_index}: experts use {act}; router swap knows SwiGLU (SiLU) experts and "
                          "GPT-OSS's clamped SwiGLU")
-    return experts.gate_up_proj.detach(), experts.down_proj.detach(), None, None, "swiglu"
+    return "swiglu"
+
+
+def expert_weights(experts, layer_index: int, first: int = 0) -> CheckpointExperts:
+    """A checkpoint's stacked experts (transformers' module, or the rows [first, ...) of its tensors) in our
+    layout."""
+    activation = expert_activation(experts, layer_index)
+    if activation == "clamped_swiglu":  # GPT-OSS: (E, D, 2F), gate and up interleaved column by column
+        w, b = experts.gate_up_proj.detach(), experts.gate_up_proj_bias.detach()
+        up = torch.cat([w[..., 0::2], w[..., 1::2]], dim=-1).transpose(1, 2)
+        up_bias = torch.cat([b[:, 0::2], b[:, 1::2]], dim=-1)
+        return CheckpointExperts(up, experts.down_proj.detach().transpose(1, 2), up_bias,
+                                 experts.down_proj_bias.detach(), activation, first)
+    return CheckpointExperts(experts.gate_up_proj.detach(), experts.down_proj.detach(), None, None, activation, first)
 
 
 def load_experts(layer: MoEFeedForward, up_EXD: torch.Tensor, down_EDF: torch.Tensor, ep_rank: int = 0,
-                 up_bias_EF: torch.Tensor | None = None, down_bias_ED: torch.Tensor | None = None) -> None:
-    """Global experts' weights (nn.Linear layout, stacked on dim 0) into this rank's local experts (DeepSpeed places
-    global experts [r*n, (r+1)*n) on expert-parallel rank r), through the state dict both backends speak."""
+                 up_bias_EF: torch.Tensor | None = None, down_bias_ED: torch.Tensor | None = None,
+                 first: int = 0) -> None:
+    """Global experts' weights (nn.Linear layout, stacked on dim 0, global experts [first, first + len)) into this
+    rank's local experts (DeepSpeed places global experts [r*n, (r+1)*n) on expert-parallel rank r), through the
+    state dict both backends speak."""
     n = layer.dispatch.spec.num_experts // layer.dispatch.spec.ep_size
+    if not (first <= ep_rank * n and (ep_rank + 1) * n <= first + len(up_EXD)):
+        raise ValueError(f"experts [{first}, {first + len(up_EXD)}) do not hold rank {ep_rank}'s "
+                         f"[{ep_rank * n}, {(ep_rank + 1) * n})")
     state = {}
     for local in range(n):
-        e = ep_rank * n + local
+        e = ep_rank * n + local - first
         state[f"{LOCAL_EXPERTS}.{local}.up.weight"] = up_EXD[e]
         state[f"{LOCAL_EXPERTS}.{local}.down.weight"] = down_EDF[e]
         if up_bias_EF is not None:
@@ -67,20 +93,21 @@ def load_experts(layer: MoEFeedForward, up_EXD: torch.Tensor, down_EDF: torch.Te
 
 
 def swap_in(mlp: nn.Module, routing: RoutingSpec, ctx: RouterContext, dispatch: str, ep_size: int, ep_rank: int,
-            init_router: str) -> MoEFeedForward:
-    """Our MoE FFN computing what `mlp` computed, up to the router (the study's, fresh or from the gate)."""
-    up_EXD, down_EDF, up_bias, down_bias, activation = expert_weights(mlp.experts, ctx.layer_index)
-    E, _, D = up_EXD.shape
-    hidden = down_EDF.shape[-1]
+            init_router: str, experts: CheckpointExperts | None = None) -> MoEFeedForward:
+    """Our MoE FFN computing what `mlp` computed, up to the router (the study's, fresh or from the gate).
+    `experts`: the rank's experts, read from the checkpoint (expert_sharded_load.py); else `mlp.experts`' own."""
+    experts = experts or expert_weights(mlp.experts, ctx.layer_index)
+    E, D, hidden = ctx.num_experts, experts.up_EXD.shape[-1], experts.down_EDF.shape[-1]
     # Qwen2-MoE: one always-on expert, gated per token; DeepSeek-V3, GLM-4-MoE: always on, ungated.
     source = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
     shared = None if source is None else shared_expert(source, D)
     gated = getattr(mlp, "shared_expert_gate", None) is not None
-    layer = moe_block(LayerShape(D, hidden, E, activation), ep_size, dispatch, routing, ctx, shared, gated)
+    layer = moe_block(LayerShape(D, hidden, E, experts.activation), ep_size, dispatch, routing, ctx, shared, gated)
     if gated:
         with torch.no_grad():
             layer.shared_expert_gate.weight.copy_(mlp.shared_expert_gate.weight)
-    load_experts(layer, up_EXD, down_EDF, ep_rank, up_bias, down_bias)
+    load_experts(layer, experts.up_EXD, experts.down_EDF, ep_rank, experts.up_bias_EF, experts.down_bias_ED,
+                 experts.first)
     init_fresh(layer.router, ctx.seed, f"layers.{ctx.layer_index}.router")
     if init_router == "pretrained":
         gate = gate_of(mlp)

@@ -32,7 +32,10 @@ def built(folder, upcycle=None) -> ParamCount:
     """What a cell trains: our HFCausalLM on the checkpoint, its routed experts being the dispatch modules'."""
     model = HFCausalLM(HFOptions(pretrained=str(folder), upcycle=upcycle), TOP2, V, 32, seed=0)
     experts = sum(p.numel() for name, p in model.named_parameters() if ".dispatch." in name)
-    return ParamCount(sum(p.numel() for p in model.parameters()) - experts, experts)
+    moe_layers = {name.split(".dispatch.")[0] for name, _ in model.named_parameters() if ".dispatch." in name}
+    swapped = upcycle is None  # router swap reads a rank's experts only; upcycling reads the dense checkpoint whole
+    return ParamCount(sum(p.numel() for p in model.parameters()) - experts, experts,
+                      len(moe_layers) if swapped else 1, reads_own_experts=swapped)
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "deepseek_v3", "glm4_moe"])
@@ -63,7 +66,7 @@ def test_bytes_per_rank_follow_zeros_accounting():
     zero1 = rank_memory(params, "bf16", zero_stage=1, workers=4, ep_size=2)
     assert zero1.weights == 2 * 5000 and zero1.gradients == 2 * 5000
     assert zero1.optimizer == 12 * (1000 / 4 + 4000 / 2)  # dense over 4 data-parallel ranks, experts over 2
-    assert zero1.load_peak == 2 * 9000  # every rank reads the whole checkpoint
+    assert zero1.load_peak == 2 * 9000  # read whole (an upcycled dense checkpoint)
     zero2 = rank_memory(params, "bf16", zero_stage=2, workers=4, ep_size=2)
     assert zero2.gradients == 2 * (1000 / 4 + 4000 / 2) and zero2.optimizer == zero1.optimizer
     fp32 = rank_memory(params, "fp32", zero_stage=0, workers=4, ep_size=1)
@@ -78,7 +81,15 @@ def test_expert_parallelism_divides_only_the_experts():
     params = ParamCount(dense=1000, experts=8000)
     one, four = (rank_memory(params, "bf16", 0, workers=4, ep_size=ep) for ep in (1, 4))
     assert one.weights - four.weights == 2 * (8000 - 2000)
-    assert one.load_peak == four.load_peak
+    assert one.load_peak == four.load_peak  # read whole on every rank
+
+
+def test_a_swapped_checkpoint_loads_only_the_ranks_experts():
+    """Router swap reads a rank's experts only; one MoE layer's of them is built in fp32 before its cast."""
+    params = ParamCount(dense=1000, experts=8000, moe_layers=2, reads_own_experts=True)
+    one, four = (rank_memory(params, "bf16", 0, workers=4, ep_size=ep) for ep in (1, 4))
+    assert one.load_peak == 2 * 9000 + 4 * 8000 / 2
+    assert four.load_peak == 2 * (1000 + 2000) + 4 * 2000 / 2
 
 
 def study(folder, **resources) -> dict:
@@ -123,7 +134,8 @@ def test_a_checkpoint_of_the_reports_size_is_counted_from_its_config_alone():
     params = checkpoint_parameters(config)
     assert params.total == pytest.approx(14.3e9, rel=0.005)
     assert params.experts == 24 * 60 * 3 * 2048 * 1408
-    assert rank_memory(params, "fp32", 0, 1, 1).load_peak == pytest.approx(57.3e9, rel=0.005)
+    assert params.moe_layers == 24 and params.reads_own_experts
+    assert rank_memory(params, "fp32", 0, 1, 1).weights == pytest.approx(57.3e9, rel=0.005)
     # bf16 on 8 workers, ZeRO-1, 8 expert-parallel ranks: the experts' weights split 8 ways
     spread = rank_memory(params, "bf16", 1, 8, 8)
     assert spread.weights == 2 * (params.dense + params.experts // 8)

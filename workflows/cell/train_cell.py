@@ -43,6 +43,7 @@ from workflows.metric_names import (
     SUMMARY_EVAL_SECONDS,
     SUMMARY_FIRST_STEP_SECONDS,
     SUMMARY_GENERATE_SECONDS,
+    SUMMARY_CHECKPOINT_EXPERT_SHARE,
     SUMMARY_PARAMS_TOTAL,
     SUMMARY_PARAMS_TRAINABLE,
     SUMMARY_PEAK_MEMORY_MB,
@@ -150,6 +151,9 @@ def summary_metrics(engine, data: Data, cell: Cell, w: Worker, tokens_per_step: 
                SUMMARY_PEAK_MEMORY_MB: peak_memory_mb()}
     counts = parameter_counts(engine.module)
     metrics.update({SUMMARY_PARAMS_TOTAL: float(counts.total), SUMMARY_PARAMS_TRAINABLE: float(counts.trainable)})
+    expert_share = getattr(engine.module, "checkpoint_expert_share", None)  # a swapped MoE checkpoint's
+    if expert_share is not None:
+        metrics[SUMMARY_CHECKPOINT_EXPERT_SHARE] = expert_share
     if cell.training.precision == "fp16":  # optimizer steps lost to overflow (DeepSpeed checkpoints the count)
         metrics[SUMMARY_SKIPPED_STEPS] = engine.skipped_steps
     metrics.update(final_cost_metrics(engine, data, cell, tokens_per_s / w.world, progress.evaluation.metrics,

@@ -25,6 +25,8 @@ _BLOCK_MLP = re.compile(r"\.(?:layers|h)\.(\d+)\.mlp\.")  # a decoder block's ML
 class ParamCount:
     dense: int  # every parameter but the routed experts': embeddings, attention, norms, shared experts, routers
     experts: int  # the routed experts' over every MoE layer (split across expert-parallel ranks)
+    moe_layers: int = 1  # layers holding routed experts (one is built at a time while loading)
+    reads_own_experts: bool = False  # a rank reads only its experts (router swap); an upcycled checkpoint is read whole
 
     @property
     def total(self) -> int:
@@ -36,7 +38,7 @@ class RankMemory:
     weights: int  # bytes on one rank in the steady state
     gradients: int
     optimizer: int
-    load_peak: int  # while the checkpoint loads: every rank reads it whole (per-rank expert reads are not built)
+    load_peak: int  # while the checkpoint loads
 
     @property
     def steady(self) -> int:
@@ -63,7 +65,8 @@ def checkpoint_parameters(config: dict, upcycle=None) -> ParamCount:
     experts = sum(n for name, n in counts.items() if _EXPERT.search(name))
     dense = sum(counts.values()) - experts
     if upcycle is None:
-        return ParamCount(dense, experts)
+        layers = {block.group(1) for name in counts if _EXPERT.search(name) and (block := _BLOCK_MLP.search(name))}
+        return ParamCount(dense, experts, max(1, len(layers)), reads_own_experts=experts > 0)
     mlp = {}
     for name, n in counts.items():
         if (block := _BLOCK_MLP.search(name)) is not None:
@@ -94,7 +97,17 @@ def rank_memory(params: ParamCount, precision: str, zero_stage: int, workers: in
 
     gradients = per_rank(weight, zero_stage >= 2)
     optimizer = per_rank(OPTIMIZER_BYTES[precision], zero_stage >= 1)
-    return RankMemory(int(weights), int(gradients), int(optimizer), load_peak=params.total * weight)
+    return RankMemory(int(weights), int(gradients), int(optimizer), load_peak=int(_load_peak(params, weight, ep_size)))
+
+
+def _load_peak(params: ParamCount, weight: int, ep_size: int) -> float:
+    """Bytes a rank holds while the checkpoint loads. Router swap: the rank's experts only
+    (moe_models/pretrained/expert_sharded_load.py), plus one layer's of them built in fp32 before the cast to the
+    training precision; otherwise the whole checkpoint (transformers' from_pretrained)."""
+    if not params.reads_own_experts:
+        return params.total * weight
+    local_experts = params.experts / ep_size
+    return (params.dense + local_experts) * weight + local_experts / params.moe_layers * 4
 
 
 def _named_parameter_counts(config: dict) -> dict[str, int]:
