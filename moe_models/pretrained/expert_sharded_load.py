@@ -130,11 +130,13 @@ def lazy_loadable(folder: Path) -> bool:
 
 
 def skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
-    """transformers' model for the checkpoint's config, every tensor on the meta device (no memory)."""
+    """transformers' model for the checkpoint's config, its parameters on the meta device (no memory); buffers are
+    real, so those computed from the config rather than saved (rotary frequencies) are right from the start."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
@@ -146,28 +148,22 @@ def experts_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def load_dense(model: nn.Module, tensors: CheckpointTensors) -> None:
-    """Every parameter and persistent buffer outside the experts, read by name at its skeleton dtype; tied weights
-    are tied, non-persistent buffers (rotary frequencies) recomputed as transformers initializes them."""
+    """Every parameter and saved buffer outside the experts, read by name at its skeleton dtype; tied weights are
+    tied. A buffer the checkpoint lacks keeps the value its module computed."""
     skipped = tuple(f"{name}." for name, _ in experts_modules(model))
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     missing = []
-    for name, meta in [*model.named_parameters(), *_persistent_buffers(model)]:
+    for name, current in [*model.named_parameters(), *_persistent_buffers(model)]:
         if name.startswith(skipped) or name in tied:
             continue
         source = tensors.checkpoint_name(name)
-        if source is None:
+        if source is not None:
+            _assign(model, name, tensors.read(source).to(current.dtype))
+        elif current.is_meta:
             missing.append(name)
-            continue
-        _assign(model, name, tensors.read(source).to(meta.dtype))
     if missing:
         raise ValueError(f"{tensors.folder}: no tensor for {', '.join(missing[:5])}"
                          f"{' ...' if len(missing) > 5 else ''}")
-    for module in model.modules():  # non-persistent buffers: computed from the config, never saved
-        local = [n for n, b in module.named_buffers(recurse=False) if n in module._non_persistent_buffers_set]
-        for buffer in local:
-            module._buffers[buffer] = torch.empty_like(module._buffers[buffer], device="cpu")
-        if local:
-            model._init_weights(module)
     model.tie_weights()
 
 
