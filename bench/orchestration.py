@@ -15,7 +15,9 @@ stopping, so every trial trains the same steps: per trial, overhead = its slot o
 (wall x concurrency / trials) - (setup + train + eval), which includes Tune's trial start that no MLflow run sees.
 
 Per cell: overhead = cell_wall - (setup + train + eval): Ray Train's worker group start and teardown, imports in the
-worker, checkpoint reports, MLflow round trips. Cells run `max_concurrent_cells` at a time, so the cores' time is
+worker, checkpoint reports, MLflow round trips, the final measurements and artifacts. The cell logs two parts of it
+itself: `worker_start` (its process's start to its function: Ray Train's worker setup and the imports) and `final`
+(after the last step: cost and inference measurements, plots, artifacts). Cells run `max_concurrent_cells` at a time, so the cores' time is
 study wall x cores, and `useful_share` = sum(setup + train + eval) / that.
 """
 from __future__ import annotations
@@ -48,7 +50,8 @@ def cell_breakdown(workdir: Path, study_name: str) -> list[dict]:
     rows = []
     for run in client.search_runs([exp.experiment_id], "tags.`moelab.role` = 'cell'"):
         m = run.data.metrics
-        parts = {k: m.get(f"summary/{k}_seconds", float("nan")) for k in ("cell_wall", "setup", "train", "eval")}
+        parts = {k: m.get(f"summary/{k}_seconds", float("nan"))
+                 for k in ("cell_wall", "setup", "train", "eval", "worker_start", "final")}
         rows.append({"cell": run.data.tags["moelab.cell_id"], "router": run.data.tags["router"],
                      "model": run.data.tags["model"], **parts,
                      "overhead": parts["cell_wall"] - parts["setup"] - parts["train"] - parts["eval"]})
@@ -140,6 +143,10 @@ def main() -> None:
         "overhead_per_cell_s": {"median": statistics.median(r["overhead"] for r in rows),
                                 "max": max(r["overhead"] for r in rows)},
         "setup_per_cell_s": {"median": statistics.median(r["setup"] for r in rows)},
+        # inside the overhead, measured by the cell itself: its worker's start (Ray Train's worker setup + the
+        # imports of the cell's code) and its final measurements and artifacts after the last step
+        "worker_start_per_cell_s": {"median": statistics.median(r["worker_start"] for r in rows)},
+        "final_per_cell_s": {"median": statistics.median(r["final"] for r in rows)},
         "train_share": sum(r["train"] for r in rows) / (study_wall * args.cores),
         "useful_share": useful / (study_wall * args.cores),
         "per_cell": rows,

@@ -43,6 +43,8 @@ SUMMARY_TOKENS_PER_S = "summary/tokens_per_s"
 SUMMARY_TRAIN_SECONDS = "summary/train_seconds"
 SUMMARY_FIRST_STEP_SECONDS = "summary/first_step_seconds"
 SUMMARY_SETUP_SECONDS = "summary/setup_seconds"
+SUMMARY_WORKER_START_SECONDS = "summary/worker_start_seconds"
+SUMMARY_FINAL_SECONDS = "summary/final_seconds"
 SUMMARY_EVAL_SECONDS = "summary/eval_seconds"
 SUMMARY_STEP_SECONDS = "summary/step_seconds"
 SUMMARY_CELL_WALL_SECONDS = "summary/cell_wall_seconds"
@@ -96,6 +98,10 @@ GLOSSARY: dict[str, str] = {
     SUMMARY_TRAIN_SECONDS: "wall time of the training steps of this (resumed part of the) run",
     SUMMARY_FIRST_STEP_SECONDS: "wall time of the first step (compile, lazy init)",
     SUMMARY_SETUP_SECONDS: "data load + model + DeepSpeed engine + checkpoint restore",
+    SUMMARY_WORKER_START_SECONDS: "from the worker process's start to the cell's function: Ray Train's worker setup "
+                                  "and the imports of the cell's code (rank 0)",
+    SUMMARY_FINAL_SECONDS: "after the last step's evaluation: the final cost and inference measurements, "
+                           "summarization decoding, plots and artifacts",
     SUMMARY_EVAL_SECONDS: "wall time of the periodic evaluations",
     SUMMARY_STEP_SECONDS: "steady-state seconds per step",
     SUMMARY_CELL_WALL_SECONDS: "the driver's launch-to-result wall time of the cell",

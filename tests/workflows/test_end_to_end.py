@@ -155,6 +155,9 @@ def test_every_cell_finished_with_provenance_and_metrics(mini, tmp_path):
         assert any(k.startswith("system/cpu_utilization") for k in metrics)  # MLflow's system metrics
         assert {"summary/setup_seconds", "summary/train_seconds", "summary/eval_seconds",
                 "summary/cell_wall_seconds"} <= set(metrics)  # a cell's overhead reads back from MLflow
+        # Two parts of that overhead the cell times itself, inside the driver's launch-to-result wall time
+        parts = [metrics[f"summary/{part}_seconds"] for part in ("worker_start", "setup", "train", "final")]
+        assert min(parts) > 0 and sum(parts) < metrics["summary/cell_wall_seconds"]
         assert metrics["summary/params_trainable"] == metrics["summary/params_total"] > 0  # trained in full
     headline = parents[0].data.metrics  # the study's own row: each router's best cell
     assert {k for k in headline if k.startswith("best_eval_loss/")} == {

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import ray.train
 import torch
 
@@ -41,6 +42,7 @@ from workflows.cell.worker import Worker
 from workflows.metric_names import (
     EVAL,
     SUMMARY_EVAL_SECONDS,
+    SUMMARY_FINAL_SECONDS,
     SUMMARY_FIRST_STEP_SECONDS,
     SUMMARY_GENERATE_SECONDS,
     SUMMARY_CHECKPOINT_EXPERT_SHARE,
@@ -51,6 +53,7 @@ from workflows.metric_names import (
     SUMMARY_SKIPPED_STEPS,
     SUMMARY_TOKENS_PER_S,
     SUMMARY_TRAIN_SECONDS,
+    SUMMARY_WORKER_START_SECONDS,
     TRAIN_STEP,
     TRAIN_TOKENS_PER_S,
 )
@@ -67,6 +70,7 @@ class Progress:
 
     snapshots: dict
     setup_seconds: float
+    worker_start_seconds: float = 0.0
     evaluation: Evaluation | None = None
     times: StepTimes = field(default_factory=StepTimes)
     eval_seconds: float = 0.0
@@ -74,6 +78,9 @@ class Progress:
 
 def train_cell(job: CellJob) -> None:
     entered = time.perf_counter()
+    # Ray Train's worker setup and this module's imports (torch, DeepSpeed, MLflow) ran before this line, in the
+    # process Ray Train started for this rank of this run (its actors' processes are never reused)
+    worker_start = time.time() - psutil.Process().create_time()
     reset_peak_memory()  # the process may have run other Ray tasks before this cell (a reused worker)
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -84,7 +91,8 @@ def train_cell(job: CellJob) -> None:
         engine = build_engine(job.cell, data, fetch_source_checkpoint(job, Path(source_dir)))
     start, snapshots = resume(engine)
     sink = MetricSink(w, job.cell.training)
-    progress = Progress(snapshots, setup_seconds=time.perf_counter() - entered)  # data + engine + restore
+    progress = Progress(snapshots, setup_seconds=time.perf_counter() - entered,  # data + engine + restore
+                        worker_start_seconds=worker_start)
     sink.tag_placement(start)
     if start == 0 and (job.first_metric or "").startswith(f"{EVAL}/"):
         # The untrained model's evaluation, with the sweep's metric as the run's first (see CellJob.first_metric).
@@ -122,8 +130,10 @@ def train(engine, data: Data, job: CellJob, w: Worker, sink: MetricSink, start: 
             metrics.update(evaluate_now(engine, data, job.cell, w, sink, step, progress,
                                         trace_tokens=t.routing_trace_tokens if last else 0))
         if last:
+            final_began = time.perf_counter()
             metrics.update(summary_metrics(engine, data, job.cell, w, tokens_per_step, progress))
             finish(engine, data, job, sink, step, progress)  # before the last step's metrics (see finish)
+            metrics[SUMMARY_FINAL_SECONDS] = time.perf_counter() - final_began
         sink.log_step(step, metrics, evaluating)
         if evaluating or checkpointing:
             sink.report(engine, step, metrics, checkpointing, progress.snapshots)
@@ -148,6 +158,7 @@ def summary_metrics(engine, data: Data, cell: Cell, w: Worker, tokens_per_step: 
     metrics = {SUMMARY_TOKENS_PER_S: tokens_per_s, SUMMARY_TRAIN_SECONDS: times.total,
                SUMMARY_FIRST_STEP_SECONDS: times.first, SUMMARY_SETUP_SECONDS: progress.setup_seconds,
                SUMMARY_EVAL_SECONDS: progress.eval_seconds,  # periodic evaluations of this (resumed part of the) run
+               SUMMARY_WORKER_START_SECONDS: progress.worker_start_seconds,
                SUMMARY_PEAK_MEMORY_MB: peak_memory_mb()}
     counts = parameter_counts(engine.module)
     metrics.update({SUMMARY_PARAMS_TOTAL: float(counts.total), SUMMARY_PARAMS_TRAINABLE: float(counts.trainable)})
