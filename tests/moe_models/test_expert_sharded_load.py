@@ -93,3 +93,27 @@ def test_the_swapped_model_loaded_whole_reports_every_expert_read(qwen_shards):
                        RoutingSpec("topk", ROUTERS.get("topk").Options(k=2)), V, 64, seed=0, dtype=torch.bfloat16)
     assert model.checkpoint_expert_share == 1.0
     assert {int(m.group(1)) for name in model.checkpoint_reads if (m := EXPERT.search(name))} == set(range(4))
+
+
+def test_a_hub_name_in_the_local_cache_is_read_tensor_by_tensor(qwen_shards, tmp_path, monkeypatch):
+    """A hub name is read from its snapshot in the Hugging Face cache (offline here, as on a node whose cache was
+    filled beforehand), through the same per-tensor path as a local folder."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo, commit = tmp_path / "hub" / "models--someorg--tiny-qwen-moe", "0" * 40
+    shutil.copytree(qwen_shards, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = HFCausalLM(HFOptions(pretrained="someorg/tiny-qwen-moe", init_router="pretrained"),
+                       RoutingSpec("topk", ROUTERS.get("topk").Options(k=2)), V, 64, seed=0, dtype=torch.bfloat16)
+    assert model.checkpoint_expert_share == 1.0 and model.checkpoint_reads  # not from_pretrained's whole load
+    with torch.no_grad():
+        ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
+        reference = AutoModelForCausalLM.from_pretrained(qwen_shards, dtype=torch.bfloat16).eval()
+        torch.testing.assert_close(model.eval().logits(ids)[0].float(), reference(input_ids=ids).logits.float(),
+                                   atol=0.05, rtol=0.05)
