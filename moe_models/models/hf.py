@@ -8,6 +8,8 @@ modeling code is copied):
   * a dense checkpoint (GPT-2, Llama, Qwen2, Mistral) with `upcycle:`: every moe_every-th MLP becomes one whose
     experts are its copies (upcycle.py);
   * the dense baseline (`router: dense`) of a dense checkpoint trains it unchanged.
+A swapped MoE checkpoint is read tensor by tensor, each expert-parallel rank reading only its own experts
+(expert_sharded_load.py); everything else is loaded by transformers' `from_pretrained`, in the training precision.
 Our MoE layers need each token's id (hash routing) and domain label (the reference router), which transformers'
 decoder layers do not pass to `mlp`: the model feeds them to its MoE layers' shared MoERecorder, as every family does.
 """

@@ -3,11 +3,12 @@ read from the safetensors shards by name, one at a time, and each rank reads onl
 placement: global experts [r*n, (r+1)*n) on expert-parallel rank r). A rank's expert memory then scales with
 1/ep_size, where `from_pretrained` would hold all of them before router swap sliced out the rank's share.
 
-Checkpoints name a block's experts one of three ways, all read here by tensor name:
+Checkpoints store a block's experts one of two ways, both read here by tensor name:
   * one tensor per expert and projection (the hub's layout: Qwen-MoE, OLMoE, DeepSeek-V3, GLM-4-MoE: gate_proj,
     up_proj, down_proj; Mixtral: w1, w3, w2 under block_sparse_moe);
   * stacked tensors (GPT-OSS: experts.gate_up_proj (E, D, 2F) with biases), of which a rank reads its rows.
-A checkpoint this module cannot map tensor for tensor is loaded by `from_pretrained` instead (`lazy_loadable`)."""
+A checkpoint this module cannot map tensor for tensor, or not in safetensors, is loaded whole by `from_pretrained`
+instead (`load_without_experts` returns None)."""
 from __future__ import annotations
 
 import json
@@ -190,8 +191,8 @@ def still_on_meta(model: nn.Module) -> list[str]:
 class ExpertReader:
     """Reads a rank's experts of each MoE block when router swap asks for them (`experts`)."""
 
-    def __init__(self, tensors: CheckpointTensors, blocks: dict[int, ExpertBlock], dtype: torch.dtype):
-        self.tensors, self._blocks, self._dtype = tensors, blocks, dtype  # blocks: by id of the experts module
+    def __init__(self, tensors: CheckpointTensors, blocks: dict[nn.Module, ExpertBlock], dtype: torch.dtype):
+        self.tensors, self._blocks, self._dtype = tensors, blocks, dtype  # blocks: by transformers' experts module
         self.experts_read = 0  # (block, expert) pairs
 
     @property
@@ -199,7 +200,7 @@ class ExpertReader:
         return len(self._blocks)
 
     def experts(self, experts_module: nn.Module, layer_index: int, first: int, count: int) -> CheckpointExperts:
-        block = self._blocks[id(experts_module)]
+        block = self._blocks[experts_module]
         self.experts_read += count
         try:
             return read_experts(self.tensors, block, experts_module, layer_index, first, count, self._dtype)
@@ -229,7 +230,7 @@ def load_without_experts(pretrained: str, dtype: torch.dtype) -> tuple[nn.Module
         return None
     model = skeleton(folder, dtype)
     tensors = CheckpointTensors(folder)
-    blocks = {id(module): expert_block(tensors, name) for name, module in experts_modules(model)}
+    blocks = {module: expert_block(tensors, name) for name, module in experts_modules(model)}
     if not blocks or not all(blocks.values()):
         return None
     load_dense(model, tensors)
