@@ -245,6 +245,11 @@ def test_the_findings_page_is_the_studies_claims_tables(tmp_path, capsys):
     assert text.startswith("# Findings") and "## claims\n\nhash against top-2." in text
     assert "| hash is worse | 001 |" in text and "| supported |" in text
     assert "## other" in text and f"Not run in {empty}, {tmp_path}" in text  # a study without runs says so
+    assert "cells have finished" not in text
+    client.set_terminated(runs[cells[0].id].info.run_id, "RUNNING")  # a study still running says how far it got
+    assert main(["findings", str(path), "--workdir", str(tmp_path), "--out", str(page)]) == 0
+    assert f"**{len(cells) - 1} of its {len(cells)} cells have finished**" in page.read_text()
+    client.set_terminated(runs[cells[0].id].info.run_id, "FINISHED")
     pages = tmp_path / "pages"
     assert main(["findings", str(path), str(elsewhere), "--workdir", str(tmp_path), "--out-dir", str(pages)]) == 0
     page = (pages / "claims.md").read_text()

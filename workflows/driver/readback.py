@@ -313,7 +313,10 @@ def _study_findings(study, path: str, args, workdirs: list[str]) -> str | None:
     per_study, (tracker, runs, _) = found
     pooled, losses = pool_with_losses(cells, runs, study.baseline, tracker, study.claims)
     table = _claims_section(study, cells, runs, pooled, losses, tracker, per_study).removeprefix("\n### Claims\n\n")
-    return f"{_setup_paragraph(study, path, len(cells))}\n\n{table}"
+    finished = sum(runs[c.id].info.status == "FINISHED" for c in cells if c.id in runs)
+    partial = (f" **{finished} of its {len(cells)} cells have finished**: the verdicts below rest on those."
+               if finished < len(cells) else "")
+    return f"{_setup_paragraph(study, path, len(cells))}{partial}\n\n{table}"
 
 
 def _first_run(study, path: str, args, workdirs: list[str]):
