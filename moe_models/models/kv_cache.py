@@ -44,6 +44,11 @@ class LayerCache:
         self.v = v_BHSd if self.v is None else torch.cat([self.v, v_BHSd], dim=2)
         return self.k, self.v, past == 0
 
+    def reorder(self, rows_N: torch.Tensor) -> None:
+        """Keep batch rows `rows_N`, in that order (beam search's surviving hypotheses)."""
+        if self.k is not None:
+            self.k, self.v = self.k[rows_N], self.v[rows_N]
+
 
 def can_decode(model: nn.Module) -> bool:
     return hasattr(model, "decode_step")

@@ -31,6 +31,13 @@ class Seq2SeqDecoding:
     memory_valid: torch.Tensor
     caches: list[tuple[LayerCache, LayerCache]]
 
+    def reorder(self, rows_N: torch.Tensor) -> None:
+        """Keep batch rows `rows_N`, in that order: beams of a source (rows repeated), survivors of a step."""
+        self.memory, self.memory_valid = self.memory[rows_N], self.memory_valid[rows_N]
+        for self_cache, cross_cache in self.caches:
+            self_cache.reorder(rows_N)
+            cross_cache.reorder(rows_N)
+
 
 def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
     """(length, D) fixed encodings, Vaswani et al. 2017 section 3.5."""

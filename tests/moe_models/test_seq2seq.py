@@ -231,3 +231,35 @@ def test_encoder_decoder_learns_to_copy_through_cross_attention():
     out = greedy(m.eval(), src, torch.ones_like(src, dtype=torch.bool), GenerationSettings(max_new_tokens=6), EOS)
     copied = sum(o == s for o, s in zip(out, src[:, :4].tolist()))
     assert copied >= 14, f"{copied}/16 held-out sources copied"  # broken cross-attention copies ~none
+
+
+@pytest.mark.parametrize("routing", [TOPK2, HASH], ids=["topk", "hash"])
+def test_cached_decoding_gives_the_tokens_of_re_running_the_prefix(routing, monkeypatch):
+    """Greedy and beam search with the key/value cache (beams reordered with their hypotheses) against the same
+    searches re-running the decoder over every prefix."""
+    import moe_models.generation as generation
+
+    m = model(routing)
+    src, valid = padded([[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17]])
+    assert generation.caches_give_the_same_tokens(m)
+    calls = []
+    step = m.decode_step
+    monkeypatch.setattr(m, "decode_step", lambda ids, state: calls.append(ids.shape[1]) or step(ids, state))
+    outputs = {}
+    for cached in (True, False):
+        monkeypatch.setattr(generation, "caches_give_the_same_tokens", lambda _: cached)
+        outputs[cached] = [generate(m, src, valid, GenerationSettings(max_new_tokens=10, num_beams=beams,
+                                                                      no_repeat_ngram_size=n), EOS)
+                           for beams in (1, 3) for n in (0, 2)]
+    assert outputs[True] == outputs[False]
+    assert calls and set(calls) == {1}  # the cached searches fed one token per step
+
+
+def test_batch_dependent_routing_decodes_over_the_prefix():
+    """Expert choice and a capacity factor route a token by the batch it is in: no cache for them."""
+    import moe_models.generation as generation
+
+    expert_choice = RoutingSpec("expert_choice", ROUTERS.get("expert_choice").Options())
+    dropping = RoutingSpec("topk", ROUTERS.get("topk").Options(k=2), capacity_factor=1.0)
+    assert not generation.caches_give_the_same_tokens(model(expert_choice))
+    assert not generation.caches_give_the_same_tokens(model(dropping))
