@@ -117,3 +117,14 @@ def test_a_hub_name_in_the_local_cache_is_read_tensor_by_tensor(qwen_shards, tmp
         reference = AutoModelForCausalLM.from_pretrained(qwen_shards, dtype=torch.bfloat16).eval()
         torch.testing.assert_close(model.eval().logits(ids)[0].float(), reference(input_ids=ids).logits.float(),
                                    atol=0.05, rtol=0.05)
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tiny_causal_lm("qwen2_moe", tmp_path / "qwen", vocab_size=V)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.self_attn.q_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"no tensor for model\.layers\.1\.self_attn\.q_proj\.weight"):
+        load_without_experts(str(folder), torch.float32)
