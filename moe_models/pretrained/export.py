@@ -2,7 +2,8 @@
 `pretrained: cell:<model>/<router>` source: the dense baseline becomes a LlamaForCausalLM (to upcycle), a model
 whose every block is top-k MoE becomes a MixtralForCausalLM (to swap routers in). Module names already follow
 transformers' (llama.py), so the export renames keys and restacks the experts; `tests/` holds the exported model's
-logits to ours."""
+logits to ours. Under expert parallelism each rank holds its own experts: `exported_state` gathers them over the
+expert-parallel group (every rank calls it), and one rank writes the checkpoint (`write`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,6 @@ def export_problem(family: str, opts, routing: RoutingSpec) -> str | None:
     """Why this (model, router) cannot be exported as a checkpoint, or None."""
     if family not in EXPORTABLE_FAMILIES:
         return f"a {family} model cannot be exported as a checkpoint; the llama family can"
-    if opts.ep_size != 1:
-        return "export gathers no expert-parallel shards: the source cell needs ep_size 1"
     if routing.is_dense:
         return None
     o = routing.options
@@ -51,14 +50,26 @@ def hf_config(opts, routing: RoutingSpec, vocab_size: int, max_seq_len: int) -> 
 
 
 def export(model: nn.Module, routing: RoutingSpec, vocab_size: int, max_seq_len: int, folder: Path) -> Path:
-    """Write `model` (a Llama of ours) as a save_pretrained checkpoint in `folder`."""
+    """Write `model` (a Llama of ours) as a save_pretrained checkpoint in `folder` (a single process's model, or
+    every rank calling it under expert parallelism, each writing the same folder)."""
+    return write(model.opts, exported_state(model), routing, vocab_size, max_seq_len, folder)
+
+
+def exported_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors by transformers' names, fp32. Every rank of an expert-parallel model calls it: it
+    gathers each MoE layer's experts over the expert-parallel group."""
+    return _renamed(model)
+
+
+def write(opts, state: dict[str, torch.Tensor], routing: RoutingSpec, vocab_size: int, max_seq_len: int,
+          folder: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = hf_config(model.opts, routing, vocab_size, max_seq_len)
+    fields = hf_config(opts, routing, vocab_size, max_seq_len)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = hf.load_state_dict(_renamed(model), strict=False)
-    tied = {"lm_head.weight"} if model.opts.tie_embeddings else set()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if opts.tie_embeddings else set()
     if unexpected or set(missing) - tied:
         raise ValueError(f"export does not cover the model: missing {missing}, unexpected {unexpected}")
     hf.save_pretrained(folder)
@@ -89,11 +100,35 @@ def _renamed(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def stacked_experts(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E, 2F, D) and (E, D, F) expert weights, whichever backend holds them (through its per-expert state dict)."""
+    """(E, 2F, D) and (E, D, F) expert weights, whichever backend holds them (through its per-expert state dict);
+    under expert parallelism gathered from every rank of the layer's group (rank r holds [r*n, (r+1)*n))."""
     from moe_models.pretrained.router_swap import LOCAL_EXPERTS
 
     state = layer.state_dict()
     prefix = f"dispatch.{LOCAL_EXPERTS}"
-    E = layer.dispatch.spec.num_experts
-    return (torch.stack([state[f"{prefix}.{e}.up.weight"] for e in range(E)]),
-            torch.stack([state[f"{prefix}.{e}.down.weight"] for e in range(E)]))
+    spec = layer.dispatch.spec
+    local = spec.num_experts // spec.ep_size
+    up = torch.stack([state[f"{prefix}.{e}.up.weight"] for e in range(local)])
+    down = torch.stack([state[f"{prefix}.{e}.down.weight"] for e in range(local)])
+    if spec.ep_size == 1:
+        return up, down
+    group = expert_parallel_group(layer)
+    return tuple(_all_gather(t, group, spec.ep_size) for t in (up, down))
+
+
+def expert_parallel_group(layer):
+    """The process group DeepSpeed gave the layer's experts (set when its engine was built)."""
+    for module in layer.dispatch.modules():
+        group = getattr(module, "ep_group", None)
+        if group is not None:
+            return group
+    raise RuntimeError("an expert-parallel layer without its process group: build its DeepSpeed engine first")
+
+
+def _all_gather(local: torch.Tensor, group, ep_size: int) -> torch.Tensor:
+    """Every rank's `local` stacked in rank order along dim 0."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(local) for _ in range(ep_size)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts)

@@ -24,11 +24,19 @@ def fetch_source_checkpoint(job: CellJob, into: Path) -> str | None:
                            f"(was it finished before it became a source? rerun it): {err}") from err
 
 
-def log_final_checkpoint(module, cell: Cell, vocab_size: int, w: Worker) -> None:
-    """Rank 0, after the last step of a source cell: its model as a save_pretrained folder on its run."""
-    from moe_models.pretrained.export import export
+def exported_state(module) -> dict:
+    """Every rank, after the last step of a source cell: its model's tensors in the Hugging Face layout (the
+    experts gathered over the expert-parallel group, a collective)."""
+    from moe_models.pretrained.export import exported_state as state_of
+
+    return state_of(module)
+
+
+def log_final_checkpoint(module, state: dict, cell: Cell, vocab_size: int, w: Worker) -> None:
+    """Rank 0: the exported tensors (`exported_state`) as a save_pretrained folder on the source cell's run."""
+    from moe_models.pretrained.export import write
 
     with tempfile.TemporaryDirectory() as tmp:
-        export(module, cell.router.routing_spec(), vocab_size, max(cell.training.seq_len, cell.training.target_len),
-               Path(tmp))
+        write(module.opts, state, cell.router.routing_spec(), vocab_size,
+              max(cell.training.seq_len, cell.training.target_len), Path(tmp))
         w.tracker.log_folder(w.run_id, tmp, CHECKPOINT_ARTIFACT)

@@ -32,7 +32,7 @@ from workflows.cell.evaluation import (
     reset_peak_memory,
     saturation_metrics,
 )
-from workflows.cell.handoff import fetch_source_checkpoint, log_final_checkpoint
+from workflows.cell.handoff import exported_state, fetch_source_checkpoint, log_final_checkpoint
 from workflows.cell.inference_cost import inference_metrics
 from workflows.cell.job import CellJob
 from workflows.cell.loop import NonFiniteLoss, StepTimes, train_step
@@ -176,8 +176,10 @@ def summary_metrics(engine, data: Data, cell: Cell, w: Worker, tokens_per_step: 
 
 
 def finish(engine, data: Data, job: CellJob, sink: MetricSink, step: int, progress: Progress) -> None:
-    """Rank 0, after the last step, before that step's metrics are logged: a logged last step means every artifact
-    is there too, so a run killed in between redoes all of this."""
+    """After the last step, before that step's metrics are logged, rank 0 logs the final artifacts: a logged last
+    step means every artifact is there too, so a run killed in between redoes all of this. Every rank enters: a
+    source cell's export first gathers its expert-parallel experts, a collective."""
+    exported = exported_state(engine.module) if job.export_checkpoint else None
     if not sink.writes:
         return
     evaluation = progress.evaluation
@@ -189,7 +191,7 @@ def finish(engine, data: Data, job: CellJob, sink: MetricSink, step: int, progre
     if evaluation.sequence_losses:  # the final evaluation's per-sequence losses: the report's bootstrap pairs them
         sink.w.tracker.log_text(sink.w.run_id, json.dumps(evaluation.sequence_losses), SEQUENCE_LOSSES)
     if job.export_checkpoint:  # another cell of the study starts from this one
-        log_final_checkpoint(engine.module, job.cell, data.vocab_size, sink.w)
+        log_final_checkpoint(engine.module, exported, job.cell, data.vocab_size, sink.w)
     if sink.is_new(step):  # the saturation curve, at the steps it describes
         final = progress.snapshots[step]
         sink.log_curve({earlier: saturation_metrics(routes, final) for earlier, routes in progress.snapshots.items()})
