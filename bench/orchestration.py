@@ -81,8 +81,12 @@ def sweep_breakdown(trials: int, cores: int) -> dict:
 
 
 def _empty_train_loop(config: dict) -> None:
+    import psutil
     import ray.train
 
+    # as a cell's summary/worker_start_seconds: the worker process's start to the train function (Ray Train V2
+    # keeps no metrics reported without a checkpoint, so it goes to a file)
+    Path(config["worker_start_file"]).write_text(str(time.time() - psutil.Process().create_time()))
     ray.train.report({"step": 1})
 
 
@@ -96,11 +100,14 @@ def ray_train_floor(fits: int = 4, concurrencies: tuple[int, ...] = (1, 2)) -> d
 
     from workflows.driver.ray_cluster import RAY_TRAIN_POLLING, init_ray
 
-    def fit(name: str, storage: str) -> float:
+    def fit(name: str, storage: str) -> tuple[float, float]:
+        """(wall, the worker's start to its train function)"""
         began = time.perf_counter()
-        TorchTrainer(_empty_train_loop, scaling_config=ScalingConfig(num_workers=1),
+        start_file = Path(storage) / f"{name}.worker_start"
+        TorchTrainer(_empty_train_loop, train_loop_config={"worker_start_file": str(start_file)},
+                     scaling_config=ScalingConfig(num_workers=1),
                      run_config=RunConfig(name=name, storage_path=storage)).fit()
-        return time.perf_counter() - began
+        return time.perf_counter() - began, float(start_file.read_text())
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,12 +116,14 @@ def ray_train_floor(fits: int = 4, concurrencies: tuple[int, ...] = (1, 2)) -> d
             os.environ.update(RAY_TRAIN_POLLING)  # Ray Train hands the driver's value on to its controller
             remote_fit = ray.remote(num_cpus=0)(fit)
             for concurrent in concurrencies:
-                walls: list[float] = []
+                timings: list[tuple[float, float]] = []
                 for first in range(0, fits, concurrent):
-                    walls += ray.get([remote_fit.remote(f"floor{concurrent}_{i}", tmp)
-                                      for i in range(first, first + concurrent)])
+                    timings += ray.get([remote_fit.remote(f"floor{concurrent}_{i}", tmp)
+                                        for i in range(first, first + concurrent)])
+                walls = [wall for wall, _ in timings]
                 out[f"{concurrent}_at_a_time"] = {"fits": fits, "median": statistics.median(walls),
-                                                  "min": min(walls), "max": max(walls)}
+                                                  "min": min(walls), "max": max(walls),
+                                                  "worker_start_median": statistics.median(s for _, s in timings)}
         finally:
             ray.shutdown()
     return out
@@ -155,6 +164,11 @@ def main() -> None:
     report["ray_train_floor_s"] = ray_train_floor(concurrencies=tuple(sorted({1, concurrent})))
     floor = report["ray_train_floor_s"][f"{concurrent}_at_a_time"]["median"]
     report["overhead_beyond_floor_per_cell_s"] = {"median": report["overhead_per_cell_s"]["median"] - floor}
+    # the cell's worker start beyond the empty loop's (the imports of the cell's code), and its final measurements
+    floor_start = report["ray_train_floor_s"][f"{concurrent}_at_a_time"]["worker_start_median"]
+    report["beyond_floor_parts_s"] = {
+        "worker_start_beyond_floor": report["worker_start_per_cell_s"]["median"] - floor_start,
+        "final": report["final_per_cell_s"]["median"]}
     if args.sweep_trials:
         report["sweep"] = sweep_breakdown(args.sweep_trials, args.cores)
     emit(report, args.out)
