@@ -10,7 +10,6 @@ Shapes: B batch, H heads, S new positions, T cached positions, d head dim.
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -81,8 +80,9 @@ def decode_ms_per_token(model: nn.Module, prompt_BS: torch.Tensor, start, new: i
                         repeats: int = 3) -> float:
     """Milliseconds per generated token: greedy decoding of `new` and of 1 token from the same start (`start()`
     makes a fresh decoding state), the difference over new - 1 (the cached forwards between them), so that the
-    prefill (or the encoding) cancels;
-    medians of `repeats` after one warm-up."""
+    prefill (or the encoding) cancels; each the best of `repeats` after one warm-up (as timeit: a burst of load
+    elsewhere on the machine lengthens a run, never shortens it, and a median of a loaded machine's runs could put
+    the one-token decode above the long one)."""
 
     def seconds(n: int) -> float:
         synchronize(device)
@@ -92,6 +92,6 @@ def decode_ms_per_token(model: nn.Module, prompt_BS: torch.Tensor, start, new: i
         return time.perf_counter() - began
 
     seconds(new)  # warm-up: kernels, allocator, the cache's growth
-    many = statistics.median(seconds(new) for _ in range(repeats))
-    one = statistics.median(seconds(1) for _ in range(repeats))
+    many = min(seconds(new) for _ in range(repeats))
+    one = min(seconds(1) for _ in range(repeats))
     return max(many - one, 0.0) / (new - 1) * 1e3
