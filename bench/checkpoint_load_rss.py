@@ -36,18 +36,10 @@ def write_checkpoint(folder: Path) -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
 
 
-def status_mb(field: str) -> float:
-    """VmRSS (resident now) or VmHWM (its peak since the last reset_peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field}")
+def rss_mb() -> float:
+    import psutil
 
-
-def reset_peak() -> None:
-    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS, so the peak measured next is
-    the load's, not that of the imports before it."""
-    Path("/proc/self/clear_refs").write_text("5")
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def rank_main(folder: str, mode: str, rank: int, world: int, port: int, out: str) -> None:
@@ -56,6 +48,7 @@ def rank_main(folder: str, mode: str, rank: int, world: int, port: int, out: str
     import torch.distributed as dist
 
     import moe_models.models.hf as hf
+    from workflows.cell.evaluation import peak_memory_mb, reset_peak_memory  # a cell's own peak measure (VmHWM)
     from moe_models.models.options import HFOptions
     from moe_models.routers import ROUTERS
     from moe_models.spec import RoutingSpec
@@ -69,14 +62,14 @@ def rank_main(folder: str, mode: str, rank: int, world: int, port: int, out: str
     import transformers.models.qwen2_moe.modeling_qwen2_moe  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    reset_peak()
-    before = status_mb("VmRSS")
+    reset_peak_memory()  # the peak measured next is the load's, not that of the imports before it
+    before = rss_mb()
     model = hf.HFCausalLM(HFOptions(pretrained=folder, init_router="pretrained", ep_size=world), routing,
                           SHAPE["vocab_size"], 64, seed=0, dtype=torch.bfloat16)
-    peak = status_mb("VmHWM")
+    peak = peak_memory_mb()
     held = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     Path(out).write_text(json.dumps({"rank": rank, "load_peak_mb": round(peak - before, 1),
-                                     "rss_after_mb": round(status_mb("VmRSS") - before, 1), "params_held_mb": round(held, 1),
+                                     "rss_after_mb": round(rss_mb() - before, 1), "params_held_mb": round(held, 1),
                                      "expert_share": model.checkpoint_expert_share}))
     dist.destroy_process_group()
 

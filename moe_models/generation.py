@@ -4,7 +4,8 @@ Each step feeds one new token per hypothesis against a key/value cache (`start_d
 models/kv_cache.py), where that gives the tokens re-running the decoder over the prefix would: every MoE layer routes
 each token by itself (a causal router) and drops none (no capacity factor). Expert choice and capacity-limited
 dispatch decide a token's experts from the whole batch of tokens, so for them each step re-runs the prefix, and the
-MoE layers see the forward they see in training. Beam search follows HF transformers' BeamSearchScorer with early_stopping=True: a sentence is done once it has
+MoE layers see the forward they see in training.
+Beam search follows HF transformers' BeamSearchScorer with early_stopping=True: a sentence is done once it has
 `num_beams` finished hypotheses, each scored by sum log p / length ** length_penalty; with one beam it is greedy.
 """
 from __future__ import annotations

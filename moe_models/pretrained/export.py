@@ -50,15 +50,8 @@ def hf_config(opts, routing: RoutingSpec, vocab_size: int, max_seq_len: int) -> 
 
 
 def export(model: nn.Module, routing: RoutingSpec, vocab_size: int, max_seq_len: int, folder: Path) -> Path:
-    """Write `model` (a Llama of ours) as a save_pretrained checkpoint in `folder` (a single process's model, or
-    every rank calling it under expert parallelism, each writing the same folder)."""
+    """Write `model` (a Llama of ours, in one process) as a save_pretrained checkpoint in `folder`."""
     return write(model.opts, exported_state(model), routing, vocab_size, max_seq_len, folder)
-
-
-def exported_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors by transformers' names, fp32. Every rank of an expert-parallel model calls it: it
-    gathers each MoE layer's experts over the expert-parallel group."""
-    return _renamed(model)
 
 
 def write(opts, state: dict[str, torch.Tensor], routing: RoutingSpec, vocab_size: int, max_seq_len: int,
@@ -76,7 +69,9 @@ def write(opts, state: dict[str, torch.Tensor], routing: RoutingSpec, vocab_size
     return folder
 
 
-def _renamed(model: nn.Module) -> dict[str, torch.Tensor]:
+def exported_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors by transformers' names, fp32. Every rank of an expert-parallel model calls it: it
+    gathers each MoE layer's experts over the expert-parallel group."""
     from moe_models.moe_ffn import MoEFeedForward
 
     state = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight": model.norm.weight}
