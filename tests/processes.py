@@ -47,18 +47,24 @@ def kill_study(proc: subprocess.Popen, timeout: float = 60) -> None:
     assert not alive, f"still running after SIGKILL: {[p.pid for p in alive]}"
 
 
-def interrupt_study(proc: subprocess.Popen, timeout: float = 120) -> int:
+def interrupt_study(proc: subprocess.Popen, timeout: float = 120, sig: signal.Signals = signal.SIGINT) -> int:
     """Ctrl-C for a `moelab_process`: SIGINT to the driver alone, as a terminal delivers it to the foreground
-    command. Returns its exit code, once it and every process it had started are gone (a straggler is killed: by
-    its id, taken from the driver's own tree before the signal)."""
+    command (sig=SIGTERM: `kill PID`, or `ray job stop`). Returns its exit code, once it and every process it had
+    started are gone (a straggler is killed: by its id, taken from the driver's own tree before the signal)."""
+    return stop_study(proc, sig, timeout)[0]
+
+
+def stop_study(proc: subprocess.Popen, sig: signal.Signals, timeout: float = 120) -> tuple[int, list[int]]:
+    """Send `sig` to the driver alone; returns its exit code and the ids of the processes it had started that were
+    still alive `timeout` seconds after it ended (each then killed, by that id)."""
     tree = psutil.Process(proc.pid).children(recursive=True)
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, sig)
     code = proc.wait(timeout)
     _, alive = psutil.wait_procs(tree, timeout=timeout)
     for straggler in alive:
         straggler.kill()
     psutil.wait_procs(alive, timeout=timeout)
-    return code
+    return code, [p.pid for p in alive]
 
 
 def tail(log: Path, lines: int = 40) -> str:

@@ -2,6 +2,7 @@
 command resumes, and Ray Train restarts the worker group from its checkpoint; and a kill before Ray Train registered a
 checkpoint restarts the cell from step 0 without repeating a step."""
 import contextlib
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.suite import extended
-from tests.processes import experiment_created, kill_study, moelab_process, tail
+from tests.processes import experiment_created, kill_study, moelab_process, stop_study, tail
 from workflows.driver.launch import RAY_TRAIN_SNAPSHOT, prune_orphaned_checkpoints, registered_checkpoints
 from workflows.study.cells import expand
 from workflows.study.loading import parse_study
@@ -175,6 +176,34 @@ def test_killed_train_worker_restarts_the_cell_from_its_checkpoint(killed_twice)
     assert restarted_from >= k.first_resume + 20 and restarted_from % 20 == 0
     assert [m.step for m in k.client.get_metric_history(run.info.run_id, "train/loss")] == list(range(10, STEPS + 1, 10))
     assert_one_point_per_step(k.client, run)
+
+
+def test_sigterm_as_ray_job_stop_sends_it_closes_unfinished_runs_killed_and_leaves_no_process(tmp_path):
+    """`ray job stop` sends the driver SIGTERM, then SIGKILL 3 s later: within those seconds the driver closes the
+    running cell's and the study's MLflow runs KILLED (not left RUNNING in the UI), stops the Ray it started, and
+    exits 143. The rerun that resumes a KILLED run is the one the SIGKILL test checks (any unfinished run reopens)."""
+    study = dict(STUDY, name="terminated", routers=[{"name": "topk", "k": 2}])
+    path, workdir = tmp_path / "terminated.yaml", tmp_path / "work"
+    path.write_text(yaml.safe_dump(study))
+    (cell,) = [c.id for c in expand(parse_study(study))]
+    proc = moelab_run(path, workdir)
+    try:
+        wait_until_logged(proc, workdir, "terminated", cell, 10)
+        began = time.monotonic()
+        code, left_running = stop_study(proc, signal.SIGTERM)
+        took = time.monotonic() - began
+    finally:
+        if proc.poll() is None:
+            kill_study(proc)
+    log = tail(workdir.parent / "moelab.log")
+    assert code == 128 + signal.SIGTERM, log
+    assert "run the same command again to resume" in log
+    assert not left_running, f"processes the study started outlived it: {left_running}"
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("terminated")
+    statuses = {r.data.tags["moelab.role"]: r.info.status for r in client.search_runs([exp.experiment_id])}
+    assert statuses == {"cell": "KILLED", "study": "KILLED"}, statuses
+    print(f"SIGTERM to exit: {took:.1f} s (ray job stop waits 3 s before SIGKILL)")
 
 
 @extended("tests/workflows/test_resume.py::test_sigkill_then_rerun_resumes_without_retraining_or_duplicates",

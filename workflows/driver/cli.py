@@ -1,6 +1,6 @@
 """`moelab`: run, validate, inspect and aggregate routing studies.
 
-Exit codes: 0 all cells finished, 1 some cells failed, 2 invalid input.
+Exit codes: 0 all cells finished, 1 some cells failed, 2 invalid input, 130 Ctrl-C, 143 SIGTERM (`ray job stop`).
 """
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Iterator, TextIO
 
 # Nothing heavy at import: torch, DeepSpeed and Ray load inside a command, once stdout is kept for its results.
@@ -39,6 +41,34 @@ def _results_only_on_stdout() -> Iterator[TextIO]:
         sys.stdout = started_with
         if results is not started_with:
             results.close()
+
+
+class _Sigterm:
+    """Whether SIGTERM arrived. It is raised as KeyboardInterrupt, so that the command's own interrupt handling
+    (unfinished runs closed KILLED) runs for it; a flag, not an exception type, tells the exit code, because code
+    between the handler and `main` (Ray's `ray.wait` among it) may raise a KeyboardInterrupt of its own."""
+    received = False
+
+
+def _raise_interrupt_for_sigterm(signum, frame) -> None:
+    _Sigterm.received = True
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """`ray job stop` sends the driver SIGTERM and SIGKILL 3 s later (RAY_JOB_STOP_WAIT_TIME_S), as does `kill PID`
+    from a shell. Left to Ray's handler (installed by `ray.init`), the driver aborts with the study's MLflow runs left
+    RUNNING; taken as an interrupt, they are closed KILLED and the same command resumes them. Only the main thread
+    may install a handler (a caller running `main` in a thread keeps the default)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt_for_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _quiet_libraries() -> None:
@@ -145,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not getattr(args, "verbose", False):
         _quiet_libraries()
-    with _results_only_on_stdout() as out:
+    with _results_only_on_stdout() as out, _sigterm_as_interrupt():
         try:
             return _dispatch(args, out)
         except KeyboardInterrupt:
-            return 130
+            return 128 + signal.SIGTERM if _Sigterm.received else 130
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 
 from workflows.driver.workspace import Workspace
 from workflows.study.errors import StudyError
@@ -70,10 +72,21 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     dashboard = {"dashboard_port": _free_port()} if address == "local" else {}
     env_vars = {"PYTHONWARNINGS": "ignore::DeprecationWarning", **RAY_TRAIN_POLLING,
                 **({k: v for k, v in LOCAL_RAY_TRAIN.items() if k not in os.environ} if address == "local" else {})}
+    caller_sigterm = signal.getsignal(signal.SIGTERM)
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose, **dashboard,
              runtime_env={"env_vars": env_vars})
+    _give_sigterm_back(caller_sigterm)
     if not verbose:
         _drop_worker_pool_notices()
+
+
+def _give_sigterm_back(caller_handler) -> None:
+    """`ray.init` replaces the process's SIGTERM handler with its own, which kills the Ray it started and calls
+    sys.exit from inside whatever the driver was doing: the core worker then aborts (SIGABRT) on its lost raylet, and
+    the study's MLflow runs stay RUNNING. A caller that installed a handler of its own (the CLI's, which takes SIGTERM
+    as Ctrl-C) gets it back; Ray's stays where the caller had none."""
+    if callable(caller_handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, caller_handler)
 
 
 # The raylet's notice when it has started more Python workers than its startup concurrency (the CPU count) times 4.
