@@ -20,12 +20,14 @@ from moe_models.routers.options import EntropyAdaptiveOptions
 from moe_models.routing import RoutingDecision
 
 
-def adaptive_k(probs_TE: torch.Tensor, min_k: int, max_k: int, rule: str = "normalized") -> torch.Tensor:
+def adaptive_k(probs_TE: torch.Tensor, min_k: int, max_k: int, rule: str = "normalized",
+               entropy_scale: float = 1.0) -> torch.Tensor:
+    """entropy_scale (1 unless calibrated: moe_models/routers/calibration.py) multiplies the entropy term."""
     entropy_T = -(probs_TE * probs_TE.clamp_min(1e-12).log()).sum(-1)
     if rule == "perplexity":
-        return entropy_T.exp().ceil().clamp(min_k, max_k).long()
-    normalized_T = (entropy_T / math.log(probs_TE.shape[-1])).clamp(0.0, 1.0)  # report 003: decoupled from E
-    return (min_k + normalized_T * (max_k - min_k)).round().long()
+        return (entropy_scale * entropy_T.exp()).ceil().clamp(min_k, max_k).long()
+    normalized_T = entropy_T / math.log(probs_TE.shape[-1])  # report 003: decoupled from E
+    return (min_k + (entropy_scale * normalized_T).clamp(0.0, 1.0) * (max_k - min_k)).round().long()
 
 
 @ROUTERS.register("entropy_adaptive")
@@ -37,7 +39,8 @@ class EntropyAdaptiveRouter(LinearScoreRouter):
         logits_TE = self.expert_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         top_TK, ids_TK = probs_TE.topk(self.options.max_k, dim=-1)
-        k_T = adaptive_k(probs_TE.detach(), self.options.min_k, self.options.max_k, self.options.rule)
+        o = self.options
+        k_T = adaptive_k(probs_TE.detach(), o.min_k, o.max_k, o.rule, o.entropy_scale)
         active_TK = torch.arange(self.options.max_k, device=x_TD.device) < k_T.unsqueeze(-1)
         kept_TK = top_TK * active_TK
         weights_TK = kept_TK / kept_TK.sum(-1, keepdim=True)

@@ -15,6 +15,7 @@ from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveIn
 from moe_models.assignment import ASSIGNMENTS
 from moe_models.options import ADDED_LATER, StrictOptions
 from moe_models.registry import Registry
+from moe_models.routers.calibration import Knob
 
 
 class RouterOptions(StrictOptions):
@@ -29,6 +30,8 @@ class RouterOptions(StrictOptions):
     fixed_k: ClassVar[bool] = True
     # Routes by a learned score (a fixed table routes with one-hot probabilities: zero entropy by construction).
     learned: ClassVar[bool] = True
+    # A dynamic router's option that sets its experts per token (`moelab calibrate` matches compute with it).
+    calibration_knob: ClassVar[Knob | None] = None
 
     def max_experts_per_token(self, num_experts: int) -> int:
         """Upper bound on experts per token in a layer of `num_experts`; the study validator checks it fits."""
@@ -152,6 +155,9 @@ class EntropyAdaptiveOptions(RouterOptions):
     max_k: PositiveInt = 2
     # normalized: report 003's rule, entropy / log E mapped linearly onto [min_k, max_k]; perplexity: ceil(exp H)
     rule: Literal["normalized", "perplexity"] = "normalized"
+    # Multiplies the entropy term (normalized entropy, or exp H): above 1 more experts per token, below 1 fewer.
+    entropy_scale: Annotated[PositiveFloat, ADDED_LATER] = 1.0
+    calibration_knob: ClassVar[Knob] = Knob("entropy_scale", 0.01, 100.0, log_scale=True)
 
     @model_validator(mode="after")
     def _order(self) -> "EntropyAdaptiveOptions":
@@ -233,6 +239,9 @@ class TopAnyOptions(RouterOptions):
     init_threshold: float = 0.0  # G_e at initialization (threshold sigmoid(tau*G_e))
     diversity_loss: NonNegativeFloat = 0.0  # ||W^T W - I||_F on normalized expert embeddings
     simplicity_loss: NonNegativeFloat = 0.0  # mean ||w_e||
+    # Added to every expert's trained threshold G_e: above 0 fewer experts pass, below 0 more (cosines lie in [-1, 1]).
+    threshold_offset: Annotated[float, ADDED_LATER] = 0.0
+    calibration_knob: ClassVar[Knob] = Knob("threshold_offset", -10.0, 10.0, more_experts_when_higher=False)
 
     def max_experts_per_token(self, num_experts: int) -> int:
         return num_experts
@@ -245,6 +254,7 @@ class TopPOptions(RouterOptions):
     p: confloat(gt=0, le=1) = 0.4
     max_k: PositiveInt | None = None
     entropy_loss: NonNegativeFloat = 0.0
+    calibration_knob: ClassVar[Knob] = Knob("p", 0.001, 1.0)
 
     def max_experts_per_token(self, num_experts: int) -> int:
         return min(self.max_k or num_experts, num_experts)

@@ -5,6 +5,7 @@ score s_te = sigmoid(tau * cos(x_t, w_e)); gate g_te = 1[s_te > sigmoid(tau * G_
 gradient to both w and G; k_t = number of passing experts; combine weights g/k_t. A token that passes no threshold
 goes to its argmax expert — DynMoE does this at evaluation; we do it in training too, so no token is ever dropped by
 the router (a documented departure). DynMoE's diversity/simplicity auxiliary losses are optional coefficients.
+`threshold_offset` (0 unless calibrated: moe_models/routers/calibration.py) shifts every threshold alike.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class TopAnyRouter(Router):
         tau = self.options.tau
         cos_TE = F.normalize(x_TD.float(), dim=-1) @ F.normalize(self.expert_emb_ED.float(), dim=-1).t()
         scores_TE = torch.sigmoid(tau * cos_TE)
-        margin_TE = scores_TE - torch.sigmoid(tau * self.threshold_E.float())
+        margin_TE = scores_TE - torch.sigmoid(tau * (self.threshold_E.float() + self.options.threshold_offset))
         hard_TE = (margin_TE > 0).float()
         fallback_TE = F.one_hot(scores_TE.argmax(-1), self.ctx.num_experts).float()
         hard_TE = torch.where(hard_TE.sum(-1, keepdim=True) > 0, hard_TE, fallback_TE)

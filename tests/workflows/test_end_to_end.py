@@ -294,3 +294,30 @@ def test_routers_characterized_on_a_trained_cells_hidden_states(mini, capsys):
     # Real states are the trained model's width (d_model 32) and its 4 experts: a linear top-k router has 32*4 weights.
     assert by_name["topk"]["parameters"] == 32 * 4 and by_name["hash"]["parameters"] == 0
     assert by_name["reference"]["experts_per_token"] == pytest.approx(1.0)
+
+
+def test_calibrate_finds_the_top_p_that_spends_a_target_experts_per_token_on_the_trained_cell(mini, capsys):
+    """Matched compute by calibration: bisecting p on the trained cell, with the cell's own evaluation, reaches the
+    target within ±0.05; at the trained p it reproduces what the cell logged."""
+    _, study, workdir, client = mini
+    assert main(["calibrate", str(study), "--workdir", str(workdir), "--router", "top_p(p=0.51)", "--target", "2.5",
+                 "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["option"] == "p" and result["trained_value"] == 0.51
+    assert abs(result["experts_per_token"] - 2.5) <= 0.05 and result["evaluations"] <= 40
+    assert 0.001 < result["value"] < 1.0 and result["value"] != 0.51
+    _, runs = cell_runs(client)
+    (top_p,) = [r for r in runs if r.data.tags["router"] == "top_p(p=0.51)"]
+    assert result["trained_experts_per_token"] == pytest.approx(top_p.data.metrics["eval/moe/experts_per_token"])
+    assert result["trained_eval_loss"] == pytest.approx(top_p.data.metrics["eval/loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("router, target, says", [
+    ("top_p(p=0.9)", 2.0, "'top_p(p=0.9)' is not a router of mini; its routers: topk(k=2), top_p(p=0.51), reference"),
+    ("topk(k=2)", 2.0, "has no knob that sets its experts per token; routers that do: entropy_adaptive, top_any, top_p"),
+])  # a target out of the knob's reach: tests/moe_models/test_calibration.py
+def test_calibrate_refuses_what_it_cannot_calibrate_with_exit_2_before_loading_anything(mini, capsys, router, target,
+                                                                                        says):
+    _, study, workdir, _ = mini
+    assert main(["calibrate", str(study), "--workdir", str(workdir), "--router", router, "--target", str(target)]) == 2
+    assert says in capsys.readouterr().err

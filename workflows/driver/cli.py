@@ -14,6 +14,7 @@ import threading
 from typing import Iterator, TextIO
 
 # Nothing heavy at import: torch, DeepSpeed and Ray load inside a command, once stdout is kept for its results.
+from workflows.driver.calibration import cmd_calibrate
 from workflows.driver.commands import cmd_run, cmd_tune, cmd_validate
 from workflows.driver.readback import cmd_aggregate, cmd_findings, cmd_routers, cmd_status
 from workflows.driver.workspace import DEFAULT_WORKDIR
@@ -130,6 +131,15 @@ def parser() -> argparse.ArgumentParser:
     routers.add_argument("--seeds", type=int, default=1,
                          help="initialize each router with this many seeds: means with 95%% intervals (3 or more)")
     routers.set_defaults(fn=cmd_routers)
+    calibrate = command("calibrate", cmd_calibrate, "the knob value at which a trained dynamic router spends a "
+                        "target number of experts per token (matched compute)")
+    calibrate.add_argument("--router", required=True, metavar="LABEL", help="a dynamic router of the study, as its "
+                           "table names it: top_p's p, top_any's threshold_offset, entropy_adaptive's entropy_scale")
+    calibrate.add_argument("--target", type=float, required=True, metavar="EXPERTS",
+                           help="experts per token to reach, e.g. a fixed-k router's k")
+    calibrate.add_argument("--seed", type=int, help="the cell of this seed (default: the first finished one)")
+    calibrate.add_argument("--tolerance", type=float, default=0.01, help="how close to the target (default 0.01)")
+    calibrate.add_argument("--format", choices=("text", "json"), default="text")
     status = command("status", cmd_status, "one line per cell: state, step, loss")
     status.add_argument("--watch", action="store_true",
                         help="follow the running cells (step, loss, tokens/s, ETA) until the study ends")

@@ -1,4 +1,5 @@
-"""Hidden states of a trained cell, for characterizing routers on real activations (`moelab routers --study`).
+"""A trained cell loaded back: its hidden states, for characterizing routers on real activations (`moelab routers
+--study`), and its engine, for calibrating its router's knob (`moelab calibrate`).
 
 The router-architectures report swaps routers into pretrained models and characterizes them on real hidden states.
 Here the pretrained model is a finished cell of a study: its latest DeepSpeed checkpoint is loaded into a one-process
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Callable
 
 import torch
 
@@ -20,17 +22,39 @@ from workflows.study.schema import Study
 from workflows.tracking import Tracker
 
 
-def finished_cell_with_checkpoint(study: Study, ws: Workspace) -> tuple[Cell, str]:
+def finished_cell_with_checkpoint(study: Study, ws: Workspace, wanted: Callable[[Cell], bool] | None = None,
+                                  what: str = "MoE cell") -> tuple[Cell, str]:
+    """The first finished cell (of those `wanted`; default: any MoE cell) and its latest checkpoint."""
     tracker = Tracker(ws.tracking_uri)
     found = tracker.client.get_experiment_by_name(study.name)
     runs = tracker.cell_runs(found.experiment_id) if found else {}
     for cell in expand(study):
+        if not (wanted(cell) if wanted else cell.router.name != "dense"):
+            continue
         run = runs.get(cell.id)
         checkpoints = ray_checkpoints(storage.join(ws.cell_storage(study.name), cell.id))
-        if run is not None and run.info.status == "FINISHED" and checkpoints and cell.router.name != "dense":
+        if run is not None and run.info.status == "FINISHED" and checkpoints:
             return cell, checkpoints[-1]
-    raise StudyError(study.name, [f"no finished MoE cell with a checkpoint under {ws.storage_path}; run the study "
+    raise StudyError(study.name, [f"no finished {what} with a checkpoint under {ws.storage_path}; run the study "
                                   "first (`moelab run`)"])
+
+
+def load_trained_engine(study: Study, ws: Workspace, cell: Cell, checkpoint: str):
+    """(a one-process DeepSpeed engine in eval mode holding the cell's checkpoint, the cell's prepared data)."""
+    from moe_data.prepare import load_prepared
+    from workflows.cell.engine import build_engine
+
+    data = load_prepared(storage.local_copy(prepare_datasets(study, ws)[cell.dataset].path))
+    _single_process_group()
+    engine = build_engine(cell, data)
+    import ray.train
+
+    with ray.train.Checkpoint(checkpoint).as_directory() as local:  # a path, or a URI downloaded to a temp dir
+        loaded, _ = engine.load_checkpoint(local)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load {checkpoint}")
+    engine.eval()
+    return engine, data
 
 
 def _single_process_group() -> None:
@@ -46,21 +70,10 @@ def _single_process_group() -> None:
 def trained_hidden_states(study: Study, ws: Workspace, tokens: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                 torch.Tensor, int, int, str]:
     """(x_TD, token_ids_T, domain_ids_T, num_experts, vocab_size, cell title) at the first MoE block's input."""
-    from moe_data.prepare import load_prepared
     from moe_models.moe_ffn import MoEFeedForward
-    from workflows.cell.engine import build_engine
 
     cell, checkpoint = finished_cell_with_checkpoint(study, ws)
-    data = load_prepared(storage.local_copy(prepare_datasets(study, ws)[cell.dataset].path))
-    _single_process_group()
-    engine = build_engine(cell, data)
-    import ray.train
-
-    with ray.train.Checkpoint(checkpoint).as_directory() as local:  # a path, or a URI downloaded to a temp dir
-        loaded, _ = engine.load_checkpoint(local)
-    if loaded is None:
-        raise RuntimeError(f"DeepSpeed could not load {checkpoint}")
-    engine.eval()
+    engine, data = load_trained_engine(study, ws, cell, checkpoint)
     moe = next(m for m in engine.module.modules() if isinstance(m, MoEFeedForward))
     captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     # (x, token ids, domain ids: zeros for unlabelled data such as summarization pairs) entering the block; the ids
