@@ -64,9 +64,13 @@ def calibrate_cell(study, ws, label: str, target: float, seed: int | None, toler
     engine, data = load_trained_engine(study, ws, cell, checkpoint)
     alone = Worker(rank=0, world=1, tracker=None, run_id="")
 
+    evaluations: dict[float, dict[str, float]] = {}  # knob value -> the evaluation's metrics (each run once)
+
     def measured(value: float) -> dict[str, float]:
-        set_knob(engine.module, knob.option, value)
-        return evaluate(engine, data, cell, alone).metrics
+        if value not in evaluations:
+            set_knob(engine.module, knob.option, value)
+            evaluations[value] = evaluate(engine, data, cell, alone).metrics
+        return evaluations[value]
 
     trained_value = read_knob(engine.module, knob.option)
     trained = measured(trained_value)
