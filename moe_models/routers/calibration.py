@@ -3,13 +3,14 @@ entropy-adaptive's entropy scale) at which it spends a target number of experts 
 
 Experts per token is monotone in each knob, so bisection finds it; `measure` is whatever the caller counts experts
 per token with (one router on hidden states, or a whole trained model's evaluation). Torch-free: each router's
-options declare their knob (`calibration_knob`), and the study validator reads it without building a router.
+options declare their knob (`calibration_knob`), so `moelab calibrate` refuses a router without one before loading
+anything.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 
 @dataclass(frozen=True)
@@ -72,23 +73,24 @@ def calibrate(measure: Callable[[float], float], knob: Knob, target: float, tole
     return Calibration(knob.option, best, seen[best], target, len(seen))
 
 
-def set_knob(model, option: str, value: float) -> int:
-    """Set `option` to `value` on every router in `model` (any torch module) whose options declare it as their knob;
-    the routers read their options at each forward. Returns how many routers it set."""
-    count = 0
+def _routers_with_knob(model, option: str) -> Iterator:
+    """The routers in `model` (any torch module) whose options declare `option` as their knob."""
     for module in model.modules():
-        options = getattr(module, "options", None)
-        knob = getattr(type(options), "calibration_knob", None)
+        knob = getattr(type(getattr(module, "options", None)), "calibration_knob", None)
         if isinstance(knob, Knob) and knob.option == option:
-            module.options = options.model_copy(update={option: value})
-            count += 1
-    return count
+            yield module
+
+
+def set_knob(model, option: str, value: float) -> int:
+    """Set `option` to `value` on every router in `model` that declares it as its knob (routers read their options at
+    each forward). Returns how many routers it set."""
+    routers = list(_routers_with_knob(model, option))
+    for router in routers:
+        router.options = router.options.model_copy(update={option: value})
+    return len(routers)
 
 
 def read_knob(model, option: str) -> float | None:
     """`option` as the first router in `model` that declares it as its knob holds it (None: no such router)."""
-    for module in model.modules():
-        knob = getattr(type(getattr(module, "options", None)), "calibration_knob", None)
-        if isinstance(knob, Knob) and knob.option == option:
-            return getattr(module.options, option)
-    return None
+    router = next(_routers_with_knob(model, option), None)
+    return None if router is None else getattr(router.options, option)
