@@ -47,11 +47,11 @@ def kill_study(proc: subprocess.Popen, timeout: float = 60) -> None:
     assert not alive, f"still running after SIGKILL: {[p.pid for p in alive]}"
 
 
-def interrupt_study(proc: subprocess.Popen, timeout: float = 120, sig: signal.Signals = signal.SIGINT) -> int:
+def interrupt_study(proc: subprocess.Popen, timeout: float = 120) -> int:
     """Ctrl-C for a `moelab_process`: SIGINT to the driver alone, as a terminal delivers it to the foreground
-    command (sig=SIGTERM: `kill PID`, or `ray job stop`). Returns its exit code, once it and every process it had
-    started are gone (a straggler is killed: by its id, taken from the driver's own tree before the signal)."""
-    return stop_study(proc, sig, timeout)[0]
+    command. Returns its exit code, once it and every process it had started are gone (a straggler is killed: by
+    its id, taken from the driver's own tree before the signal)."""
+    return stop_study(proc, signal.SIGINT, timeout)[0]
 
 
 def stop_study(proc: subprocess.Popen, sig: signal.Signals, timeout: float = 120) -> tuple[int, list[int]]:

@@ -50,14 +50,14 @@ def _knob_of(study, label: str):
     return knob
 
 
-def calibrate_cell(study, ws, label: str, target: float, seed: int | None, tolerance: float) -> CellCalibration:
+def calibrate_cell(study, ws, label: str, knob, target: float, seed: int | None, tolerance: float) -> CellCalibration:
+    """`knob`: the router's, as `_knob_of` checked it."""
     from moe_models.routers.calibration import calibrate, CalibrationError, read_knob, set_knob
     from workflows.cell.evaluation import evaluate
     from workflows.cell.worker import Worker
     from workflows.driver.trained_states import finished_cell_with_checkpoint, load_trained_engine
     from workflows.metric_names import EVAL_LOSS, EVAL_MOE_EXPERTS_PER_TOKEN
 
-    knob = _knob_of(study, label)
     cell, checkpoint = finished_cell_with_checkpoint(
         study, ws, lambda c: c.router.display() == label and seed in (None, c.seed),
         f"cell of {label}" + (f" with seed {seed}" if seed is not None else ""))
@@ -88,8 +88,8 @@ def cmd_calibrate(args, out: TextIO) -> int:
     if args.target <= 0:
         raise StudyError("--target", [f"experts per token must be positive, not {args.target:g}"], "cannot calibrate")
     study = study_or_exit(args.study)
-    _knob_of(study, args.router)  # a wrong label or a fixed-k router fails before anything loads
+    knob = _knob_of(study, args.router)  # a wrong label or a fixed-k router fails before anything loads
     ws = usable_workspace(args, study)
-    result = calibrate_cell(study, ws, args.router, args.target, args.seed, args.tolerance)
+    result = calibrate_cell(study, ws, args.router, knob, args.target, args.seed, args.tolerance)
     print(json.dumps(asdict(result)) if args.format == "json" else result.line(), file=out)
     return 0

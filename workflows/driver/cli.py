@@ -65,6 +65,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _Sigterm.received = False  # a command run in-process after an earlier one that was terminated
     previous = signal.signal(signal.SIGTERM, _raise_interrupt_for_sigterm)
     try:
         yield
