@@ -19,8 +19,9 @@ from tests.processes import REPO
 QUICKSTART = REPO / "studies" / "quickstart.yaml"
 
 
-def moelab(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """`moelab ...` as a user runs it; `timeout` only guards against a hang."""
+def moelab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`moelab ...` as a user runs it; `timeout` only guards against a hang (generous: CI's 2 cores run a Ray
+    cluster beside it)."""
     return subprocess.run([sys.executable, "-m", "workflows.driver.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -50,10 +51,20 @@ def test_read_only_commands_on_a_workdir_where_nothing_ran_write_nothing(command
     assert proc.stdout == "" and not workdir.exists()
 
 
-def test_routers_on_a_study_that_never_ran_writes_nothing(tmp_path):
+def test_routers_on_a_study_that_never_ran_is_refused_before_any_profiling_and_writes_nothing(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    """Profiling takes seconds idle and minutes on a loaded machine: a wrong workdir must not wait for it."""
+    import moe_models.characterize
+
+    from workflows.driver.cli import main
+
+    def profiled(*args, **kwargs):
+        raise AssertionError("profiled before the study's workdir was checked")
+
+    monkeypatch.setattr(moe_models.characterize, "profile_all", profiled)
     workdir = tmp_path / "never-ran"
-    proc = moelab("routers", "--study", str(QUICKSTART), "--workdir", str(workdir), "--tokens", "64")
-    assert proc.returncode == 2 and "no study 'quickstart' here" in proc.stderr, proc.stderr[-2000:]
+    assert main(["routers", "--study", str(QUICKSTART), "--workdir", str(workdir), "--tokens", "64"]) == 2
+    assert "no study 'quickstart' here" in capsys.readouterr().err
     assert not workdir.exists()
 
 
@@ -85,3 +96,35 @@ def test_prepared_files_load_as_plain_data_and_never_unpickle_objects(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_prepared(hostile)
     assert not Path("/tmp/moelab-pwned").exists()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_routers_profile_on_the_threads_asked_for(threads, capsys, monkeypatch):
+    """Beside a running study torch's default (every core) oversubscribes them: the driver's compute takes --threads,
+    default 1."""
+    import moe_models.characterize
+
+    from workflows.driver.cli import main
+
+    seen = []
+
+    def profiled(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return []
+
+    monkeypatch.setattr(moe_models.characterize, "profile_all", profiled)
+    before = torch.get_num_threads()
+    try:
+        argv = ["routers", "--format", "json"] + (["--threads", str(threads)] if threads != 1 else [])
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [threads] and capsys.readouterr().out.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", [["routers"], ["calibrate", str(QUICKSTART), "--router", "top_p", "--target", "2"]])
+def test_zero_threads_is_refused_with_the_option_named(command, capsys):
+    from workflows.driver.cli import main
+
+    assert main([*command, "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import TextIO
 
-from workflows.driver.commands import study_or_exit, usable_workspace
+from workflows.driver.commands import study_or_exit, usable_workspace, use_threads
 from workflows.study.errors import StudyError
 
 
@@ -87,6 +87,7 @@ def calibrate_cell(study, ws, label: str, knob, target: float, seed: int | None,
 def cmd_calibrate(args, out: TextIO) -> int:
     if args.target <= 0:
         raise StudyError("--target", [f"experts per token must be positive, not {args.target:g}"], "cannot calibrate")
+    use_threads(args)
     study = study_or_exit(args.study)
     knob = _knob_of(study, args.router)  # a wrong label or a fixed-k router fails before anything loads
     ws = usable_workspace(args, study)

@@ -102,6 +102,12 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--seeds", metavar="3,4,5", help="the study on these seeds instead of its own, in the same "
                                                         "workdir (a replication; aggregate: its cells only)")
 
+    def threads_option(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--threads", type=int, default=1, metavar="N",
+                       help="torch threads for this command's own compute (default 1: beside a running study more "
+                            "threads contend for its cores and run slower, measured 3x; on an idle machine more "
+                            "speed up large inputs)")
+
     for name, fn, what in (("run", cmd_run, "run (or resume) a study"),
                            ("tune", cmd_tune, "run (or resume) the study's sweep with Ray Tune")):
         launch = command(name, fn, what)
@@ -131,6 +137,7 @@ def parser() -> argparse.ArgumentParser:
     routers.add_argument("--experts", type=int, default=8)
     routers.add_argument("--seeds", type=int, default=1,
                          help="initialize each router with this many seeds: means with 95%% intervals (3 or more)")
+    threads_option(routers)
     routers.set_defaults(fn=cmd_routers)
     calibrate = command("calibrate", cmd_calibrate, "the knob value at which a trained dynamic router spends a "
                         "target number of experts per token (matched compute)")
@@ -141,6 +148,7 @@ def parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--seed", type=int, help="the cell of this seed (default: the first finished one)")
     calibrate.add_argument("--tolerance", type=float, default=0.01, help="how close to the target (default 0.01)")
     calibrate.add_argument("--format", choices=("text", "json"), default="text")
+    threads_option(calibrate)
     status = command("status", cmd_status, "one line per cell: state, step, loss")
     status.add_argument("--watch", action="store_true",
                         help="follow the running cells (step, loss, tokens/s, ETA) until the study ends")

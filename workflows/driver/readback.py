@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from workflows.driver.commands import study_or_exit, usable_workspace
+from workflows.driver.commands import study_or_exit, usable_workspace, use_threads
 from workflows.driver.workspace import DEFAULT_WORKDIR
 from workflows.metric_names import TRAIN_LOSS
 from workflows.report.render import render
@@ -199,16 +199,18 @@ def cmd_routers(args, out: TextIO) -> int:
 
     from moe_models.characterize import pool_profiles, profile_all, profile_states
 
+    use_threads(args)
     seeds = tuple(range(args.seeds))
-    profiles = profile_all(args.tokens, args.d_model, args.experts, seeds=seeds)
-    if args.study:  # also on a trained cell's real hidden states (the report's "routers in a pretrained model")
+    # Every input is read before any profiling: a wrong path is refused in a second, not after the minutes of timing
+    # that a loaded machine can take.
+    real_states = []
+    if args.study:  # a trained cell's real hidden states (the report's "routers in a pretrained model")
         from workflows.driver.trained_states import trained_hidden_states
 
         study = study_or_exit(args.study)
-        ws = usable_workspace(args, study)
-        x, ids, dom, experts, vocab, title = trained_hidden_states(study, ws, args.tokens)
-        profiles += profile_states(x, ids, dom, experts, vocab, f"trained: {title}", seeds, decoding=False)
-    if args.hidden_states:  # and on a pretrained encoder's hidden states over the built-in domain corpus
+        x, ids, dom, experts, vocab, title = trained_hidden_states(study, usable_workspace(args, study), args.tokens)
+        real_states.append((x, ids, dom, experts, vocab, f"trained: {title}"))
+    if args.hidden_states:  # a pretrained encoder's hidden states over the built-in domain corpus
         from workflows.driver.encoder_states import encoder_hidden_states
 
         try:
@@ -217,7 +219,10 @@ def cmd_routers(args, out: TextIO) -> int:
             print(f"moelab routers: --hidden-states {args.hidden_states!r}: {str(err).splitlines()[0][:300]}",
                   file=sys.stderr)
             return 2
-        profiles += profile_states(x, ids, dom, args.experts, vocab, title, seeds, decoding=False)
+        real_states.append((x, ids, dom, args.experts, vocab, title))
+    profiles = profile_all(args.tokens, args.d_model, args.experts, seeds=seeds)
+    for x, ids, dom, experts, vocab, title in real_states:
+        profiles += profile_states(x, ids, dom, experts, vocab, title, seeds, decoding=False)
     rows = pool_profiles(profiles)
     if args.format == "json":
         print(json.dumps(rows, indent=2), file=out)
