@@ -189,12 +189,16 @@ def cli_page() -> str:
 def study_page() -> str:
     from workflows.study.entries import DatasetEntry, ModelEntry, RouterEntry
     from workflows.study.schema import Study
+    from workflows.study.claims import Claim, MatchedCompute
     from workflows.study.sections import ResourcesConfig, SummarizationConfig, TrainingConfig
 
     sections = [("The study file", Study, (), False), ("`routers[]`", RouterEntry, ("options",), True),
                 ("`models[]`", ModelEntry, ("options",), True), ("`datasets[]`", DatasetEntry, (), True),
                 ("`training`", TrainingConfig, (), True), ("`resources`", ResourcesConfig, (), True),
-                ("`summarization`", SummarizationConfig, (), True)]
+                ("`summarization`", SummarizationConfig, (), True),
+                # claims are read by `aggregate` only: never part of a cell
+                ("`claims[]` (docs: claims.md)", Claim, (), False),
+                ("`claims[].matched_compute`", MatchedCompute, (), False)]
     parts = [f"# Study file\n\n{GENERATED}Every field a study file may set, by section. *Cell identity* says "
              "whether the field is part of a cell's id (`workflows/study/identity.py`): changing one that is makes "
              "a new cell; the rest change how a study runs or is shown. A router's options are on the routers page, "

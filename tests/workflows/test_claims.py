@@ -219,6 +219,55 @@ def test_a_claim_can_compare_one_router_on_two_datasets(tmp_path):
         parse_study({**raw, "claims": [{**raw["claims"][0], "dataset": None}]})
 
 
+def test_a_claim_against_a_value_is_scipys_one_sample_t_test_over_the_seeds_that_define_it(tmp_path):
+    """Report 003's "experts per token rise with difficulty" is about one router: its per-seed correlation against 0.
+    A seed where the correlation is undefined (NaN: experts per token constant) pairs nothing."""
+    from mlflow.tracking import MlflowClient
+    from scipy import stats
+
+    metric = "eval/moe/difficulty_entropy_corr"
+    raw = {**copy.deepcopy(STUDY), "claims": [
+        {"name": "top-p rises with difficulty", "metric": metric, "system": "top_p(max_k=2,p=0.5)",
+         "against_value": 0, "direction": "greater"},
+        {"name": "top-p rises by more than 0.3", "metric": metric, "system": "top_p(max_k=2,p=0.5)",
+         "against_value": 0.3, "direction": "greater"}]}
+    study = parse_study(raw)
+    cells = expand(study)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("claims", artifact_location=(tmp_path / "art").as_uri())
+    correlations = [0.31, 0.22, 0.40, 0.27, float("nan")]
+    runs = {}
+    for cell in cells:
+        run = client.create_run(experiment)
+        if cell.router.display().startswith("top_p"):
+            client.log_metric(run.info.run_id, metric, correlations[cell.seed])
+        client.set_terminated(run.info.run_id, "FINISHED")
+        runs[cell.id] = client.get_run(run.info.run_id)
+    above_zero, above_third = claim_rows(study.claims, study.baseline, cells, runs, {})
+    defined = correlations[:4]
+    assert above_zero.diffs == pytest.approx(defined) and above_zero.against == "0"
+    assert above_zero.t_p == pytest.approx(stats.ttest_1samp(defined, 0.0).pvalue)
+    assert above_third.diffs == pytest.approx([c - 0.3 for c in defined])
+    assert above_third.t_p == pytest.approx(stats.ttest_1samp(defined, 0.3).pvalue)
+    assert above_zero.bootstrap is None
+    first, second = verdicts([above_zero, above_third], [])
+    assert first.decision.verdict == "supported" and second.decision.verdict == "inconclusive"
+    text = claims_report(study.claims, study.baseline, cells, runs, pooled_rows(cells, runs), {})
+    assert f"| top_p(max_k=2,p=0.5) vs 0 on {metric} (greater)" in text
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"against": "hash"}, "against_value: the system is compared with this value alone"),
+    ({"test": "bootstrap", "metric": "eval/loss"}, "decided over seeds (paired_t, one sample)"),
+    ({"system": "topk(k=1)"}, "difficulty_entropy_corr of topk(k=1) is fixed by construction"),
+])
+def test_a_bad_claim_against_a_value_is_refused_naming_its_field(extra, message):
+    bad = {"name": "x", "metric": "eval/moe/difficulty_entropy_corr", "system": "top_p(max_k=2,p=0.5)",
+           "against_value": 0, "direction": "greater", **extra}
+    with pytest.raises(StudyError, match=re.escape(message)):
+        parse_study({**copy.deepcopy(STUDY), "claims": [bad]})
+
+
 def test_the_findings_page_is_the_studies_claims_tables(tmp_path, capsys):
     import yaml
     from mlflow.tracking import MlflowClient

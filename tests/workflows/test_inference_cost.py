@@ -27,10 +27,12 @@ def test_more_experts_per_token_cost_inference_throughput_on_the_same_model(tmp_
     """Measured side by side on this machine, as ratios: top-8 runs 8x the expert FLOPs of top-1 per token, in a
     prefill and in each decoded token."""
     (e1, c1, d1), (e8, c8, d8) = cell(tmp_path, 1), cell(tmp_path, 8)
-    # a prefill (about 2.5x the tokens/s of top-8 here): measured in alternation too, for the same reason as below
+    # a prefill (about 2.5x the tokens/s of top-8 here; 1.49 once with a study holding both cores beside the suite,
+    # so the bound sits well under that, still far above the 1.0 of a measure blind to the routes): measured in
+    # alternation too, for the same reason as below
     prefills = [[inference_metrics(e, d, c) for e, c, d in ((e1, c1, d1), (e8, c8, d8))] for _ in range(3)]
     assert statistics.median(one[EVAL_INFERENCE_PREFILL_TOKENS_PER_S] / eight[EVAL_INFERENCE_PREFILL_TOKENS_PER_S]
-                             for one, eight in prefills) > 1.5
+                             for one, eight in prefills) > 1.3
     assert all(m[EVAL_INFERENCE_MS_PER_TOKEN] > 0 for pair in prefills for m in pair)
     # and each generated token (about 1.0 ms against 1.7 ms here, batch 1, 2 layers): timed in alternation, so that
     # a burst of load elsewhere on the machine falls on both

@@ -76,7 +76,8 @@ def claim_rows(claims: list[Claim], baseline: str | None, cells: list[Cell], run
             continue
         place = (cell.router.display(), cell.model.display(), cell.dataset.name)
         for metric in metrics & set(run.data.metrics):
-            per_seed.setdefault((*place, metric), {})[cell.seed] = run.data.metrics[metric]
+            if math.isfinite(value := run.data.metrics[metric]):  # NaN: undefined there (a correlation with a
+                per_seed.setdefault((*place, metric), {})[cell.seed] = value  # constant), so that seed pairs nothing
         if cell.id in sequence_losses:
             sequences.setdefault(place, {})[cell.seed] = np.asarray(sequence_losses[cell.id])
     places = list(dict.fromkeys((c.model.display(), c.dataset.name) for c in cells))
@@ -88,7 +89,9 @@ def claim_rows(claims: list[Claim], baseline: str | None, cells: list[Cell], run
                 continue
             system_values = per_seed.get((claim.system, model, dataset, claim.metric), {})
             against_place = claim.against_dataset or dataset
-            if claim.matched_compute is not None:
+            if claim.against_value is not None:  # one sample: the system's seeds against the fixed value
+                against_values = dict.fromkeys(system_values, claim.against_value)
+            elif claim.matched_compute is not None:
                 against_values = matched_values(claim, per_seed, model, dataset)
             else:
                 against_values = per_seed.get((against, model, against_place, claim.metric), {})
@@ -98,6 +101,7 @@ def claim_rows(claims: list[Claim], baseline: str | None, cells: list[Cell], run
             boot = two_level_difference(sequences.get((claim.system, model, dataset), {}),
                                         sequences.get((against, model, dataset), {})) \
                 if claim.metric == EVAL_LOSS and claim.matched_compute is None and claim.against_dataset is None \
+                and claim.against_value is None \
                 else None
             if claim.direction == "equivalent":
                 deciding = tost(diffs, claim.margin)

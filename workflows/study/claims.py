@@ -9,6 +9,14 @@ claims.py). A claim names what it compares and how, so its verdict is computed, 
         against: hash            # default: the study's baseline
         direction: less          # less | greater (system - against), or equivalent (within ±margin)
         test: bootstrap          # paired_t (over seeds; the default) or bootstrap (seeds x sequences, eval/loss)
+
+A claim about one router alone compares it with a fixed value (a one-sample t-test over seeds):
+
+      - name: top-p gives harder examples more experts
+        metric: eval/moe/difficulty_entropy_corr
+        system: top_p(max_k=4,p=0.4)
+        against_value: 0
+        direction: greater
 """
 from __future__ import annotations
 
@@ -48,12 +56,14 @@ class Claim(StrictOptions):
     metric: str  # a metric every compared cell logs (docs: the metric glossary)
     system: str  # a router label of the study
     against: str | None = None  # a router label; None: the study's baseline
-    direction: Literal["less", "greater", "equivalent"]
+    # Instead of a router: a fixed value of the metric (e.g. a correlation's 0), tested over seeds with one sample.
+    against_value: float | None = None
+    direction: Literal["less", "greater", "equivalent"]  # the sign of system - against, or a tie within ±margin
     margin: PositiveFloat | None = None  # equivalent: the tie's margin, in the metric's units
     test: Literal["paired_t", "bootstrap"] = "paired_t"  # the one test that decides; the other is shown beside it
     matched_compute: MatchedCompute | None = None  # instead of `against`: the references at the system's compute
     model: str | None = None  # which model / dataset, where the study has several (default: each, one row apiece)
-    dataset: str | None = None
+    dataset: str | None = None  # likewise for the dataset
     # Compare datasets instead of routers: `system` (or `against`) on `dataset` against itself on this one.
     against_dataset: str | None = None
 
@@ -65,6 +75,12 @@ class Claim(StrictOptions):
             raise ValueError(f"test: bootstrap resamples the per-sequence eval losses; it decides {EVAL_LOSS} only")
         if self.test == "bootstrap" and self.direction == "equivalent":
             raise ValueError("test: an equivalence claim is decided by two one-sided paired t-tests (paired_t)")
+        if self.against_value is not None:
+            if self.against is not None or self.matched_compute is not None or self.against_dataset is not None:
+                raise ValueError("against_value: the system is compared with this value alone; leave `against`, "
+                                 "`matched_compute` and `against_dataset` out")
+            if self.test != "paired_t":
+                raise ValueError("test: a claim against a value is decided over seeds (paired_t, one sample)")
         if self.against_dataset is not None and (self.dataset is None or self.matched_compute is not None):
             raise ValueError("against_dataset: set `dataset` too (the two datasets compared), without matched_compute")
         if self.against_dataset is not None and self.test != "paired_t":
@@ -85,6 +101,8 @@ class Claim(StrictOptions):
         return self
 
     def compared(self, baseline: str | None) -> str | None:
+        if self.against_value is not None:
+            return f"{self.against_value:g}"
         if self.against_dataset is not None:
             return self.against or self.system
         if self.matched_compute is not None:

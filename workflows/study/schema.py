@@ -136,8 +136,9 @@ class Study(StrictOptions):
             where = f"claims[{i}]"
             if names.count(claim.name) > 1:
                 problems.append(f"{where}.name: {claim.name!r} names two claims")
-            against = claim.compared(self.baseline) if claim.matched_compute is None else None
-            if against is None and claim.matched_compute is None:
+            by_value = claim.matched_compute is not None or claim.against_value is not None  # no router against
+            against = None if by_value else claim.compared(self.baseline)
+            if against is None and not by_value:
                 problems.append(f"{where}.against: name the router it is compared with (the study has no baseline)")
             sides = [("system", claim.system), ("against", against)]
             if claim.matched_compute is not None:
