@@ -30,6 +30,15 @@ def with_local_files(data, tmp_path: Path):
     return yaml.safe_load(text)
 
 
+def router_named(label: str, i: int) -> dict:
+    """The router a label displays (`top_p(max_k=4,p=0.4)`: that top-p, so that a claim on what only a dynamic router
+    varies validates); any other label a top-2, each its own training."""
+    if match := re.fullmatch(r"(\w+)\((.*)\)", label):
+        options = dict(pair.split("=", 1) for pair in match.group(2).split(","))
+        return {"name": match.group(1), **{k: yaml.safe_load(v) for k, v in options.items()}, "label": label}
+    return {"name": "topk", "k": 2, "jitter": 0.01 * (i + 1), "label": label}
+
+
 def completed(block) -> dict:
     """A whole study as is; a section (or a list of claims) inside the preamble, with a router for every label the
     claims name."""
@@ -39,8 +48,7 @@ def completed(block) -> dict:
     claims = block if isinstance(block, list) else block.get("claims", [])
     labels = {c.get(key) for c in claims for key in ("system", "against")} | {
         r for c in claims for r in (c.get("matched_compute") or {}).get("references", [])}
-    study["routers"] += [{"name": "topk", "k": 2, "jitter": 0.01 * (i + 1), "label": label}  # distinct trainings
-                         for i, label in enumerate(sorted(labels - {None, "topk(k=2)"}))]
+    study["routers"] += [router_named(label, i) for i, label in enumerate(sorted(labels - {None, "topk(k=2)"}))]
     datasets = {c.get(key) for c in claims for key in ("dataset", "against_dataset")} - {None}
     if datasets:
         study["datasets"] = [{"name": name} for name in sorted(datasets)]
