@@ -187,9 +187,9 @@ def cli_page() -> str:
 
 
 def study_page() -> str:
+    from workflows.study.claims import Claim, MatchedCompute
     from workflows.study.entries import DatasetEntry, ModelEntry, RouterEntry
     from workflows.study.schema import Study
-    from workflows.study.claims import Claim, MatchedCompute
     from workflows.study.sections import ResourcesConfig, SummarizationConfig, TrainingConfig
 
     sections = [("The study file", Study, (), False), ("`routers[]`", RouterEntry, ("options",), True),

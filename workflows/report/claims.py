@@ -100,9 +100,7 @@ def claim_rows(claims: list[Claim], baseline: str | None, cells: list[Cell], run
             t_p, _ = paired_t(diffs)
             boot = two_level_difference(sequences.get((claim.system, model, dataset), {}),
                                         sequences.get((against, model, dataset), {})) \
-                if claim.metric == EVAL_LOSS and claim.matched_compute is None and claim.against_dataset is None \
-                and claim.against_value is None \
-                else None
+                if claim.metric == EVAL_LOSS and claim.compares_two_routers_on_one_set else None
             if claim.direction == "equivalent":
                 deciding = tost(diffs, claim.margin)
             elif claim.test == "bootstrap":

@@ -100,6 +100,11 @@ class Claim(StrictOptions):
                              f"{EVAL_MOE}/<routing measure>, test/<summary metric>)")
         return self
 
+    @property
+    def compares_two_routers_on_one_set(self) -> bool:
+        """Both sides are cells evaluated on the same fixed sequences: the seeds x sequences bootstrap can pair them."""
+        return self.matched_compute is None and self.against_dataset is None and self.against_value is None
+
     def compared(self, baseline: str | None) -> str | None:
         if self.against_value is not None:
             return f"{self.against_value:g}"
