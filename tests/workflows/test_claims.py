@@ -309,3 +309,6 @@ def test_the_findings_page_is_the_studies_claims_tables(tmp_path, capsys):
     assert main(["findings", str(path), str(elsewhere), "--workdir", str(tmp_path), "--out-dir", str(pages)]) == 0
     assert (pages / "other.md").read_text() == "# other\n\nan earlier run's page\n"
     assert "[other](other.md)" in (pages / "index.md").read_text()
+    assert main(["findings", str(path), "--workdir", str(tmp_path), "--out-dir", str(pages)]) == 0  # one page again
+    rows = [line for line in (pages / "index.md").read_text().splitlines() if line.startswith("| `")]
+    assert rows == [f"| `{path}` | [claims](claims.md) |", f"| `{elsewhere}` | [other](other.md) |"]  # both, in order

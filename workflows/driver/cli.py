@@ -175,7 +175,8 @@ def parser() -> argparse.ArgumentParser:
     findings.add_argument("--replicate", metavar="3,4,5", help="also decide each claim on these seeds' cells")
     findings.add_argument("--out", help="write the page to this file instead of stdout")
     findings.add_argument("--out-dir", metavar="DIR",
-                          help="one page per study that ran (others' pages left as they are) and an index.md")
+                          help="one page per study that ran (others' pages left as they are) and an index.md (earlier "
+                               "pages' rows kept)")
     findings.set_defaults(fn=cmd_findings)
     return p
 

@@ -260,7 +260,8 @@ def cmd_findings(args, out: TextIO) -> int:
     """The findings: per study, one paragraph of setup and its claims table, computed from its runs in the first of
     the workdirs where it ran; nothing typed by hand. One page (stdout or --out), where a study that ran in none of
     the workdirs says so; or with --out-dir one page per study that ran there, the pages of the others left as they
-    were (each says which command and day made it), and an index of them all."""
+    were (each says which command and day made it), and an index of them all, which keeps the rows of pages made
+    by an earlier command."""
     from workflows.study.cells import expand
 
     workdirs = args.workdir or [DEFAULT_WORKDIR]
@@ -289,9 +290,7 @@ def _findings_pages(studies, args, workdirs: list[str], folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     command = " ".join(["moelab findings STUDY", *[f"--workdir {w}" for w in workdirs],
                         *([f"--replicate {args.replicate}"] if args.replicate else [])])
-    index = ["# Findings", "",
-             "Each findings study's claims, decided from its runs by `moelab findings` (how: [claims](../claims.md)); "
-             "nothing on these pages is typed by hand.", "", "| study | page |", "|---|---|"]
+    rows = _index_rows(folder / "index.md")  # the pages of studies not given this time stay in the index
     for path, study in studies:
         page = folder / f"{study.name}.md"
         section = _study_findings(study, path, args, workdirs)
@@ -301,9 +300,22 @@ def _findings_pages(studies, args, workdirs: list[str], folder: Path) -> int:
                             f"{section}")
         else:
             print(f"{path}: not run in {', '.join(workdirs)}; {page} left as it is", file=sys.stderr)
-        index.append(f"| `{path}` | " + (f"[{study.name}]({page.name})" if page.exists() else "not run yet") + " |")
+        rows[path] = f"| `{path}` | " + (f"[{study.name}]({page.name})" if page.exists() else "not run yet") + " |"
+    index = ["# Findings", "",
+             "Each findings study's claims, decided from its runs by `moelab findings` (how: [claims](../claims.md)); "
+             "nothing on these pages is typed by hand.", "", "| study | page |", "|---|---|", *rows.values()]
     (folder / "index.md").write_text("\n".join(index) + "\n")
     return 0
+
+
+def _index_rows(index: Path) -> dict[str, str]:
+    """The study rows of an index written before, by study path, in their order."""
+    import re
+
+    if not index.is_file():
+        return {}
+    return {match.group(1): line for line in index.read_text().splitlines()
+            if (match := re.match(r"\| `([^`]+)` \|", line))}
 
 
 def _study_findings(study, path: str, args, workdirs: list[str]) -> str | None:
