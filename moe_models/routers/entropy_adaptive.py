@@ -16,6 +16,7 @@ import torch
 
 from moe_models.routers import ROUTERS
 from moe_models.routers.base import LinearScoreRouter
+from moe_models.routers.compute_target import ComputeTarget
 from moe_models.routers.options import EntropyAdaptiveOptions
 from moe_models.routing import RoutingDecision
 
@@ -31,7 +32,7 @@ def adaptive_k(probs_TE: torch.Tensor, min_k: int, max_k: int, rule: str = "norm
 
 
 @ROUTERS.register("entropy_adaptive")
-class EntropyAdaptiveRouter(LinearScoreRouter):
+class EntropyAdaptiveRouter(ComputeTarget, LinearScoreRouter):
     Options = EntropyAdaptiveOptions
     options: EntropyAdaptiveOptions
 

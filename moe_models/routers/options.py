@@ -45,6 +45,24 @@ class RouterOptions(StrictOptions):
 ROUTER_OPTIONS: Registry[type[RouterOptions]] = Registry("router")
 
 
+class ComputeTargetOptions(RouterOptions):
+    """A dynamic router's options that may train at a set compute (moe_models/routers/compute_target.py)."""
+    # Train at this many experts per token: after every optimizer step the knob (top-p's p, top-any's
+    # threshold_offset, entropy-adaptive's entropy_scale) moves toward the value that spends it. None: it stays as set.
+    target_experts_per_token: Annotated[PositiveFloat | None, ADDED_LATER] = None
+    # How far the knob moves per step, per expert of gap (in its axis: log for a scale factor).
+    target_rate: Annotated[PositiveFloat, ADDED_LATER] = 0.1
+
+    def layer_problems(self, num_experts: int) -> list[tuple[str, str]]:
+        problems = super().layer_problems(num_experts)
+        target, least = self.target_experts_per_token, getattr(self, "min_k", 1)
+        most = self.max_experts_per_token(num_experts)
+        if target is not None and not least <= target <= most:
+            problems.append(("target_experts_per_token", f"must lie in [{least}, {most}], what this router can "
+                                                         f"spend in a layer of {num_experts} experts; not {target:g}"))
+        return problems
+
+
 # --- topk
 @ROUTER_OPTIONS.register("topk")
 class TopKOptions(RouterOptions):
@@ -149,7 +167,7 @@ class AttentionOptions(TopKOptions):
 
 # --- entropy_adaptive
 @ROUTER_OPTIONS.register("entropy_adaptive")
-class EntropyAdaptiveOptions(RouterOptions):
+class EntropyAdaptiveOptions(ComputeTargetOptions):
     fixed_k: ClassVar[bool] = False
     min_k: PositiveInt = 1
     max_k: PositiveInt = 2
@@ -233,7 +251,7 @@ class SelfSupervisedOptions(TopKOptions):
 
 # --- top_any
 @ROUTER_OPTIONS.register("top_any")
-class TopAnyOptions(RouterOptions):
+class TopAnyOptions(ComputeTargetOptions):
     fixed_k: ClassVar[bool] = False
     tau: PositiveFloat = 10.0  # temperature of the cosine similarity
     init_threshold: float = 0.0  # G_e at initialization (threshold sigmoid(tau*G_e))
@@ -249,7 +267,7 @@ class TopAnyOptions(RouterOptions):
 
 # --- top_p
 @ROUTER_OPTIONS.register("top_p")
-class TopPOptions(RouterOptions):
+class TopPOptions(ComputeTargetOptions):
     fixed_k: ClassVar[bool] = False
     p: confloat(gt=0, le=1) = 0.4
     max_k: PositiveInt | None = None

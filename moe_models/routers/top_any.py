@@ -15,12 +15,13 @@ from torch import nn
 
 from moe_models.routers import ROUTERS
 from moe_models.routers.base import Router, RouterContext
+from moe_models.routers.compute_target import ComputeTarget
 from moe_models.routers.options import TopAnyOptions
 from moe_models.routing import RoutingDecision
 
 
 @ROUTERS.register("top_any")
-class TopAnyRouter(Router):
+class TopAnyRouter(ComputeTarget, Router):
     Options = TopAnyOptions
     options: TopAnyOptions
 

@@ -9,6 +9,7 @@ import torch
 
 from moe_models.routers import ROUTERS
 from moe_models.routers.base import LinearScoreRouter
+from moe_models.routers.compute_target import ComputeTarget
 from moe_models.routers.options import TopPOptions
 from moe_models.routing import RoutingDecision
 
@@ -21,7 +22,7 @@ def top_p_mask(probs_TE: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Te
 
 
 @ROUTERS.register("top_p")
-class TopPRouter(LinearScoreRouter):
+class TopPRouter(ComputeTarget, LinearScoreRouter):
     Options = TopPOptions
     options: TopPOptions
 
