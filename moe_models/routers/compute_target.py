@@ -61,17 +61,18 @@ class ComputeTarget(Fp32Buffers):
         knob, opts = type(self.options).calibration_knob, self.options
         to_axis, from_axis = (math.log, math.exp) if knob.log_scale else (float, float)
         sign = 1.0 if knob.more_experts_when_higher else -1.0
-        moved = to_axis(self.knob_value.item()) + sign * opts.target_rate * (opts.target_experts_per_token
-                                                                              - routes / tokens)
-        value = min(max(from_axis(moved), knob.low), knob.high)
-        self.knob_value.fill_(value)
-        self._use_knob_value()
+        # The options hold the knob's current value on the host (the buffer mirrors it for checkpoints).
+        moved = to_axis(getattr(opts, knob.option)) + sign * opts.target_rate * (opts.target_experts_per_token
+                                                                                  - routes / tokens)
+        self._use_knob(min(max(from_axis(moved), knob.low), knob.high))
 
-    def _use_knob_value(self) -> None:
+    def _use_knob(self, value: float) -> None:
+        value = torch.tensor(value, dtype=torch.float32).item()  # as the fp32 buffer holds it (a CPU tensor: no sync)
+        self.knob_value.fill_(value)
         knob = type(self.options).calibration_knob
-        self.options = self.options.model_copy(update={knob.option: float(self.knob_value.item())})
+        self.options = self.options.model_copy(update={knob.option: value})
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.controlled and prefix + "knob_value" in state_dict:
-            self._use_knob_value()  # the options the forward reads follow the loaded knob
+            self._use_knob(self.knob_value.item())  # the options the forward reads follow the loaded knob
