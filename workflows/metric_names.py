@@ -33,6 +33,7 @@ EVAL_MOE_SATURATION = "eval/moe/saturation"
 EVAL_MOE_EXPERT_FLOPS_PER_TOKEN = "eval/moe/expert_flops_per_token"
 EVAL_MOE_DIFFICULTY_CORR = "eval/moe/difficulty_corr"
 EVAL_MOE_DIFFICULTY_ENTROPY_CORR = "eval/moe/difficulty_entropy_corr"
+EVAL_MOE_KNOB = "eval/moe/knob"
 
 # Summary, logged once at the last step.
 # Inference, measured once at a cell's end (workflows/cell/inference_cost.py)
@@ -88,6 +89,8 @@ GLOSSARY: dict[str, str] = {
     EVAL_MOE_EXPERT_FLOPS_PER_TOKEN: "FLOPs of the served expert routes per token, summed over MoE blocks",
     EVAL_MOE_DIFFICULTY_CORR: "correlation of experts per token with the token's loss",
     EVAL_MOE_DIFFICULTY_ENTROPY_CORR: "correlation of experts per token with the predictive entropy",
+    EVAL_MOE_KNOB: "the knob a router trained at a target compute reached (top-p's p, top-any's threshold "
+                   "offset, entropy-adaptive's entropy scale; mean over MoE layers)",
     EVAL_INFERENCE_PREFILL_TOKENS_PER_S: "tokens of one evaluation micro-batch per second of a no-grad forward "
                                          "at the cell's end (median of 5)",
     EVAL_INFERENCE_PEAK_MB: "peak memory during those inference forwards alone (peak counter reset before them)",

@@ -76,3 +76,9 @@ class ComputeTarget(Fp32Buffers):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.controlled and prefix + "knob_value" in state_dict:
             self._use_knob(self.knob_value.item())  # the options the forward reads follow the loaded knob
+
+
+def reached_knob(model: torch.nn.Module) -> float | None:
+    """The mean knob value over the model's routers trained at a target compute (None: it has none)."""
+    values = [m.knob_value.item() for m in model.modules() if isinstance(m, ComputeTarget) and m.controlled]
+    return sum(values) / len(values) if values else None

@@ -15,6 +15,7 @@ from moe_data.prepare import PreparedData
 from moe_data.prepared_pairs import PreparedPairs
 from moe_models.analytics import NON_SCALAR, add_sums, difficulty_sums, pearson, saturation, summarize
 from moe_models.models.common import LMOutput
+from moe_models.routers.compute_target import reached_knob
 from workflows.cell.cost_metrics import cost_metrics, measure_peak_tflops, router_latency_share
 from workflows.cell.loop import aux_loss_metrics
 from workflows.cell.routing_trace import RoutingTrace
@@ -24,6 +25,7 @@ from workflows.metric_names import (
     EVAL_MOE,
     EVAL_MOE_DIFFICULTY_CORR,
     EVAL_MOE_DIFFICULTY_ENTROPY_CORR,
+    EVAL_MOE_KNOB,
     EVAL_MOE_EXPERT_FLOPS_PER_TOKEN,
     EVAL_MOE_SATURATION,
     EVAL_PERPLEXITY,
@@ -124,6 +126,8 @@ def evaluate(engine, data: PreparedData | PreparedPairs, cell: Cell, w: Worker, 
     unscaled = {i: {name: v / num_batches for name, v in layer.items()} for i, layer in unscaled.items()}
     metrics.update(aux_loss_metrics(EVAL_MOE, unscaled, cell.router.balancing))
     metrics.update({EVAL_LOSS: loss, EVAL_PERPLEXITY: math.exp(min(loss, 50.0))})
+    if (knob := reached_knob(engine.module)) is not None:  # a router trained at a target compute
+        metrics[EVAL_MOE_KNOB] = knob
     if difficulty is not None:  # Pearson r; NaN (not logged) for fixed-k routers
         metrics[EVAL_MOE_DIFFICULTY_CORR] = pearson({k: all_reduce_sum(v) for k, v in difficulty.items()})
     if by_example is not None:  # the report's form: per example, experts per token against predictive entropy
