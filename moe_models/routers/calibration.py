@@ -91,6 +91,8 @@ def set_knob(model, option: str, value: float) -> int:
 
 
 def read_knob(model, option: str) -> float | None:
-    """`option` as the first router in `model` that declares it as its knob holds it (None: no such router)."""
-    router = next(_routers_with_knob(model, option), None)
-    return None if router is None else getattr(router.options, option)
+    """`option`, the mean over the routers in `model` that declare it as their knob (None: no such router). The
+    routers of a model trained at a target compute each reached their own value (moe_models/routers/compute_target.py);
+    otherwise they all hold the study's."""
+    values = [getattr(router.options, option) for router in _routers_with_knob(model, option)]
+    return sum(values) / len(values) if values else None

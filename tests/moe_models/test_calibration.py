@@ -96,3 +96,15 @@ def test_set_knob_sets_only_routers_that_declare_that_knob():
     assert set_knob(top_p, "p", 0.7) == 1 and top_p.router.options.p == 0.7
     assert set_knob(topk, "p", 0.7) == 0 and not hasattr(topk.router.options, "p")
     assert set_knob(top_p, "threshold_offset", 1.0) == 0  # top-any's knob, not top-p's
+
+
+def test_the_knob_read_back_is_the_mean_over_the_layers_that_hold_one():
+    """A model trained at a target compute ends with a knob per layer (moe_models/routers/compute_target.py)."""
+    from torch import nn
+
+    from moe_models.routers.calibration import read_knob
+    from tests.tiny_layers import tiny_moe
+
+    model = nn.ModuleList([tiny_moe("top_p", {"p": 0.2}), tiny_moe("top_p", {"p": 0.4}), tiny_moe("topk", {"k": 2})])
+    assert read_knob(model, "p") == pytest.approx(0.3)
+    assert read_knob(model, "threshold_offset") is None

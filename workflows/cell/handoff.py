@@ -6,19 +6,18 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from workflows.cell.job import CellJob
 from workflows.cell.worker import Worker
 from workflows.study.cells import Cell
 from workflows.tracking import CHECKPOINT_ARTIFACT, Tracker
 
 
-def fetch_source_checkpoint(job: CellJob, into: Path) -> str | None:
-    """Every rank: the source cell's exported checkpoint, as a local folder (None when the cell has no source)."""
-    run_id = job.source_run_id
+def fetch_source_checkpoint(tracking_uri: str, run_id: str | None, into: Path) -> str | None:
+    """Every rank: the exported checkpoint of the source cell's run `run_id`, as a local folder (None when the cell
+    has no source)."""
     if not run_id:
         return None
     try:
-        return str(Tracker(job.tracking_uri).download_folder(run_id, CHECKPOINT_ARTIFACT, into))
+        return str(Tracker(tracking_uri).download_folder(run_id, CHECKPOINT_ARTIFACT, into))
     except Exception as err:  # an MLflow error names no cell: say which source is missing what
         raise RuntimeError(f"the source cell's run {run_id} has no {CHECKPOINT_ARTIFACT}/ artifact to start from "
                            f"(was it finished before it became a source? rerun it): {err}") from err

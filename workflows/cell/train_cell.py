@@ -88,7 +88,8 @@ def train_cell(job: CellJob) -> None:
     w = Worker(rank, ctx.get_world_size(), Tracker(job.tracking_uri) if rank == 0 else None, job.run_id)
     data = load_prepared(storage.local_copy(job.data_path))  # a path, or a URI fetched once per node
     with tempfile.TemporaryDirectory() as source_dir:  # the source cell's checkpoint, when this cell has one
-        engine = build_engine(job.cell, data, fetch_source_checkpoint(job, Path(source_dir)))
+        engine = build_engine(job.cell, data, fetch_source_checkpoint(job.tracking_uri, job.source_run_id,
+                                                                      Path(source_dir)))
     start, snapshots = resume(engine)
     sink = MetricSink(w, job.cell.training)
     progress = Progress(snapshots, setup_seconds=time.perf_counter() - entered,  # data + engine + restore

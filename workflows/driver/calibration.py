@@ -19,7 +19,7 @@ from workflows.study.errors import StudyError
 class CellCalibration:
     cell: str  # the cell's title: router / model / dataset / seed
     option: str
-    trained_value: float  # the knob as the cell trained with it
+    trained_value: float  # the knob as the cell trained with it (the mean over its MoE layers)
     trained_experts_per_token: float
     trained_eval_loss: float
     value: float  # the calibrated knob
@@ -73,7 +73,8 @@ def calibrate_cell(study, ws, label: str, knob, target: float, seed: int | None,
         return evaluations[value]
 
     trained_value = read_knob(engine.module, knob.option)
-    trained = measured(trained_value)
+    # As loaded, before any value is set: a router trained at a target compute has a knob per layer.
+    trained = evaluate(engine, data, cell, alone).metrics
     try:
         found = calibrate(lambda v: measured(v)[EVAL_MOE_EXPERTS_PER_TOKEN], knob, target, tolerance)
     except CalibrationError as err:

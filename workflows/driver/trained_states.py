@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -46,7 +48,8 @@ def load_trained_engine(study: Study, ws: Workspace, cell: Cell, checkpoint: str
 
     data = load_prepared(storage.local_copy(prepare_datasets(study, ws)[cell.dataset].path))
     _single_process_group()
-    engine = build_engine(cell, data)
+    with tempfile.TemporaryDirectory() as source_dir:  # a `pretrained: cell:...` model is built as its worker built it
+        engine = build_engine(cell, data, source_checkpoint(study, ws, cell, Path(source_dir)))
     import ray.train
 
     with ray.train.Checkpoint(checkpoint).as_directory() as local:  # a path, or a URI downloaded to a temp dir
@@ -55,6 +58,20 @@ def load_trained_engine(study: Study, ws: Workspace, cell: Cell, checkpoint: str
         raise RuntimeError(f"DeepSpeed could not load {checkpoint}")
     engine.eval()
     return engine, data
+
+
+def source_checkpoint(study: Study, ws: Workspace, cell: Cell, into: Path) -> str | None:
+    """The exported checkpoint of the cell this one started from (`pretrained: cell:...`), fetched into `into` from
+    the source cell's run as the worker fetched it (workflows/cell/handoff.py); None for a cell without a source."""
+    if cell.source_id is None:
+        return None
+    from workflows.cell.handoff import fetch_source_checkpoint
+
+    tracker = Tracker(ws.tracking_uri)
+    source_run = tracker.cell_runs(tracker.client.get_experiment_by_name(study.name).experiment_id).get(cell.source_id)
+    if source_run is None:
+        raise StudyError(study.name, [f"{cell.title} starts from cell {cell.source_id}, which has no run here"])
+    return fetch_source_checkpoint(ws.tracking_uri, source_run.info.run_id, into)
 
 
 def _single_process_group() -> None:
