@@ -80,5 +80,6 @@ class ComputeTarget(Fp32Buffers):
 
 def reached_knob(model: torch.nn.Module) -> float | None:
     """The mean knob value over the model's routers trained at a target compute (None: it has none)."""
-    values = [m.knob_value.item() for m in model.modules() if isinstance(m, ComputeTarget) and m.controlled]
+    values = [getattr(m.options, type(m.options).calibration_knob.option)  # the options: host numbers, no device read
+              for m in model.modules() if isinstance(m, ComputeTarget) and m.controlled]
     return sum(values) / len(values) if values else None
