@@ -16,6 +16,7 @@ import math
 import torch
 
 from moe_models.fp32_state import Fp32Buffers
+from moe_models.routers.calibration import read_knob
 
 
 class ComputeTarget(Fp32Buffers):
@@ -79,7 +80,6 @@ class ComputeTarget(Fp32Buffers):
 
 
 def reached_knob(model: torch.nn.Module) -> float | None:
-    """The mean knob value over the model's routers trained at a target compute (None: it has none)."""
-    values = [getattr(m.options, type(m.options).calibration_knob.option)  # the options: host numbers, no device read
-              for m in model.modules() if isinstance(m, ComputeTarget) and m.controlled]
-    return sum(values) / len(values) if values else None
+    """The knob the model's routers trained at a target compute reached, the mean over layers (None: it has none)."""
+    controlled = next((m for m in model.modules() if isinstance(m, ComputeTarget) and m.controlled), None)
+    return None if controlled is None else read_knob(model, type(controlled.options).calibration_knob.option)
